@@ -1,0 +1,1 @@
+"""Ays installer: the `installConfig`, `aysManager` and `aysNode` command-line programs."""

@@ -1,0 +1,61 @@
+"""What every command shares: choosing the config (-e ENV | --config FILE), clean failure."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+
+from ays_installer.resources import load_env
+from ays_runtime.config import EnvConfig, load_config_file
+from ays_runtime.exceptions import AysError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_USAGE = 2  # bad input: the message says what to fix
+EXIT_FAILURE = 1
+
+EnvOption = Annotated[
+    str | None, typer.Option("-e", "--env", help="environment name (a file in envs/)")
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="a config file rendered by installConfig", dir_okay=False),
+]
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print `message` to stderr and return the Exit to raise."""
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn our own errors into a message on stderr and exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except AysError as err:
+            raise fail(f"error: {err}") from None
+
+    return wrapper
+
+
+def choose_config(env: str | None, config: Path | None, default_env: str = "dev") -> EnvConfig:
+    """Load `--config FILE`, or env `-e NAME`, or the embedded default `dev`."""
+    if env and config:
+        raise fail("error: give either -e ENV or --config FILE, not both")
+    if config is not None:
+        return load_config_file(config)
+    return load_env(env or default_env)
+
+
+def echo_err(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -1,0 +1,245 @@
+"""The env-file schema: every setting declared once, with its type, default and meaning.
+
+An env file (`envs/NAME.yaml`) describes one environment. Strings may hold `${VAR}`
+placeholders, read from the process environment when the file is loaded; a missing variable
+is a `MissingSecretError` naming it and the field it sits in. `installConfig` renders a
+role's config from the same model (resolved, absolute paths), and the daemons load either an
+env file (`-e ENV`) or a rendered file (`--config FILE`) into this same `EnvConfig`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from ays_runtime.exceptions import ConfigError, MissingSecretError
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Env names become file names and service names: keep them plain.
+ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageSettings(_Section):
+    url: SecretStr = Field(
+        description="SQLAlchemy URL. `{data_dir}` is replaced by the manager's data dir, "
+        "e.g. sqlite:///{data_dir}/ays.db or mysql+pymysql://ays:${AYS_DB_PASSWORD}@db/ays"
+    )
+    pool_size: int = Field(10, ge=1, le=200, description="connections kept open (not SQLite)")
+
+    @field_validator("url")
+    @classmethod
+    def _known_dialect(cls, v: SecretStr) -> SecretStr:
+        scheme = v.get_secret_value().split(":", 1)[0]
+        if scheme not in {"sqlite", "mysql+pymysql", "mariadb+pymysql"}:
+            raise ValueError(
+                f"unsupported database scheme {scheme!r}: use sqlite:/// or mysql+pymysql://"
+            )
+        return v
+
+
+class BuiltinRegistrySettings(_Section):
+    backend: Literal["builtin"]
+    heartbeat_interval: float = Field(10.0, gt=0, description="seconds between node heartbeats")
+    offline_after_missed: int = Field(
+        3, ge=1, description="missed heartbeats before the manager marks a node offline"
+    )
+
+
+class ConsulRegistrySettings(_Section):
+    backend: Literal["consul"]
+    host: str = Field("127.0.0.1", description="Consul agent host")
+    port: int = Field(8500, ge=1, le=65535)
+    scheme: Literal["http", "https"] = "http"
+    token: SecretStr | None = Field(None, description="ACL token (sent as a header, never logged)")
+    kv_prefix: str = Field("ays", pattern=r"^[A-Za-z0-9,\-_./]+$", description="KV root of Ays")
+    datacenter: str | None = None
+    service_name: str = Field("aysnode", pattern=r"^[A-Za-z0-9-]+$")
+    check_interval: float = Field(10.0, gt=0, description="seconds between health checks")
+    check_timeout: float = Field(5.0, gt=0)
+    deregister_after: float = Field(
+        300.0, ge=60, description="DeregisterCriticalServiceAfter, seconds (Consul minimum 60)"
+    )
+    leave_nodelist_on_stop: bool = Field(
+        False, description="a cleanly stopped node also removes itself from the KV node list"
+    )
+
+
+class BuiltinTransportSettings(_Section):
+    backend: Literal["builtin"]
+    dispatch_timeout: float = Field(5.0, gt=0, description="seconds to wait for a node to accept")
+
+
+class RocketMQTransportSettings(_Section):
+    backend: Literal["rocketmq"]
+    endpoints: list[str] = Field(min_length=1, description="proxy gRPC endpoints host:port")
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    namespace: str = ""
+    topic_prefix: str = Field("ays_", pattern=r"^[A-Za-z0-9_%|-]*$")
+    result_topic: str = Field("ays_result", pattern=r"^[A-Za-z0-9_%|-]+$")
+
+
+class ManagerSettings(_Section):
+    ip: str = Field("127.0.0.1", description="address the manager listens on and advertises")
+    port: int = Field(18080, ge=1, le=65535)
+    conf_dir: str = "/etc/ays"
+    log_dir: str = "/var/log/ays"
+    data_dir: str = "/var/lib/ays"
+    user: str = Field("ays", description="system user the service runs as")
+    reconcile_interval: float = Field(5.0, gt=0, description="seconds between reconcile ticks")
+    misfire_grace: float = Field(
+        5.0, ge=0, description="seconds a fire may be late before the misfire policy applies"
+    )
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        return check_ip(v)
+
+
+class NodeSettings(_Section):
+    ip: str = "127.0.0.1"
+    port: int = Field(18181, ge=1, le=65535)
+    group: str | None = Field(None, description="node group the executor joins (or -g)")
+    conf_dir: str = "/etc/ays"
+    log_dir: str = "/var/log/ays"
+    data_dir: str = "/var/lib/ays-node"
+    user: str = "ays"
+    max_concurrent_jobs: int = Field(8, ge=1, description="jobs run at once; more wait")
+    output_cap_bytes: int = Field(1_048_576, ge=1024, description="output kept per run")
+    kill_grace: float = Field(5.0, ge=0, description="seconds between SIGTERM and SIGKILL")
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        return check_ip(v)
+
+
+class JobLogSettings(_Section):
+    retention_days: float = Field(30.0, gt=0, description="job logs older than this are purged")
+    excerpt_bytes: int = Field(16_384, ge=256, description="output stored in the job log row")
+    purge_batch: int = Field(1000, ge=1, description="rows deleted per purge statement")
+
+
+RegistrySettings = Annotated[
+    BuiltinRegistrySettings | ConsulRegistrySettings, Field(discriminator="backend")
+]
+TransportSettings = Annotated[
+    BuiltinTransportSettings | RocketMQTransportSettings, Field(discriminator="backend")
+]
+
+
+class EnvConfig(_Section):
+    env: str = Field(description="environment name; equals the env file's stem")
+    access_token: SecretStr = Field(
+        SecretStr(""),
+        description="shared secret for the manager API and node API; empty only in dev, "
+        "where the manager generates one on first start",
+    )
+    storage: StorageSettings
+    registry: RegistrySettings
+    transport: TransportSettings
+    manager: ManagerSettings = ManagerSettings()
+    node: NodeSettings = NodeSettings()
+    job_log: JobLogSettings = JobLogSettings()
+
+    @field_validator("env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not ENV_NAME.match(v):
+            raise ValueError("lowercase letters, digits, - and _, starting with a letter")
+        return v
+
+    @property
+    def is_dev(self) -> bool:
+        return self.env == "dev"
+
+    def storage_url(self) -> str:
+        """The SQLAlchemy URL with `{data_dir}` filled in (holds the password: never log it)."""
+        return self.storage.url.get_secret_value().replace("{data_dir}", self.manager.data_dir)
+
+
+def check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (e.g. 172.21.16.81)") from None
+
+
+def check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{value} is not a port number (1-65535)")
+    return value
+
+
+def expand_placeholders(data: Any, source: str, path: str = "", environ: Any = None) -> Any:
+    """Replace `${VAR}` in every string of `data` from `environ` (default: os.environ)."""
+    env = os.environ if environ is None else environ
+    if isinstance(data, dict):
+        return {
+            k: expand_placeholders(v, source, f"{path}.{k}" if path else str(k), env)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [expand_placeholders(v, source, f"{path}[{i}]", env) for i, v in enumerate(data)]
+    if isinstance(data, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise MissingSecretError(
+                    f"{source}: field {path}: environment variable {name} is not set; "
+                    f"export {name}=... before running this command"
+                )
+            return env[name]
+
+        return _PLACEHOLDER.sub(sub, data)
+    return data
+
+
+def _format_validation_error(source: str, err: pydantic.ValidationError) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        # Secrets must not be echoed back, even when wrong.
+        shown = "" if "url" in loc or "token" in loc or "key" in loc else f" (got {e.get('input')!r})"
+        lines.append(f"  {loc or '<top>'}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str) -> EnvConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top, got {type(data).__name__}")
+    try:
+        return EnvConfig.model_validate(expand_placeholders(data, source))
+    except pydantic.ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_config_file(path: Path) -> EnvConfig:
+    """Load an env file or a rendered config file."""
+    return parse_config(read_yaml(path), str(path))

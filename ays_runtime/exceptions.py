@@ -1,0 +1,64 @@
+"""Every error Ays raises on purpose.
+
+    AysError
+    ├── ConfigError            an env file or rendered config is wrong (names file, field, fix)
+    │   └── MissingSecretError a ${VAR} named in an env file is not set
+    ├── ValidationError        a task/node/group field has a bad value (names field and value)
+    │   └── ScheduleError      a cron expression, @every rate or timezone is not understood
+    ├── NotFoundError          a task, node, group or job log id does not exist
+    ├── ConflictError          the change clashes with stored state (duplicate name, group in use)
+    ├── StorageError           the database refused or could not be reached
+    └── TransportError         a job could not be handed to a node
+        └── TransientTransportError  ... but trying again later may work
+
+Library errors (SQLAlchemy, httpx, gRPC, Consul) are translated into these at the boundary
+of the module that calls the library, with a message that names ids and values.
+"""
+
+from __future__ import annotations
+
+
+class AysError(Exception):
+    """Base of every error Ays raises on purpose."""
+
+
+class ConfigError(AysError):
+    """An env file or rendered config file is wrong; the message names file, field and fix."""
+
+
+class MissingSecretError(ConfigError):
+    """A `${VAR}` placeholder names an environment variable that is not set."""
+
+
+class ValidationError(AysError):
+    """A field of a task, node or node group has a bad value."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        self.field = field
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{field}: {value!r} is not valid: {expected}")
+
+
+class ScheduleError(ValidationError):
+    """A schedule expression or timezone cannot be understood."""
+
+
+class NotFoundError(AysError):
+    """The object named by id does not exist."""
+
+
+class ConflictError(AysError):
+    """The change clashes with stored state."""
+
+
+class StorageError(AysError):
+    """The database refused the operation or could not be reached."""
+
+
+class TransportError(AysError):
+    """A job could not be handed to a node."""
+
+
+class TransientTransportError(TransportError):
+    """A dispatch failed in a way that may work when tried again (node busy, network blip)."""

@@ -1,0 +1,1 @@
+"""Storage: the SQLAlchemy models, engine set-up and Alembic migrations."""

@@ -1,0 +1,226 @@
+"""The tables of Ays (SQLAlchemy 2 declarative). Alembic migrations own the schema.
+
+All datetimes are naive UTC; on MySQL/MariaDB they are DATETIME(6) so that sub-second
+scheduled times (`@every 500ms`, manual triggers) stay distinct in the slot key.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Constraint names fixed by convention so migrations are identical on every dialect.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UtcDateTime = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# SQLite only has 64-bit integer rowids when the type is exactly INTEGER.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class TaskType(str, enum.Enum):
+    SHELL = "shell"
+    HTTP = "http"
+
+
+class RouteStrategy(str, enum.Enum):
+    FIRST = "first"
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    CONSISTENT_HASH = "consistent_hash"
+    LEAST_BUSY = "least_busy"
+    FAILOVER = "failover"
+    BROADCAST = "broadcast"
+
+
+class BlockStrategy(str, enum.Enum):
+    SERIAL = "serial"  # queue the new run behind the running one
+    DISCARD_NEW = "discard_new"
+    COVER_OLD = "cover_old"  # kill the running one, start the new one
+
+
+class MisfirePolicy(str, enum.Enum):
+    SKIP = "skip"
+    FIRE_ONCE_NOW = "fire_once_now"
+
+
+class RetryBackoff(str, enum.Enum):
+    FIXED = "fixed"
+    EXPONENTIAL = "exponential"
+
+
+class NodeStatus(str, enum.Enum):
+    UNKNOWN = "unknown"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class NodeSource(str, enum.Enum):
+    MANUAL = "manual"
+    SELF = "self"
+
+
+class RunStatus(str, enum.Enum):
+    """The life of one job-log row."""
+
+    PENDING = "pending"  # claimed the slot, not yet handed to a node
+    DISPATCHED = "dispatched"  # a node has it
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    KILLED = "killed"
+    NODE_LOST = "node_lost"
+    SKIPPED = "skipped"  # misfire policy or block strategy chose not to run it
+    DISCARDED = "discarded"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in {RunStatus.PENDING, RunStatus.DISPATCHED, RunStatus.RUNNING}
+
+
+class TriggerKind(str, enum.Enum):
+    CRON = "cron"
+    MANUAL = "manual"
+    MISFIRE = "misfire"
+    RETRY = "retry"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class NodeGroup(Base):
+    __tablename__ = "ays_node_group"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Task(Base):
+    __tablename__ = "ays_task"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    node_group: Mapped[str] = mapped_column(
+        String(64), ForeignKey("ays_node_group.name", ondelete="RESTRICT", onupdate="CASCADE")
+    )
+    schedule: Mapped[str] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    task_type: Mapped[str] = mapped_column(String(16), default=TaskType.SHELL.value)
+    # shell: {command, env, workdir}; http: {url, method, headers, body, expected_status}
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params: Mapped[str] = mapped_column(String(1024), default="")
+    timeout_s: Mapped[int] = mapped_column(Integer, default=0)  # 0 = no timeout
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    retry_backoff: Mapped[str] = mapped_column(String(16), default=RetryBackoff.FIXED.value)
+    retry_interval_s: Mapped[float] = mapped_column(Float, default=10.0)
+    route_strategy: Mapped[str] = mapped_column(String(32), default=RouteStrategy.FIRST.value)
+    block_strategy: Mapped[str] = mapped_column(String(32), default=BlockStrategy.SERIAL.value)
+    misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.SKIP.value)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    # Bumped on every change; the timer list installs a (schedule, version) pair.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class TimerRow(Base):
+    """One installed timer: which task version the managers' in-memory timer lists hold.
+
+    No foreign key to ays_task on purpose: reconciliation must see (and remove) the rows of
+    tasks that were deleted.
+    """
+
+    __tablename__ = "ays_timer_list"
+
+    task_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    schedule: Mapped[str] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    manager_id: Mapped[str] = mapped_column(String(64))
+    next_fire_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Node(Base):
+    __tablename__ = "ays_node"
+    __table_args__ = (UniqueConstraint("ip", "port"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ip: Mapped[str] = mapped_column(String(45))
+    port: Mapped[int] = mapped_column(Integer)
+    node_group: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=NodeStatus.UNKNOWN.value)
+    source: Mapped[str] = mapped_column(String(16), default=NodeSource.MANUAL.value)
+    version: Mapped[str] = mapped_column(String(32), default="")
+    running_jobs: Mapped[int] = mapped_column(Integer, default=0)
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+class JobLog(Base):
+    """One run. The row with attempt 0 and shard 0 is the slot claim: its unique key
+    (task_id, scheduled_at, attempt, shard_index) means a slot can be inserted once, by one
+    manager; retries and broadcast shards are further rows of the same slot."""
+
+    __tablename__ = "ays_job_log"
+    __table_args__ = (
+        UniqueConstraint("task_id", "scheduled_at", "attempt", "shard_index", name="uq_job_log_slot"),
+        Index("ix_ays_job_log_status_created", "status", "created_at"),
+        Index("ix_ays_job_log_created_at", "created_at"),
+        Index("ix_ays_job_log_claim", "claim"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(Integer)
+    scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    trigger: Mapped[str] = mapped_column(String(16), default=TriggerKind.CRON.value)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    shard_index: Mapped[int] = mapped_column(Integer, default=0)
+    shard_total: Mapped[int] = mapped_column(Integer, default=1)
+    params: Mapped[str] = mapped_column(String(1024), default="")
+    # Which insert batch claimed the row; lets a manager learn which of its bulk
+    # INSERT-IGNOREd rows were its own without RETURNING (MySQL has none).
+    claim: Mapped[str] = mapped_column(String(32), default="")
+    manager_id: Mapped[str] = mapped_column(String(64), default="")
+    node: Mapped[str] = mapped_column(String(64), default="", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.PENDING.value)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    output: Mapped[str] = mapped_column(Text, default="")
+    message: Mapped[str] = mapped_column(String(1024), default="")
