@@ -153,7 +153,7 @@ class Task(Base):
 
 
 class TimerRow(Base):
-    """One installed timer: which task version the managers' in-memory timer lists hold.
+    """One installed timer: which task version a manager's in-memory timer list holds.
 
     No foreign key to ays_task on purpose: reconciliation must see (and remove) the rows of
     tasks that were deleted.
@@ -161,11 +161,13 @@ class TimerRow(Base):
 
     __tablename__ = "ays_timer_list"
 
+    # Every manager sharing the database holds every timer (the job-log slot key stops a
+    # double fire), so each manager has its own rows; its id is its stable ip:port.
+    manager_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     task_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     schedule: Mapped[str] = mapped_column(String(255))
     timezone: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
-    manager_id: Mapped[str] = mapped_column(String(64))
     next_fire_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
