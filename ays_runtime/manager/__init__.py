@@ -1,0 +1,1 @@
+"""The scheduling center: timers, reconciliation, firing, the HTTP API."""

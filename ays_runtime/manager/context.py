@@ -1,0 +1,26 @@
+"""What the HTTP API needs from the running manager, and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from ays_runtime.config import EnvConfig
+from ays_runtime.storage.database import utcnow
+
+
+@dataclass
+class ManagerContext:
+    config: EnvConfig
+    sessions: sessionmaker[Session]
+    access_token: str
+    manager_id: str
+    # Called after the API changed a task: reconciles at once instead of at the next tick.
+    on_tasks_changed: Callable[[], Awaitable[None]]
+    # Fires a task now, outside its schedule; returns the id of the job log it created.
+    trigger_now: Callable[[int, str | None], Awaitable[int]]
+    version: str = ""
+    started_at: datetime = field(default_factory=utcnow)
