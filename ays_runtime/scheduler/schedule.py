@@ -90,6 +90,10 @@ class EverySchedule(Schedule):
         periods = elapsed // self.period + 1
         return _EPOCH + periods * self.period
 
+    def last_at_or_before(self, moment: datetime, not_before: datetime) -> datetime | None:
+        slot = _EPOCH + ((moment - _EPOCH) // self.period) * self.period
+        return slot if slot > not_before else None
+
 
 def parse_duration(text: str) -> timedelta:
     """`10s`, `500ms`, `1h30m` → timedelta; raises ValueError on anything else."""

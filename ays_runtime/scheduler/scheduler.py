@@ -1,0 +1,178 @@
+"""The scheduler: reconciles the timer list, fires due timers, claims their slots.
+
+Phases: `run()` reconciles once, then runs three loops (fire, claim writer, reconcile tick)
+until `stop()`; stopping ends the fire loop first, then flushes the claim writer, so no
+slot is left half-fired.
+
+The fire loop sleeps until the earliest timer is due (or until a reconcile changes the
+list); it never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from ays_runtime.exceptions import NotFoundError
+from ays_runtime.scheduler.firing import Fire, FireWriter
+from ays_runtime.scheduler.reconcile import Plan, Reconciler, memory_snapshot
+from ays_runtime.scheduler.timers import TimerList
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import MisfirePolicy, Task, TriggerKind
+from ays_runtime.transport.base import JobDispatch
+
+log = logging.getLogger("ays.scheduler")
+
+_TINY = timedelta(microseconds=1)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        manager_id: str,
+        on_claimed: Callable[[list[JobDispatch]], Awaitable[None]],
+        reconcile_interval: float = 5.0,
+        misfire_grace: float = 5.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.manager_id = manager_id
+        self.timers = TimerList()
+        self.reconciler = Reconciler(engine, manager_id, misfire_grace)
+        self.writer = FireWriter(engine, manager_id, on_claimed)
+        self.reconcile_interval = reconcile_interval
+        self.grace = timedelta(seconds=misfire_grace)
+        self.clock = clock
+        self._wakeup = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._db_failing = False
+        self.fired_total = 0
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    async def reconcile_now(self) -> Plan:
+        """Reconcile at once (the API calls this after a change); one at a time."""
+        async with self._reconcile_lock:
+            plan = await asyncio.to_thread(
+                self.reconciler.plan, memory_snapshot(self.timers), self.clock()
+            )
+            if plan.writes:
+                await asyncio.to_thread(self.reconciler.apply, plan)
+            Reconciler.apply_to_memory(plan, self.timers)
+            for misfire in plan.misfires:
+                self.writer.submit(
+                    Fire(misfire.task_id, misfire.scheduled_at, TriggerKind.MISFIRE.value)
+                )
+            for action in plan.actions:
+                log.info("manager %s: reconcile: %s", self.manager_id, action)
+            if plan:
+                self._wakeup.set()
+            return plan
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.reconcile_interval)
+                return
+            try:
+                await self.reconcile_now()
+            except SQLAlchemyError as err:
+                if not self._db_failing:
+                    log.error(
+                        "manager %s: reconcile failed, timers keep firing: %s",
+                        self.manager_id,
+                        getattr(err, "orig", None) or err,
+                    )
+                    self._db_failing = True
+                continue
+            if self._db_failing:
+                log.warning("manager %s: database is back, reconcile resumed", self.manager_id)
+                self._db_failing = False
+
+    # -- firing ---------------------------------------------------------------------------
+
+    def fire_due(self, now: datetime) -> int:
+        """Submit every due timer's slot and reschedule it; returns how many were submitted."""
+        submitted = 0
+        for timer in self.timers.pop_due(now):
+            if now - timer.fire_at <= self.grace:
+                self.writer.submit(Fire(timer.task_id, timer.fire_at))
+                submitted += 1
+                timer.fire_at = timer.schedule.next_after(timer.fire_at)
+            else:
+                # Later than the grace (a stalled host, a clock jump): the misfire policy decides.
+                if timer.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
+                    slot = timer.schedule.last_at_or_before(now, timer.fire_at - _TINY)
+                    if slot is not None:
+                        self.writer.submit(Fire(timer.task_id, slot, TriggerKind.MISFIRE.value))
+                        submitted += 1
+                log.warning(
+                    "manager %s: task %d is %.1fs late for slot %s; misfire policy %s",
+                    self.manager_id,
+                    timer.task_id,
+                    (now - timer.fire_at).total_seconds(),
+                    timer.fire_at.isoformat(),
+                    timer.misfire_policy,
+                )
+                timer.fire_at = timer.schedule.next_after(now)
+            self.timers.put(timer)
+        self.fired_total += submitted
+        return submitted
+
+    async def _fire_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            self.fire_due(self.clock())
+            deadline = self.timers.next_deadline()
+            delay = None if deadline is None else (deadline - self.clock()).total_seconds()
+            if delay is not None and delay <= 0:
+                await asyncio.sleep(0)  # let the writer and the API run between bursts
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+
+    async def trigger_now(self, task_id: int, params: str | None = None) -> int:
+        """Fire `task_id` once now, outside its schedule; returns the new job-log id."""
+
+        def exists() -> bool:
+            with self.engine.connect() as conn:
+                return conn.execute(select(Task.id).where(Task.id == task_id)).first() is not None
+
+        if not await asyncio.to_thread(exists):
+            raise NotFoundError(f"task {task_id} does not exist")
+        job_id = await self.writer.submit_and_wait(
+            Fire(task_id, self.clock(), TriggerKind.MANUAL.value, params)
+        )
+        if job_id is None:
+            raise NotFoundError(f"task {task_id} was deleted before it could fire")
+        return job_id
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self.writer.run(), name="claim-writer")
+        try:
+            await self.reconcile_now()
+            await asyncio.gather(self._fire_loop(), self._reconcile_loop())
+        finally:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(writer, 10.0)
+            except TimeoutError:
+                log.error(
+                    "manager %s: %d fires not claimed at stop (database away)",
+                    self.manager_id,
+                    self.writer.backlog,
+                )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()

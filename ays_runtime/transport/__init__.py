@@ -1,0 +1,1 @@
+"""Dispatch: how a fired job reaches a node (built-in HTTP or RocketMQ)."""
