@@ -42,6 +42,10 @@ class Fire:
     scheduled_at: datetime
     trigger: str = TriggerKind.CRON.value
     params: str | None = None  # None: the task's own params
+    # Retries and broadcast shards are further rows of the same slot.
+    attempt: int = 0
+    shard_index: int = 0
+    shard_total: int = 1
 
 
 def insert_ignoring_duplicates(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -64,7 +68,7 @@ def claim_slots(
     """Insert the fires' job-log rows; return the dispatches for the rows this call won."""
     task_ids = {f.task_id for f in fires}
     with engine.begin() as conn:
-        tasks = _load_tasks(conn, task_ids)
+        tasks = load_tasks(conn, task_ids)
         token = uuid.uuid4().hex
         rows = []
         for f in fires:
@@ -72,15 +76,15 @@ def claim_slots(
             if task is None:
                 continue  # deleted between the timer firing and now
             if f.trigger != TriggerKind.MANUAL.value and not task["enabled"]:
-                continue
+                continue  # disabled after the timer fired: a disabled task runs only by hand
             rows.append(
                 {
                     "task_id": f.task_id,
                     "scheduled_at": f.scheduled_at,
                     "trigger": f.trigger,
-                    "attempt": 0,
-                    "shard_index": 0,
-                    "shard_total": 1,
+                    "attempt": f.attempt,
+                    "shard_index": f.shard_index,
+                    "shard_total": f.shard_total,
                     "params": task["params"] if f.params is None else f.params,
                     "claim": token,
                     "manager_id": manager_id,
@@ -94,14 +98,32 @@ def claim_slots(
         if not rows:
             return []
         insert_ignoring_duplicates(conn, rows)
-        won = conn.execute(
-            select(
-                JobLog.id, JobLog.task_id, JobLog.scheduled_at, JobLog.trigger, JobLog.params
-            ).where(JobLog.claim == token)
-        ).all()
+        won = conn.execute(select(*_CLAIMED_COLUMNS).where(JobLog.claim == token)).all()
     return [
-        make_dispatch(tasks[r.task_id], r.id, r.scheduled_at, r.trigger, 0, r.params) for r in won
+        make_dispatch(
+            tasks[r.task_id],
+            r.id,
+            r.scheduled_at,
+            r.trigger,
+            r.attempt,
+            r.params,
+            r.shard_index,
+            r.shard_total,
+        )
+        for r in won
     ]
+
+
+_CLAIMED_COLUMNS = (
+    JobLog.id,
+    JobLog.task_id,
+    JobLog.scheduled_at,
+    JobLog.trigger,
+    JobLog.attempt,
+    JobLog.params,
+    JobLog.shard_index,
+    JobLog.shard_total,
+)
 
 
 _TASK_COLUMNS = (
@@ -121,7 +143,7 @@ _TASK_COLUMNS = (
 )
 
 
-def _load_tasks(conn: Connection, task_ids: set[int]) -> dict[int, dict[str, Any]]:
+def load_tasks(conn: Connection, task_ids: set[int]) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     ids = list(task_ids)
     for start in range(0, len(ids), 5000):

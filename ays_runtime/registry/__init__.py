@@ -1,0 +1,1 @@
+"""The node registry: which executor nodes exist and which are healthy."""
