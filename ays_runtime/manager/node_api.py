@@ -1,0 +1,145 @@
+"""Manager routes about nodes: heartbeats and results from nodes, manual add and remove."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import delete, select
+from starlette.concurrency import run_in_threadpool
+
+from ays_runtime.auth import presented_token, token_matches
+from ays_runtime.manager.runs import RunTracker
+from ays_runtime.protocol import API, Heartbeat, JobResultReport
+from ays_runtime.registry.builtin import BuiltinRegistry
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeSource, NodeStatus, RunStatus
+
+log = logging.getLogger("ays.api")
+
+_FINAL_STATUSES = {s.value for s in RunStatus if s.is_final}
+
+
+class NodeAdd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ip: str
+    port: int = Field(ge=1, le=65535)
+    node_group: str = Field(min_length=1, max_length=64)
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address") from None
+
+
+def token_guard(expected: str, who: str):  # noqa: ANN201 - a FastAPI dependency
+    """A dependency refusing callers without the access token (and logging who)."""
+
+    def guard(request: Request) -> None:
+        presented = presented_token(
+            request.headers.get("authorization"), request.headers.get("x-ays-token")
+        )
+        if not token_matches(presented, expected):
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "%s: refused %s %s from %s: bad or missing access token",
+                who,
+                request.method,
+                request.url.path,
+                client,
+            )
+            raise HTTPException(401, "bad or missing access token")
+
+    return guard
+
+
+def node_router(
+    engine_sessions,  # noqa: ANN001 - sessionmaker
+    tracker: RunTracker,
+    registry: BuiltinRegistry | None,
+    access_token: str,
+    manager_id: str,
+) -> APIRouter:
+    router = APIRouter(
+        prefix=API, dependencies=[Depends(token_guard(access_token, f"manager {manager_id}"))]
+    )
+
+    @router.post("/nodes/heartbeat", tags=["nodes"])
+    async def heartbeat(beat: Heartbeat) -> dict[str, str]:
+        if registry is None:
+            raise HTTPException(409, "this environment's registry is not builtin: no heartbeats")
+        await run_in_threadpool(registry.record_heartbeat, beat)
+        return {"status": "ok"}
+
+    @router.post("/job-logs/{job_log_id}/result", tags=["job-logs"])
+    async def result(job_log_id: int, report: JobResultReport) -> dict[str, bool]:
+        if report.job_log_id != job_log_id:
+            raise HTTPException(
+                422, f"job_log_id: body says {report.job_log_id}, path {job_log_id}"
+            )
+        if report.status not in _FINAL_STATUSES:
+            raise HTTPException(422, f"status: {report.status!r} is not a final run status")
+
+        def exists() -> bool:
+            with engine_sessions() as s:
+                return s.get(JobLog, job_log_id) is not None
+
+        if not await run_in_threadpool(exists):
+            raise HTTPException(404, f"job log {job_log_id} does not exist")
+        stored = await tracker.record_result(report)
+        return {"stored": stored}
+
+    @router.post("/nodes", status_code=201, tags=["nodes"])
+    async def add_node(body: NodeAdd) -> dict[str, object]:
+        def add() -> dict[str, object]:
+            now = utcnow()
+            with engine_sessions() as s, s.begin():
+                if s.scalar(select(NodeGroup.id).where(NodeGroup.name == body.node_group)) is None:
+                    raise HTTPException(
+                        422,
+                        f"node_group: {body.node_group!r} is not a known node group; "
+                        "create it first with POST /api/v1/node-groups",
+                    )
+                node = s.scalar(select(Node).where(Node.ip == body.ip, Node.port == body.port))
+                if node is not None:
+                    raise HTTPException(409, f"node {body.ip}:{body.port} is already registered")
+                node = Node(
+                    ip=body.ip,
+                    port=body.port,
+                    node_group=body.node_group,
+                    status=NodeStatus.UNKNOWN.value,
+                    source=NodeSource.MANUAL.value,
+                    version="",
+                    running_jobs=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(node)
+                s.flush()
+                return {
+                    "id": node.id,
+                    "ip": node.ip,
+                    "port": node.port,
+                    "node_group": node.node_group,
+                    "status": node.status,
+                    "source": node.source,
+                }
+
+        return await run_in_threadpool(add)
+
+    @router.delete("/nodes/{node_id}", status_code=204, tags=["nodes"])
+    async def remove_node(node_id: int) -> Response:
+        def remove() -> int:
+            with engine_sessions() as s, s.begin():
+                return s.execute(delete(Node).where(Node.id == node_id)).rowcount
+
+        if not await run_in_threadpool(remove):
+            raise HTTPException(404, f"node {node_id} does not exist")
+        return Response(status_code=204)
+
+    return router

@@ -1,0 +1,247 @@
+"""The manager daemon: startup, main loop, time-boxed shutdown.
+
+Startup: migrate the schema, resolve the access token, bind the listening socket (a clear
+error if the address is taken), pick the registry and transport the env file names, start
+the API, the scheduler, the registry, the reaper and the retention purge.
+Shutdown (SIGINT/SIGTERM record the request; `serve` acts on it): stop firing, flush the
+claim writer (no slot half-fired), finish deliveries in flight, stop the API, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from datetime import timedelta
+from typing import Any
+
+import uvicorn
+
+from ays_runtime import __version__
+from ays_runtime.auth import resolve_access_token
+from ays_runtime.config import EnvConfig
+from ays_runtime.exceptions import ConfigError
+from ays_runtime.manager.api import create_app
+from ays_runtime.manager.context import ManagerContext
+from ays_runtime.manager.node_api import node_router
+from ays_runtime.manager.retention import retention_loop
+from ays_runtime.manager.runs import RunTracker
+from ays_runtime.registry.base import NodeRegistry
+from ays_runtime.scheduler.scheduler import Scheduler
+from ays_runtime.storage.database import make_engine, redacted, session_factory
+from ays_runtime.storage.migrate import upgrade
+from ays_runtime.transport.base import JobDispatch, Transport
+
+log = logging.getLogger("ays.manager")
+
+SHUTDOWN_TIMEOUT = 15.0
+REAP_INTERVAL = 5.0
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns the signals."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+def listen(ip: str, port: int) -> socket.socket:
+    """Bind the listening socket, or fail with a message naming the address."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ip, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {ip}:{port}: {err.strerror}; choose another -p/-P or stop "
+            "what holds it"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Manager:
+    def __init__(
+        self,
+        config: EnvConfig,
+        sock: socket.socket | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.config = config
+        self.manager_id = f"{config.manager.ip}:{config.manager.port}"
+        self._sock = sock
+        self._injected_transport = transport
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        cfg = self.config
+        url = cfg.storage_url()
+        await asyncio.to_thread(upgrade, url)
+        token = resolve_access_token(cfg, generate=True)
+        sock = self._sock or listen(cfg.manager.ip, cfg.manager.port)
+        engine = make_engine(url, cfg.storage.pool_size)
+        sessions = session_factory(engine)
+
+        transport_box: list[Transport] = []
+
+        async def dispatch(jobs: list[JobDispatch]) -> None:
+            await transport_box[0].dispatch(jobs)
+
+        tracker = RunTracker(engine, self.manager_id, cfg.job_log.excerpt_bytes, dispatch)
+        registry = make_registry(cfg, engine, self.manager_id)
+        registry.on_node_lost = tracker.node_lost
+        transport = self._injected_transport or make_transport(
+            cfg, registry, tracker, token, f"http://{self.manager_id}"
+        )
+        transport_box.append(transport)
+        scheduler = Scheduler(
+            engine,
+            self.manager_id,
+            on_claimed=dispatch,
+            reconcile_interval=cfg.manager.reconcile_interval,
+            misfire_grace=cfg.manager.misfire_grace,
+        )
+        self.scheduler = scheduler
+        self.engine = engine
+        ctx = ManagerContext(
+            config=cfg,
+            sessions=sessions,
+            access_token=token,
+            manager_id=self.manager_id,
+            on_tasks_changed=_discard(scheduler.reconcile_now),
+            trigger_now=scheduler.trigger_now,
+            version=__version__,
+        )
+        app = create_app(ctx)
+        from ays_runtime.registry.builtin import BuiltinRegistry
+
+        app.include_router(
+            node_router(
+                sessions,
+                tracker,
+                registry if isinstance(registry, BuiltinRegistry) else None,
+                token,
+                self.manager_id,
+            )
+        )
+        server = QuietServer(
+            uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+        )
+        log.info(
+            "manager %s: env %s, database %s, registry %s, transport %s, version %s",
+            self.manager_id,
+            cfg.env,
+            redacted(url),
+            cfg.registry.backend,
+            cfg.transport.backend,
+            __version__,
+        )
+
+        await registry.start()
+        await transport.start()
+        api = asyncio.create_task(server.serve(sockets=[sock]), name="api")
+        sched = asyncio.create_task(scheduler.run(), name="scheduler")
+        purge = asyncio.create_task(
+            retention_loop(
+                engine,
+                timedelta(days=cfg.job_log.retention_days),
+                cfg.job_log.purge_batch,
+                self._stop,
+            ),
+            name="retention",
+        )
+        reaper = asyncio.create_task(self._reap(tracker), name="reaper")
+        await tracker.recover_pending()
+        log.info("manager %s: serving", self.manager_id)
+
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({stop, api, sched}, return_when=asyncio.FIRST_COMPLETED)
+        for crashed in done - {stop}:
+            if crashed.exception() is not None:
+                log.error(
+                    "manager %s: %s stopped: %r",
+                    self.manager_id,
+                    crashed.get_name(),
+                    crashed.exception(),
+                )
+        # -- time-boxed shutdown: firing first, then the API, then the rest.
+        log.info("manager %s: stopping", self.manager_id)
+        self._stop.set()
+        scheduler.stop()
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(sched, SHUTDOWN_TIMEOUT)
+        server.should_exit = True
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(api, 10)
+        await transport.stop(5)
+        await tracker.stop()
+        await registry.stop()
+        for task in (purge, reaper, stop):
+            task.cancel()
+        await asyncio.gather(purge, reaper, stop, return_exceptions=True)
+        engine.dispose()
+        sock.close()
+        log.info("manager %s: stopped", self.manager_id)
+
+    async def _reap(self, tracker: RunTracker) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                await tracker.reap_orphans()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), REAP_INTERVAL)
+
+
+def _discard(fn: Any) -> Any:
+    async def call() -> None:
+        await fn()
+
+    return call
+
+
+def make_registry(config: EnvConfig, engine: Any, manager_id: str) -> NodeRegistry:
+    """The registry backend the env file names (imported lazily)."""
+    backend = config.registry.backend
+    if backend == "builtin":
+        from ays_runtime.registry.builtin import BuiltinRegistry
+
+        return BuiltinRegistry(engine, config.registry, manager_id)  # type: ignore[arg-type]
+    raise ConfigError(
+        f"env {config.env}: registry backend {backend!r} is not available in this version; "
+        "use registry: {backend: builtin}"
+    )
+
+
+def make_transport(
+    config: EnvConfig, registry: NodeRegistry, tracker: RunTracker, token: str, report_to: str
+) -> Transport:
+    """The transport backend the env file names (imported lazily)."""
+    backend = config.transport.backend
+    if backend == "builtin":
+        from ays_runtime.transport.http import BuiltinTransport
+
+        return BuiltinTransport(config.transport, registry, tracker, token, report_to)  # type: ignore[arg-type]
+    raise ConfigError(
+        f"env {config.env}: transport backend {backend!r} is not available in this version; "
+        "use transport: {backend: builtin}"
+    )
+
+
+def run_manager(config: EnvConfig) -> None:
+    """Run the manager in the foreground until SIGINT or SIGTERM."""
+
+    async def main() -> None:
+        manager = Manager(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, manager.request_stop)
+        await manager.serve()
+
+    asyncio.run(main())
