@@ -1,0 +1,209 @@
+"""`installConfig manager|node`: render a role's config file from an env file and install it.
+
+    installConfig manager -e uat -p 172.21.16.81 -P 18080
+    installConfig node -e uat -g node_group_ksa --root /tmp/stage --dry-run
+
+Writes `<conf_dir>/ROLE.yaml` (mode 0640) and creates the role's conf, log and data dirs;
+prints one line per change ("created DIR", "wrote FILE", "unchanged FILE") and "nothing
+changed" when there was nothing to do. `--root DIR` stages everything under DIR (no root
+privileges needed); `--dry-run` prints a diff with the secrets masked and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ays_installer.options import EXIT_FAILURE, EnvOption, clean_errors, fail
+from ays_installer.render import (
+    CONFIG_MODE,
+    Prepared,
+    Role,
+    masked_diff,
+    prepare,
+    read_installed,
+    render_config,
+    write_atomic,
+)
+from ays_installer.resources import known_envs
+from ays_runtime.config import check_ip, check_port
+from ays_runtime.exceptions import MissingSecretError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain one-line errors: operators grep them, scripts parse them
+    help="Render a role's config file from an env file and install it.",
+)
+
+
+def _ip(value: str) -> str:
+    try:
+        return check_ip(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _port(value: str) -> int:
+    try:
+        return check_port(int(value))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a port number (1-65535)") from None
+
+
+def _group(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("the node group name is empty (e.g. -g node_group_ksa)")
+    return value
+
+
+IpOption = Annotated[
+    str | None,
+    typer.Option("-p", "--ip", parser=_ip, help="address to listen on and advertise"),
+]
+PortOption = Annotated[int | None, typer.Option("-P", "--port", parser=_port, help="TCP port")]
+GroupOption = Annotated[
+    str | None, typer.Option("-g", "--group", callback=_group, help="node group to join")
+]
+RootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--root",
+        file_okay=False,
+        help="stage the files under DIR instead of / (no root privileges needed)",
+    ),
+]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="print what would change (secrets masked), write nothing")
+]
+
+
+@app.command("manager")
+@clean_errors
+def manager(
+    env: EnvOption = None,
+    ip: IpOption = None,
+    port: PortOption = None,
+    root: RootOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Render and install the scheduling center's config (manager.yaml)."""
+    install("manager", env, ip=ip, port=port, root=root, dry_run=dry_run)
+
+
+@app.command("node")
+@clean_errors
+def node(
+    env: EnvOption = None,
+    ip: IpOption = None,
+    port: PortOption = None,
+    group: GroupOption = None,
+    root: RootOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Render and install an executor node's config (node.yaml)."""
+    install("node", env, ip=ip, port=port, group=group, root=root, dry_run=dry_run)
+
+
+def install(
+    role: Role,
+    env: str | None,
+    *,
+    ip: str | None = None,
+    port: int | None = None,
+    group: str | None = None,
+    root: Path | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Everything is checked and rendered before the first directory or file is touched."""
+    if env is None:
+        known = ", ".join(known_envs()) or "(none)"
+        raise fail(f"error: name the environment with -e ENV: known environments are {known}")
+    try:
+        prepared = prepare(env, role, ip=ip, port=port, group=group, root=root)
+    except MissingSecretError as err:
+        if "SUDO_USER" in os.environ:
+            raise MissingSecretError(
+                f"{err} (sudo drops environment variables: pass them with "
+                f"sudo --preserve-env=NAME,... installConfig ...)"
+            ) from None
+        raise
+    if root is None and os.geteuid() != 0:
+        raise fail(
+            f"installConfig: writing to {prepared.section.conf_dir} needs root; "
+            f"run it with sudo, or stage it with --root DIR"
+        )
+    text = render_config(prepared)
+    if dry_run:
+        _show_changes(prepared, text)
+    else:
+        _apply(prepared, text, staged=root is not None)
+
+
+def _apply(prepared: Prepared, text: str, *, staged: bool) -> None:
+    changed = False
+    for directory in prepared.dirs:
+        if not directory.is_dir():
+            try:
+                directory.mkdir(mode=0o755, parents=True)
+            except OSError as err:
+                raise _io_failure("cannot create", directory, err) from None
+            typer.echo(f"created {directory}")
+            changed = True
+    gid = None if staged else _service_gid(prepared)
+    try:
+        written = write_atomic(prepared.path, text, CONFIG_MODE, gid=gid)
+    except OSError as err:
+        raise _io_failure("cannot write", prepared.path, err) from None
+    if written:
+        typer.echo(f"wrote {prepared.path}")
+        changed = True
+    else:
+        typer.echo(f"unchanged {prepared.path}")
+    if not changed:
+        typer.echo("nothing changed")
+
+
+def _show_changes(prepared: Prepared, text: str) -> None:
+    changed = False
+    for directory in prepared.dirs:
+        if not directory.is_dir():
+            typer.echo(f"would create {directory}")
+            changed = True
+    path = prepared.path
+    try:
+        old = read_installed(path)
+    except OSError as err:
+        raise _io_failure("cannot read", path, err) from None
+    if old != text:
+        typer.echo(masked_diff(old or "", text, path, prepared.secrets), nl=False)
+        changed = True
+    elif (mode := stat.S_IMODE(path.stat().st_mode)) != CONFIG_MODE:
+        typer.echo(f"would set mode {CONFIG_MODE:04o} on {path} (now {mode:04o})")
+        changed = True
+    else:
+        typer.echo(f"unchanged {path}")
+    if not changed:
+        typer.echo("nothing would change")
+
+
+def _service_gid(prepared: Prepared) -> int | None:
+    """The primary group of the user the role's service runs as, which must read the file."""
+    user = prepared.section.user
+    try:
+        return pwd.getpwnam(user).pw_gid
+    except KeyError:
+        typer.echo(
+            f"note: there is no user {user!r} yet, so {prepared.path} stays readable by root "
+            f"only; run installConfig again once the user exists"
+        )
+        return None
+
+
+def _io_failure(what: str, path: Path, err: OSError) -> typer.Exit:
+    return fail(f"error: {path}: {what}: {err.strerror or err}", EXIT_FAILURE)
