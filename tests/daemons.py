@@ -1,0 +1,150 @@
+"""Real Ays daemons as subprocesses for tests: configs, start, wait for health, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+BIN = Path(sys.executable).parent
+TOKEN = "t0k3n-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    path: Path,
+    storage_url: str,
+    manager_port: int,
+    data_dir: Path,
+    token: str = TOKEN,
+    **sections: dict[str, Any],
+) -> Path:
+    """A complete env config (the form installConfig renders) for a test manager/node."""
+    config: dict[str, Any] = {
+        "env": "dev",
+        "access_token": token,
+        "storage": {"url": storage_url},
+        "registry": {"backend": "builtin", "heartbeat_interval": 0.5, "offline_after_missed": 3},
+        "transport": {"backend": "builtin", "dispatch_timeout": 3},
+        "manager": {
+            "ip": "127.0.0.1",
+            "port": manager_port,
+            "data_dir": str(data_dir / "manager"),
+            "reconcile_interval": 1,
+        },
+        "node": {"ip": "127.0.0.1", "data_dir": str(data_dir / "node"), "kill_grace": 1},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+class Daemon:
+    """One `aysManager debug` or `aysNode debug` process, its output kept in a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, health_url: str) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.health_url = health_url
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> Daemon:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args[0]} exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.health_url, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"{self.args[0]} not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if hasattr(self, "_log") and not self._log.closed:
+            self._log.close()
+
+
+def manager(config: Path, log_path: Path, port: int) -> Daemon:
+    return Daemon(
+        [str(BIN / "aysManager"), "debug", "--config", str(config)],
+        log_path,
+        f"http://127.0.0.1:{port}/api/v1/health",
+    )
+
+
+def node(config: Path, log_path: Path, group: str, port: int) -> Daemon:
+    return Daemon(
+        [
+            str(BIN / "aysNode"),
+            "debug",
+            "-g",
+            group,
+            "--config",
+            str(config),
+            "-p",
+            "127.0.0.1",
+            "-P",
+            str(port),
+        ],
+        log_path,
+        f"http://127.0.0.1:{port}/api/v1/health",
+    )
+
+
+def client(port: int, token: str = TOKEN) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{port}/api/v1",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `predicate` until it returns something truthy, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
