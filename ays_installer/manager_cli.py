@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from ays_installer.options import ConfigOption, EnvOption, choose_config, clean_errors, fail
+from ays_installer.options import (
+    EXIT_FAILURE,
+    ConfigOption,
+    EnvOption,
+    choose_config,
+    clean_errors,
+    fail,
+)
 from ays_runtime.config import EnvConfig, check_ip, check_port
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Ays scheduling center.")
@@ -107,3 +114,96 @@ def reconcile(
     for action in plan.actions:
         typer.echo(str(action))
     typer.echo(f"manager {manager_id}: {len(plan.actions)} action(s); nothing was changed")
+
+
+node_app = typer.Typer(no_args_is_help=True, help="Executor nodes known to the manager.")
+app.add_typer(node_app, name="node")
+
+
+def _manager_api(cfg: EnvConfig):  # noqa: ANN202 - an httpx.Client
+    """A client for the running manager's API, with the env's access token."""
+    import httpx
+
+    from ays_runtime.auth import auth_headers, resolve_access_token
+
+    token = resolve_access_token(cfg, generate=False)
+    host = f"[{cfg.manager.ip}]" if ":" in cfg.manager.ip else cfg.manager.ip
+    return httpx.Client(
+        base_url=f"http://{host}:{cfg.manager.port}/api/v1", headers=auth_headers(token), timeout=10
+    )
+
+
+def _call(cfg: EnvConfig, method: str, path: str, **kwargs: object) -> object:
+    import httpx
+
+    try:
+        with _manager_api(cfg) as api:
+            response = api.request(method, path, **kwargs)  # type: ignore[arg-type]
+    except httpx.HTTPError as err:
+        raise fail(
+            f"error: cannot reach the manager at {cfg.manager.ip}:{cfg.manager.port} ({err}); "
+            "is it running? (aysManager status)",
+            EXIT_FAILURE,
+        ) from None
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error") or response.json().get("detail")
+        except ValueError:
+            message = response.text
+        raise fail(f"error: manager answered {response.status_code}: {message}")
+    return response.json() if response.content else None
+
+
+@node_app.command("add")
+@clean_errors
+def node_add(
+    group: Annotated[str, typer.Option("-g", "--group", help="node group the node joins")],
+    node_ip: Annotated[str, typer.Option("--node-ip", help="the node's address")],
+    node_port: Annotated[int, typer.Option("--node-port", help="the node's port")],
+    env: EnvOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a node by hand (it is used once it reports healthy)."""
+    cfg = choose_config(env, config)
+    try:
+        check_ip(node_ip)
+        check_port(node_port)
+    except ValueError as err:
+        raise fail(f"error: {err}") from None
+    node = _call(
+        cfg, "POST", "/nodes", json={"ip": node_ip, "port": node_port, "node_group": group}
+    )
+    typer.echo(f"added node {node['id']}: {node_ip}:{node_port} in group {group}")  # type: ignore[index]
+
+
+@node_app.command("list")
+@clean_errors
+def node_list(
+    group: Annotated[str | None, typer.Option("-g", "--group")] = None,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """List the nodes with their group, status and last heartbeat."""
+    cfg = choose_config(env, config)
+    params = {"node_group": group} if group else {}
+    body = _call(cfg, "GET", "/nodes", params=params)
+    items = body["items"] if isinstance(body, dict) else body
+    typer.echo(f"{'ID':>4}  {'ADDRESS':<22} {'GROUP':<16} {'STATUS':<8} {'SOURCE':<7} LAST SEEN")
+    for n in items:  # type: ignore[union-attr]
+        typer.echo(
+            f"{n['id']:>4}  {n['ip'] + ':' + str(n['port']):<22} {n['node_group']:<16} "
+            f"{n['status']:<8} {n['source']:<7} {n.get('last_seen') or '-'}"
+        )
+
+
+@node_app.command("remove")
+@clean_errors
+def node_remove(
+    node_id: Annotated[int, typer.Argument(help="the node's id (see: node list)")],
+    env: EnvOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Remove a node from the manager's list."""
+    cfg = choose_config(env, config)
+    _call(cfg, "DELETE", f"/nodes/{node_id}")
+    typer.echo(f"removed node {node_id}")
