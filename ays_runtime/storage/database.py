@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,11 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from ays_runtime.exceptions import StorageError
+
+# Seconds a SQLite connection waits for another process's lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30
 
 
 def utcnow() -> datetime:
@@ -21,20 +28,30 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 
     SQLite: foreign keys on, WAL so readers do not block the firing writer, a busy timeout
     so two processes sharing the file wait instead of failing. MySQL: utf8mb4 and pre-ping.
+    Raises StorageError when the SQLite file's folder cannot be created.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+            folder = Path(parsed.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(
+                    f"database {redacted(url)}: cannot create the folder {folder}: "
+                    f"{err.strerror}; create it (writable by this user) or fix storage.url"
+                ) from err
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+            try:
+                cur.execute("PRAGMA foreign_keys=ON")
+                _use_wal(cur, SQLITE_BUSY_TIMEOUT_S)
+                cur.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cur.close()
 
         return engine
     query = dict(parsed.query)
@@ -46,6 +63,21 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         pool_pre_ping=True,
         pool_recycle=3600,
     )
+
+
+def _use_wal(cur: sqlite3.Cursor, wait_s: float) -> None:
+    """Switch the file to WAL. While another connection is switching or writing a new file,
+    the switch fails at once with "database is locked" (SQLite does not busy-wait for it),
+    so it is retried for up to `wait_s` seconds, like any other lock."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -15,7 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
-    Float,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -141,7 +141,8 @@ class Task(Base):
     timeout_s: Mapped[int] = mapped_column(Integer, default=0)  # 0 = no timeout
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     retry_backoff: Mapped[str] = mapped_column(String(16), default=RetryBackoff.FIXED.value)
-    retry_interval_s: Mapped[float] = mapped_column(Float, default=10.0)
+    # Double, not Float: MySQL's FLOAT is single precision.
+    retry_interval_s: Mapped[float] = mapped_column(Double, default=10.0)
     route_strategy: Mapped[str] = mapped_column(String(32), default=RouteStrategy.FIRST.value)
     block_strategy: Mapped[str] = mapped_column(String(32), default=BlockStrategy.SERIAL.value)
     misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.SKIP.value)
@@ -200,7 +201,9 @@ class JobLog(Base):
 
     __tablename__ = "ays_job_log"
     __table_args__ = (
-        UniqueConstraint("task_id", "scheduled_at", "attempt", "shard_index", name="uq_job_log_slot"),
+        UniqueConstraint(
+            "task_id", "scheduled_at", "attempt", "shard_index", name="uq_job_log_slot"
+        ),
         Index("ix_ays_job_log_status_created", "status", "created_at"),
         Index("ix_ays_job_log_created_at", "created_at"),
         Index("ix_ays_job_log_claim", "claim"),
