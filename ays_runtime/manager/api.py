@@ -1,0 +1,447 @@
+"""The manager's HTTP API (FastAPI), under /api/v1 on the manager's port.
+
+    GET    /api/v1/health                      no token: liveness, manager id, version, uptime
+    GET    /api/v1/tasks                       ?node_group ?enabled ?name ?limit ?offset
+    POST   /api/v1/tasks                       201 the task
+    GET    /api/v1/tasks/{id}
+    PUT    /api/v1/tasks/{id}                  any subset of the fields (PATCH alike)
+    PATCH  /api/v1/tasks/{id}
+    DELETE /api/v1/tasks/{id}                  204
+    POST   /api/v1/tasks/{id}/enable
+    POST   /api/v1/tasks/{id}/disable
+    POST   /api/v1/tasks/{id}/trigger          202 {"job_log_id"}; body {"params"} optional
+    GET    /api/v1/job-logs                    ?task_id ?status ?node ?since ?until ?limit ?offset
+    GET    /api/v1/job-logs/{id}
+    GET    /api/v1/nodes                       ?node_group ?status ?limit ?offset
+    GET    /api/v1/node-groups
+    POST   /api/v1/node-groups                 201
+    GET    /api/v1/node-groups/{name}
+    PUT    /api/v1/node-groups/{name}          new description and/or name
+    DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
+
+The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret.
+Every other call needs the env's access token, as `Authorization: Bearer <token>` or
+`X-Ays-Token: <token>`. Errors are JSON `{"error": ...}`; validation errors (422) also carry
+`field` and `value`, and `errors` lists every problem found.
+
+Database work runs in the thread pool (`def` endpoints, or `run_in_threadpool`), so the event
+loop that fires timers is never blocked. A change is committed first and the manager is told
+afterwards (`ctx.on_tasks_changed()`), so it reconciles at once; if telling it fails, the
+periodic reconcile tick catches up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ays_runtime import __version__
+from ays_runtime.auth import presented_token, token_matches
+from ays_runtime.exceptions import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    StorageError,
+    ValidationError,
+)
+from ays_runtime.manager import tasks
+from ays_runtime.manager.context import ManagerContext
+from ays_runtime.manager.schemas import (
+    ErrorOut,
+    Health,
+    JobLogOut,
+    JobLogPage,
+    NodeGroupCreate,
+    NodeGroupList,
+    NodeGroupOut,
+    NodeGroupUpdate,
+    NodeOut,
+    NodePage,
+    TaskCreate,
+    TaskOut,
+    TaskPage,
+    TaskUpdate,
+    TriggerRequest,
+    TriggerResponse,
+    field_error,
+)
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import NodeStatus, RunStatus
+
+API_PREFIX = "/api/v1"
+TOKEN_HEADER = "X-Ays-Token"
+
+log = logging.getLogger("ays.manager.api")
+
+T = TypeVar("T")
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+def _context(request: Request) -> ManagerContext:
+    ctx: ManagerContext = request.app.state.ays
+    return ctx
+
+
+Ctx = Annotated[ManagerContext, Depends(_context)]
+
+# Declared so that the OpenAPI document states both ways to send the token; the check
+# itself reads the headers through `ays_runtime.auth`, as the node API does.
+_bearer = HTTPBearer(auto_error=False, description="the env's access_token")
+_token_header = APIKeyHeader(
+    name=TOKEN_HEADER, auto_error=False, description="the env's access_token"
+)
+
+
+def _require_token(
+    request: Request,
+    _bearer_scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _header_scheme: Annotated[str | None, Depends(_token_header)],
+) -> None:
+    presented = presented_token(
+        request.headers.get("authorization"), request.headers.get(TOKEN_HEADER)
+    )
+    if token_matches(presented, _context(request).access_token):
+        return
+    client = request.client.host if request.client else "unknown"
+    log.warning(
+        "manager: refused %s %s from %s: bad or missing access token",
+        request.method,
+        request.url.path,
+        client,
+    )
+    raise HTTPException(
+        401,
+        "bad or missing access token: send 'Authorization: Bearer <token>' or "
+        f"'{TOKEN_HEADER}: <token>' with the access_token of this environment",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def _in_session(ctx: ManagerContext, work: Callable[[Session], T]) -> T:
+    """Run `work(session)` in the thread pool, in a session of its own."""
+
+    def run() -> T:
+        with ctx.sessions() as session:
+            return work(session)
+
+    return await run_in_threadpool(run)
+
+
+async def _tasks_changed(ctx: ManagerContext) -> None:
+    try:
+        await ctx.on_tasks_changed()
+    except Exception:
+        # The change is committed; the next reconcile tick installs it.
+        log.exception("manager: reconcile after an API change failed; the next tick repairs it")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "bad or missing access token"},
+    422: {"model": ErrorOut, "description": "a field has a bad value (named in the body)"},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
+_CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut}}
+
+Limit = Annotated[int, Query(ge=1, le=tasks.MAX_PAGE, description="page size")]
+Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+
+
+# --- health ---------------------------------------------------------------------------------
+
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/health", response_model=Health)
+def health(ctx: Ctx) -> Health:
+    """Liveness; needs no token."""
+    uptime = (utcnow() - ctx.started_at).total_seconds()
+    return Health(manager_id=ctx.manager_id, version=ctx.version or __version__, uptime_s=uptime)
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+tasks_router = APIRouter(prefix="/tasks", tags=["tasks"], responses=_ERRORS)
+
+
+@tasks_router.get("", response_model=TaskPage)
+def list_tasks(
+    ctx: Ctx,
+    node_group: str | None = None,
+    enabled: bool | None = None,
+    name: Annotated[str | None, Query(description="part of the name")] = None,
+    limit: Limit = tasks.DEFAULT_PAGE,
+    offset: Offset = 0,
+) -> TaskPage:
+    with ctx.sessions() as session:
+        items, total = tasks.list_tasks(
+            session, node_group=node_group, enabled=enabled, name=name, limit=limit, offset=offset
+        )
+        return TaskPage(items=[TaskOut.model_validate(t) for t in items], total=total)
+
+
+@tasks_router.post("", response_model=TaskOut, status_code=201, responses=_CONFLICT)
+async def create_task(body: TaskCreate, ctx: Ctx) -> TaskOut:
+    data = body.model_dump(mode="json", exclude_unset=True)
+    out = await _in_session(ctx, lambda s: TaskOut.model_validate(tasks.create_task(s, data)))
+    await _tasks_changed(ctx)
+    return out
+
+
+@tasks_router.get("/{task_id}", response_model=TaskOut, responses=_NOT_FOUND)
+def get_task(task_id: int, ctx: Ctx) -> TaskOut:
+    with ctx.sessions() as session:
+        return TaskOut.model_validate(tasks.get_task(session, task_id))
+
+
+@tasks_router.put("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
+@tasks_router.patch("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
+async def update_task(task_id: int, body: TaskUpdate, ctx: Ctx) -> TaskOut:
+    """Change any subset of the task's fields; the others keep their values."""
+    changes = body.model_dump(mode="json", exclude_unset=True)
+    out = await _in_session(
+        ctx, lambda s: TaskOut.model_validate(tasks.update_task(s, task_id, changes))
+    )
+    await _tasks_changed(ctx)
+    return out
+
+
+@tasks_router.delete("/{task_id}", status_code=204, responses=_NOT_FOUND)
+async def delete_task(task_id: int, ctx: Ctx) -> Response:
+    await _in_session(ctx, lambda s: tasks.delete_task(s, task_id))
+    await _tasks_changed(ctx)
+    return Response(status_code=204)
+
+
+@tasks_router.post("/{task_id}/enable", response_model=TaskOut, responses=_NOT_FOUND)
+async def enable_task(task_id: int, ctx: Ctx) -> TaskOut:
+    out = await _in_session(ctx, lambda s: TaskOut.model_validate(tasks.enable_task(s, task_id)))
+    await _tasks_changed(ctx)
+    return out
+
+
+@tasks_router.post("/{task_id}/disable", response_model=TaskOut, responses=_NOT_FOUND)
+async def disable_task(task_id: int, ctx: Ctx) -> TaskOut:
+    out = await _in_session(ctx, lambda s: TaskOut.model_validate(tasks.disable_task(s, task_id)))
+    await _tasks_changed(ctx)
+    return out
+
+
+@tasks_router.post(
+    "/{task_id}/trigger", response_model=TriggerResponse, status_code=202, responses=_NOT_FOUND
+)
+async def trigger_task(
+    task_id: int, ctx: Ctx, body: TriggerRequest | None = None
+) -> TriggerResponse:
+    """Fire the task now, outside its schedule (enabled or not); `params` overrides the
+    task's params for this run only."""
+    await _in_session(ctx, lambda s: tasks.get_task(s, task_id))
+    job_log_id = await ctx.trigger_now(task_id, body.params if body else None)
+    return TriggerResponse(job_log_id=job_log_id)
+
+
+# --- job logs and nodes ---------------------------------------------------------------------
+
+job_logs_router = APIRouter(prefix="/job-logs", tags=["job logs"], responses=_ERRORS)
+
+
+@job_logs_router.get("", response_model=JobLogPage)
+def list_job_logs(
+    ctx: Ctx,
+    task_id: int | None = None,
+    status: RunStatus | None = None,
+    node: Annotated[str | None, Query(description="ip:port of the node")] = None,
+    since: Annotated[datetime | None, Query(description="created at or after (UTC)")] = None,
+    until: Annotated[datetime | None, Query(description="created before (UTC)")] = None,
+    limit: Limit = tasks.DEFAULT_PAGE,
+    offset: Offset = 0,
+) -> JobLogPage:
+    """Job logs, newest first."""
+    with ctx.sessions() as session:
+        items, total = tasks.list_job_logs(
+            session,
+            task_id=task_id,
+            status=status.value if status else None,
+            node=node,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+        return JobLogPage(items=[JobLogOut.model_validate(j) for j in items], total=total)
+
+
+@job_logs_router.get("/{job_log_id}", response_model=JobLogOut, responses=_NOT_FOUND)
+def get_job_log(job_log_id: int, ctx: Ctx) -> JobLogOut:
+    with ctx.sessions() as session:
+        return JobLogOut.model_validate(tasks.get_job_log(session, job_log_id))
+
+
+nodes_router = APIRouter(prefix="/nodes", tags=["nodes"], responses=_ERRORS)
+
+
+@nodes_router.get("", response_model=NodePage)
+def list_nodes(
+    ctx: Ctx,
+    node_group: str | None = None,
+    status: NodeStatus | None = None,
+    limit: Limit = tasks.DEFAULT_PAGE,
+    offset: Offset = 0,
+) -> NodePage:
+    with ctx.sessions() as session:
+        items, total = tasks.list_nodes(
+            session,
+            node_group=node_group,
+            status=status.value if status else None,
+            limit=limit,
+            offset=offset,
+        )
+        return NodePage(items=[NodeOut.model_validate(n) for n in items], total=total)
+
+
+# --- node groups ----------------------------------------------------------------------------
+
+groups_router = APIRouter(prefix="/node-groups", tags=["node groups"], responses=_ERRORS)
+
+
+@groups_router.get("", response_model=NodeGroupList)
+def list_node_groups(ctx: Ctx) -> NodeGroupList:
+    with ctx.sessions() as session:
+        items = [NodeGroupOut.model_validate(g) for g in tasks.list_node_groups(session)]
+        return NodeGroupList(items=items, total=len(items))
+
+
+@groups_router.post("", response_model=NodeGroupOut, status_code=201, responses=_CONFLICT)
+async def create_node_group(body: NodeGroupCreate, ctx: Ctx) -> NodeGroupOut:
+    data = body.model_dump(mode="json", exclude_unset=True)
+    out = await _in_session(
+        ctx, lambda s: NodeGroupOut.model_validate(tasks.create_node_group(s, data))
+    )
+    await _tasks_changed(ctx)
+    return out
+
+
+@groups_router.get("/{name}", response_model=NodeGroupOut, responses=_NOT_FOUND)
+def get_node_group(name: str, ctx: Ctx) -> NodeGroupOut:
+    with ctx.sessions() as session:
+        return NodeGroupOut.model_validate(tasks.get_node_group(session, name))
+
+
+@groups_router.put("/{name}", response_model=NodeGroupOut, responses={**_NOT_FOUND, **_CONFLICT})
+async def update_node_group(name: str, body: NodeGroupUpdate, ctx: Ctx) -> NodeGroupOut:
+    """Change the description and/or rename; the group's tasks and nodes follow a rename."""
+    changes = body.model_dump(mode="json", exclude_unset=True)
+    out = await _in_session(
+        ctx, lambda s: NodeGroupOut.model_validate(tasks.update_node_group(s, name, changes))
+    )
+    await _tasks_changed(ctx)
+    return out
+
+
+@groups_router.delete("/{name}", status_code=204, responses={**_NOT_FOUND, **_CONFLICT})
+async def delete_node_group(name: str, ctx: Ctx) -> Response:
+    """Refused (409) while tasks use the group."""
+    await _in_session(ctx, lambda s: tasks.delete_node_group(s, name))
+    await _tasks_changed(ctx)
+    return Response(status_code=204)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def _validation_body(errors: list[ValidationError]) -> dict[str, Any]:
+    first = errors[0]
+    return {
+        "error": "; ".join(str(e) for e in errors),
+        "field": first.field,
+        "value": _jsonable(first.value),
+        "errors": [
+            {"field": e.field, "value": _jsonable(e.value), "error": str(e)} for e in errors
+        ],
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return jsonable_encoder(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+async def _on_request_invalid(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [field_error(detail) for detail in exc.errors()]
+    return JSONResponse(_validation_body(errors), status_code=422)
+
+
+async def _on_invalid(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    return JSONResponse(_validation_body([exc]), status_code=422)
+
+
+def _plain(status: int) -> Callable[[Request, Exception], Any]:
+    async def handler(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    return handler
+
+
+async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("manager: %s %s failed: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc)}, status_code=503)
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the traceback as well; this only keeps the body JSON.
+    return JSONResponse(
+        {"error": f"internal error in {request.method} {request.url.path}; see the manager log"},
+        status_code=500,
+    )
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def create_app(ctx: ManagerContext) -> FastAPI:
+    """The API of one running manager; `ctx` is what it needs from the manager."""
+    if not ctx.access_token:
+        raise ConfigError(
+            "manager: the API needs an access token; set access_token in the env file "
+            "(in dev the manager generates one on first start)"
+        )
+    app = FastAPI(
+        title="Ays manager",
+        version=ctx.version or __version__,
+        description="Tasks, job logs, nodes and node groups of the Ays scheduling center. "
+        f"Send the env's access token as `Authorization: Bearer <token>` or `{TOKEN_HEADER}`.",
+    )
+    app.state.ays = ctx
+    app.include_router(health_router, prefix=API_PREFIX)
+    guarded = [Depends(_require_token)]
+    for router in (tasks_router, job_logs_router, nodes_router, groups_router):
+        app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
+    app.add_exception_handler(RequestValidationError, _on_request_invalid)
+    app.add_exception_handler(ValidationError, _on_invalid)
+    app.add_exception_handler(NotFoundError, _plain(404))
+    app.add_exception_handler(ConflictError, _plain(409))
+    app.add_exception_handler(StorageError, _on_storage_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    return app

@@ -1,0 +1,400 @@
+"""The bodies of the manager's HTTP API: requests in, responses out (pydantic 2).
+
+Request models forbid unknown fields and carry every type, range and choice check, so the
+OpenAPI document states the rules. Checks that need more than one field or the database
+(schedule in its time zone, the payload of the task type, an existing node group) live in
+`ays_runtime.manager.tasks`, which validates plain dicts with these same models; both paths
+report an error as `ValidationError(field, value, expected)` through `field_error`, so a caller
+always reads `<field>: <bad value> is not valid: <expected>`.
+
+All datetimes are naive UTC, as stored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    model_validator,
+)
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+
+from ays_runtime.exceptions import ValidationError
+from ays_runtime.storage.models import (
+    BlockStrategy,
+    MisfirePolicy,
+    RetryBackoff,
+    RouteStrategy,
+    TaskType,
+)
+
+# Where FastAPI says a request error sits; dropped from the field path we report.
+_REQUEST_PARTS = {"body", "query", "path", "header", "cookie"}
+# A node group name becomes a Consul service tag and part of a RocketMQ topic name.
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+M = TypeVar("M", bound=BaseModel)
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def field_error(
+    detail: ErrorDetails, prefix: str = "", model: type[BaseModel] | None = None
+) -> ValidationError:
+    """One pydantic error as our ValidationError: dotted field path, bad value, expectation.
+
+    `prefix` is prepended to the path (`payload` for a payload checked on its own). The
+    request part FastAPI puts first (`body`, `query`, `path`) is left out. `model`, when
+    known, lends a missing field's description to the message.
+    """
+    loc = [str(part) for part in detail["loc"]]
+    if loc and loc[0] in _REQUEST_PARTS:
+        loc = loc[1:]
+    kind = detail["type"]
+    if kind == "json_invalid":
+        # The position in the document is not a field.
+        ctx = detail.get("ctx") or {}
+        reason = ctx.get("error", "")
+        return ValidationError(prefix or "body", None, f"a JSON document ({reason})")
+    field = ".".join([prefix, *loc] if prefix else loc) or prefix or "body"
+    if kind == "missing":
+        known = model.model_fields.get(loc[-1]) if model is not None and loc else None
+        hint = f" ({known.description})" if known is not None and known.description else ""
+        return ValidationError(field, None, f"required{hint}")
+    value = detail.get("input")
+    if isinstance(value, bytes):  # a body FastAPI did not parse: not declared as JSON
+        value = value.decode("utf-8", errors="replace")
+        return ValidationError(field, value, "a JSON object sent as application/json")
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return ValidationError(field, value, "a JSON object")
+    message = detail["msg"]
+    for noise in ("Input should be ", "Value error, ", "Assertion failed, "):
+        if message.startswith(noise):
+            message = ("should be " if noise.startswith("Input") else "") + message[len(noise) :]
+    return ValidationError(field, value, message)
+
+
+def validated(model: type[M], data: Any, prefix: str = "") -> M:
+    """`model.model_validate(data)`, raising our ValidationError (the first problem found)."""
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as err:
+        raise field_error(err.errors()[0], prefix, model) from None
+
+
+# --- request building blocks ----------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    """A request body: unknown fields are an error that lists the fields there are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_unknown_fields(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        try:
+            return handler(data)
+        except PydanticValidationError as err:
+            if not any(e["type"] == "extra_forbidden" for e in err.errors()):
+                raise
+            known = ", ".join(cls.model_fields)
+            details: list[InitErrorDetails] = []
+            for e in err.errors():
+                if e["type"] == "extra_forbidden":
+                    kind = PydanticCustomError(
+                        "unknown_field",
+                        "not a known field; the fields are {known}",
+                        {"known": known},
+                    )
+                    details.append({"type": kind, "loc": e["loc"], "input": e["input"]})
+                else:
+                    details.append(
+                        {
+                            "type": e["type"],
+                            "loc": e["loc"],
+                            "input": e["input"],
+                            "ctx": e.get("ctx", {}),
+                        }
+                    )
+            raise PydanticValidationError.from_exception_data(err.title, details) from None
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _group_name(value: str) -> str:
+    if not _GROUP_NAME.match(value):
+        raise ValueError("1-64 letters, digits, '_' or '-' (e.g. node_group_ksa)")
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("an http:// or https:// URL with a host, e.g. https://example.com/hook")
+    return value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+TaskName = Annotated[
+    str,
+    Field(min_length=1, max_length=128, description="unique name of the task"),
+    AfterValidator(_not_blank),
+]
+Description = Annotated[str, Field(max_length=255, description="free text")]
+GroupRef = Annotated[
+    str,
+    Field(min_length=1, max_length=64, description="an existing node group (POST /node-groups)"),
+]
+GroupName = Annotated[
+    str,
+    Field(description="1-64 letters, digits, '_' or '-'", examples=["node_group_ksa"]),
+    AfterValidator(_group_name),
+]
+ScheduleText = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        description="6-field cron, seconds first (`*/10 * * * * *`), 5-field cron (minute "
+        "granularity), `@every 10s`, or @hourly/@daily/@weekly/@monthly/@yearly",
+        examples=["0 */5 * * * *"],
+    ),
+]
+TimezoneName = Annotated[
+    str, Field(min_length=1, max_length=64, description="IANA time zone the cron runs in")
+]
+Params = Annotated[
+    str, Field(max_length=1024, description="handed to the job (env AYS_PARAMS / body)")
+]
+TimeoutS = Annotated[int, Field(ge=0, description="seconds a run may take; 0 = no timeout")]
+RetryCount = Annotated[int, Field(ge=0, le=100, description="retries after a failed run")]
+RetryInterval = Annotated[
+    float, Field(gt=0, allow_inf_nan=False, description="seconds before the first retry")
+]
+
+
+class ShellPayload(_Request):
+    """What a shell task runs: `command` through /bin/sh, in its own process group."""
+
+    command: Annotated[str, Field(min_length=1), AfterValidator(_not_blank)] = Field(
+        description="shell command line"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
+    workdir: str | None = Field(None, description="working directory (default: the node's)")
+
+
+class HttpPayload(_Request):
+    """What an http task calls."""
+
+    url: Annotated[str, AfterValidator(_http_url)] = Field(description="http(s) URL to call")
+    method: Annotated[HttpMethod, BeforeValidator(_upper)] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str = ""
+    expected_status: int | None = Field(
+        None, ge=100, le=599, description="the status that means success (default: any 2xx)"
+    )
+
+
+PAYLOAD_MODELS: dict[TaskType, type[_Request]] = {
+    TaskType.SHELL: ShellPayload,
+    TaskType.HTTP: HttpPayload,
+}
+
+
+# --- task requests --------------------------------------------------------------------------
+
+
+class TaskCreate(_Request):
+    name: TaskName
+    description: Description = ""
+    node_group: GroupRef
+    schedule: ScheduleText
+    timezone: TimezoneName = "UTC"
+    task_type: TaskType = TaskType.SHELL
+    payload: dict[str, Any] = Field(
+        description="shell: {command, env?, workdir?}; "
+        "http: {url, method?, headers?, body?, expected_status?}",
+        examples=[{"command": "echo hello"}],
+    )
+    params: Params = ""
+    timeout_s: TimeoutS = 0
+    retry_count: RetryCount = 0
+    retry_backoff: RetryBackoff = RetryBackoff.FIXED
+    retry_interval_s: RetryInterval = 10.0
+    route_strategy: RouteStrategy = RouteStrategy.FIRST
+    block_strategy: BlockStrategy = BlockStrategy.SERIAL
+    misfire_policy: MisfirePolicy = MisfirePolicy.SKIP
+    enabled: bool = True
+
+
+class TaskUpdate(_Request):
+    """Any subset of the task's fields; the others keep their values (PUT and PATCH alike)."""
+
+    name: TaskName | None = None
+    description: Description | None = None
+    node_group: GroupRef | None = None
+    schedule: ScheduleText | None = None
+    timezone: TimezoneName | None = None
+    task_type: TaskType | None = None
+    payload: dict[str, Any] | None = None
+    params: Params | None = None
+    timeout_s: TimeoutS | None = None
+    retry_count: RetryCount | None = None
+    retry_backoff: RetryBackoff | None = None
+    retry_interval_s: RetryInterval | None = None
+    route_strategy: RouteStrategy | None = None
+    block_strategy: BlockStrategy | None = None
+    misfire_policy: MisfirePolicy | None = None
+    enabled: bool | None = None
+
+
+class TriggerRequest(_Request):
+    params: Params | None = Field(None, description="replaces the task's params for this run")
+
+
+class NodeGroupCreate(_Request):
+    name: GroupName
+    description: Description = ""
+
+
+class NodeGroupUpdate(_Request):
+    """A new name (tasks and nodes of the group follow it) and/or a new description."""
+
+    name: GroupName | None = None
+    description: Description | None = None
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class TaskOut(_Response):
+    id: int
+    name: str
+    description: str
+    node_group: str
+    schedule: str
+    timezone: str
+    task_type: str
+    payload: dict[str, Any]
+    params: str
+    timeout_s: int
+    retry_count: int
+    retry_backoff: str
+    retry_interval_s: float
+    route_strategy: str
+    block_strategy: str
+    misfire_policy: str
+    enabled: bool
+    version: int = Field(description="bumped on every change")
+    created_at: datetime
+    updated_at: datetime
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    total: int = Field(description="matching tasks, all pages")
+
+
+class JobLogOut(_Response):
+    id: int
+    task_id: int
+    scheduled_at: datetime
+    trigger: str
+    attempt: int
+    shard_index: int
+    shard_total: int
+    params: str
+    claim: str
+    manager_id: str
+    node: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    exit_code: int | None
+    output: str
+    message: str
+
+
+class JobLogPage(BaseModel):
+    items: list[JobLogOut]
+    total: int
+
+
+class NodeOut(_Response):
+    id: int
+    ip: str
+    port: int
+    address: str = Field(description="ip:port")
+    node_group: str
+    status: str
+    source: str
+    version: str
+    running_jobs: int
+    last_seen: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class NodePage(BaseModel):
+    items: list[NodeOut]
+    total: int
+
+
+class NodeGroupOut(_Response):
+    id: int
+    name: str
+    description: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class NodeGroupList(BaseModel):
+    items: list[NodeGroupOut]
+    total: int
+
+
+class TriggerResponse(BaseModel):
+    job_log_id: int = Field(description="the job log of the run just fired")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    manager_id: str
+    version: str
+    uptime_s: float
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx body. Validation errors also name the field and the bad value."""
+
+    error: str
+    field: str | None = None
+    value: Any = None
+    errors: Sequence[dict[str, Any]] | None = Field(
+        None, description="validation: every problem found, each {field, value, error}"
+    )

@@ -1,0 +1,403 @@
+"""Tasks, node groups, job logs and nodes as the API (or any caller) changes and reads them.
+
+Plain synchronous functions over a SQLAlchemy `Session`, usable without HTTP. Each change
+validates its input completely, commits, and returns the stored row; the caller then tells
+the manager to reconcile (`ManagerContext.on_tasks_changed`). Every change to a task, or to the
+node group it runs in, bumps `Task.version` and sets `updated_at`; a call that changes nothing
+(enabling an enabled task, a PUT of the same values) leaves both alone.
+
+Raises (from `ays_runtime.exceptions`):
+
+* `ValidationError` – a field has a bad value: names the field, the value and what is expected;
+* `NotFoundError`   – the task, node group or job log does not exist;
+* `ConflictError`   – a duplicate name, a node group still in use, or a concurrent change
+  that clashed at commit;
+* `StorageError`    – the database failed or could not be reached.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy import ColumnElement, Select, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+
+from ays_runtime.exceptions import (
+    AysError,
+    ConflictError,
+    NotFoundError,
+    StorageError,
+    ValidationError,
+)
+from ays_runtime.manager.schemas import (
+    PAYLOAD_MODELS,
+    NodeGroupCreate,
+    NodeGroupUpdate,
+    TaskCreate,
+    TaskUpdate,
+    validated,
+)
+from ays_runtime.scheduler.schedule import parse_schedule
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeStatus, RunStatus, Task
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _storage_errors(
+    action: str,
+) -> Callable[[Callable[Concatenate[Session, P], R]], Callable[Concatenate[Session, P], R]]:
+    """Translate what SQLAlchemy raises past the checks below into our errors."""
+
+    def wrap(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
+        @functools.wraps(fn)
+        def run(session: Session, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(session, *args, **kwargs)
+            except IntegrityError as err:
+                session.rollback()
+                raise ConflictError(
+                    f"cannot {action}: it clashes with a concurrent change ({err.orig})"
+                ) from err
+            except DBAPIError as err:
+                session.rollback()
+                raise StorageError(f"cannot {action}: the database failed: {err.orig}") from err
+
+        return run
+
+    return wrap
+
+
+def _commit(session: Session, explain: Callable[[], AysError]) -> None:
+    """Commit; a constraint the checks did not foresee (a race) becomes `explain()`."""
+    try:
+        session.commit()
+    except IntegrityError as err:
+        session.rollback()
+        raise explain() from err
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+
+@_storage_errors("create the task")
+def create_task(session: Session, data: Mapping[str, Any]) -> Task:
+    """Validate `data` (the fields of `TaskCreate`) and store a new task at version 1."""
+    spec = validated(TaskCreate, data)
+    columns = _checked_columns(session, spec, task_id=None)
+    now = utcnow()
+    task = Task(**columns, version=1, created_at=now, updated_at=now)
+    session.add(task)
+    _commit(session, lambda: _explain_task_clash(session, spec, task_id=None))
+    return task
+
+
+@_storage_errors("update the task")
+def update_task(session: Session, task_id: int, changes: Mapping[str, Any]) -> Task:
+    """Apply any subset of the task's fields; the result is validated as a whole."""
+    patch = validated(TaskUpdate, changes).model_dump(mode="json", exclude_unset=True)
+    task = _task(session, task_id)
+    current = {name: getattr(task, name) for name in TaskCreate.model_fields}
+    spec = validated(TaskCreate, {**current, **patch})
+    columns = _checked_columns(session, spec, task_id=task.id)
+    changed = {k: v for k, v in columns.items() if getattr(task, k) != v}
+    if not changed:
+        return task
+    for key, value in changed.items():
+        setattr(task, key, value)
+    _bump(task)
+    _commit(session, lambda: _explain_task_clash(session, spec, task_id=task_id))
+    session.refresh(task)
+    return task
+
+
+@_storage_errors("delete the task")
+def delete_task(session: Session, task_id: int) -> None:
+    """Delete the task; its job logs stay (they age out with the retention)."""
+    session.delete(_task(session, task_id))
+    session.commit()
+
+
+@_storage_errors("enable or disable the task")
+def set_task_enabled(session: Session, task_id: int, enabled: bool) -> Task:
+    task = _task(session, task_id)
+    if task.enabled != enabled:
+        task.enabled = enabled
+        _bump(task)
+        session.commit()
+        session.refresh(task)
+    return task
+
+
+def enable_task(session: Session, task_id: int) -> Task:
+    return set_task_enabled(session, task_id, True)
+
+
+def disable_task(session: Session, task_id: int) -> Task:
+    return set_task_enabled(session, task_id, False)
+
+
+@_storage_errors("read the task")
+def get_task(session: Session, task_id: int) -> Task:
+    return _task(session, task_id)
+
+
+@_storage_errors("list tasks")
+def list_tasks(
+    session: Session,
+    *,
+    node_group: str | None = None,
+    enabled: bool | None = None,
+    name: str | None = None,
+    limit: int = DEFAULT_PAGE,
+    offset: int = 0,
+) -> tuple[list[Task], int]:
+    """Tasks by id, filtered (`name` is a substring), one page of them and the total."""
+    _check_paging(limit, offset)
+    where: list[ColumnElement[bool]] = []
+    if node_group is not None:
+        where.append(Task.node_group == node_group)
+    if enabled is not None:
+        where.append(Task.enabled == enabled)
+    if name:
+        where.append(Task.name.contains(name, autoescape=True))
+    query = select(Task).where(*where).order_by(Task.id)
+    return _page(session, query, where, Task, limit, offset)
+
+
+def _task(session: Session, task_id: int) -> Task:
+    task = session.get(Task, task_id)
+    if task is None:
+        raise NotFoundError(f"task {task_id} does not exist")
+    return task
+
+
+def _bump(task: Task) -> None:
+    # In SQL, so that two concurrent changes give two versions, never one.
+    task.version = Task.version + 1  # type: ignore[assignment]
+    task.updated_at = utcnow()
+
+
+def _checked_columns(session: Session, spec: TaskCreate, task_id: int | None) -> dict[str, Any]:
+    """The columns of a valid task; raises on what the request model alone cannot see."""
+    parse_schedule(spec.schedule, spec.timezone)  # names `timezone` or `schedule`
+    payload = validated(PAYLOAD_MODELS[spec.task_type], spec.payload, prefix="payload")
+    if _group_id(session, spec.node_group) is None:
+        raise ValidationError(
+            "node_group",
+            spec.node_group,
+            "no such node group; create it first with POST /api/v1/node-groups",
+        )
+    other = _task_id_by_name(session, spec.name)
+    if other is not None and other != task_id:
+        raise ConflictError(
+            f"name: task name {spec.name!r} is already taken by task {other}; choose another"
+        )
+    columns = spec.model_dump(mode="json")
+    columns["payload"] = payload.model_dump(mode="json", exclude_none=True)
+    return columns
+
+
+def _explain_task_clash(session: Session, spec: TaskCreate, task_id: int | None) -> AysError:
+    other = _task_id_by_name(session, spec.name)
+    if other is not None and other != task_id:
+        return ConflictError(
+            f"name: task name {spec.name!r} was just taken by task {other}; choose another"
+        )
+    return ConflictError(
+        f"node_group: node group {spec.node_group!r} was deleted meanwhile; create it again"
+    )
+
+
+def _task_id_by_name(session: Session, name: str) -> int | None:
+    return session.scalar(select(Task.id).where(Task.name == name))
+
+
+# --- node groups ----------------------------------------------------------------------------
+
+
+@_storage_errors("create the node group")
+def create_node_group(session: Session, data: Mapping[str, Any]) -> NodeGroup:
+    spec = validated(NodeGroupCreate, data)
+    if _group_id(session, spec.name) is not None:
+        raise ConflictError(f"name: node group {spec.name!r} already exists")
+    now = utcnow()
+    group = NodeGroup(name=spec.name, description=spec.description, created_at=now, updated_at=now)
+    session.add(group)
+    _commit(session, lambda: ConflictError(f"name: node group {spec.name!r} already exists"))
+    return group
+
+
+@_storage_errors("update the node group")
+def update_node_group(session: Session, name: str, changes: Mapping[str, Any]) -> NodeGroup:
+    """Change the description and/or the name; on a rename the group's tasks (by the foreign
+    key's ON UPDATE CASCADE) and nodes follow, and the tasks' versions are bumped."""
+    spec = validated(NodeGroupUpdate, changes)
+    group = _group(session, name)
+    now = utcnow()
+    changed = False
+    if spec.description is not None and spec.description != group.description:
+        group.description = spec.description
+        changed = True
+    new_name = spec.name
+    if new_name is not None and new_name != group.name:
+        if _group_id(session, new_name) is not None:
+            raise ConflictError(f"name: node group {new_name!r} already exists")
+        group.name = new_name
+        session.flush()
+        session.execute(
+            update(Node).where(Node.node_group == name).values(node_group=new_name, updated_at=now)
+        )
+        session.execute(
+            update(Task)
+            .where(Task.node_group == new_name)
+            .values(version=Task.version + 1, updated_at=now)
+        )
+        changed = True
+    if changed:
+        group.updated_at = now
+        _commit(session, lambda: ConflictError(f"name: node group {group.name!r} already exists"))
+    return group
+
+
+@_storage_errors("delete the node group")
+def delete_node_group(session: Session, name: str) -> None:
+    """Delete an unused group; refused (ConflictError) while tasks still run in it."""
+    group = _group(session, name)
+    used = session.scalar(select(func.count()).select_from(Task).where(Task.node_group == name))
+    if used:
+        raise ConflictError(
+            f"node group {name!r} is used by {used} task(s); "
+            "move them to another group or delete them first"
+        )
+    session.delete(group)
+    _commit(session, lambda: ConflictError(f"node group {name!r} was just given a task"))
+
+
+@_storage_errors("read the node group")
+def get_node_group(session: Session, name: str) -> NodeGroup:
+    return _group(session, name)
+
+
+@_storage_errors("list node groups")
+def list_node_groups(session: Session) -> list[NodeGroup]:
+    return list(session.scalars(select(NodeGroup).order_by(NodeGroup.name)))
+
+
+def _group(session: Session, name: str) -> NodeGroup:
+    group = session.scalar(select(NodeGroup).where(NodeGroup.name == name))
+    if group is None:
+        raise NotFoundError(f"node group {name!r} does not exist")
+    return group
+
+
+def _group_id(session: Session, name: str) -> int | None:
+    return session.scalar(select(NodeGroup.id).where(NodeGroup.name == name))
+
+
+# --- job logs and nodes (read only) ---------------------------------------------------------
+
+
+@_storage_errors("list job logs")
+def list_job_logs(
+    session: Session,
+    *,
+    task_id: int | None = None,
+    status: str | None = None,
+    node: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = DEFAULT_PAGE,
+    offset: int = 0,
+) -> tuple[list[JobLog], int]:
+    """Job logs newest first; `since` <= created_at < `until` (naive UTC, or aware)."""
+    _check_paging(limit, offset)
+    since, until = _naive_utc(since), _naive_utc(until)
+    if since is not None and until is not None and until <= since:
+        raise ValidationError("until", until.isoformat(), f"later than since ({since.isoformat()})")
+    where: list[ColumnElement[bool]] = []
+    if task_id is not None:
+        where.append(JobLog.task_id == task_id)
+    if status is not None:
+        where.append(JobLog.status == _choice("status", status, RunStatus))
+    if node is not None:
+        where.append(JobLog.node == node)
+    if since is not None:
+        where.append(JobLog.created_at >= since)
+    if until is not None:
+        where.append(JobLog.created_at < until)
+    query = select(JobLog).where(*where).order_by(JobLog.created_at.desc(), JobLog.id.desc())
+    return _page(session, query, where, JobLog, limit, offset)
+
+
+@_storage_errors("read the job log")
+def get_job_log(session: Session, job_log_id: int) -> JobLog:
+    log = session.get(JobLog, job_log_id)
+    if log is None:
+        raise NotFoundError(f"job log {job_log_id} does not exist")
+    return log
+
+
+@_storage_errors("list nodes")
+def list_nodes(
+    session: Session,
+    *,
+    node_group: str | None = None,
+    status: str | None = None,
+    limit: int = DEFAULT_PAGE,
+    offset: int = 0,
+) -> tuple[list[Node], int]:
+    _check_paging(limit, offset)
+    where: list[ColumnElement[bool]] = []
+    if node_group is not None:
+        where.append(Node.node_group == node_group)
+    if status is not None:
+        where.append(Node.status == _choice("status", status, NodeStatus))
+    query = select(Node).where(*where).order_by(Node.node_group, Node.ip, Node.port)
+    return _page(session, query, where, Node, limit, offset)
+
+
+# --- shared ---------------------------------------------------------------------------------
+
+Row = TypeVar("Row", Task, JobLog, Node)
+
+
+def _page(
+    session: Session,
+    query: Select[tuple[Row]],
+    where: list[ColumnElement[bool]],
+    table: type[Row],
+    limit: int,
+    offset: int,
+) -> tuple[list[Row], int]:
+    total = session.scalar(select(func.count()).select_from(table).where(*where)) or 0
+    items = list(session.scalars(query.limit(limit).offset(offset)))
+    return items, total
+
+
+def _check_paging(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValidationError("limit", limit, f"between 1 and {MAX_PAGE}")
+    if offset < 0:
+        raise ValidationError("offset", offset, "0 or more")
+
+
+def _choice(field: str, value: str, choices: type[Any]) -> str:
+    allowed = [member.value for member in choices]
+    if value not in allowed:
+        raise ValidationError(field, value, f"one of {', '.join(allowed)}")
+    return value
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
