@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, select, text
@@ -19,7 +20,7 @@ from sqlalchemy.types import TypeEngine
 
 from ays_runtime.exceptions import StorageError
 from ays_runtime.storage.database import make_engine
-from ays_runtime.storage.migrate import current_revision, head_revision, upgrade
+from ays_runtime.storage.migrate import alembic_config, current_revision, head_revision, upgrade
 from ays_runtime.storage.models import (
     Base,
     JobLog,
@@ -123,6 +124,18 @@ def test_two_managers_upgrading_one_database_at_once_both_succeed(
     if errors:
         raise errors[0]
     assert current_revision(unmigrated_database_url) == head_revision()
+
+
+def test_downgrading_to_nothing_and_upgrading_again_gives_the_same_schema(
+    database_url: str, engine: Engine
+) -> None:
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "base")
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+
+    upgrade(database_url)
+
+    assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}
 
 
 def _compare_type(

@@ -207,11 +207,11 @@ def _connect_fix(err: exc.DBAPIError, url: str) -> str:
     if make_url(url).get_backend_name() == "sqlite":
         return "check that the file's directory exists and this user may write to it"
     args = getattr(err.orig, "args", ())
-    code = args[0] if args and isinstance(args[0], int) else None
-    return _MYSQL_CONNECT_FIXES.get(
-        code,  # type: ignore[arg-type]
+    if args and isinstance(args[0], int) and args[0] in _MYSQL_CONNECT_FIXES:
+        return _MYSQL_CONNECT_FIXES[args[0]]
+    return (
         "check host, port, user, password and database name in storage.url, "
-        "and that the server is running",
+        "and that the server is running"
     )
 
 
