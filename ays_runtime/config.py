@@ -213,14 +213,18 @@ def _format_validation_error(source: str, err: pydantic.ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         # Secrets must not be echoed back, even when wrong.
-        shown = "" if "url" in loc or "token" in loc or "key" in loc else f" (got {e.get('input')!r})"
+        shown = (
+            "" if "url" in loc or "token" in loc or "key" in loc else f" (got {e.get('input')!r})"
+        )
         lines.append(f"  {loc or '<top>'}: {e['msg']}{shown}")
     return "\n".join(lines)
 
 
 def parse_config(data: Any, source: str) -> EnvConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a YAML mapping at the top, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a YAML mapping at the top, got {type(data).__name__}"
+        )
     try:
         return EnvConfig.model_validate(expand_placeholders(data, source))
     except pydantic.ValidationError as err:

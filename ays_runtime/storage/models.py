@@ -41,12 +41,12 @@ UtcDateTime = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class TaskType(str, enum.Enum):
+class TaskType(enum.StrEnum):
     SHELL = "shell"
     HTTP = "http"
 
 
-class RouteStrategy(str, enum.Enum):
+class RouteStrategy(enum.StrEnum):
     FIRST = "first"
     ROUND_ROBIN = "round_robin"
     RANDOM = "random"
@@ -56,34 +56,34 @@ class RouteStrategy(str, enum.Enum):
     BROADCAST = "broadcast"
 
 
-class BlockStrategy(str, enum.Enum):
+class BlockStrategy(enum.StrEnum):
     SERIAL = "serial"  # queue the new run behind the running one
     DISCARD_NEW = "discard_new"
     COVER_OLD = "cover_old"  # kill the running one, start the new one
 
 
-class MisfirePolicy(str, enum.Enum):
+class MisfirePolicy(enum.StrEnum):
     SKIP = "skip"
     FIRE_ONCE_NOW = "fire_once_now"
 
 
-class RetryBackoff(str, enum.Enum):
+class RetryBackoff(enum.StrEnum):
     FIXED = "fixed"
     EXPONENTIAL = "exponential"
 
 
-class NodeStatus(str, enum.Enum):
+class NodeStatus(enum.StrEnum):
     UNKNOWN = "unknown"
     ONLINE = "online"
     OFFLINE = "offline"
 
 
-class NodeSource(str, enum.Enum):
+class NodeSource(enum.StrEnum):
     MANUAL = "manual"
     SELF = "self"
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     """The life of one job-log row."""
 
     PENDING = "pending"  # claimed the slot, not yet handed to a node
@@ -102,7 +102,7 @@ class RunStatus(str, enum.Enum):
         return self not in {RunStatus.PENDING, RunStatus.DISPATCHED, RunStatus.RUNNING}
 
 
-class TriggerKind(str, enum.Enum):
+class TriggerKind(enum.StrEnum):
     CRON = "cron"
     MANUAL = "manual"
     MISFIRE = "misfire"
