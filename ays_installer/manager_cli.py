@@ -207,3 +207,37 @@ def node_remove(
     cfg = choose_config(env, config)
     _call(cfg, "DELETE", f"/nodes/{node_id}")
     typer.echo(f"removed node {node_id}")
+
+
+@app.command()
+@clean_errors
+def logs(
+    task: Annotated[int | None, typer.Option("--task", help="only this task id")] = None,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new runs")] = False,
+    limit: Annotated[int, typer.Option("-n", help="how many recent runs")] = 20,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print recent finished runs (job logs), oldest first; --follow keeps going."""
+    import time
+
+    cfg = choose_config(env, config)
+    params: dict[str, object] = {"limit": limit}
+    if task is not None:
+        params["task_id"] = task
+    printed: set[int] = set()
+    while True:
+        page = _call(cfg, "GET", "/job-logs", params=params)
+        for run in sorted(page["items"], key=lambda r: r["id"]):  # type: ignore[index]
+            if run["id"] in printed or run["status"] in ("pending", "dispatched", "running"):
+                continue
+            printed.add(run["id"])
+            output = run["output"].strip().replace("\n", " | ")
+            typer.echo(
+                f"run {run['id']:>6} task {run['task_id']} slot {run['scheduled_at']} "
+                f"attempt {run['attempt']} on {run['node'] or '-'}: {run['status']}"
+                f" exit={run['exit_code']} {run['message']} {output[:120]}".rstrip()
+            )
+        if not follow:
+            return
+        time.sleep(1)
