@@ -161,6 +161,20 @@ def test_the_migrated_schema_is_exactly_the_models(engine: Engine) -> None:
     assert differences == [], "models.py and the migrations disagree: add a migration"
 
 
+def test_every_primary_key_is_the_models(engine: Engine) -> None:
+    # compare_metadata does not look at primary keys, so they are compared here.
+    inspector = inspect(engine)
+    migrated = {
+        name: inspector.get_pk_constraint(name)["constrained_columns"]
+        for name in Base.metadata.tables
+    }
+
+    assert migrated == {
+        name: [column.name for column in table.primary_key.columns]
+        for name, table in Base.metadata.tables.items()
+    }
+
+
 def test_every_mysql_table_is_innodb_utf8mb4_with_microsecond_datetimes(mysql_url: str) -> None:
     engine = make_engine(mysql_url)
     try:
@@ -294,11 +308,11 @@ def test_a_task_stored_with_only_its_required_fields_gets_the_defaults(
 
 def test_a_timer_row_reads_back_as_stored(sessions: sessionmaker[Session]) -> None:
     stored = TimerRow(
+        manager_id="172.21.16.81:18080",
         task_id=42,  # no foreign key: the task may already be deleted
         schedule="@every 500ms",
         timezone="Europe/Paris",
         version=3,
-        manager_id="manager-172.21.16.81:18080",
         next_fire_time=T0 + timedelta(milliseconds=500),
         updated_at=T0,
     )
@@ -397,6 +411,24 @@ def test_names_in_emoji_and_cjk_are_stored_whole_and_kept_distinct(
         grouped = session.scalars(select(Task.node_group).distinct()).all()
     assert sorted(stored) == sorted(names)
     assert grouped == ["节点组 🚀"]
+
+
+def test_every_manager_keeps_its_own_timer_row_for_a_task(sessions: sessionmaker[Session]) -> None:
+    def timer(manager_id: str) -> TimerRow:
+        return TimerRow(
+            manager_id=manager_id,
+            task_id=42,
+            schedule="*/5 * * * *",
+            timezone="UTC",
+            version=1,
+            updated_at=T0,
+        )
+
+    with sessions.begin() as session:
+        session.add_all([timer("10.0.0.1:18080"), timer("10.0.0.2:18080")])
+
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(timer("10.0.0.1:18080"))
 
 
 def test_a_task_name_is_unique(sessions: sessionmaker[Session]) -> None:

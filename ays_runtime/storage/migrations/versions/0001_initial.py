@@ -78,17 +78,18 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_ays_task_enabled"), "ays_task", ["enabled"])
 
-    # No foreign key to ays_task: reconciliation must see the rows of deleted tasks.
+    # One row per (manager, task): every manager holds every timer. No foreign key to
+    # ays_task: reconciliation must see the rows of deleted tasks.
     op.create_table(
         "ays_timer_list",
+        sa.Column("manager_id", sa.String(64), nullable=False),
         sa.Column("task_id", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("schedule", sa.String(255), nullable=False),
         sa.Column("timezone", sa.String(64), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("manager_id", sa.String(64), nullable=False),
         sa.Column("next_fire_time", UtcDateTime, nullable=True),
         sa.Column("updated_at", UtcDateTime, nullable=False),
-        sa.PrimaryKeyConstraint("task_id", name=op.f("pk_ays_timer_list")),
+        sa.PrimaryKeyConstraint("manager_id", "task_id", name=op.f("pk_ays_timer_list")),
         **MYSQL_TABLE,
     )
 
