@@ -128,7 +128,12 @@ class NodeSettings(_Section):
 
 class JobLogSettings(_Section):
     retention_days: float = Field(30.0, gt=0, description="job logs older than this are purged")
-    excerpt_bytes: int = Field(16_384, ge=256, description="output stored in the job log row")
+    excerpt_bytes: int = Field(
+        16_384,
+        ge=256,
+        le=60_000,
+        description="output stored in the job log row (MySQL TEXT: 64 KB)",
+    )
     purge_batch: int = Field(1000, ge=1, description="rows deleted per purge statement")
 
 
