@@ -1,0 +1,476 @@
+"""The node daemon (built-in registry and transport): serves the node API, runs the jobs it
+is handed, reports their results, and beats to the manager.
+
+Phases, as in gunicorn's arbiter and uvicorn's server:
+
+    startup      listen on node.ip:node.port (or the socket given), load the result spool,
+                 start the HTTP server, the heartbeats and the result retries
+    main loop    wait for a stop request (a signal handler only records it)
+    shutdown     time-boxed: stop accepting jobs (503), let the held runs end for up to
+                 `drain_timeout` seconds (a second stop request cuts this short), kill what
+                 is left, report results (what the manager does not take stays in the spool
+                 for the next start), stop beating, close the server
+
+One run = one job-log id. The node runs an id at most once: an id it holds, has finished
+(the last FINISHED_MEMORY of them) or still has in the spool is answered duplicate=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import uvicorn
+
+from ays_runtime import __version__
+from ays_runtime.auth import resolve_access_token
+from ays_runtime.config import EnvConfig
+from ays_runtime.exceptions import ConfigError
+from ays_runtime.node.app import JobRefused, create_app
+from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
+from ays_runtime.node.executor import Executor, JobResult, JobSpec
+from ays_runtime.node.membership import Membership, http_host
+from ays_runtime.node.spool import RESULTS_DIR, ResultReporter, ResultSpool, SpooledResult
+from ays_runtime.protocol import Heartbeat, JobResultReport, NodeHealth, RunAccepted, RunRequest
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import RunStatus
+
+log = logging.getLogger("ays.node")
+
+EXIT_OK = 0
+# Long enough for the usual short job to end on its own; the service manager's stop timeout
+# (systemd's TimeoutStopSec, 90 s by default) must be longer than this plus KILL_WAIT.
+DRAIN_TIMEOUT = 30.0
+# After the drain: how long killed runs may take to end (the executor's kill grace, then
+# SIGKILL and its wait, fit in this for any sane kill_grace).
+KILL_WAIT = 15.0
+FLUSH_TIMEOUT = 5.0  # the last try to hand kept results to the manager before exiting
+SERVER_STOP_TIMEOUT = 5.0  # open API connections get this long to finish
+STARTUP_TIMEOUT = 10.0
+# Finished ids remembered for duplicate detection (a redelivery comes within minutes; this
+# is hours of a busy node's runs, for well under a megabyte).
+FINISHED_MEMORY = 10_000
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the daemon handles signals itself."""
+
+    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+class NodeDaemon:
+    """One node process. `serve()` runs it until `request_stop()`; see the module docstring."""
+
+    def __init__(
+        self,
+        config: EnvConfig,
+        sock: socket.socket | None = None,
+        *,
+        drain_timeout: float = DRAIN_TIMEOUT,
+    ) -> None:
+        if not config.node.group:
+            raise ConfigError(
+                "node.group is not set: give the node group with -g GROUP "
+                "(e.g. -g node_group_ksa), or set node.group in the config"
+            )
+        self.config = config
+        self.group: str = config.node.group
+        self.address = f"{http_host(config.node.ip)}:{config.node.port}"
+        self.who = f"node {self.address}"
+        self.token = resolve_access_token(config, generate=False)
+        self.drain_timeout = drain_timeout
+        self._sock = sock
+        self._spool = ResultSpool(Path(config.node.data_dir) / RESULTS_DIR, self.who)
+        self._executor = Executor.from_config(config, speaker=self.who)
+        self._gate = BlockGate()
+        self._held: set[int] = set()  # accepted, not finished
+        self._finished: OrderedDict[int, None] = OrderedDict()
+        self._runs: set[asyncio.Task[None]] = set()
+        self._reporter: ResultReporter | None = None
+        self._stopping = False
+        # Stop requests: recorded by signal handlers, acted on by serve().
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._stop_reasons: list[str] = []
+
+    # --- the API's side ------------------------------------------------------------------------
+
+    def accept(self, request: RunRequest) -> RunAccepted:
+        """Take a run (202), or say it is a duplicate; raise JobRefused when the node will not
+        take it now. Never waits: the run goes on in the background."""
+        job_log_id = request.job_log_id
+        if self._knows(job_log_id):
+            log.info("%s: run %d is already here: not run again", self.who, job_log_id)
+            return RunAccepted(job_log_id=job_log_id, duplicate=True)
+        if self._stopping:
+            raise JobRefused(503, f"{self.who} is stopping: it takes no new jobs")
+        try:
+            strategy = parse_strategy(request.block_strategy)
+        except ValueError as err:
+            raise JobRefused(422, f"block_strategy: {err}") from None
+        report_to = urlsplit(request.report_to)
+        if report_to.scheme not in {"http", "https"} or not report_to.hostname:
+            raise JobRefused(
+                422,
+                f"report_to: {request.report_to!r} is not the manager's base URL "
+                "(e.g. http://10.0.0.1:18080)",
+            )
+        if not request.queue_if_busy and self._full():
+            raise JobRefused(
+                429,
+                f"{self.who} is full: {self._executor.running} of "
+                f"{self._executor.max_concurrent} jobs running, "
+                f"{self._executor.waiting} waiting",
+            )
+        admission = self._gate.enter(request.task_id, job_log_id, strategy)
+        self._held.add(job_log_id)
+        log.debug(
+            "%s: run %d (task %d, %s) accepted",
+            self.who,
+            job_log_id,
+            request.task_id,
+            strategy.value,
+        )
+        task = asyncio.create_task(self._run(request, admission), name=f"ays-run-{job_log_id}")
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+        return RunAccepted(job_log_id=job_log_id)
+
+    async def kill(self, job_log_id: int, reason: str) -> bool:
+        """End a held run (waiting or running); True when it ended as killed."""
+        if self._gate.stop_waiting(job_log_id, reason):
+            log.info("%s: run %d killed before it started: %s", self.who, job_log_id, reason)
+            return True
+        return await self._executor.kill(job_log_id, reason)
+
+    def output(self, job_log_id: int) -> bytes | None:
+        output = self._executor.output(job_log_id)
+        if output is None and job_log_id in self._gate:
+            return b""  # held, not started yet
+        return output
+
+    def health(self) -> NodeHealth:
+        return NodeHealth(
+            address=self.address,
+            node_group=self.group,
+            version=__version__,
+            running_jobs=self._executor.running,
+            draining=self._stopping,
+        )
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            ip=self.config.node.ip,
+            port=self.config.node.port,
+            node_group=self.group,
+            version=__version__,
+            running_jobs=self._executor.running,
+            max_concurrent_jobs=self._executor.max_concurrent,
+        )
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def _knows(self, job_log_id: int) -> bool:
+        return (
+            job_log_id in self._held
+            or job_log_id in self._finished
+            or (self._reporter is not None and job_log_id in self._reporter)
+        )
+
+    def _full(self) -> bool:
+        executor = self._executor
+        return executor.running + executor.waiting >= executor.max_concurrent
+
+    async def _run(self, request: RunRequest, admission: Admission) -> None:
+        try:
+            if admission.hold is None:
+                log.info(
+                    "%s: run %d (task %d) discarded: %s",
+                    self.who,
+                    request.job_log_id,
+                    request.task_id,
+                    admission.discarded,
+                )
+                result = _not_run(request, RunStatus.DISCARDED, admission.discarded)
+            else:
+                result = await self._run_held(request, admission)
+        except Exception as err:  # a bug here must still end the run with a result
+            log.exception("%s: run %d: node error", self.who, request.job_log_id)
+            result = _not_run(request, RunStatus.FAILED, f"node error: {type(err).__name__}")
+        await self._finish(request, result)
+
+    async def _run_held(self, request: RunRequest, admission: Admission) -> JobResult:
+        hold = admission.hold
+        assert hold is not None
+        try:
+            if admission.cover:
+                reason = f"covered by run {request.job_log_id}"
+                log.info(
+                    "%s: run %d (task %d) covers run(s) %s",
+                    self.who,
+                    request.job_log_id,
+                    request.task_id,
+                    ", ".join(map(str, admission.cover)),
+                )
+                await asyncio.gather(*(self._executor.kill(i, reason) for i in admission.cover))
+            stopped = await self._gate.wait_turn(hold)
+            if stopped:
+                return _not_run(request, RunStatus.KILLED, stopped)
+            return await self._executor.run(_spec(request))
+        finally:
+            self._gate.leave(hold)
+
+    async def _finish(self, request: RunRequest, result: JobResult) -> None:
+        job_log_id = request.job_log_id
+        self._finished[job_log_id] = None
+        while len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+        self._held.discard(job_log_id)
+        report = JobResultReport(
+            job_log_id=job_log_id,
+            node=self.address,
+            status=result.status,
+            exit_code=result.exit_code,
+            started_at=result.started_at,
+            ended_at=result.ended_at,
+            output=result.output_excerpt,
+            output_truncated=result.output_truncated,
+            message=result.message,
+        )
+        assert self._reporter is not None
+        await self._reporter.report(SpooledResult(request.report_to, report))
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask `serve()` to shut down; a second request skips the rest of the drain.
+        Only records the request: safe from a signal handler and from any thread."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            self._record_stop(reason)
+        elif not loop.is_closed():  # closed: serve() has already returned
+            loop.call_soon_threadsafe(self._record_stop, reason)
+
+    def _record_stop(self, reason: str) -> None:
+        self._stop_reasons.append(reason)
+        if self._stop.is_set():
+            self._hurry.set()
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run the node until a stop request, then shut down (time-boxed)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        spooled = await asyncio.to_thread(self._spool.load)
+        sock = self._sock if self._sock is not None else self._listen()
+        for entry in spooled:
+            self._finished[entry.job_log_id] = None
+        async with httpx.AsyncClient() as client:
+            self._reporter = ResultReporter(self._spool, client, self.token, self.who)
+            self._reporter.adopt(spooled)
+            membership = Membership.for_config(
+                self.config,
+                self.who,
+                client,
+                self.token,
+                self.heartbeat,
+                on_return=self._reporter.retry_now,
+            )
+            server = _Server(
+                uvicorn.Config(
+                    create_app(self),
+                    lifespan="off",
+                    ws="none",
+                    log_config=None,
+                    access_log=False,
+                    server_header=False,
+                    timeout_graceful_shutdown=int(SERVER_STOP_TIMEOUT),
+                )
+            )
+            server_task = asyncio.create_task(server.serve(sockets=[sock]), name="ays-node-api")
+            background = [asyncio.create_task(self._reporter.run(), name="ays-node-results")]
+            try:
+                await self._started(server, server_task)
+                if membership is not None:
+                    background.append(asyncio.create_task(membership.run(), name="ays-node-hb"))
+                log.info(
+                    "%s: serving node group %s (up to %d jobs at once, results spooled in %s)",
+                    self.who,
+                    self.group,
+                    self._executor.max_concurrent,
+                    self._spool.directory,
+                )
+                stop = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({stop, server_task}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if server_task.done():
+                    log.error("%s: the API server stopped on its own: shutting down", self.who)
+                else:
+                    log.info("%s: %s: shutting down", self.who, self._stop_reasons[0])
+            finally:
+                await self._shutdown(server, server_task, background)
+        error = None if server_task.cancelled() else server_task.exception()
+        if error is not None:
+            raise error
+
+    def _listen(self) -> socket.socket:
+        ip, port = self.config.node.ip, self.config.node.port
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            return socket.create_server((ip, port), family=family, backlog=1024)
+        except OSError as err:
+            raise ConfigError(
+                f"{self.who}: cannot listen on {self.address}: {_reason(err)}; another "
+                f"process may hold port {port}: choose another with -P PORT (node.port), or "
+                f"an address of this host with -p IP (node.ip)"
+            ) from None
+
+    async def _started(self, server: uvicorn.Server, server_task: asyncio.Task[None]) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not server.started:
+            if server_task.done():
+                server_task.result()  # raises what stopped it
+                raise RuntimeError(f"{self.who}: the API server ended before it started")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.who}: the API server did not start in time")
+            await asyncio.sleep(0.01)
+
+    async def _shutdown(
+        self,
+        server: uvicorn.Server,
+        server_task: asyncio.Task[None],
+        background: list[asyncio.Task[None]],
+    ) -> None:
+        self._stopping = True
+        await self._drain()
+        if self._reporter is not None:
+            left = await self._reporter.flush(FLUSH_TIMEOUT)
+            if left:
+                log.warning(
+                    "%s: %d result(s) not taken by the manager stay in %s; the next start "
+                    "sends them",
+                    self.who,
+                    left,
+                    self._spool.directory,
+                )
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        server.should_exit = True
+        await asyncio.wait({server_task}, timeout=SERVER_STOP_TIMEOUT + 2)
+        if not server_task.done():
+            server.force_exit = True
+            server_task.cancel()
+            await asyncio.wait({server_task})
+        log.info("%s: stopped", self.who)
+
+    async def _drain(self) -> None:
+        """Let the held runs end for up to drain_timeout; then kill the rest."""
+        if self._runs:
+            log.info(
+                "%s: waiting up to %gs for %d run(s) to end and be reported "
+                "(stop again to kill them now)",
+                self.who,
+                self.drain_timeout,
+                len(self._runs),
+            )
+        deadline = time.monotonic() + self.drain_timeout
+        hurry = asyncio.create_task(self._hurry.wait())
+        try:
+            while self._runs and not self._hurry.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.wait(
+                    {*self._runs, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurry.cancel()
+        if not self._runs:
+            return
+        why = "a second stop request" if self._hurry.is_set() else f"{self.drain_timeout:g}s drain"
+        reason = f"node stopping ({why})"
+        log.warning("%s: %s: killing %d run(s) still held", self.who, why, len(self._runs))
+        self._gate.stop_all_waiting(reason)
+        await self._executor.kill_all(reason)
+        await asyncio.wait(set(self._runs), timeout=KILL_WAIT)
+        if self._runs:
+            log.error(
+                "%s: %d run(s) did not end %gs after the kill; leaving without their results",
+                self.who,
+                len(self._runs),
+                KILL_WAIT,
+            )
+
+
+def _reason(err: OSError) -> str:
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
+def _spec(request: RunRequest) -> JobSpec:
+    return JobSpec(
+        job_id=request.job_log_id,
+        task_id=request.task_id,
+        task_type=request.task_type,
+        payload=request.payload,
+        timeout_s=request.timeout_s,
+        params=request.params,
+        shard_index=request.shard_index,
+        shard_total=request.shard_total,
+        attempt=request.attempt,
+        scheduled_at=_naive_utc(request.scheduled_at).isoformat(),
+    )
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _not_run(request: RunRequest, status: RunStatus, message: str) -> JobResult:
+    """The result of a run that never started."""
+    return JobResult(
+        job_id=request.job_log_id,
+        status=status.value,
+        exit_code=None,
+        started_at=None,
+        ended_at=utcnow(),
+        output_excerpt="",
+        output_truncated=False,
+        message=message,
+    )
+
+
+def run_node(config: EnvConfig) -> int:
+    """Run a node in the foreground until SIGINT or SIGTERM (a second one kills the held runs
+    at once); return the exit code."""
+    daemon = NodeDaemon(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        for sig in handled:
+            loop.add_signal_handler(sig, daemon.request_stop, f"{sig.name} received")
+        try:
+            await daemon.serve()
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(main())
+    return EXIT_OK

@@ -1,0 +1,344 @@
+"""The node's durable result spool, and the delivery of results to the manager.
+
+A result is on disk before it is sent, and leaves the disk only when the manager has taken it
+(or has said it never will): a manager that is down or restarting loses no result, and
+neither does a node that is stopped or crashes meanwhile: the next process sends it.
+
+    <node.data_dir>/results/<job_log_id>.json    {"report_to": URL, "report": JobResultReport}
+
+Each file is written to a temp file in the same directory, fsynced, renamed into place, and
+the directory fsynced: a crash leaves the whole file or none.
+
+Delivery (`ResultReporter`): POST report_to + /api/v1/job-logs/{id}/result with the token.
+    2xx                          taken: the file is deleted
+    401, 408, 429, 5xx, network  kept; retried with backoff (1 s doubling to 30 s, jittered)
+                                 until the manager takes it
+    any other 4xx (404: unknown job log)
+                                 it can never succeed: logged, deleted
+The manager's result endpoint is idempotent, so sending a result twice is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pydantic
+
+from ays_runtime.auth import auth_headers
+from ays_runtime.exceptions import ConfigError
+from ays_runtime.protocol import API, JobResultReport
+
+log = logging.getLogger("ays.node.spool")
+
+RESULTS_DIR = "results"
+BACKOFF_START = 1.0  # seconds before the first retry
+BACKOFF_MAX = 30.0  # a manager back from an outage hears from us within this
+JITTER = 0.2  # +-20 %: nodes that lost the same manager do not retry in step
+# Answers that say "not now" rather than "never": the request may succeed later.
+RETRYABLE_4XX = frozenset({401, 408, 429})
+REPORT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+@dataclass(frozen=True)
+class SpooledResult:
+    """A result waiting for the manager, and where to send it."""
+
+    report_to: str
+    report: JobResultReport
+
+    @property
+    def job_log_id(self) -> int:
+        return self.report.job_log_id
+
+    @property
+    def url(self) -> str:
+        return f"{self.report_to.rstrip('/')}{API}/job-logs/{self.job_log_id}/result"
+
+
+class ResultSpool:
+    """The results directory: `put` makes a result durable, `remove` forgets it.
+
+    `put` and `remove` do blocking file I/O: call them from a worker thread on an event loop.
+    """
+
+    def __init__(self, directory: Path, who: str = "node") -> None:
+        self.directory = directory
+        self.who = who
+
+    def path(self, job_log_id: int) -> Path:
+        return self.directory / f"{job_log_id}.json"
+
+    def load(self) -> list[SpooledResult]:
+        """Create the directory if needed and read every spooled result, oldest run first.
+
+        A temp file left by a crash is deleted (its writer died before the rename); one whose
+        writer still lives is left alone (two nodes on one host may share a data dir: job-log
+        ids are unique, so their results never collide, and sending another node's result
+        is harmless). A file that cannot be read is renamed to `<name>.bad` with a log line,
+        and left for an operator.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            paths = list(self.directory.iterdir())
+        except OSError as err:
+            raise ConfigError(
+                f"{self.who}: cannot use the result spool {self.directory}: "
+                f"{err.strerror or err}; node.data_dir must be a directory the node's user "
+                "can write (installConfig node creates it)"
+            ) from None
+        found: list[SpooledResult] = []
+        for path in paths:
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                if not _writer_alive(path):
+                    path.unlink(missing_ok=True)
+                continue
+            if path.suffix != ".json":
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                entry = SpooledResult(
+                    report_to=str(data["report_to"]),
+                    report=JobResultReport.model_validate(data["report"]),
+                )
+                if path.stem != str(entry.job_log_id):
+                    raise ValueError(f"holds the result of run {entry.job_log_id}")
+            except (OSError, ValueError, KeyError, TypeError, pydantic.ValidationError) as err:
+                bad = path.with_name(path.name + ".bad")
+                os.replace(path, bad)
+                log.error(
+                    "%s: spooled result %s cannot be read (%s); moved it to %s",
+                    self.who,
+                    path,
+                    _first_line(err),
+                    bad,
+                )
+                continue
+            found.append(entry)
+        found.sort(key=lambda entry: entry.job_log_id)
+        return found
+
+    def put(self, entry: SpooledResult) -> None:
+        """Write the result durably (temp file, fsync, rename, fsync the directory)."""
+        path = self.path(entry.job_log_id)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        data = {"report_to": entry.report_to, "report": entry.report.model_dump(mode="json")}
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._sync_directory()
+
+    def remove(self, job_log_id: int) -> None:
+        self.path(job_log_id).unlink(missing_ok=True)
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Delivery(enum.Enum):
+    TAKEN = "taken"
+    RETRY = "retry"  # not now: keep it and try again
+    REFUSED = "refused"  # never: the manager will not take this result
+
+
+class ResultReporter:
+    """Sends results to the manager through the spool, and retries what did not arrive.
+
+    `report()` spools a result and tries it once; `run()` (a background task) retries the
+    kept ones with backoff; `retry_now()` cuts the current wait short (e.g. when the manager
+    answers heartbeats again); `flush()` tries once more before the node exits.
+    """
+
+    def __init__(self, spool: ResultSpool, client: httpx.AsyncClient, token: str, who: str) -> None:
+        self.spool = spool
+        self.who = who
+        self._client = client
+        self._token = token
+        self._pending: dict[int, SpooledResult] = {}
+        self._has_pending = asyncio.Event()
+        self._retry_now = asyncio.Event()
+        self._outage = False  # a delivery failed and none has succeeded since
+
+    @property
+    def pending(self) -> int:
+        """Results on disk the manager has not taken yet."""
+        return len(self._pending)
+
+    def __contains__(self, job_log_id: int) -> bool:
+        return job_log_id in self._pending
+
+    def adopt(self, entries: list[SpooledResult]) -> None:
+        """Take over results spooled by an earlier process; `run()` sends them first thing."""
+        for entry in entries:
+            self._keep(entry)
+        if entries:
+            log.info(
+                "%s: %d result(s) left in the spool by an earlier run: sending them",
+                self.who,
+                len(entries),
+            )
+            self._retry_now.set()
+
+    async def report(self, entry: SpooledResult) -> None:
+        """Make the result durable, then try to deliver it once (`run()` retries)."""
+        try:
+            await asyncio.to_thread(self.spool.put, entry)
+        except OSError as err:
+            log.error(
+                "%s: cannot write the result of run %d to %s: %s; sending it with no copy "
+                "on disk (a node restart before the manager takes it loses it)",
+                self.who,
+                entry.job_log_id,
+                self.spool.directory,
+                err.strerror or err,
+            )
+        if any(kept.report_to == entry.report_to for kept in self._pending.values()):
+            self._keep(entry)  # that manager is not taking results: queue behind the others
+            return
+        outcome = await self._deliver(entry)
+        if outcome is Delivery.RETRY:
+            self._keep(entry)
+
+    def retry_now(self) -> None:
+        if self._pending:
+            self._retry_now.set()
+
+    async def run(self) -> None:
+        """Retry kept results until each is taken or refused. Runs until cancelled."""
+        delay = BACKOFF_START
+        while True:
+            await self._has_pending.wait()
+            if not self._retry_now.is_set():
+                wait = delay * random.uniform(1 - JITTER, 1 + JITTER)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), wait)
+            self._retry_now.clear()
+            if await self._send_pending():
+                delay = BACKOFF_START
+            else:
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def flush(self, timeout: float) -> int:
+        """Try every kept result once more, for at most `timeout` seconds; return how many
+        are still kept (they stay on disk for the next process)."""
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send_pending(), timeout)
+        return len(self._pending)
+
+    async def _send_pending(self) -> bool:
+        """Send kept results, oldest first; after a manager does not take one now, skip the
+        rest of its results this round. True when none is left."""
+        not_now: set[str] = set()
+        for job_log_id in sorted(self._pending):
+            entry = self._pending.get(job_log_id)
+            if entry is None or entry.report_to in not_now:
+                continue
+            if await self._deliver(entry) is Delivery.RETRY:
+                not_now.add(entry.report_to)
+        return not self._pending
+
+    async def _deliver(self, entry: SpooledResult) -> Delivery:
+        outcome, why = await self._post(entry)
+        if outcome is Delivery.RETRY:
+            if not self._outage:
+                self._outage = True
+                log.warning(
+                    "%s: cannot report results to %s: %s; keeping them in %s and retrying",
+                    self.who,
+                    entry.report_to,
+                    why,
+                    self.spool.directory,
+                )
+            else:
+                log.debug("%s: result of run %d not taken: %s", self.who, entry.job_log_id, why)
+            return outcome
+        await asyncio.to_thread(self.spool.remove, entry.job_log_id)
+        self._pending.pop(entry.job_log_id, None)
+        if not self._pending:
+            self._has_pending.clear()
+        if outcome is Delivery.REFUSED:
+            log.error(
+                "%s: %s refused the result of run %d (%s), which can never succeed: "
+                "dropped it from the spool",
+                self.who,
+                entry.report_to,
+                entry.job_log_id,
+                why,
+            )
+            return outcome
+        log.debug("%s: result of run %d reported", self.who, entry.job_log_id)
+        if self._outage:
+            self._outage = False
+            log.info(
+                "%s: %s takes results again (%d more in the spool)",
+                self.who,
+                entry.report_to,
+                len(self._pending),
+            )
+        return outcome
+
+    async def _post(self, entry: SpooledResult) -> tuple[Delivery, str]:
+        try:
+            response = await self._client.post(
+                entry.url,
+                json=entry.report.model_dump(mode="json"),
+                headers=auth_headers(self._token),
+                timeout=REPORT_TIMEOUT,
+            )
+        except httpx.HTTPError as err:
+            return Delivery.RETRY, f"{type(err).__name__}: {err}" if str(err) else repr(err)
+        code = response.status_code
+        if 200 <= code <= 299:
+            return Delivery.TAKEN, f"HTTP {code}"
+        why = f"HTTP {code} {_first_line(response.text)[:200]}".rstrip()
+        if 400 <= code <= 499 and code not in RETRYABLE_4XX:
+            return Delivery.REFUSED, why
+        if code == 401:
+            why += " (the manager does not accept this node's access token)"
+        return Delivery.RETRY, why
+
+    def _keep(self, entry: SpooledResult) -> None:
+        self._pending[entry.job_log_id] = entry
+        self._has_pending.set()
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process named in a temp file's name (`.<id>.json.<pid>.tmp`) lives."""
+    try:
+        pid = int(temp.name.rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _first_line(value: object) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else ""
