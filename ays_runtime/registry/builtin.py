@@ -143,8 +143,10 @@ class BuiltinRegistry(NodeRegistry):
         self._healthy = healthy
 
     async def _loop(self) -> None:
-        next_sweep = 0.0
         loop = asyncio.get_running_loop()
+        # Beats missed while this manager was down say nothing about the nodes: give them one
+        # full offline window to reach it before the first sweep.
+        next_sweep = loop.time() + self.offline_after.total_seconds()
         while not self._stopping.is_set():
             try:
                 if loop.time() >= next_sweep:

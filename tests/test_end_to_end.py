@@ -1,0 +1,267 @@
+"""A manager and two nodes as real processes on 127.0.0.1 (embedded default backends)."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.daemons import Daemon, client, free_port, manager, node, wait_for, write_config
+
+FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    config: Path
+    manager_port: int
+    manager: Daemon
+    nodes: dict[str, Daemon]
+    node_ports: dict[str, int]
+
+    def api(self) -> httpx.Client:
+        return client(self.manager_port)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.node_ports[name]}"
+
+    def start_node(self, name: str) -> Daemon:
+        port = self.node_ports[name]
+        daemon = node(self.config, self.tmp / f"{name}-{time.monotonic_ns()}.log", "g1", port)
+        self.nodes[name] = daemon.start()
+        return daemon
+
+    def restart_manager(self) -> None:
+        assert self.manager.stop() == 0, self.manager.log()
+        self.manager = manager(self.config, self.tmp / "manager2.log", self.manager_port).start()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, sqlite_url: str) -> Iterator[Cluster]:
+    manager_port = free_port()
+    config = write_config(tmp_path / "ays.yaml", sqlite_url, manager_port, tmp_path,
+                          node={"max_concurrent_jobs": 4})
+    ays = Cluster(tmp_path, config, manager_port,
+                  manager(config, tmp_path / "manager.log", manager_port).start(), {},
+                  {"a": free_port(), "b": free_port()})
+    try:
+        with ays.api() as api:
+            assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
+        for name in ("a", "b"):
+            ays.start_node(name)
+        wait_for(lambda: online_nodes(ays) == {ays.address("a"), ays.address("b")}, 15,
+                 "both nodes online")
+        yield ays
+    finally:
+        for daemon in ays.nodes.values():
+            daemon.kill()
+        ays.manager.kill()
+        _kill_marked(tmp_path.name)
+
+
+def _kill_marked(marker: str) -> None:
+    """Jobs of a SIGKILLed node outlive it (nothing was left to kill them): clean them up."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or []):
+            proc.kill()
+
+
+def online_nodes(ays: Cluster) -> set[str]:
+    with ays.api() as api:
+        items = api.get("/nodes", params={"status": "online"}).json()["items"]
+    return {f"{n['ip']}:{n['port']}" for n in items}
+
+
+def add_task(ays: Cluster, command: str, **fields: Any) -> int:
+    body = {
+        "name": fields.pop("name", f"t-{uuid.uuid4().hex[:8]}"),
+        "node_group": "g1",
+        "schedule": fields.pop("schedule", "0 0 0 1 1 *"),  # yearly: tests trigger by hand
+        "task_type": "shell",
+        "payload": {"command": command},
+        **fields,
+    }
+    with ays.api() as api:
+        response = api.post("/tasks", json=body)
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def trigger(ays: Cluster, task: int, params: str | None = None) -> int:
+    with ays.api() as api:
+        response = api.post(f"/tasks/{task}/trigger", json={"params": params} if params else {})
+    assert response.status_code == 202, response.text
+    return int(response.json()["job_log_id"])
+
+
+def runs(ays: Cluster, task: int) -> list[dict[str, Any]]:
+    with ays.api() as api:
+        items = api.get("/job-logs", params={"task_id": task, "limit": 100}).json()["items"]
+    return sorted(items, key=lambda r: r["id"])
+
+
+def finished_runs(ays: Cluster, task: int, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+    def done() -> list[dict[str, Any]] | None:
+        got = [r for r in runs(ays, task) if r["status"] in FINAL]
+        return got if len(got) >= count else None
+
+    return wait_for(done, timeout, f"{count} finished runs of task {task}", interval=0.2)
+
+
+def test_a_fired_task_runs_on_a_node_and_its_log_row_has_exit_code_and_output(
+    cluster: Cluster,
+) -> None:
+    task = add_task(cluster, "echo out-$AYS_PARAMS; echo err >&2; exit 3", schedule="* * * * * *")
+    first = finished_runs(cluster, task, 1)[0]
+    assert first["trigger"] == "cron" and first["status"] == "failed"
+    assert first["exit_code"] == 3
+    assert "out-" in first["output"] and "err" in first["output"]
+    assert first["node"] in {cluster.address("a"), cluster.address("b")}
+    assert first["started_at"] and first["ended_at"]
+
+
+def test_a_timeout_kills_the_job_and_every_process_it_spawned(cluster: Cluster) -> None:
+    # Unusual durations mark the job's processes: children, a grandchild, a setsid escapee.
+    durations = [f"3{cluster.node_ports['a'] % 100}.{i}1" for i in range(4)]
+    a, b, c, d = durations
+    task = add_task(
+        cluster, f"sleep {a} & sh -c 'sleep {b}' & setsid sleep {c} & sleep {d}", timeout_s=1
+    )
+    trigger(cluster, task)
+    run = finished_runs(cluster, task, 1)[0]
+    assert run["status"] == "timed_out", run
+
+    def survivors() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline", "status"])
+            if (p.info["cmdline"] or [""])[-1] in durations
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+
+    wait_for(lambda: not survivors(), 10, "no process of the job left")
+
+
+def test_a_node_killed_mid_run_fails_the_run_as_node_lost_and_it_is_retried_on_the_other(
+    cluster: Cluster,
+) -> None:
+    marker = cluster.tmp.name
+    task = add_task(cluster, f"sleep 4 # {marker}", retry_count=1, retry_interval_s=0.5)
+    trigger(cluster, task)
+    running = wait_for(
+        lambda: [r for r in runs(cluster, task) if r["status"] == "dispatched"], 10, "dispatch"
+    )[0]
+    victim = next(n for n in ("a", "b") if cluster.address(n) == running["node"])
+    cluster.nodes[victim].proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    lost, retried = finished_runs(cluster, task, 2, timeout=30)
+    assert lost["status"] == "node_lost" and lost["node"] == running["node"]
+    assert retried["attempt"] == 1 and retried["status"] == "succeeded"
+    assert retried["node"] != running["node"]
+    assert retried["scheduled_at"] == lost["scheduled_at"]
+
+
+def test_broadcast_reaches_both_nodes_with_their_shard_index_and_total(cluster: Cluster) -> None:
+    task = add_task(cluster, "echo shard=$AYS_SHARD_INDEX/$AYS_SHARD_TOTAL",
+                    route_strategy="broadcast")
+    trigger(cluster, task)
+    shards = finished_runs(cluster, task, 2)
+    assert {r["node"] for r in shards} == {cluster.address("a"), cluster.address("b")}
+    assert sorted(r["output"].strip() for r in shards) == ["shard=0/2", "shard=1/2"]
+    assert {(r["shard_index"], r["shard_total"]) for r in shards} == {(0, 2), (1, 2)}
+    assert len({r["scheduled_at"] for r in shards}) == 1
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expect"),
+    [
+        ("first", lambda nodes, a, b: set(nodes) == {a}),
+        ("round_robin", lambda nodes, a, b: nodes[:4] in ([a, b, a, b], [b, a, b, a])),
+        ("consistent_hash", lambda nodes, a, b: len(set(nodes)) == 1),
+        ("random", lambda nodes, a, b: set(nodes) == {a, b}),
+    ],
+)
+def test_each_routing_strategy_picks_nodes_as_documented(
+    cluster: Cluster, strategy: str, expect: Any
+) -> None:
+    task = add_task(cluster, "true", route_strategy=strategy)
+    for _ in range(16 if strategy == "random" else 4):
+        trigger(cluster, task)
+        time.sleep(0.05)  # one at a time: the order is part of what is checked
+    done = finished_runs(cluster, task, 16 if strategy == "random" else 4)
+    nodes = [r["node"] for r in done]
+    first_node = min(cluster.address("a"), cluster.address("b"))
+    other = max(cluster.address("a"), cluster.address("b"))
+    assert expect(nodes, first_node, other), nodes
+
+
+def test_least_busy_sends_a_run_to_the_node_without_work(cluster: Cluster) -> None:
+    long_task = add_task(cluster, "sleep 3", route_strategy="least_busy")
+    trigger(cluster, long_task)
+    busy = wait_for(
+        lambda: [r for r in runs(cluster, long_task) if r["status"] == "dispatched"], 10, "busy"
+    )[0]["node"]
+    task = add_task(cluster, "true", route_strategy="least_busy")
+    trigger(cluster, task)
+    assert finished_runs(cluster, task, 1)[0]["node"] != busy
+
+
+def test_failover_tries_the_next_node_when_the_first_is_unreachable(cluster: Cluster) -> None:
+    first_name = min(("a", "b"), key=cluster.address)
+    cluster.nodes[first_name].proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    cluster.nodes[first_name].proc.wait(5)  # type: ignore[union-attr]
+    failover = add_task(cluster, "true", route_strategy="failover")
+    plain = add_task(cluster, "true", route_strategy="first")
+    trigger(cluster, failover)
+    trigger(cluster, plain)
+    assert finished_runs(cluster, failover, 1)[0]["status"] == "succeeded"
+    refused = finished_runs(cluster, plain, 1)[0]
+    assert refused["status"] == "failed" and "dispatch failed" in refused["message"]
+
+
+def test_discard_new_skips_a_run_while_the_previous_one_is_still_going(cluster: Cluster) -> None:
+    task = add_task(cluster, "sleep 2", block_strategy="discard_new")
+    trigger(cluster, task)
+    time.sleep(0.5)
+    trigger(cluster, task)
+    done = finished_runs(cluster, task, 2)
+    assert sorted(r["status"] for r in done) == ["discarded", "succeeded"]
+
+
+def test_a_node_with_the_wrong_token_is_refused_and_never_goes_online(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    bad = write_config(tmp_path / "bad.yaml", "sqlite:///unused.db", cluster.manager_port,
+                       tmp_path / "bad", token="wrong-token-for-tests")
+    port = free_port()
+    intruder = node(bad, tmp_path / "intruder.log", "g1", port).start()
+    try:
+        time.sleep(2)
+        assert f"127.0.0.1:{port}" not in online_nodes(cluster)
+        assert "refused POST /api/v1/nodes/heartbeat" in cluster.manager.log()
+        assert "wrong-token-for-tests" not in cluster.manager.log()
+    finally:
+        intruder.kill()
+
+
+def test_a_result_held_by_a_node_during_a_manager_restart_arrives_after_it(
+    cluster: Cluster,
+) -> None:
+    task = add_task(cluster, "sleep 2; echo survived")
+    job = trigger(cluster, task)
+    wait_for(lambda: runs(cluster, task)[0]["status"] == "dispatched", 10, "dispatch")
+    cluster.manager.stop()
+    time.sleep(3)  # the job ends while no manager listens: the node spools the result
+    cluster.manager = manager(cluster.config, cluster.tmp / "manager2.log",
+                              cluster.manager_port).start()
+    run = finished_runs(cluster, task, 1, timeout=45)[0]
+    assert run["id"] == job and run["status"] == "succeeded"
+    assert "survived" in run["output"]
