@@ -70,6 +70,33 @@ PortOption = Annotated[int | None, typer.Option("-P", "--port", parser=_port, he
 GroupOption = Annotated[
     str | None, typer.Option("-g", "--group", callback=_group, help="node group to join")
 ]
+
+
+def _manager_address(value: str | None) -> str | None:
+    if value is not None:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise typer.BadParameter(f"{value!r} is not IP:PORT (e.g. 172.21.16.81:18080)")
+        _ip(host.strip("[]"))
+        _port(port)
+    return value
+
+
+def _split_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return check_ip(host.strip("[]")), int(port)
+
+
+ManagerOption = Annotated[
+    str | None,
+    typer.Option(
+        "-m",
+        "--manager",
+        callback=_manager_address,
+        metavar="IP:PORT",
+        help="where the node reaches the manager (default: the env's manager.ip:port)",
+    ),
+]
 RootOption = Annotated[
     Path | None,
     typer.Option(
@@ -103,11 +130,13 @@ def node(
     ip: IpOption = None,
     port: PortOption = None,
     group: GroupOption = None,
+    manager: ManagerOption = None,
     root: RootOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
     """Render and install an executor node's config (node.yaml)."""
-    install("node", env, ip=ip, port=port, group=group, root=root, dry_run=dry_run)
+    address = _split_address(manager) if manager else None
+    install("node", env, ip=ip, port=port, group=group, manager=address, root=root, dry_run=dry_run)
 
 
 def install(
@@ -117,6 +146,7 @@ def install(
     ip: str | None = None,
     port: int | None = None,
     group: str | None = None,
+    manager: tuple[str, int] | None = None,
     root: Path | None = None,
     dry_run: bool = False,
 ) -> None:
@@ -125,7 +155,9 @@ def install(
         known = ", ".join(known_envs()) or "(none)"
         raise fail(f"error: name the environment with -e ENV: known environments are {known}")
     try:
-        prepared = prepare(env, role, ip=ip, port=port, group=group, root=root)
+        prepared = prepare(
+            env, role, ip=ip, port=port, group=group, root=root, manager_address=manager
+        )
     except MissingSecretError as err:
         if "SUDO_USER" in os.environ:
             raise MissingSecretError(

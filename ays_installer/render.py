@@ -80,10 +80,12 @@ def prepare(
     port: int | None = None,
     group: str | None = None,
     root: Path | None = None,
+    manager_address: tuple[str, int] | None = None,
 ) -> Prepared:
     """Load env `env` and apply the command line: -p/-P (and -g for a node) set the role's
     address (and group); `root` prefixes every directory of both roles, so a staged install
-    is self-contained. Raises ConfigError naming the file, field and what was expected."""
+    is self-contained; a node's `manager_address` says where it reaches the manager.
+    Raises ConfigError naming the file, field and what was expected."""
     config = load_env(env)
     source = env_file(env)
     given = {"ip": ip, "port": port, "group": group if role == "node" else None}
@@ -99,7 +101,10 @@ def prepare(
                     f"give an absolute path (e.g. /var/lib/ays)"
                 )
         staged = {f: _under(root, v) for f, v in dirs.items()} if root is not None else {}
-        sections[name] = _replace(section, name, staged | (own if name == role else {}))
+        overrides = own if name == role else {}
+        if name == "manager" and role == "node" and manager_address is not None:
+            overrides = {"ip": manager_address[0], "port": manager_address[1]}
+        sections[name] = _replace(section, name, staged | overrides)
     config = config.model_copy(update=sections)
     return Prepared(role, config, source, frozenset(_placeholder_values(read_yaml(source))))
 

@@ -50,5 +50,7 @@ def load_env(name: str) -> EnvConfig:
         raise ConfigError(f"unknown environment {name!r}: known environments are {known}")
     config = load_config_file(path)
     if config.env != name:
-        raise ConfigError(f"{path}: field env: is {config.env!r}, must equal the file name {name!r}")
+        raise ConfigError(
+            f"{path}: field env: is {config.env!r}, must equal the file name {name!r}"
+        )
     return config

@@ -525,3 +525,23 @@ def test_mask_hides_secret_settings_url_passwords_and_given_values() -> None:
         f'   url: "mysql+pymysql://ays:{MASK}@db:3306/ays"\n'
         f'+  host: "{MASK}.example"\n'
     )
+
+
+def test_a_node_config_points_at_the_manager_given_with_dash_m(stage: Path) -> None:
+    done = CliRunner(env=NO_SECRETS).invoke(
+        app, ["node", "-e", "dev", "-g", "g1", "-m", "172.21.16.81:28080", "--root", str(stage)]
+    )
+
+    assert done.exit_code == 0, done.output
+    config = load_config_file(stage / "etc/ays/node.yaml")
+    assert (config.manager.ip, config.manager.port) == ("172.21.16.81", 28080)
+
+
+@pytest.mark.parametrize("address", ["172.21.16.81", "1.2.3:80", "10.0.0.1:99999"])
+def test_a_bad_manager_address_is_refused_showing_the_value(
+    run: Run, stage: Path, address: str
+) -> None:
+    done = run("node", "-e", "dev", "-m", address, "--root", str(stage))
+
+    assert done.code == 2 and "-m" in done.err
+    assert not stage.exists()
