@@ -8,6 +8,9 @@
     ├── NotFoundError          a task, node, group or job log id does not exist
     ├── ConflictError          the change clashes with stored state (duplicate name, group in use)
     ├── StorageError           the database refused or could not be reached
+    ├── RegistryError          the registry (Consul) refused a read or write
+    │   └── TransientRegistryError   ... unreachable, timed out, 5xx or lost a CAS race:
+    │                                trying again later may work
     └── TransportError         a job could not be handed to a node
         └── TransientTransportError  ... but trying again later may work
 
@@ -54,6 +57,16 @@ class ConflictError(AysError):
 
 class StorageError(AysError):
     """The database refused the operation or could not be reached."""
+
+
+class RegistryError(AysError):
+    """The registry backend (Consul) refused a read or a write; the message names the key,
+    service or address and what to fix (e.g. an ACL token without the needed policy)."""
+
+
+class TransientRegistryError(RegistryError):
+    """The registry could not be reached, timed out, failed on its side (5xx), or a
+    check-and-set write kept losing to other writers: trying again later may work."""
 
 
 class TransportError(AysError):
