@@ -51,3 +51,14 @@ class NodeRegistry(ABC):
     @abstractmethod
     def healthy_nodes(self, node_group: str) -> list[NodeRef]:
         """Online nodes of `node_group`, in a stable order (by ip, then port)."""
+
+    def list_node(self, ip: str, port: int, node_group: str) -> None:
+        """Put a node an operator added by hand into the backend's own node list.
+
+        Blocking (call it from a worker thread); idempotent. The built-in backend has no list
+        of its own (the `ays_node` row is the list), so the default does nothing. Raises
+        RegistryError, or TransientRegistryError when trying again later may work.
+        """
+
+    def unlist_node(self, ip: str, port: int) -> None:
+        """Take a node out of the backend's own node list; the rules of `list_node`."""
