@@ -19,7 +19,17 @@ from typing import Annotated
 
 import typer
 
-from ays_installer.options import EXIT_FAILURE, EnvOption, clean_errors, fail
+from ays_installer.options import (
+    EXIT_FAILURE,
+    EnvOption,
+    GroupOption,
+    IpOption,
+    PortOption,
+    clean_errors,
+    fail,
+    parse_ip,
+    parse_port,
+)
 from ays_installer.render import (
     CONFIG_MODE,
     Prepared,
@@ -31,7 +41,7 @@ from ays_installer.render import (
     write_atomic,
 )
 from ays_installer.resources import known_envs
-from ays_runtime.config import check_ip, check_port
+from ays_runtime.config import check_ip
 from ays_runtime.exceptions import MissingSecretError
 
 app = typer.Typer(
@@ -42,43 +52,13 @@ app = typer.Typer(
 )
 
 
-def _ip(value: str) -> str:
-    try:
-        return check_ip(value)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-
-
-def _port(value: str) -> int:
-    try:
-        return check_port(int(value))
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a port number (1-65535)") from None
-
-
-def _group(value: str | None) -> str | None:
-    if value is not None and not value.strip():
-        raise typer.BadParameter("the node group name is empty (e.g. -g node_group_ksa)")
-    return value
-
-
-IpOption = Annotated[
-    str | None,
-    typer.Option("-p", "--ip", parser=_ip, help="address to listen on and advertise"),
-]
-PortOption = Annotated[int | None, typer.Option("-P", "--port", parser=_port, help="TCP port")]
-GroupOption = Annotated[
-    str | None, typer.Option("-g", "--group", callback=_group, help="node group to join")
-]
-
-
 def _manager_address(value: str | None) -> str | None:
     if value is not None:
         host, sep, port = value.rpartition(":")
         if not sep:
             raise typer.BadParameter(f"{value!r} is not IP:PORT (e.g. 172.21.16.81:18080)")
-        _ip(host.strip("[]"))
-        _port(port)
+        parse_ip(host.strip("[]"))
+        parse_port(port)
     return value
 
 

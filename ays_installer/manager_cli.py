@@ -10,6 +10,8 @@ from ays_installer.options import (
     EXIT_FAILURE,
     ConfigOption,
     EnvOption,
+    IpOption,
+    PortOption,
     choose_config,
     clean_errors,
     fail,
@@ -34,23 +36,9 @@ def db_upgrade(env: EnvOption = None, config: ConfigOption = None) -> None:
     typer.echo(f"database {redacted(url)}: schema is at the latest revision")
 
 
-IpOption = Annotated[str | None, typer.Option("-p", "--ip", help="address to listen on")]
-PortOption = Annotated[int | None, typer.Option("-P", "--port", help="port to listen on")]
-
-
 def with_address(cfg: EnvConfig, ip: str | None, port: int | None) -> EnvConfig:
-    """The config with the manager's -p/-P applied, each checked and named when wrong."""
-    updates: dict[str, object] = {}
-    if ip is not None:
-        try:
-            updates["ip"] = check_ip(ip)
-        except ValueError as err:
-            raise fail(f"error: -p/--ip: {err}") from None
-    if port is not None:
-        try:
-            updates["port"] = check_port(port)
-        except ValueError as err:
-            raise fail(f"error: -P/--port: {err}") from None
+    """The config with the manager's -p/-P (already checked by their parsers) applied."""
+    updates = {k: v for k, v in {"ip": ip, "port": port}.items() if v is not None}
     if not updates:
         return cfg
     return cfg.model_copy(update={"manager": cfg.manager.model_copy(update=updates)})

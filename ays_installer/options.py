@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated, ParamSpec, TypeVar
 import typer
 
 from ays_installer.resources import load_env
-from ays_runtime.config import EnvConfig, load_config_file
+from ays_runtime.config import EnvConfig, check_ip, check_port, load_config_file
 from ays_runtime.exceptions import AysError
 
 P = ParamSpec("P")
@@ -22,6 +23,43 @@ EXIT_FAILURE = 1
 
 EnvOption = Annotated[
     str | None, typer.Option("-e", "--env", help="environment name (a file in envs/)")
+]
+# The manager's rule for node group names (a Consul tag, part of a RocketMQ topic).
+GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def parse_ip(value: str) -> str:
+    try:
+        return check_ip(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def parse_port(value: str) -> int:
+    try:
+        return check_port(int(value))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a port number (1-65535)") from None
+
+
+def check_group(value: str | None) -> str | None:
+    if value is not None and not GROUP_NAME.match(value):
+        raise typer.BadParameter(
+            f"{value!r} is not a node group name: 1-64 letters, digits, '_' or '-' "
+            "(e.g. -g node_group_ksa)"
+        )
+    return value
+
+
+IpOption = Annotated[
+    str | None,
+    typer.Option("-p", "--ip", parser=parse_ip, help="address to listen on and advertise"),
+]
+PortOption = Annotated[
+    int | None, typer.Option("-P", "--port", parser=parse_port, help="TCP port to listen on")
+]
+GroupOption = Annotated[
+    str | None, typer.Option("-g", "--group", callback=check_group, help="node group to join")
 ]
 ConfigOption = Annotated[
     Path | None,

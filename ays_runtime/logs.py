@@ -17,6 +17,16 @@ def configure_logging(debug: bool, log_file: Path | None = None) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, format=FORMAT, handlers=handlers, force=True
     )
-    # Library chatter that would drown ours, even in debug.
-    for noisy in ("httpx", "httpcore", "uvicorn.access", "asyncio", "sqlalchemy.engine"):
+    # Library chatter that would drown ours, even in debug (heartbeats are requests too);
+    # uvicorn's start/stop notes are said by the daemons themselves, with their address.
+    noisy_loggers = (
+        "httpx",
+        "httpcore",
+        "uvicorn.access",
+        "uvicorn.error",
+        "asyncio",
+        "sqlalchemy.engine",
+        "alembic.runtime.migration",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)

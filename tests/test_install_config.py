@@ -371,7 +371,7 @@ def test_an_empty_node_group_is_refused(stage: Path) -> None:
     done = CliRunner(env=NO_SECRETS).invoke(app, ["node", "-e", "dev", "-g", " ", "--root", "x"])
 
     assert done.exit_code == 2
-    assert "node group name is empty" in done.stderr
+    assert "is not a node group name" in done.stderr
 
 
 def test_without_root_and_without_root_privileges_it_refuses(run: Run) -> None:
