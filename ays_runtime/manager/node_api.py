@@ -8,11 +8,14 @@ import logging
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from ays_runtime.auth import presented_token, token_matches
+from ays_runtime.exceptions import RegistryError
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.protocol import API, Heartbeat, JobResultReport
+from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.registry.builtin import BuiltinRegistry
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeSource, NodeStatus, RunStatus
@@ -64,7 +67,10 @@ def node_router(
     registry: BuiltinRegistry | None,
     access_token: str,
     manager_id: str,
+    node_list: NodeRegistry | None = None,
 ) -> APIRouter:
+    """`node_list`: the registry whose own node list (Consul KV) manual adds and removes are
+    written to, before the database row (nothing is written when it refuses)."""
     router = APIRouter(
         prefix=API, dependencies=[Depends(token_guard(access_token, f"manager {manager_id}"))]
     )
@@ -94,9 +100,17 @@ def node_router(
         stored = await tracker.record_result(report)
         return {"stored": stored}
 
+    async def write_node_list(what: str, call: object, *args: object) -> None:
+        try:
+            await run_in_threadpool(call, *args)  # type: ignore[arg-type]
+        except RegistryError as err:
+            raise HTTPException(503, f"{what}: the registry's node list: {err}") from None
+
     @router.post("/nodes", status_code=201, tags=["nodes"])
     async def add_node(body: NodeAdd) -> dict[str, object]:
-        def add() -> dict[str, object]:
+        def add(listed: bool, check_only: bool = False) -> dict[str, object] | None:
+            """`listed`: the node list has the node now, so the registry's watch may have
+            made the row already: then that row is the answer."""
             now = utcnow()
             with engine_sessions() as s, s.begin():
                 if s.scalar(select(NodeGroup.id).where(NodeGroup.name == body.node_group)) is None:
@@ -106,20 +120,23 @@ def node_router(
                         "create it first with POST /api/v1/node-groups",
                     )
                 node = s.scalar(select(Node).where(Node.ip == body.ip, Node.port == body.port))
-                if node is not None:
+                if node is not None and not listed:
                     raise HTTPException(409, f"node {body.ip}:{body.port} is already registered")
-                node = Node(
-                    ip=body.ip,
-                    port=body.port,
-                    node_group=body.node_group,
-                    status=NodeStatus.UNKNOWN.value,
-                    source=NodeSource.MANUAL.value,
-                    version="",
-                    running_jobs=0,
-                    created_at=now,
-                    updated_at=now,
-                )
-                s.add(node)
+                if check_only:
+                    return None
+                if node is None:
+                    node = Node(
+                        ip=body.ip,
+                        port=body.port,
+                        node_group=body.node_group,
+                        status=NodeStatus.UNKNOWN.value,
+                        source=NodeSource.MANUAL.value,
+                        version="",
+                        running_jobs=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    s.add(node)
                 s.flush()
                 return {
                     "id": node.id,
@@ -130,7 +147,20 @@ def node_router(
                     "source": node.source,
                 }
 
-        return await run_in_threadpool(add)
+        if node_list is None:
+            return await run_in_threadpool(add, False)  # type: ignore[return-value]
+        await run_in_threadpool(add, False, True)
+        await write_node_list(
+            f"add node {body.ip}:{body.port}",
+            node_list.list_node,
+            body.ip,
+            body.port,
+            body.node_group,
+        )
+        try:
+            return await run_in_threadpool(add, True)  # type: ignore[return-value]
+        except IntegrityError:  # the watch inserted the row between our read and write
+            return await run_in_threadpool(add, True)  # type: ignore[return-value]
 
     @router.delete("/nodes/{node_id}", status_code=204, tags=["nodes"])
     async def remove_node(node_id: int) -> Response:
@@ -138,6 +168,19 @@ def node_router(
             with engine_sessions() as s, s.begin():
                 return s.execute(delete(Node).where(Node.id == node_id)).rowcount
 
+        def find() -> tuple[str, int] | None:
+            with engine_sessions() as s:
+                node = s.get(Node, node_id)
+                return None if node is None else (node.ip, node.port)
+
+        if node_list is not None:
+            # Out of the node list first: else the registry's watch would bring the row back.
+            found = await run_in_threadpool(find)
+            if found is None:
+                raise HTTPException(404, f"node {node_id} does not exist")
+            await write_node_list(
+                f"remove node {found[0]}:{found[1]}", node_list.unlist_node, *found
+            )
         if not await run_in_threadpool(remove):
             raise HTTPException(404, f"node {node_id} does not exist")
         return Response(status_code=204)

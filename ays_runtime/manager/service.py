@@ -131,8 +131,13 @@ class Manager:
                 registry if isinstance(registry, BuiltinRegistry) else None,
                 token,
                 self.manager_id,
+                node_list=None if isinstance(registry, BuiltinRegistry) else registry,
             )
         )
+        if cfg.registry.backend == "consul":
+            from ays_runtime.manager.registry_api import consul_watch_router
+
+            app.include_router(consul_watch_router(registry, token, self.manager_id))  # type: ignore[arg-type]
         server = QuietServer(
             uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
         )
@@ -214,6 +219,15 @@ def make_registry(config: EnvConfig, engine: Any, manager_id: str) -> NodeRegist
         from ays_runtime.registry.builtin import BuiltinRegistry
 
         return BuiltinRegistry(engine, config.registry, manager_id)  # type: ignore[arg-type]
+    if backend == "consul":
+        try:
+            from ays_runtime.registry.consul import ConsulRegistry
+        except ImportError as err:
+            raise ConfigError(
+                f"env {config.env}: registry backend consul needs py-consul ({err}); "
+                "install it with pip install 'ays[consul]'"
+            ) from None
+        return ConsulRegistry(engine, config.registry, manager_id)  # type: ignore[arg-type]
     raise ConfigError(
         f"env {config.env}: registry backend {backend!r} is not available in this version; "
         "use registry: {backend: builtin}"
