@@ -9,7 +9,8 @@ Phases, as in gunicorn's arbiter and uvicorn's server:
     shutdown     time-boxed: stop accepting jobs (503), let the held runs end for up to
                  `drain_timeout` seconds (a second stop request cuts this short), kill what
                  is left, report results (what the manager does not take stays in the spool
-                 for the next start), stop beating, close the server
+                 for the next start), stop beating (Consul: deregister the service), close
+                 the server
 
 One run = one job-log id. The node runs an id at most once: an id it holds, has finished
 (the last FINISHED_MEMORY of them) or still has in the spool is answered duplicate=true.
@@ -40,7 +41,7 @@ from ays_runtime.exceptions import ConfigError
 from ays_runtime.node.app import JobRefused, create_app
 from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
 from ays_runtime.node.executor import Executor, JobResult, JobSpec
-from ays_runtime.node.membership import Membership, http_host
+from ays_runtime.node.membership import Membership, NodeMembership, http_host
 from ays_runtime.node.spool import RESULTS_DIR, ResultReporter, ResultSpool, SpooledResult
 from ays_runtime.protocol import Heartbeat, JobResultReport, NodeHealth, RunAccepted, RunRequest
 from ays_runtime.storage.database import utcnow
@@ -99,6 +100,7 @@ class NodeDaemon:
         self._finished: OrderedDict[int, None] = OrderedDict()
         self._runs: set[asyncio.Task[None]] = set()
         self._reporter: ResultReporter | None = None
+        self._membership: NodeMembership | None = None
         self._stopping = False
         # Stop requests: recorded by signal handlers, acted on by serve().
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,7 +284,7 @@ class NodeDaemon:
         async with httpx.AsyncClient() as client:
             self._reporter = ResultReporter(self._spool, client, self.token, self.who)
             self._reporter.adopt(spooled)
-            membership = Membership.for_config(
+            membership = self._membership = Membership.for_config(
                 self.config,
                 self.who,
                 client,
@@ -305,8 +307,7 @@ class NodeDaemon:
             background = [asyncio.create_task(self._reporter.run(), name="ays-node-results")]
             try:
                 await self._started(server, server_task)
-                if membership is not None:
-                    background.append(asyncio.create_task(membership.run(), name="ays-node-hb"))
+                background.append(asyncio.create_task(membership.run(), name="ays-node-hb"))
                 log.info(
                     "%s: serving node group %s (up to %d jobs at once, results spooled in %s)",
                     self.who,
@@ -370,6 +371,8 @@ class NodeDaemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if self._membership is not None:
+            await self._membership.leave()
         server.should_exit = True
         await asyncio.wait({server_task}, timeout=SERVER_STOP_TIMEOUT + 2)
         if not server_task.done():

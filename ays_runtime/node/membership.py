@@ -1,4 +1,7 @@
-"""Registry membership of a node, built-in registry: heartbeats to the manager.
+"""Registry membership of a node: heartbeats to the manager (built-in registry), or the
+Consul node list and service (`ConsulMembership`, registry backend consul).
+
+Built-in registry:
 
 At start the node POSTs a Heartbeat to http://<manager.ip>:<manager.port>/api/v1/nodes/heartbeat
 with the access token, then one every `registry.heartbeat_interval` seconds; the manager marks
@@ -7,21 +10,27 @@ node.ip:node.port from the config: explicit, never guessed from the network.
 
 While the manager is away the node goes on running its jobs and keeps beating; a failure is
 logged once per outage (not once per attempt), and the return is logged with how long it took.
-With the Consul registry this module does nothing: the Consul registration lives elsewhere.
+
+Consul registry: see `ConsulMembership`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import httpx
 
+from ays_runtime import __version__
 from ays_runtime.auth import auth_headers
-from ays_runtime.config import EnvConfig
+from ays_runtime.config import ConsulRegistrySettings, EnvConfig
+from ays_runtime.exceptions import ConfigError, RegistryError
 from ays_runtime.protocol import API, Heartbeat
+from ays_runtime.retry import Backoff
 
 log = logging.getLogger("ays.node.membership")
 
@@ -33,6 +42,15 @@ def http_host(ip: str) -> str:
 
 def manager_url(config: EnvConfig) -> str:
     return f"http://{http_host(config.manager.ip)}:{config.manager.port}"
+
+
+class NodeMembership(Protocol):
+    """What the daemon does with a membership: run it in the background from startup, and
+    `leave()` once at a clean stop (after the runs are drained and reported)."""
+
+    async def run(self) -> None: ...
+
+    async def leave(self) -> None: ...
 
 
 class Membership:
@@ -70,10 +88,10 @@ class Membership:
         token: str,
         beat: Callable[[], Heartbeat],
         on_return: Callable[[], None] | None = None,
-    ) -> Membership | None:
-        """The membership for the env's registry; None unless it is the built-in one."""
-        if config.registry.backend != "builtin":
-            return None
+    ) -> NodeMembership:
+        """The membership for the env's registry backend."""
+        if config.registry.backend == "consul":
+            return ConsulMembership(config, config.registry, who)
         return cls(
             who,
             f"{manager_url(config)}{API}/nodes/heartbeat",
@@ -90,6 +108,9 @@ class Membership:
             started = time.monotonic()
             await self.beat_once()
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def leave(self) -> None:
+        """Nothing to undo: the manager marks a node that stops beating offline."""
 
     async def beat_once(self) -> bool:
         """Send one heartbeat; True when the manager took it."""
@@ -136,3 +157,139 @@ class Membership:
         if response.status_code == 401:
             why += " (the manager does not accept this node's access token)"
         return why
+
+
+# How often a registered node asks its Consul agent whether it still has the service (an
+# agent that lost its state, or reaped the service after a long partition, has not).
+VERIFY_INTERVAL = 30.0
+LEAVE_TIMEOUT = 10.0  # the deregistration at a clean stop gives up after this
+
+
+class ConsulMembership:
+    """A node's place in Consul: its entry in the KV node list and its service.
+
+    `run()`: add the node to `<kv_prefix>/nodelist` (check-and-set: no duplicate, no lost
+    entry when nodes start together), register the service `<service_name>` (ID unique per
+    ip:port, tagged with the node group, Meta version and node_group) with an HTTP check on
+    the node's /api/v1/health; then every VERIFY_INTERVAL make sure the agent still has it,
+    and if not, list and register again. While Consul cannot be reached the node runs its jobs
+    as usual, retries with backoff and says so once. `leave()`, at a clean stop: deregister
+    the service, and leave the node list too when `registry.leave_nodelist_on_stop` is set.
+    """
+
+    def __init__(self, config: EnvConfig, settings: ConsulRegistrySettings, who: str) -> None:
+        try:
+            from ays_runtime.registry import consul as backend
+        except ImportError as err:
+            raise ConfigError(
+                f"env {config.env}: registry backend consul needs py-consul ({err}); "
+                "install it with pip install 'ays[consul]'"
+            ) from None
+        if not config.node.group:
+            raise ConfigError("node.group is not set: give the node group with -g GROUP")
+        self._backend: Any = backend
+        self.settings = settings
+        self.who = who
+        self.ip = config.node.ip
+        self.port = config.node.port
+        self.group = config.node.group
+        self.key = backend.nodelist_key(settings)
+        self.service_id = backend.service_id(settings, self.ip, self.port)
+        self.check_url = f"http://{http_host(self.ip)}:{self.port}{API}/health"
+        self.where = f"consul {settings.scheme}://{http_host(settings.host)}:{settings.port}"
+        self._listed = False
+        self._registered = False
+        self._left = False
+        self._lock = threading.Lock()  # a registration never lands after the deregistration
+        self._down_since: float | None = None
+
+    async def run(self) -> None:
+        backoff = Backoff(first=1.0, cap=30.0)
+        while True:
+            try:
+                await asyncio.to_thread(self._join)
+            except RegistryError as err:
+                delay = backoff.next()
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning(
+                        "%s: cannot join the registry: %s; retrying (up to every %gs), jobs "
+                        "keep running",
+                        self.who,
+                        err,
+                        backoff.cap,
+                    )
+                else:
+                    log.debug("%s: registry still failing: %s", self.who, err)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            if self._down_since is not None:
+                away = time.monotonic() - self._down_since
+                self._down_since = None
+                log.info("%s: %s answers again after %.1fs", self.who, self.where, away)
+            await asyncio.sleep(VERIFY_INTERVAL)
+
+    def _join(self) -> None:
+        backend = self._backend
+        with self._lock, backend.ConsulClient(self.settings) as client:
+            if self._left:
+                return
+            if self._registered and client.service_registered(self.service_id):
+                return
+            if self._registered:
+                log.warning(
+                    "%s: %s no longer has service %s: joining again",
+                    self.who,
+                    self.where,
+                    self.service_id,
+                )
+                self._listed = self._registered = False
+            if not self._listed:
+                entry = backend.NodeEntry(
+                    ip=self.ip, port=self.port, node_group=self.group, source="self"
+                )
+                added = backend.add_to_nodelist(client, self.key, entry)
+                self._listed = True
+                log.info(
+                    "%s: %s node list %s",
+                    self.who,
+                    "joined the" if added else "already in the",
+                    self.key,
+                )
+            client.register_service(
+                self.service_id, self.ip, self.port, self.group, __version__, self.check_url
+            )
+            self._registered = True
+            log.info(
+                "%s: registered service %s (%s) with %s, checked at %s every %gs",
+                self.who,
+                self.service_id,
+                self.settings.service_name,
+                self.where,
+                self.check_url,
+                self.settings.check_interval,
+            )
+
+    async def leave(self) -> None:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._leave), LEAVE_TIMEOUT)
+        except (RegistryError, TimeoutError) as err:
+            log.warning(
+                "%s: could not leave the registry (%s); Consul reaps the service %gs after "
+                "its check fails",
+                self.who,
+                err or "timed out",
+                self.settings.deregister_after,
+            )
+
+    def _leave(self) -> None:
+        backend = self._backend
+        with self._lock, backend.ConsulClient(self.settings) as client:
+            self._left = True
+            # Whether or not this process registered it: a killed predecessor may have.
+            client.deregister_service(self.service_id)
+            log.info("%s: deregistered service %s", self.who, self.service_id)
+            if self.settings.leave_nodelist_on_stop:
+                backend.remove_from_nodelist(client, self.key, self.ip, self.port)
+                log.info("%s: left the node list %s", self.who, self.key)
