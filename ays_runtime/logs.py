@@ -22,6 +22,7 @@ def configure_logging(debug: bool, log_file: Path | None = None) -> None:
     noisy_loggers = (
         "httpx",
         "httpcore",
+        "urllib3",  # py-consul (requests): one line per Consul request
         "uvicorn.access",
         "uvicorn.error",
         "asyncio",
