@@ -42,10 +42,17 @@ from ays_runtime.node.app import JobRefused, create_app
 from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
 from ays_runtime.node.executor import Executor, JobResult, JobSpec
 from ays_runtime.node.membership import Membership, NodeMembership, http_host
-from ays_runtime.node.spool import RESULTS_DIR, ResultReporter, ResultSpool, SpooledResult
+from ays_runtime.node.spool import (
+    RESULTS_DIR,
+    HttpResultSink,
+    ResultReporter,
+    ResultSpool,
+    SpooledResult,
+)
 from ays_runtime.protocol import Heartbeat, JobResultReport, NodeHealth, RunAccepted, RunRequest
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus
+from ays_runtime.transport.base import JobSource, ResultSink
 
 log = logging.getLogger("ays.node")
 
@@ -101,6 +108,7 @@ class NodeDaemon:
         self._runs: set[asyncio.Task[None]] = set()
         self._reporter: ResultReporter | None = None
         self._membership: NodeMembership | None = None
+        self._source: JobSource | None = None  # besides the API (RocketMQ: the group's topic)
         self._stopping = False
         # Stop requests: recorded by signal handlers, acted on by serve().
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +193,32 @@ class NodeDaemon:
         )
 
     # --- runs -----------------------------------------------------------------------------
+
+    @property
+    def reporter(self) -> ResultReporter:
+        assert self._reporter is not None, "serve() first"
+        return self._reporter
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def holds(self, job_log_id: int) -> bool:
+        """Whether run `job_log_id` is accepted here and not finished."""
+        return job_log_id in self._held
+
+    def knows(self, job_log_id: int) -> bool:
+        """Whether run `job_log_id` is held, finished lately or still in the spool here."""
+        return self._knows(job_log_id)
+
+    def _transport(self, client: httpx.AsyncClient) -> tuple[ResultSink, JobSource | None]:
+        """The result sink and extra job source of the env's transport (imported lazily)."""
+        if self.config.transport.backend == "rocketmq":
+            from ays_runtime.node.rocketmq import RocketMQNodeTransport
+
+            mq = RocketMQNodeTransport(self.config, self.group, self.address, client, self.token)
+            return mq, mq
+        return HttpResultSink(client, self.token), None
 
     def _knows(self, job_log_id: int) -> bool:
         return (
@@ -282,7 +316,8 @@ class NodeDaemon:
         for entry in spooled:
             self._finished[entry.job_log_id] = None
         async with httpx.AsyncClient() as client:
-            self._reporter = ResultReporter(self._spool, client, self.token, self.who)
+            sink, self._source = self._transport(client)
+            self._reporter = ResultReporter(self._spool, sink, self.who)
             self._reporter.adopt(spooled)
             membership = self._membership = Membership.for_config(
                 self.config,
@@ -308,6 +343,8 @@ class NodeDaemon:
             try:
                 await self._started(server, server_task)
                 background.append(asyncio.create_task(membership.run(), name="ays-node-hb"))
+                if self._source is not None:
+                    await self._source.start(self)
                 log.info(
                     "%s: serving node group %s (up to %d jobs at once, results spooled in %s)",
                     self.who,
@@ -357,6 +394,8 @@ class NodeDaemon:
         background: list[asyncio.Task[None]],
     ) -> None:
         self._stopping = True
+        if self._source is not None:
+            await self._source.stop()
         await self._drain()
         if self._reporter is not None:
             left = await self._reporter.flush(FLUSH_TIMEOUT)
@@ -371,6 +410,8 @@ class NodeDaemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if self._source is not None:
+            await self._source.close()
         if self._membership is not None:
             await self._membership.leave()
         server.should_exit = True

@@ -9,10 +9,11 @@ neither does a node that is stopped or crashes meanwhile: the next process sends
 Each file is written to a temp file in the same directory, fsynced, renamed into place, and
 the directory fsynced: a crash leaves the whole file or none.
 
-Delivery (`ResultReporter`): POST report_to + /api/v1/job-logs/{id}/result with the token.
+Delivery (`ResultReporter`) goes through the transport's `ResultSink`; a result not taken
+now is kept and retried with backoff (1 s doubling to 30 s, jittered) until it is taken. The
+built-in sink (`HttpResultSink`) POSTs report_to + /api/v1/job-logs/{id}/result with the token:
     2xx                          taken: the file is deleted
-    401, 408, 429, 5xx, network  kept; retried with backoff (1 s doubling to 30 s, jittered)
-                                 until the manager takes it
+    401, 408, 429, 5xx, network  kept, retried
     any other 4xx (404: unknown job log)
                                  it can never succeed: logged, deleted
 The manager's result endpoint is idempotent, so sending a result twice is harmless.
@@ -22,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import os
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import pydantic
 from ays_runtime.auth import auth_headers
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.protocol import API, JobResultReport
+from ays_runtime.transport.base import Delivery, ResultSink
 
 log = logging.getLogger("ays.node.spool")
 
@@ -46,6 +48,9 @@ JITTER = 0.2  # +-20 %: nodes that lost the same manager do not retry in step
 # Answers that say "not now" rather than "never": the request may succeed later.
 RETRYABLE_4XX = frozenset({401, 408, 429})
 REPORT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+# Delivered results kept in memory, to hand over again when a transport redelivers a job
+# that already ran here (RocketMQ: the node stopped between publishing and acking).
+RECENT_RESULTS = 1000
 
 
 @dataclass(frozen=True)
@@ -154,26 +159,21 @@ class ResultSpool:
             os.close(fd)
 
 
-class Delivery(enum.Enum):
-    TAKEN = "taken"
-    RETRY = "retry"  # not now: keep it and try again
-    REFUSED = "refused"  # never: the manager will not take this result
-
-
 class ResultReporter:
-    """Sends results to the manager through the spool, and retries what did not arrive.
+    """Sends results through the spool and the transport's sink, and retries what did not
+    arrive.
 
     `report()` spools a result and tries it once; `run()` (a background task) retries the
     kept ones with backoff; `retry_now()` cuts the current wait short (e.g. when the manager
     answers heartbeats again); `flush()` tries once more before the node exits.
     """
 
-    def __init__(self, spool: ResultSpool, client: httpx.AsyncClient, token: str, who: str) -> None:
+    def __init__(self, spool: ResultSpool, sink: ResultSink, who: str) -> None:
         self.spool = spool
         self.who = who
-        self._client = client
-        self._token = token
+        self.sink = sink
         self._pending: dict[int, SpooledResult] = {}
+        self._recent: OrderedDict[int, SpooledResult] = OrderedDict()
         self._has_pending = asyncio.Event()
         self._retry_now = asyncio.Event()
         self._outage = False  # a delivery failed and none has succeeded since
@@ -184,7 +184,12 @@ class ResultReporter:
         return len(self._pending)
 
     def __contains__(self, job_log_id: int) -> bool:
+        """Whether the result of `job_log_id` is kept, not delivered yet."""
         return job_log_id in self._pending
+
+    def delivered(self, job_log_id: int) -> SpooledResult | None:
+        """The result of `job_log_id` if it was delivered lately (the last RECENT_RESULTS)."""
+        return self._recent.get(job_log_id)
 
     def adopt(self, entries: list[SpooledResult]) -> None:
         """Take over results spooled by an earlier process; `run()` sends them first thing."""
@@ -211,8 +216,9 @@ class ResultReporter:
                 self.spool.directory,
                 err.strerror or err,
             )
-        if any(kept.report_to == entry.report_to for kept in self._pending.values()):
-            self._keep(entry)  # that manager is not taking results: queue behind the others
+        where = self.sink.destination(entry.report_to)
+        if any(self.sink.destination(kept.report_to) == where for kept in self._pending.values()):
+            self._keep(entry)  # that destination is not taking results: queue behind the others
             return
         outcome = await self._deliver(entry)
         if outcome is Delivery.RETRY:
@@ -251,21 +257,22 @@ class ResultReporter:
         not_now: set[str] = set()
         for job_log_id in sorted(self._pending):
             entry = self._pending.get(job_log_id)
-            if entry is None or entry.report_to in not_now:
+            if entry is None or self.sink.destination(entry.report_to) in not_now:
                 continue
             if await self._deliver(entry) is Delivery.RETRY:
-                not_now.add(entry.report_to)
+                not_now.add(self.sink.destination(entry.report_to))
         return not self._pending
 
     async def _deliver(self, entry: SpooledResult) -> Delivery:
-        outcome, why = await self._post(entry)
+        outcome, why = await self.sink.deliver(entry.report, entry.report_to)
+        where = self.sink.destination(entry.report_to)
         if outcome is Delivery.RETRY:
             if not self._outage:
                 self._outage = True
                 log.warning(
                     "%s: cannot report results to %s: %s; keeping them in %s and retrying",
                     self.who,
-                    entry.report_to,
+                    where,
                     why,
                     self.spool.directory,
                 )
@@ -281,27 +288,46 @@ class ResultReporter:
                 "%s: %s refused the result of run %d (%s), which can never succeed: "
                 "dropped it from the spool",
                 self.who,
-                entry.report_to,
+                where,
                 entry.job_log_id,
                 why,
             )
             return outcome
         log.debug("%s: result of run %d reported", self.who, entry.job_log_id)
+        self._recent[entry.job_log_id] = entry
+        while len(self._recent) > RECENT_RESULTS:
+            self._recent.popitem(last=False)
         if self._outage:
             self._outage = False
             log.info(
                 "%s: %s takes results again (%d more in the spool)",
                 self.who,
-                entry.report_to,
+                where,
                 len(self._pending),
             )
         return outcome
 
-    async def _post(self, entry: SpooledResult) -> tuple[Delivery, str]:
+    def _keep(self, entry: SpooledResult) -> None:
+        self._pending[entry.job_log_id] = entry
+        self._has_pending.set()
+
+
+class HttpResultSink(ResultSink):
+    """The built-in transport's results: POST to the manager that dispatched the run."""
+
+    def __init__(self, client: httpx.AsyncClient, token: str) -> None:
+        self._client = client
+        self._token = token
+
+    def destination(self, report_to: str) -> str:
+        return report_to
+
+    async def deliver(self, report: JobResultReport, report_to: str) -> tuple[Delivery, str]:
+        entry = SpooledResult(report_to, report)
         try:
             response = await self._client.post(
                 entry.url,
-                json=entry.report.model_dump(mode="json"),
+                json=report.model_dump(mode="json"),
                 headers=auth_headers(self._token),
                 timeout=REPORT_TIMEOUT,
             )
@@ -316,10 +342,6 @@ class ResultReporter:
         if code == 401:
             why += " (the manager does not accept this node's access token)"
         return Delivery.RETRY, why
-
-    def _keep(self, entry: SpooledResult) -> None:
-        self._pending[entry.job_log_id] = entry
-        self._has_pending.set()
 
 
 def _writer_alive(temp: Path) -> bool:

@@ -1,12 +1,19 @@
-"""The contract of a dispatch backend."""
+"""The contract of a dispatch backend: the manager's side (`Transport`) and the node's side
+(`JobSource`, where jobs come from; `ResultSink`, where results go)."""
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ays_runtime.protocol import JobResultReport
+
+if TYPE_CHECKING:
+    from ays_runtime.node.daemon import NodeDaemon
 
 
 @dataclass(frozen=True)
@@ -51,3 +58,52 @@ class Transport(ABC):
 
     async def stop(self, timeout: float) -> None:  # noqa: B027 - optional hook
         """Finish in-flight deliveries within `timeout` seconds, then disconnect."""
+
+
+# --- the node's side ------------------------------------------------------------------------
+
+
+class Delivery(enum.Enum):
+    """What became of one attempt to hand a result over."""
+
+    TAKEN = "taken"
+    RETRY = "retry"  # not now: keep it and try again
+    REFUSED = "refused"  # never: it can never be taken
+
+
+class ResultSink(ABC):
+    """Where a node's results go: the manager's API (built-in) or a result topic (RocketMQ).
+
+    The node keeps every result in its spool until `deliver` says TAKEN (or REFUSED), and
+    calls `deliver` again, with backoff, after RETRY: `deliver` must be safe to repeat (the
+    manager stores a run's first final result and ignores the others). It must not raise.
+    """
+
+    @abstractmethod
+    def destination(self, report_to: str) -> str:
+        """Where results of a run whose manager is `report_to` go (for log lines; results
+        to one destination are retried in order)."""
+
+    @abstractmethod
+    async def deliver(self, report: JobResultReport, report_to: str) -> tuple[Delivery, str]:
+        """Hand one result over; the outcome and a short reason for the log."""
+
+
+class JobSource(ABC):
+    """Where a node's jobs come from besides its HTTP API (which every node serves).
+
+    `start` begins taking jobs and handing them to `node.accept`; it returns once taking has
+    begun (a source that cannot reach its server yet keeps trying in the background).
+    `stop` stops taking new jobs; jobs already handed over finish and report as usual.
+    """
+
+    @abstractmethod
+    async def start(self, node: NodeDaemon) -> None:
+        """Begin taking jobs for `node`."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop taking jobs (time-boxed by the source itself)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, after the node's last result was delivered."""
