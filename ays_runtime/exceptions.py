@@ -11,8 +11,10 @@
     ├── RegistryError          the registry (Consul) refused a read or write
     │   └── TransientRegistryError   ... unreachable, timed out, 5xx or lost a CAS race:
     │                                trying again later may work
-    └── TransportError         a job could not be handed to a node
-        └── TransientTransportError  ... but trying again later may work
+    ├── TransportError         a job could not be handed to a node
+    │   └── TransientTransportError  ... but trying again later may work
+    └── ServiceError           a service could not be installed, started, stopped or reloaded
+        └── ReloadError        ... a reload's new process did not take over (the old serves on)
 
 Library errors (SQLAlchemy, httpx, gRPC, Consul) are translated into these at the boundary
 of the module that calls the library, with a message that names ids and values.
@@ -75,3 +77,13 @@ class TransportError(AysError):
 
 class TransientTransportError(TransportError):
     """A dispatch failed in a way that may work when tried again (node busy, network blip)."""
+
+
+class ServiceError(AysError):
+    """Installing or running Ays as a service failed; the message names the path, pid or
+    command and what to do."""
+
+
+class ReloadError(ServiceError):
+    """A reload's new process did not take over: it could not be run, exited, reported a
+    failure or was not ready in time. The old process goes on serving."""
