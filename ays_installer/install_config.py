@@ -3,10 +3,12 @@
     installConfig manager -e uat -p 172.21.16.81 -P 18080
     installConfig node -e uat -g node_group_ksa --root /tmp/stage --dry-run
 
-Writes `<conf_dir>/ROLE.yaml` (mode 0640) and creates the role's conf, log and data dirs;
-prints one line per change ("created DIR", "wrote FILE", "unchanged FILE") and "nothing
-changed" when there was nothing to do. `--root DIR` stages everything under DIR (no root
-privileges needed); `--dry-run` prints a diff with the secrets masked and writes nothing.
+Writes `<conf_dir>/ROLE.yaml` (mode 0640; for a manager whose registry is consul, also
+`<conf_dir>/consul-watch-ays.json`, the Consul agent watch on the node list) and creates
+the role's conf, log and data dirs; prints one line per change ("created DIR", "wrote FILE",
+"unchanged FILE") and "nothing changed" when there was nothing to do. `--root DIR` stages
+everything under DIR (no root privileges needed); `--dry-run` prints a diff with the secrets
+masked and writes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Annotated
 
 import typer
 
+from ays_installer.consul_watch import RenderedFile, render_watch_config
+from ays_installer.consul_watch import secrets_in as watch_secrets_in
 from ays_installer.options import (
     EXIT_FAILURE,
     EnvOption,
@@ -150,14 +154,17 @@ def install(
             f"installConfig: writing to {prepared.section.conf_dir} needs root; "
             f"run it with sudo, or stage it with --root DIR"
         )
-    text = render_config(prepared)
+    files = [
+        RenderedFile(prepared.path, render_config(prepared), prepared.secrets),
+        *render_watch_config(prepared),  # consul envs: the agent's watch on the node list
+    ]
     if dry_run:
-        _show_changes(prepared, text)
+        _show_changes(prepared, files)
     else:
-        _apply(prepared, text, staged=root is not None)
+        _apply(prepared, files, staged=root is not None)
 
 
-def _apply(prepared: Prepared, text: str, *, staged: bool) -> None:
+def _apply(prepared: Prepared, files: list[RenderedFile], *, staged: bool) -> None:
     changed = False
     for directory in prepared.dirs:
         if not directory.is_dir():
@@ -168,38 +175,41 @@ def _apply(prepared: Prepared, text: str, *, staged: bool) -> None:
             typer.echo(f"created {directory}")
             changed = True
     gid = None if staged else _service_gid(prepared)
-    try:
-        written = write_atomic(prepared.path, text, CONFIG_MODE, gid=gid)
-    except OSError as err:
-        raise _io_failure("cannot write", prepared.path, err) from None
-    if written:
-        typer.echo(f"wrote {prepared.path}")
-        changed = True
-    else:
-        typer.echo(f"unchanged {prepared.path}")
+    for file in files:
+        try:
+            written = write_atomic(file.path, file.text, CONFIG_MODE, gid=gid)
+        except OSError as err:
+            raise _io_failure("cannot write", file.path, err) from None
+        if written:
+            typer.echo(f"wrote {file.path}")
+            changed = True
+        else:
+            typer.echo(f"unchanged {file.path}")
     if not changed:
         typer.echo("nothing changed")
 
 
-def _show_changes(prepared: Prepared, text: str) -> None:
+def _show_changes(prepared: Prepared, files: list[RenderedFile]) -> None:
     changed = False
     for directory in prepared.dirs:
         if not directory.is_dir():
             typer.echo(f"would create {directory}")
             changed = True
-    path = prepared.path
-    try:
-        old = read_installed(path)
-    except OSError as err:
-        raise _io_failure("cannot read", path, err) from None
-    if old != text:
-        typer.echo(masked_diff(old or "", text, path, prepared.secrets), nl=False)
-        changed = True
-    elif (mode := stat.S_IMODE(path.stat().st_mode)) != CONFIG_MODE:
-        typer.echo(f"would set mode {CONFIG_MODE:04o} on {path} (now {mode:04o})")
-        changed = True
-    else:
-        typer.echo(f"unchanged {path}")
+    for file in files:
+        path, text = file.path, file.text
+        try:
+            old = read_installed(path)
+        except OSError as err:
+            raise _io_failure("cannot read", path, err) from None
+        if old != text:
+            secrets = prepared.secrets | file.secrets | watch_secrets_in(old)
+            typer.echo(masked_diff(old or "", text, path, secrets), nl=False)
+            changed = True
+        elif (mode := stat.S_IMODE(path.stat().st_mode)) != CONFIG_MODE:
+            typer.echo(f"would set mode {CONFIG_MODE:04o} on {path} (now {mode:04o})")
+            changed = True
+        else:
+            typer.echo(f"unchanged {path}")
     if not changed:
         typer.echo("nothing would change")
 

@@ -209,7 +209,8 @@ def test_running_twice_changes_nothing_and_says_so(run: Run, stage: Path) -> Non
     again = run("manager", "-e", "uat", "--root", str(stage), env=SECRETS)
 
     assert again.code == 0, again
-    assert again.out == f"unchanged {path}\nnothing changed\n"
+    watch = stage / "etc/ays/consul-watch-ays.json"  # uat's registry is consul
+    assert again.out == f"unchanged {path}\nunchanged {watch}\nnothing changed\n"
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
