@@ -86,8 +86,18 @@ class RocketMQTransportSettings(_Section):
     access_key: str | None = None
     secret_key: SecretStr | None = None
     namespace: str = ""
-    topic_prefix: str = Field("ays_", pattern=r"^[A-Za-z0-9_%|-]*$")
+    topic_prefix: str = Field(
+        "ays_",
+        pattern=r"^[A-Za-z0-9_%|-]*$",
+        description="node group G uses topics <prefix>G (jobs) and <prefix>G_bcast (broadcast)",
+    )
     result_topic: str = Field("ays_result", pattern=r"^[A-Za-z0-9_%|-]+$")
+    name_server: str = Field(
+        "", description="name server host:port, only for the mqadmin commands Ays suggests"
+    )
+    cluster: str = Field(
+        "DefaultCluster", description="broker cluster, only for the mqadmin commands Ays suggests"
+    )
 
 
 class ManagerSettings(_Section):
