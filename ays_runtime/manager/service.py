@@ -5,6 +5,13 @@ error if the address is taken), pick the registry and transport the env file nam
 the API, the scheduler, the registry, the reaper and the retention purge.
 Shutdown (SIGINT/SIGTERM record the request; `serve` acts on it): stop firing, flush the
 claim writer (no slot half-fired), finish deliveries in flight, stop the API, close.
+
+Reload (ays_runtime/service/runner.py): `ready` is set once the API serves and the first
+reconcile has installed the timers. The new manager fires from then on, while the old one
+still fires until it has let go of the socket: both claim the same slots, and the slot key
+lets exactly one claim win, so no fire is lost or doubled. The new manager re-dispatches
+claimed-but-pending runs only once the old one has exited (`predecessor_gone`): until then
+they may be the old one's deliveries in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +38,7 @@ from ays_runtime.manager.retention import retention_loop
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.scheduler.scheduler import Scheduler
+from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import make_engine, redacted, session_factory
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
@@ -78,8 +87,17 @@ class Manager:
         self._sock = sock
         self._injected_transport = transport
         self._stop = asyncio.Event()
+        self.ready = asyncio.Event()  # the API serves and the timers are installed
+        # Set for a reload's new manager: returns once the old manager has exited.
+        self.predecessor_gone: Callable[[], Awaitable[None]] | None = None
+        self._handing_over = False
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "stop requested") -> None:
+        self._stop.set()
+
+    def hand_over(self) -> None:
+        """Stop after a reload: release the socket without a reset, then shut down."""
+        self._handing_over = True
         self._stop.set()
 
     async def serve(self) -> None:
@@ -138,8 +156,9 @@ class Manager:
             from ays_runtime.manager.registry_api import consul_watch_router
 
             app.include_router(consul_watch_router(registry, token, self.manager_id))  # type: ignore[arg-type]
+        closer = ConnectionCloser(app)
         server = QuietServer(
-            uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+            uvicorn.Config(closer, log_config=None, access_log=False, timeout_graceful_shutdown=5)
         )
         log.info(
             "manager %s: env %s, database %s, registry %s, transport %s, version %s",
@@ -165,8 +184,14 @@ class Manager:
             name="retention",
         )
         reaper = asyncio.create_task(self._reap(tracker), name="reaper")
-        await tracker.recover_pending()
-        log.info("manager %s: serving", self.manager_id)
+        recovery = asyncio.create_task(self._recover(tracker), name="recover-pending")
+        while not self._up(server, scheduler) and not (
+            api.done() or sched.done() or self._stop.is_set()
+        ):
+            await asyncio.sleep(0.01)
+        if self._up(server, scheduler):
+            self.ready.set()
+            log.info("manager %s: serving", self.manager_id)
 
         stop = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({stop, api, sched}, return_when=asyncio.FIRST_COMPLETED)
@@ -180,6 +205,8 @@ class Manager:
                 )
         # -- time-boxed shutdown: firing first, then the API, then the rest.
         log.info("manager %s: stopping", self.manager_id)
+        if self._handing_over:
+            await release_listener(server, closer)
         self._stop.set()
         scheduler.stop()
         with contextlib.suppress(TimeoutError, Exception):
@@ -190,12 +217,21 @@ class Manager:
         await transport.stop(5)
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop):
+        for task in (purge, reaper, stop, recovery):
             task.cancel()
-        await asyncio.gather(purge, reaper, stop, return_exceptions=True)
+        await asyncio.gather(purge, reaper, stop, recovery, return_exceptions=True)
         engine.dispose()
         sock.close()
         log.info("manager %s: stopped", self.manager_id)
+
+    @staticmethod
+    def _up(server: uvicorn.Server, scheduler: Scheduler) -> bool:
+        return server.started and scheduler.ready.is_set()
+
+    async def _recover(self, tracker: RunTracker) -> None:
+        if self.predecessor_gone is not None:
+            await self.predecessor_gone()
+        await tracker.recover_pending()
 
     async def _reap(self, tracker: RunTracker) -> None:
         while not self._stop.is_set():

@@ -53,6 +53,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # the first reconcile has installed the timers
         self._db_failing = False
         self.fired_total = 0
 
@@ -161,6 +162,7 @@ class Scheduler:
         writer = asyncio.create_task(self.writer.run(), name="claim-writer")
         try:
             await self.reconcile_now()
+            self.ready.set()
             await asyncio.gather(self._fire_loop(), self._reconcile_loop())
         finally:
             self.writer.close()

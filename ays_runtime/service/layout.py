@@ -1,0 +1,58 @@
+"""Where a role's running service keeps its files; derived from the config alone, so the
+daemon, its lifecycle commands and the installer agree without being told.
+
+    <data_dir>/run/<service>.pid      the serving process (pidfile.py)
+    <data_dir>/run/<service>.reload   the outcome of the last reload (runner.py)
+    <log_dir>/<service>.log           the log (stdout and stderr under own supervision)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ays_runtime.config import EnvConfig
+
+Role = Literal["manager", "node"]
+
+SERVICE_NAMES: dict[Role, str] = {"manager": "aysmanager", "node": "aysnode"}
+PROGRAM_NAMES: dict[Role, str] = {"manager": "aysManager", "node": "aysNode"}
+
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    role: Role
+    config: EnvConfig
+
+    @property
+    def service(self) -> str:
+        return SERVICE_NAMES[self.role]
+
+    @property
+    def program_name(self) -> str:
+        return PROGRAM_NAMES[self.role]
+
+    @property
+    def section(self):  # noqa: ANN201 - ManagerSettings | NodeSettings
+        return self.config.manager if self.role == "manager" else self.config.node
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.section.ip, self.section.port
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.section.data_dir) / "run"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / f"{self.service}.pid"
+
+    @property
+    def reload_record(self) -> Path:
+        return self.run_dir / f"{self.service}.reload"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.section.log_dir) / f"{self.service}.log"
