@@ -12,6 +12,13 @@ Phases, as in gunicorn's arbiter and uvicorn's server:
                  for the next start), stop beating (Consul: deregister the service), close
                  the server
 
+Reload (ays_runtime/service/runner.py): `ready` is set once the node serves. Once the new
+process is ready, `hand_over()` makes this one let go of the listening socket first (no
+connection reset; a job that still arrives on a connection it already holds is taken), then
+shut down as above, except that it does not leave the registry: the new process is the same
+node. Running jobs get the drain time and their results are reported, while the new process
+already takes the new jobs.
+
 One run = one job-log id. The node runs an id at most once: an id it holds, has finished
 (the last FINISHED_MEMORY of them) or still has in the spool is answered duplicate=true.
 """
@@ -50,6 +57,7 @@ from ays_runtime.node.spool import (
     SpooledResult,
 )
 from ays_runtime.protocol import Heartbeat, JobResultReport, NodeHealth, RunAccepted, RunRequest
+from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus
 from ays_runtime.transport.base import JobSource, ResultSink
@@ -116,6 +124,9 @@ class NodeDaemon:
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._stop_reasons: list[str] = []
+        self.ready = asyncio.Event()  # the node serves
+        self._handing_over = False
+        self._closer: ConnectionCloser | None = None
 
     # --- the API's side ------------------------------------------------------------------------
 
@@ -301,6 +312,11 @@ class NodeDaemon:
         elif not loop.is_closed():  # closed: serve() has already returned
             loop.call_soon_threadsafe(self._record_stop, reason)
 
+    def hand_over(self) -> None:
+        """Stop after a reload: release the socket without a reset, then shut down."""
+        self._handing_over = True
+        self.request_stop("handed over to a new process")
+
     def _record_stop(self, reason: str) -> None:
         self._stop_reasons.append(reason)
         if self._stop.is_set():
@@ -327,9 +343,10 @@ class NodeDaemon:
                 self.heartbeat,
                 on_return=self._reporter.retry_now,
             )
+            self._closer = ConnectionCloser(create_app(self))
             server = _Server(
                 uvicorn.Config(
-                    create_app(self),
+                    self._closer,
                     lifespan="off",
                     ws="none",
                     log_config=None,
@@ -352,6 +369,7 @@ class NodeDaemon:
                     self._executor.max_concurrent,
                     self._spool.directory,
                 )
+                self.ready.set()
                 stop = asyncio.create_task(self._stop.wait())
                 await asyncio.wait({stop, server_task}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
@@ -393,6 +411,8 @@ class NodeDaemon:
         server_task: asyncio.Task[None],
         background: list[asyncio.Task[None]],
     ) -> None:
+        if self._handing_over and self._closer is not None and server.started:
+            await release_listener(server, self._closer)
         self._stopping = True
         if self._source is not None:
             await self._source.stop()
@@ -412,7 +432,7 @@ class NodeDaemon:
         await asyncio.gather(*background, return_exceptions=True)
         if self._source is not None:
             await self._source.close()
-        if self._membership is not None:
+        if self._membership is not None and not self._handing_over:
             await self._membership.leave()
         server.should_exit = True
         await asyncio.wait({server_task}, timeout=SERVER_STOP_TIMEOUT + 2)
