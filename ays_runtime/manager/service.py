@@ -279,6 +279,17 @@ def make_transport(
         from ays_runtime.transport.http import BuiltinTransport
 
         return BuiltinTransport(config.transport, registry, tracker, token, report_to)  # type: ignore[arg-type]
+    if backend == "rocketmq":
+        from ays_runtime.transport.rocketmq import RocketMQTransport
+
+        return RocketMQTransport(
+            config.transport,  # type: ignore[arg-type]
+            registry,
+            tracker,
+            report_to,
+            log_dir=config.manager.log_dir,
+            who=f"manager {tracker.manager_id}",
+        )
     raise ConfigError(
         f"env {config.env}: transport backend {backend!r} is not available in this version; "
         "use transport: {backend: builtin}"
