@@ -451,7 +451,7 @@ class _Outage:
             away = time.monotonic() - self._since
         if back:
             log.warning(
-                "%s: registry: %s answers again after %.1fs: resynchronising node states",
+                "%s: registry: %s answers again after %.1fs; node states follow it again",
                 self.who,
                 self.where,
                 away,
