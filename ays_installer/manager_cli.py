@@ -16,6 +16,7 @@ from ays_installer.options import (
     clean_errors,
     fail,
 )
+from ays_installer.service_cli import add_service_commands
 from ays_runtime.config import EnvConfig, check_ip, check_port
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Ays scheduling center.")
@@ -229,3 +230,6 @@ def logs(
         if not follow:
             return
         time.sleep(1)
+
+
+add_service_commands(app, "manager")  # install, serve, start|stop|status|restart|reload

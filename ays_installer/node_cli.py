@@ -14,6 +14,7 @@ from ays_installer.options import (
     clean_errors,
     fail,
 )
+from ays_installer.service_cli import add_service_commands
 from ays_runtime.config import EnvConfig
 
 app = typer.Typer(
@@ -64,3 +65,6 @@ def with_node_address(
             "in the config"
         )
     return config.model_copy(update={"node": node})
+
+
+add_service_commands(app, "node")  # install, serve, start|stop|status|restart|reload

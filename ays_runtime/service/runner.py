@@ -36,7 +36,7 @@ from typing import Protocol
 from ays_runtime import __version__
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import AysError, ReloadError, ServiceError
-from ays_runtime.logs import configure_logging
+from ays_runtime.logs import FORMAT, configure_logging
 from ays_runtime.service import systemd
 from ays_runtime.service.handover import (
     READY_TIMEOUT,
@@ -53,6 +53,7 @@ log = logging.getLogger("ays.service")
 EXIT_OK = 0
 EXIT_FAILED = 1  # did not start, or the daemon failed; the reason is logged
 STOP_WAIT = 120.0  # after a startup failure, the daemon's shutdown gets this long
+LOG_FORMAT = FORMAT.replace("%(name)s", "%(name)s[%(process)d]")
 
 
 class Daemon(Protocol):
@@ -338,7 +339,10 @@ def service_logging(log_file: Path) -> None:
     except (OSError, ValueError):
         same = False
     configure_logging(debug=False, log_file=None if same else log_file)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    # Old and new process share the log during a reload: each line says whose it is.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def run_service(role: Role, config: EnvConfig) -> int:
