@@ -264,7 +264,7 @@ class RocketMQTransport(Transport):
     async def _result_loop(self) -> None:
         assert self._results is not None
         loop = asyncio.get_running_loop()
-        backoff = Backoff(first=1.0, cap=10.0)
+        backoff = Backoff(first=1.0, cap=5.0)
         failing_since: float | None = None
         while not self._stopping.is_set():
             try:

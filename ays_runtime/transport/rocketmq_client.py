@@ -141,6 +141,8 @@ def load_client(log_dir: str | Path) -> None:
                 "this user can write (installConfig creates it)"
             ) from None
         scratch = directory / ".rocketmq-client-home"
+        # gRPC's C core logs to stderr; keep its info lines (GOAWAY...) out of Ays's log.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         if "rocketmq.v5.log" not in sys.modules:
             home = os.environ.get("HOME")
             os.environ["HOME"] = str(scratch)
