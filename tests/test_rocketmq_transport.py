@@ -153,6 +153,24 @@ def test_a_node_killed_before_acking_has_its_job_redelivered_to_the_other_node_o
     assert emu.in_flight(GROUP_TOPIC, "ays_g1") == 0
 
 
+def test_a_job_whose_ack_was_lost_comes_back_and_is_not_run_again_its_result_republished(
+    cluster: Cluster, emu: RocketMQEmulator
+) -> None:
+    assert cluster.nodes["b"].stop() == 0  # one node: the redelivery comes back to it
+    marks = cluster.tmp / "ran.txt"
+    task = add_task(cluster, f"echo $AYS_JOB_ID >> {marks}", timeout_s=1)  # hidden 11 s
+    emu.refuse_acks(1)
+    job_log_id = trigger(cluster, task)
+    [run] = finished_runs(cluster, task, 1)
+    assert run["status"] == "succeeded"
+    wait_for(lambda: emu.deliveries(GROUP_TOPIC, "ays_g1") == 2, 30, "the redelivery")
+    wait_for(lambda: emu.in_flight(GROUP_TOPIC, "ays_g1") == 0, 10, "the second ack")
+    assert marks.read_text().split() == [str(job_log_id)], "ran once"
+    results = [json.loads(m["body"]) for m in emu.messages(RESULT_TOPIC)]
+    assert [r["job_log_id"] for r in results] == [job_log_id, job_log_id], "published again"
+    assert len(runs(cluster, task)) == 1
+
+
 def test_a_broadcast_reaches_every_node_with_its_shard(
     cluster: Cluster, emu: RocketMQEmulator
 ) -> None:
