@@ -89,6 +89,7 @@ def settings(emu: ConsulEmulator, **changes: Any) -> ConsulRegistrySettings:
             "check_interval": CHECK_INTERVAL,
             "check_timeout": 1,
             "deregister_after": 60,
+            "datacenter": "dc1",  # as uat and prod name it
             **changes,
         }
     )
