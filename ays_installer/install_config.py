@@ -34,6 +34,7 @@ from ays_installer.options import (
     parse_ip,
     parse_port,
 )
+from ays_installer.preflight import PreflightFailed, needs_preflight, run_preflight
 from ays_installer.render import (
     CONFIG_MODE,
     Prepared,
@@ -92,6 +93,13 @@ RootOption = Annotated[
 DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="print what would change (secrets masked), write nothing")
 ]
+SkipPreflightOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-preflight",
+        help="do not check the RocketMQ proxy and topics (staging on a host without network)",
+    ),
+]
 
 
 @app.command("manager")
@@ -102,9 +110,12 @@ def manager(
     port: PortOption = None,
     root: RootOption = None,
     dry_run: DryRunOption = False,
+    skip_preflight: SkipPreflightOption = False,
 ) -> None:
     """Render and install the scheduling center's config (manager.yaml)."""
-    install("manager", env, ip=ip, port=port, root=root, dry_run=dry_run)
+    install(
+        "manager", env, ip=ip, port=port, root=root, dry_run=dry_run, preflight=not skip_preflight
+    )
 
 
 @app.command("node")
@@ -117,10 +128,21 @@ def node(
     manager: ManagerOption = None,
     root: RootOption = None,
     dry_run: DryRunOption = False,
+    skip_preflight: SkipPreflightOption = False,
 ) -> None:
     """Render and install an executor node's config (node.yaml)."""
     address = _split_address(manager) if manager else None
-    install("node", env, ip=ip, port=port, group=group, manager=address, root=root, dry_run=dry_run)
+    install(
+        "node",
+        env,
+        ip=ip,
+        port=port,
+        group=group,
+        manager=address,
+        root=root,
+        dry_run=dry_run,
+        preflight=not skip_preflight,
+    )
 
 
 def install(
@@ -133,6 +155,7 @@ def install(
     manager: tuple[str, int] | None = None,
     root: Path | None = None,
     dry_run: bool = False,
+    preflight: bool = True,
 ) -> None:
     """Everything is checked and rendered before the first directory or file is touched."""
     if env is None:
@@ -158,6 +181,11 @@ def install(
         RenderedFile(prepared.path, render_config(prepared), prepared.secrets),
         *render_watch_config(prepared),  # consul envs: the agent's watch on the node list
     ]
+    if preflight and needs_preflight(prepared):  # rocketmq envs: proxy reachable, topics exist
+        try:
+            run_preflight(prepared, typer.echo)
+        except PreflightFailed as err:
+            raise fail(f"error: {err}", EXIT_FAILURE) from None
     if dry_run:
         _show_changes(prepared, files)
     else:

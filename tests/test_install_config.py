@@ -164,7 +164,7 @@ def test_a_node_config_takes_its_address_and_group_from_the_command_line(stage: 
 
 
 def test_uat_renders_with_the_secrets_read_from_the_environment(run: Run, stage: Path) -> None:
-    done = run("manager", "-e", "uat", "--root", str(stage), env=SECRETS)
+    done = run("manager", "-e", "uat", "--root", str(stage), "--skip-preflight", env=SECRETS)
 
     assert done.code == 0, done
     text = (stage / "etc/ays/manager.yaml").read_text()
@@ -182,7 +182,9 @@ def test_uat_renders_with_the_secrets_read_from_the_environment(run: Run, stage:
 def test_the_rendered_file_loads_without_the_secrets_environment(
     stage: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    CliRunner(env=SECRETS).invoke(app, ["node", "-e", "prod", "--root", str(stage)])
+    CliRunner(env=SECRETS).invoke(
+        app, ["node", "-e", "prod", "--root", str(stage), "--skip-preflight"]
+    )
     for name in SECRETS:
         monkeypatch.delenv(name, raising=False)
 
@@ -194,7 +196,9 @@ def test_the_rendered_file_loads_without_the_secrets_environment(
 def test_the_config_file_is_mode_0640_whatever_the_umask(stage: Path, umask: int) -> None:
     old = os.umask(umask)
     try:
-        CliRunner(env=SECRETS).invoke(app, ["manager", "-e", "uat", "--root", str(stage)])
+        CliRunner(env=SECRETS).invoke(
+            app, ["manager", "-e", "uat", "--root", str(stage), "--skip-preflight"]
+        )
     finally:
         os.umask(old)
 
@@ -202,11 +206,11 @@ def test_the_config_file_is_mode_0640_whatever_the_umask(stage: Path, umask: int
 
 
 def test_running_twice_changes_nothing_and_says_so(run: Run, stage: Path) -> None:
-    run("manager", "-e", "uat", "--root", str(stage), env=SECRETS)
+    run("manager", "-e", "uat", "--root", str(stage), "--skip-preflight", env=SECRETS)
     path = stage / "etc/ays/manager.yaml"
     before = path.stat()
 
-    again = run("manager", "-e", "uat", "--root", str(stage), env=SECRETS)
+    again = run("manager", "-e", "uat", "--root", str(stage), "--skip-preflight", env=SECRETS)
 
     assert again.code == 0, again
     watch = stage / "etc/ays/consul-watch-ays.json"  # uat's registry is consul
@@ -244,7 +248,9 @@ def test_a_wrong_mode_is_repaired_on_the_next_run(stage: Path) -> None:
 
 
 def test_a_dry_run_writes_nothing_and_masks_the_secrets(run: Run, stage: Path) -> None:
-    done = run("manager", "-e", "uat", "--root", str(stage), "--dry-run", env=SECRETS)
+    done = run(
+        "manager", "-e", "uat", "--root", str(stage), "--skip-preflight", "--dry-run", env=SECRETS
+    )
 
     assert done.code == 0, done
     assert not stage.exists()
@@ -263,12 +269,25 @@ def test_a_dry_run_writes_nothing_and_masks_the_secrets(run: Run, stage: Path) -
 def test_a_dry_run_shows_the_change_but_neither_the_old_nor_the_new_secrets(
     stage: Path,
 ) -> None:
-    CliRunner(env=SECRETS).invoke(app, ["manager", "-e", "uat", "--root", str(stage)])
+    CliRunner(env=SECRETS).invoke(
+        app, ["manager", "-e", "uat", "--root", str(stage), "--skip-preflight"]
+    )
     path = stage / "etc/ays/manager.yaml"
     before = path.read_bytes()
 
     done = CliRunner(env=ROTATED).invoke(
-        app, ["manager", "-e", "uat", "--root", str(stage), "-P", "18090", "--dry-run"]
+        app,
+        [
+            "manager",
+            "-e",
+            "uat",
+            "--root",
+            str(stage),
+            "--skip-preflight",
+            "-P",
+            "18090",
+            "--dry-run",
+        ],
     )
 
     assert done.exit_code == 0, done.output
