@@ -231,7 +231,10 @@ class Manager:
     async def _recover(self, tracker: RunTracker) -> None:
         if self.predecessor_gone is not None:
             await self.predecessor_gone()
-        await tracker.recover_pending()
+        try:
+            await tracker.recover_pending()
+        except Exception:  # the reaper and the next start try again; say so now
+            log.exception("manager %s: re-dispatching pending runs failed", self.manager_id)
 
     async def _reap(self, tracker: RunTracker) -> None:
         while not self._stop.is_set():

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from ays_runtime import __version__
 from ays_runtime.config import EnvConfig
-from ays_runtime.exceptions import AysError, ReloadError, ServiceError
+from ays_runtime.exceptions import AysError, ServiceError
 from ays_runtime.logs import FORMAT, configure_logging
 from ays_runtime.service import systemd
 from ays_runtime.service.handover import (
@@ -256,15 +256,17 @@ class ServiceRunner:
             log.info("%s: SIGHUP: stopping, not reloading", self.who)
             return
         assert self._sock is not None and self._daemon is not None
-        argv = [program_path(), *sys.argv[1:]]
-        log.info("%s: reload: starting %s", self.who, " ".join(argv))
         systemd.notify("RELOADING=1", systemd.monotonic_usec())
         try:
+            argv = [program_path(), *sys.argv[1:]]
+            log.info("%s: reload: starting %s", self.who, " ".join(argv))
             successor = await spawn_successor(argv, self._sock, self.ready_timeout)
-        except ReloadError as err:
-            log.error("%s: reload failed, pid %d serves on: %s", self.who, old, err)
+        except AysError as err:  # ReloadError, or no program to run
+            where = "the journal" if os.environ.get("JOURNAL_STREAM") else self.files.log_file
+            why = f"{err} (its output is in {where})"
+            log.error("%s: reload failed, pid %d serves on: %s", self.who, old, why)
             systemd.notify("READY=1", f"STATUS=reload failed, serving on: {err}")
-            self._record_reload(old, None, str(err))
+            self._record_reload(old, None, why)
             return
         self._successor = successor
         new = successor.pid
