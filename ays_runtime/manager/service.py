@@ -233,7 +233,7 @@ class Manager:
             await self.predecessor_gone()
         try:
             await tracker.recover_pending()
-        except Exception:  # the reaper and the next start try again; say so now
+        except Exception:  # the next start tries again; say so now, not at exit
             log.exception("manager %s: re-dispatching pending runs failed", self.manager_id)
 
     async def _reap(self, tracker: RunTracker) -> None:
