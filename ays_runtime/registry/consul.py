@@ -666,7 +666,11 @@ class ConsulRegistry(NodeRegistry):
             if self._listed is None or self._instances is None:
                 continue
             self._healthy = self._compute_healthy()
-            await self._write_states()
+            try:
+                await self._write_states()
+            except Exception:  # a bug or a failing on_node_lost must not stop the follow
+                log.exception("%s: registry: applying Consul's answer failed", self.who)
+                self._dirty = True  # written again in DB_RETRY; the reaper covers lost runs
 
     def _absorb(self, answer: _Answer) -> None:
         if answer.kind == "health":
