@@ -93,7 +93,7 @@ def install(inst: Installation, wanted: Wanted) -> None:
         _check_unit_safe(path)
     total = 4
     say(f"[1/{total}] user and directories")
-    _user_and_dirs(inst, config, files)
+    _user_and_dirs(inst, files)
     say(f"[2/{total}] program")
     _install_program(inst)
     say(f"[3/{total}] service files")
@@ -149,7 +149,7 @@ def _check_unit_safe(path: Path) -> None:
         )
 
 
-def _user_and_dirs(inst: Installation, config: EnvConfig, files: ServiceFiles) -> None:
+def _user_and_dirs(inst: Installation, files: ServiceFiles) -> None:
     section = files.section
     user = section.user
     data_dir, log_dir = Path(section.data_dir), Path(section.log_dir)
@@ -415,12 +415,11 @@ def uninstall(inst: Installation, purge: bool) -> None:
     if config is not None:
         Lifecycle(inst, config).stop_if_running()
     _disable(inst)
-    for path in (inst.unit_path, inst.init_script):
+    for path in (inst.unit_path, inst.init_script, inst.install_dir):
         _remove(path)
+        _remove_empty_parents(inst, path)
     if not inst.staged and _uses_systemd():
         _run(["systemctl", "daemon-reload"])
-    _remove(inst.install_dir)
-    _remove_if_empty(inst.install_dir.parent)
     if config is not None:
         _remove(inst.files(config).run_dir)
     if not purge:
@@ -489,6 +488,22 @@ def _remove(path: Path) -> None:
     else:
         return
     say(f"  removed {path}")
+
+
+def _remove_empty_parents(inst: Installation, path: Path) -> None:
+    """/opt/ays when it is left empty; under --root also the folders install staged
+    (etc/systemd/system, etc/init.d, opt), up to the root itself."""
+    if not inst.staged:
+        _remove_if_empty(inst.install_dir.parent)
+        return
+    assert inst.root is not None
+    top = inst.root.absolute()
+    parent = path.parent
+    while parent != top and top in parent.parents:
+        if any(parent.iterdir()):
+            return
+        _remove_if_empty(parent)
+        parent = parent.parent
 
 
 def _remove_if_empty(path: Path) -> None:
