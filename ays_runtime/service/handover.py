@@ -15,12 +15,14 @@ Until it hears READY, the old process serves as before; a new process that fails
 not ready within the timeout is stopped, and the old one goes on (`ReloadError` says why).
 After READY the old process lets go of the socket without resetting anything:
 
-1. every response it still sends says `Connection: close` (`ConnectionCloser`), so clients
-   open their next connection, which the new process accepts;
-2. it stops reading the listening socket (remove_reader), then lets the connections it has
+1. it stops reading the listening socket (remove_reader), then lets the connections it has
    already accepted finish their set-up before anything is closed: asyncio creates the
    transport of an accepted connection in a task of its own, and `Server.close()` in between
-   resets that connection (python/cpython#109564);
+   resets that connection (python/cpython#109564). From then on the kernel hands every new
+   connection, and those waiting in the accept queue, to the new process; only then does the
+   old one announce the new pid (pidfile, systemd's MAINPID, the reload record);
+2. every response it still sends says `Connection: close` (`ConnectionCloser`), so clients
+   open their next connection, which the new process accepts;
 3. it waits for its open connections to end (at most the keep-alive timeout plus a second:
    an idle keep-alive connection would be closed by then anyway) and then closes its copy of
    the socket, which the new process still holds open.
@@ -193,7 +195,7 @@ def _fd_from_env(name: str) -> int | None:
 
 
 def _normal_ip(host: str) -> str:
-    return host.removeprefix("::ffff:") if host.startswith("::ffff:") else host
+    return host.removeprefix("::ffff:")
 
 
 # --- the old process's side --------------------------------------------------------------
@@ -355,6 +357,18 @@ class ConnectionCloser:
         await self.app(scope, receive, send_closing)
 
 
+async def stop_accepting(sockets: list[Any]) -> None:
+    """Stop reading the listening sockets (their connections wait for the new process), and
+    let the connections already accepted get their transports, which asyncio sets up in
+    tasks of their own: closing the server before that resets them (cpython#109564)."""
+    loop = asyncio.get_running_loop()
+    for sock in sockets:
+        loop.remove_reader(sock.fileno())  # False (and harmless) the second time
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+
+
 async def release_listener(
     server: uvicorn.Server, closer: ConnectionCloser, linger: float | None = None
 ) -> int:
@@ -362,14 +376,9 @@ async def release_listener(
     how many connections were still open when `linger` ran out (uvicorn's shutdown then
     ends them as it does at any stop)."""
     closer.closing = True
-    loop = asyncio.get_running_loop()
-    for listening in getattr(server, "servers", []):
-        for sock in listening.sockets:
-            loop.remove_reader(sock.fileno())
-    # Accepted connections get their transports in tasks of their own: let them run.
-    for _ in range(5):
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.05)
+    await stop_accepting(
+        [sock for listening in getattr(server, "servers", []) for sock in listening.sockets]
+    )
     if linger is None:
         linger = server.config.timeout_keep_alive + 1.0
     deadline = time.monotonic() + linger

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ays_runtime.config import EnvConfig
+from ays_runtime.config import EnvConfig, ManagerSettings, NodeSettings
 
 Role = Literal["manager", "node"]
 
@@ -34,7 +34,7 @@ class ServiceFiles:
         return PROGRAM_NAMES[self.role]
 
     @property
-    def section(self):  # noqa: ANN201 - ManagerSettings | NodeSettings
+    def section(self) -> ManagerSettings | NodeSettings:
         return self.config.manager if self.role == "manager" else self.config.node
 
     @property

@@ -44,6 +44,7 @@ from ays_runtime.service.handover import (
     Successor,
     program_path,
     spawn_successor,
+    stop_accepting,
 )
 from ays_runtime.service.layout import Role, ServiceFiles
 from ays_runtime.service.pidfile import Pidfile
@@ -270,6 +271,9 @@ class ServiceRunner:
             return
         self._successor = successor
         new = successor.pid
+        # From here on only the new process accepts: by the time `reload` hears of it, a new
+        # connection reaches the new process.
+        await stop_accepting([self._sock])
         try:
             self.pidfile.write(new)
         except ServiceError as err:
