@@ -62,7 +62,7 @@ class Daemon:
         self.health_url = health_url
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> Daemon:
+    def start(self, timeout: float = 60) -> Daemon:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.args, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()

@@ -58,7 +58,7 @@ def cluster(tmp_path: Path, sqlite_url: str) -> Iterator[Cluster]:
             assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
         for name in ("a", "b"):
             ays.start_node(name)
-        wait_for(lambda: online_nodes(ays) == {ays.address("a"), ays.address("b")}, 15,
+        wait_for(lambda: online_nodes(ays) == {ays.address("a"), ays.address("b")}, 45,
                  "both nodes online")
         yield ays
     finally:

@@ -95,9 +95,11 @@ def node_router(
             with engine_sessions() as s:
                 return s.get(JobLog, job_log_id) is not None
 
-        if not await run_in_threadpool(exists):
-            raise HTTPException(404, f"job log {job_log_id} does not exist")
         stored = await tracker.record_result(report)
+        # Only a report that changed nothing needs the second look: a duplicate is fine, an
+        # unknown id is a 404 so the node stops resending it.
+        if not stored and not await run_in_threadpool(exists):
+            raise HTTPException(404, f"job log {job_log_id} does not exist")
         return {"stored": stored}
 
     async def write_node_list(what: str, call: object, *args: object) -> None:

@@ -331,14 +331,16 @@ class NodeDaemon:
         sock = self._sock if self._sock is not None else self._listen()
         for entry in spooled:
             self._finished[entry.job_log_id] = None
-        async with httpx.AsyncClient() as client:
+        # Heartbeats get their own client: a backlog of result posts must never hold a
+        # heartbeat back long enough for the manager to call a healthy node lost.
+        async with httpx.AsyncClient() as client, httpx.AsyncClient() as beat_client:
             sink, self._source = self._transport(client)
             self._reporter = ResultReporter(self._spool, sink, self.who)
             self._reporter.adopt(spooled)
             membership = self._membership = Membership.for_config(
                 self.config,
                 self.who,
-                client,
+                beat_client,
                 self.token,
                 self.heartbeat,
                 on_return=self._reporter.retry_now,

@@ -52,7 +52,7 @@ class NodeRegistry(ABC):
     def healthy_nodes(self, node_group: str) -> list[NodeRef]:
         """Online nodes of `node_group`, in a stable order (by ip, then port)."""
 
-    def list_node(self, ip: str, port: int, node_group: str) -> None:
+    def list_node(self, ip: str, port: int, node_group: str) -> None:  # noqa: B027 - optional hook
         """Put a node an operator added by hand into the backend's own node list.
 
         Blocking (call it from a worker thread); idempotent. The built-in backend has no list
@@ -60,5 +60,5 @@ class NodeRegistry(ABC):
         RegistryError, or TransientRegistryError when trying again later may work.
         """
 
-    def unlist_node(self, ip: str, port: int) -> None:
+    def unlist_node(self, ip: str, port: int) -> None:  # noqa: B027 - optional hook
         """Take a node out of the backend's own node list; the rules of `list_node`."""

@@ -25,6 +25,10 @@ from ays_runtime.transport.base import JobDispatch, Transport
 
 log = logging.getLogger("ays.transport.http")
 
+# Dispatch POSTs in flight at once. A slot of many tasks fires in one instant; unbounded,
+# every run becomes a concurrent request and httpcore's pool rescans all of them per request.
+MAX_CONCURRENT_DISPATCHES = 64
+
 
 class BuiltinTransport(Transport):
     def __init__(
@@ -44,13 +48,17 @@ class BuiltinTransport(Transport):
         self._headers = auth_headers(access_token)
         self._client: httpx.AsyncClient | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._sending = asyncio.Semaphore(MAX_CONCURRENT_DISPATCHES)
         tracker.on_finished = self._finished
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(
             timeout=self.settings.dispatch_timeout,
             headers=self._headers,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            limits=httpx.Limits(
+                max_connections=MAX_CONCURRENT_DISPATCHES,
+                max_keepalive_connections=MAX_CONCURRENT_DISPATCHES,
+            ),
         )
 
     async def dispatch(self, jobs: Sequence[JobDispatch]) -> None:
@@ -106,7 +114,8 @@ class BuiltinTransport(Transport):
         reasons: list[str] = []
         for node in tries:
             try:
-                response = await self._client.post(f"{node.url}{API}/jobs", json=request)
+                async with self._sending:
+                    response = await self._client.post(f"{node.url}{API}/jobs", json=request)
             except httpx.HTTPError as err:
                 reasons.append(f"{node.address}: {type(err).__name__} {err}".strip())
                 continue
