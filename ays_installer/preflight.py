@@ -43,7 +43,7 @@ def run_preflight(prepared: Prepared, echo: Echo) -> None:
     groups, note = _groups(prepared)
     for group in groups:
         mq.check_names(settings, group, source)
-    topics = mq.role_topics(settings, prepared.role, groups)
+    topics = mq.role_topics(settings, groups)
     scratch = tempfile.mkdtemp(prefix="ays-preflight-")
     try:
         mq.load_client(scratch)
@@ -101,10 +101,10 @@ def _groups(prepared: Prepared) -> tuple[list[str], str]:
         return _groups_in_database(config.storage_url()), ""
     except Exception as err:  # any database trouble only narrows the check
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        prefix = getattr(config.transport, "topic_prefix", "")
         return [], (
             f"node groups could not be read from the database ({reason}); each group G "
-            f"needs topics {config.transport.topic_prefix}G and "  # type: ignore[union-attr]
-            f"{config.transport.topic_prefix}G_bcast"  # type: ignore[union-attr]
+            f"needs topics {prefix}G and {prefix}G_bcast"
         )
 
 

@@ -92,9 +92,9 @@ def manager_consumer(settings: RocketMQTransportSettings) -> str:
     return f"{settings.topic_prefix}manager"
 
 
-def role_topics(settings: RocketMQTransportSettings, role: str, groups: Iterable[str]) -> list[str]:
-    """The topics a manager (every group's two, and the result topic) or a node (its group's
-    two, and the result topic) uses."""
+def role_topics(settings: RocketMQTransportSettings, groups: Iterable[str]) -> list[str]:
+    """The topics used with `groups`: each group's two, and the result topic (a manager's
+    groups are all the node groups; a node's, its own)."""
     topics: list[str] = []
     for group in groups:
         topics += [group_topic(settings, group), broadcast_topic(settings, group)]
