@@ -248,7 +248,8 @@ def launcher_text(inst: Installation) -> str:
 def _install_bundle(inst: Installation) -> None:
     """Copy the PyInstaller bundle this program runs from into releases/<stamp>/ and point
     the program link at it; keep the previous release (a running process still uses it)."""
-    source = Path(sys.executable).parent
+    executable = Path(sys.executable).resolve()  # the bootloader itself, not a link to it
+    source = executable.parent
     releases = inst.install_dir / "releases"
     releases.mkdir(mode=0o755, exist_ok=True)
     stamp = f"{__version__}-{time.strftime('%Y%m%d%H%M%S')}"
@@ -260,12 +261,12 @@ def _install_bundle(inst: Installation) -> None:
     shutil.rmtree(temporary, ignore_errors=True)
     shutil.copytree(source, temporary, symlinks=True)
     os.replace(temporary, target)
-    executable = Path(sys.executable).name
+    # The link keeps the program's name: the multicall bundle dispatches on it.
     link = inst.install_dir / f".{inst.program_name}.tmp"
     link.unlink(missing_ok=True)
-    link.symlink_to(Path("releases") / stamp / executable)
+    link.symlink_to(Path("releases") / stamp / executable.name)
     os.replace(link, inst.program)
-    say(f"  {inst.program} -> {target / executable}")
+    say(f"  {inst.program} -> {target / executable.name}")
     keep = {target.name} | ({previous.parts[1]} if previous and len(previous.parts) > 1 else set())
     for old in releases.iterdir():
         if old.name not in keep and not old.name.startswith("."):
