@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -562,3 +563,27 @@ def test_a_reload_under_systemd_announces_the_new_main_pid_from_the_old_one(stag
         sender, fields = receive()
         assert (sender, fields) == (new, ["STOPPING=1"])
         wait_for(lambda: not process_alive(new), 60, "the new node to stop")
+
+
+def test_a_frozen_bundle_is_installed_as_a_release_linked_by_the_programs_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ays_installer import services
+    from ays_installer.layout import Installation
+
+    bundle = tmp_path / "uat_ays"
+    (bundle / "_internal").mkdir(parents=True)
+    (bundle / "ays").write_text('#!/bin/sh\necho frozen "$(basename "$0")"\n')
+    (bundle / "ays").chmod(0o755)
+    (bundle / "aysManager").symlink_to("ays")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "executable", str(bundle / "aysManager"))  # run through the link
+    inst = Installation("manager", tmp_path / "root", tmp_path / "root/etc/ays/manager.yaml")
+    stamps = iter(["20260101000000", "20260102000000", "20260103000000"])
+    monkeypatch.setattr(services.time, "strftime", lambda _: next(stamps))
+    for _ in range(3):
+        services._install_program(inst)
+    releases = sorted(p.name for p in (inst.install_dir / "releases").iterdir())
+    assert len(releases) == 2 and releases[-1].endswith("20260103000000")  # this and the last
+    assert os.readlink(inst.program) == f"releases/{releases[-1]}/ays"
+    assert ok(run(inst.program)) == "frozen aysManager\n"  # the multicall name is kept
