@@ -189,8 +189,7 @@ class ServiceRunner:
             if time.monotonic() >= deadline and not ready.done():
                 ready.cancel()
                 self._stop("not ready in time")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(serve), STOP_WAIT)
+                await asyncio.wait({serve}, timeout=STOP_WAIT)  # its own time-boxed shutdown
                 return self._failed_to_start(
                     f"not ready within {self.ready_timeout:g}s", serve, stopped=True
                 )
