@@ -624,9 +624,9 @@ class ConsulRegistry(NodeRegistry):
         try:
             answers = await asyncio.to_thread(read)
         except RegistryError as err:
-            self._outage.failed("reread", err)
+            # Not an outage of its own: the watches retry, and say so when Consul is away.
+            log.warning("%s: registry: reread after a consul watch call failed: %s", self.who, err)
             return
-        self._outage.succeeded("reread")
         for answer in answers:
             self._events.put_nowait(answer)
 
