@@ -72,12 +72,20 @@ class CronSchedule(Schedule):
         self._fields = fields
         self._tz = tz
         self._iter = croniter(fields, datetime.now(tz), second_at_beginning=True)
+        # Timers share parsed schedules, and a burst of due timers asks the same question
+        # thousands of times ("the slot after 12:00:01?"): remember the last answer.
+        self._last: tuple[datetime, datetime] | None = None
 
     def next_after(self, after: datetime) -> datetime:
+        last = self._last
+        if last is not None and last[0] == after:
+            return last[1]
         local = after.replace(tzinfo=UTC).astimezone(self._tz)
         self._iter.set_current(local, force=True)
         nxt: datetime = self._iter.get_next(datetime)
-        return nxt.astimezone(UTC).replace(tzinfo=None)
+        result = nxt.astimezone(UTC).replace(tzinfo=None)
+        self._last = (after, result)
+        return result
 
 
 class EverySchedule(Schedule):

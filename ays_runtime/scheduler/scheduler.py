@@ -103,6 +103,7 @@ class Scheduler:
     def fire_due(self, now: datetime) -> int:
         """Submit every due timer's slot and reschedule it; returns how many were submitted."""
         submitted = 0
+        late: list[int] = []
         for timer in self.timers.pop_due(now):
             if now - timer.fire_at <= self.grace:
                 self.writer.submit(Fire(timer.task_id, timer.fire_at))
@@ -115,16 +116,20 @@ class Scheduler:
                     if slot is not None:
                         self.writer.submit(Fire(timer.task_id, slot, TriggerKind.MISFIRE.value))
                         submitted += 1
-                log.warning(
-                    "manager %s: task %d is %.1fs late for slot %s; misfire policy %s",
-                    self.manager_id,
-                    timer.task_id,
-                    (now - timer.fire_at).total_seconds(),
-                    timer.fire_at.isoformat(),
-                    timer.misfire_policy,
-                )
+                late.append(timer.task_id)
                 timer.fire_at = timer.schedule.next_after(now)
             self.timers.put(timer)
+        if late:
+            # One line per burst, not per timer: an overloaded manager must not log more.
+            log.warning(
+                "manager %s: %d timer(s) later than the %.0fs grace (tasks %s%s); their "
+                "misfire policy applied",
+                self.manager_id,
+                len(late),
+                self.grace.total_seconds(),
+                ", ".join(map(str, late[:10])),
+                ", ..." if len(late) > 10 else "",
+            )
         self.fired_total += submitted
         return submitted
 
