@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from ays_runtime.transport.base import JobDispatch
 log = logging.getLogger("ays.scheduler")
 
 _TINY = timedelta(microseconds=1)
+FREEZE_AFTER = 10_000  # timers installed by one reconcile (start-up, mass changes)
 
 
 class Scheduler:
@@ -68,6 +70,11 @@ class Scheduler:
             if plan.writes:
                 await asyncio.to_thread(self.reconciler.apply, plan)
             Reconciler.apply_to_memory(plan, self.timers)
+            if len(plan.put_timers) >= FREEZE_AFTER:
+                # Move the (long-lived, acyclic) timers out of the cyclic GC's view, so later
+                # full collections stop walking 100k of them on every tick (~25% of a no-change
+                # reconcile at 100k). Refcounting still frees a timer once it is replaced.
+                gc.freeze()
             for misfire in plan.misfires:
                 self.writer.submit(
                     Fire(misfire.task_id, misfire.scheduled_at, TriggerKind.MISFIRE.value)
