@@ -128,6 +128,8 @@ def test_a_fired_job_travels_by_rocketmq_runs_on_a_node_and_its_result_is_stored
     assert emu.in_flight(RESULT_TOPIC, "ays_manager") == 0, "the result was acked"
     client_logs = list((cluster.tmp / "log").rglob("rocketmq_client.log"))
     assert {p.parent.name for p in client_logs} == {"manager", "node"}
+    assert not list(cluster.tmp.rglob(".rocketmq-client-home*")), "no scratch HOME left"
+    assert not list(cluster.tmp.rglob("rocketmq_python")), "nothing in the client's own place"
 
 
 def test_a_node_killed_before_acking_has_its_job_redelivered_to_the_other_node_once(

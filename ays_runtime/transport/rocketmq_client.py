@@ -140,7 +140,8 @@ def load_client(log_dir: str | Path) -> None:
                 f"{err.strerror or err}; set manager.log_dir / node.log_dir to a directory "
                 "this user can write (installConfig creates it)"
             ) from None
-        scratch = directory / ".rocketmq-client-home"
+        # Per process: two daemons sharing a log dir must not clean up each other's import.
+        scratch = directory / f".rocketmq-client-home.{os.getpid()}"
         # gRPC's C core logs to stderr; keep its info lines (GOAWAY...) out of Ays's log.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         if "rocketmq.v5.log" not in sys.modules:
