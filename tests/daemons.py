@@ -70,6 +70,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"{self.args[0]} exited {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.health_url, timeout=1).status_code == 200:
