@@ -10,6 +10,7 @@ sender's pid taken from its credentials, as systemd does for NotifyAccess=main.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import create_engine, select
 from typer.testing import CliRunner
@@ -128,8 +130,16 @@ def stage(tmp_path: Path) -> Iterator[Stage]:
     for role in ("manager", "node"):
         stage.pid(role)
     for pid in stage.started:
-        if process_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_if_ours(pid, stage.root)
+
+
+def kill_if_ours(pid: int, root: Path) -> None:
+    """SIGKILL `pid` if it still is one of this test's daemons: pids are recycled quickly on
+    a busy machine, and another test's process must never be hit."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if str(root) in " ".join(proc.cmdline()):
+            proc.kill()
 
 
 def install(stage: Stage, role: str) -> str:
