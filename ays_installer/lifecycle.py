@@ -17,6 +17,7 @@ Exit codes follow the LSB (Linux Standard Base core, "Init Script Actions").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -43,7 +44,7 @@ from ays_runtime.service.handover import (
     stop_process,
 )
 from ays_runtime.service.layout import ServiceFiles
-from ays_runtime.service.pidfile import Pidfile, process_alive
+from ays_runtime.service.pidfile import Pidfile, process_alive, still_running
 from ays_runtime.service.runner import ReloadRecord
 
 # LSB status codes
@@ -198,20 +199,20 @@ class Lifecycle:
 
     def _stop_pid(self, pid: int, timeout: float) -> int:
         say(f"{self.service}: stopping pid {pid} (up to {timeout:g}s: running work ends first)")
+        # Signals go through a psutil handle: it refuses a pid recycled by another process.
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+            proc = psutil.Process(pid)
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            proc = None
+        except psutil.AccessDenied:
             warn(f"{self.service}: not allowed to signal pid {pid}; run it as root")
             return EXIT_NO_PRIVILEGE
-        if not _wait_gone(pid, timeout):
+        if proc is not None and not _wait_gone(proc, timeout):
             warn(f"{self.service}: pid {pid} still runs after {timeout:g}s: SIGKILL")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            _wait_gone(pid, 10)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+            _wait_gone(proc, 10)
         self.pidfile.remove_if_mine(pid)
         say(f"{self.service} stopped")
         return EXIT_OK
@@ -236,15 +237,19 @@ class Lifecycle:
             return code
         if pid is None:
             pid = self.pidfile.running()
-        if pid is None or not process_alive(pid):
+        proc = _process(pid) if pid is not None and process_alive(pid) else None
+        if pid is None or proc is None:
             warn(f"{self.service} is not running: nothing to reload (start it)")
             return EXIT_NOT_RUNNING
         record = self.files.reload_record
         previous = ReloadRecord.read(record)
         seq = previous.seq if previous else 0
         try:
-            os.kill(pid, signal.SIGHUP)
-        except PermissionError:
+            proc.send_signal(signal.SIGHUP)
+        except psutil.NoSuchProcess:
+            warn(f"{self.service} is not running: nothing to reload (start it)")
+            return EXIT_NOT_RUNNING
+        except psutil.AccessDenied:
             warn(f"{self.service}: not allowed to signal pid {pid}; run it as root")
             return EXIT_NO_PRIVILEGE
         if not wait:
@@ -256,7 +261,7 @@ class Lifecycle:
             latest = ReloadRecord.read(record)
             if latest is not None and latest.seq > seq and latest.old_pid == pid:
                 break
-            if not process_alive(pid):
+            if not still_running(proc):
                 log = self.files.log_file
                 warn(f"{self.service}: pid {pid} exited during the reload; see {log}")
                 return EXIT_FAILED
@@ -329,9 +334,16 @@ class Lifecycle:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while process_alive(pid):
+    while still_running(proc):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)

@@ -112,3 +112,14 @@ def process_alive(pid: int, not_after: float | None = None) -> bool:
         return False
     except psutil.AccessDenied:
         return True  # it exists; another user's process we may not inspect
+
+
+def still_running(proc: psutil.Process) -> bool:
+    """Whether the process `proc` was taken for still runs: psutil compares its start time,
+    so a pid recycled by another process reads as gone (zombies are gone too)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
