@@ -149,7 +149,8 @@ class Lifecycle:
             say(
                 f"{self.service} started (pid {proc.pid}), listening on {ip}:{port}, log {log_file}"
             )
-            # It runs on without us: whoever is init reaps it.
+            # The daemon outlives this command (init reaps it): tell Popen not to wait for it
+            # or warn that it still runs when this command exits.
             proc.returncode = 0
             return EXIT_OK
         if answer is None:
