@@ -187,7 +187,7 @@ def make_cluster(tmp_path: Path, emu: ConsulEmulator) -> Iterator[Callable[..., 
         for daemon in ays.nodes.values():
             daemon.kill()
         ays.manager.kill()
-    _kill_marked(tmp_path.name)
+    _kill_marked(str(tmp_path))
 
 
 def start_all(daemons: list[Daemon]) -> None:
@@ -210,7 +210,8 @@ def start_all(daemons: list[Daemon]) -> None:
 
 
 def _kill_marked(marker: str) -> None:
-    """Jobs of a SIGKILLed node outlive it: clean them up."""
+    """Jobs of a SIGKILLed node outlive it: clean them up. The marker is the test's full
+    tmp path: its base name alone is the same in another pytest session running at once."""
     for proc in psutil.process_iter(["cmdline"]):
         if any(marker in part for part in proc.info["cmdline"] or []):
             proc.kill()
@@ -362,7 +363,7 @@ def test_a_killed_node_is_offline_within_the_check_interval_its_runs_node_lost_a
     make_cluster: Callable[..., Cluster], storage_url: str
 ) -> None:
     ays = make_cluster(storage_url, "a", "b")
-    task = add_task(ays, f"sleep 30 # {ays.tmp.name}")
+    task = add_task(ays, f"sleep 30 # {ays.tmp}")
     trigger(ays, task)
     run = wait_for(
         lambda: [r for r in runs(ays, task) if r["status"] == "dispatched"], 10, "a dispatched run"
