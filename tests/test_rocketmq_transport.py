@@ -161,7 +161,7 @@ def test_a_job_whose_ack_was_lost_comes_back_and_is_not_run_again_its_result_rep
     assert cluster.nodes["b"].stop() == 0  # one node: the redelivery comes back to it
     marks = cluster.tmp / "ran.txt"
     task = add_task(cluster, f"echo $AYS_JOB_ID >> {marks}", timeout_s=1)  # hidden 11 s
-    emu.refuse_acks(1)
+    emu.refuse_acks(GROUP_TOPIC, 1)  # the node's ack of the job, not the manager's of the result
     job_log_id = trigger(cluster, task)
     [run] = finished_runs(cluster, task, 1)
     assert run["status"] == "succeeded"

@@ -58,7 +58,7 @@ Behaviour (faithful to the proxy and broker unless listed under "Deviations"):
 * Heartbeat and NotifyClientTermination need stored settings (else
   ``UNRECOGNIZED_CLIENT_TYPE`` "cannot find client settings for this client"); ReceiveMessage
   without settings fails ``INTERNAL_SERVER_ERROR`` (the proxy's null settings).
-* Fault injection for tests: ``refuse_acks(n)`` fails the next n ack entries.
+* Fault injection for tests: ``refuse_acks(topic, n)`` fails the next n acks on `topic`.
 * An outage: ``stop()`` drops the proxy (connections, streams, long polls, stored client
   settings: proxy memory); messages, offsets, in-flight messages and their timers are the
   broker's and survive, so invisibility keeps running during the outage.
@@ -218,7 +218,7 @@ class RocketMQEmulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._calls: dict[str, int] = {}
-        self._refused_acks = 0
+        self._refused_acks: dict[str, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -362,10 +362,11 @@ class RocketMQEmulator:
 
         return self._call(self._async(read))
 
-    def refuse_acks(self, count: int) -> None:
-        """Fault injection: answer the next `count` ack entries INTERNAL_SERVER_ERROR (as a
-        broker that fails to write the ack would); the messages stay in flight."""
-        self._refused_acks = count
+    def refuse_acks(self, topic: str, count: int) -> None:
+        """Fault injection: answer the next `count` ack entries for `topic`
+        INTERNAL_SERVER_ERROR (as a broker that fails to write the ack would); the messages
+        stay in flight."""
+        self._refused_acks[topic] = count
 
     def calls(self, method: str) -> int:
         """How many times `method` (e.g. "SendMessage") was called."""
@@ -802,8 +803,8 @@ class _Servicer(service_pb2_grpc.MessagingServiceServicer):
         for entry in request.entries:
             try:
                 sub, offset = emu._held(topic, group, entry.receipt_handle)
-                if emu._refused_acks > 0:
-                    emu._refused_acks -= 1
+                if emu._refused_acks.get(topic.name, 0) > 0:
+                    emu._refused_acks[topic.name] -= 1
                     raise _Refused(Code.INTERNAL_SERVER_ERROR, "ack failed: status is abnormal")
             except _Refused as refused:
                 status = _status(refused.code, str(refused))
