@@ -610,6 +610,8 @@ def test_consul_down_for_30s_loses_no_fire_and_the_node_states_resynchronise_aft
     assert len(slots) >= 33, f"{len(slots)} fires in ~35 s"
     gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
     assert set(gaps) == {timedelta(seconds=1)}, "one fire per second, none lost, none twice"
+    # Each watch retries on its own backoff (at most 5 s): the end is said when both are back.
+    wait_for(lambda: BACK in ays.manager.log(), 15, "the end of the outage in the log")
     log = ays.manager.log()
     assert log.count(OUTAGE) == 1, "the outage is logged once"
     assert log.count(BACK) == 1
