@@ -239,6 +239,8 @@ def test_trigger_now_returns_the_job_log_and_passes_the_params_override(api: Api
 
 BAD_FIELDS = [  # (what the request changes, the field named, the bad value named)
     ({"schedule": "0 61 * * * *"}, "schedule", "0 61 * * * *"),
+    ({"schedule": "*/61 * * * * *"}, "schedule", "*/61 * * * * *"),  # a step past the range
+    ({"schedule": "0 */25 * * *"}, "schedule", "0 */25 * * *"),
     ({"timezone": "Mars/Olympus"}, "timezone", "Mars/Olympus"),
     ({"node_group": "nowhere"}, "node_group", "nowhere"),
     ({"timeout_s": -5}, "timeout_s", -5),
@@ -280,6 +282,12 @@ def test_the_messages_say_what_is_expected(api: Api) -> None:
     assert "'first', 'round_robin'" in error(route_strategy="fastest")
     assert "the fields are name, description" in error(colour="blue")
     assert "IANA time zone" in error(timezone="Mars/Olympus")
+    assert "the second field's step must be 1 to 59 (second runs 0-59)" in error(
+        schedule="*/61 * * * * *"
+    )
+    assert "the hour field's step must be 1 to 23 (hour runs 0-23)" in error(
+        schedule="0 */25 * * *"
+    )
     assert "http:// or https://" in error(task_type="http", payload={"url": "ftp://x"})
 
 

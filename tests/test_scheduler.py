@@ -1,6 +1,6 @@
 """The scheduling center's core: reconciliation of the three lists, slot claiming, misfires.
 
-Every test runs on SQLite and on MariaDB (the `engine` fixture)."""
+Every test that touches the database runs on SQLite and on MariaDB (the `engine` fixture)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, delete, event, func, insert, select, update
 
+from ays_runtime.exceptions import ScheduleError
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
+from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
@@ -157,6 +159,66 @@ def test_a_task_with_a_bad_schedule_in_the_database_is_reported_not_installed(
     task = add_task(engine, "a", "not a schedule")
     assert reconcile(engine, timers) == ["invalid"]
     assert task not in timers and timer_rows(engine) == {}
+
+
+SECONDS = "second field's step must be 1 to 59 (second runs 0-59)"
+MINUTES = "minute field's step must be 1 to 59 (minute runs 0-59)"
+HOURS = "hour field's step must be 1 to 23 (hour runs 0-23)"
+MONTHS = "month field's step must be 1 to 11 (month runs 1-12)"
+WEEKDAYS = "day of week field's step must be 1 to 6 (day of week runs 0-6)"
+
+
+@pytest.mark.parametrize(
+    ("expression", "rule", "bad"),
+    [
+        ("*/61 * * * * *", SECONDS, "'*/61' steps by 61"),
+        ("*/60 * * * * *", SECONDS, "'*/60' steps by 60"),
+        ("*/0 * * * * *", SECONDS, "'*/0' steps by 0"),
+        ("5/70 * * * * *", SECONDS, "'5/70' steps by 70"),
+        ("*/5,10-20/90 * * * * *", SECONDS, "'10-20/90' steps by 90"),
+        ("0 */61 * * * *", MINUTES, "'*/61' steps by 61"),
+        ("*/61 * * * *", MINUTES, "'*/61' steps by 61"),  # 5 fields: the first is the minute
+        ("0 0 */24 * * *", HOURS, "'*/24' steps by 24"),
+        ("0 */25 * * *", HOURS, "'*/25' steps by 25"),
+        (
+            "0 0 0 */31 * *",
+            "day of month field's step must be 1 to 30 (day of month runs 1-31)",
+            "'*/31' steps by 31",
+        ),
+        ("0 0 0 1 */12 *", MONTHS, "'*/12' steps by 12"),
+        ("0 0 0 1 JAN-DEC/13 *", MONTHS, "'JAN-DEC/13' steps by 13"),
+        ("0 0 0 * * */7", WEEKDAYS, "'*/7' steps by 7"),
+        ("0 0 0 * * MON-FRI/7", WEEKDAYS, "'MON-FRI/7' steps by 7"),
+    ],
+)
+def test_a_cron_step_that_cannot_fire_twice_in_its_field_is_refused_naming_the_field(
+    expression: str, rule: str, bad: str
+) -> None:
+    with pytest.raises(ScheduleError) as caught:
+        parse_schedule(expression)
+    assert (caught.value.field, caught.value.value) == ("schedule", expression)
+    assert str(caught.value) == f"schedule: {expression!r} is not valid: the {rule}; {bad}"
+
+
+@pytest.mark.parametrize(
+    ("expression", "after", "slots"),
+    [
+        ("*/59 * * * * *", "12:00:00", ["12:00:59", "12:01:00", "12:01:59"]),
+        ("*/59 * * * *", "12:00:00", ["12:59:00", "13:00:00", "13:59:00"]),  # 5 fields: minutes
+        ("0 */25 * * * *", "12:00:00", ["12:25:00", "12:50:00", "13:00:00"]),
+        ("0 0 */23 * * *", "00:00:00", ["23:00:00", "00:00:00", "23:00:00"]),
+        ("0-10/20 * * * * *", "12:00:00", ["12:01:00", "12:02:00", "12:03:00"]),
+    ],
+)
+def test_a_cron_step_up_to_its_fields_span_fires_as_written(
+    expression: str, after: str, slots: list[str]
+) -> None:
+    schedule = parse_schedule(expression)
+    got, moment = [], datetime.fromisoformat(f"2026-05-01T{after}")
+    for _ in slots:
+        moment = schedule.next_after(moment)
+        got.append(moment.time().isoformat())
+    assert got == slots
 
 
 def test_a_duplicate_slot_is_refused(engine: Engine) -> None:

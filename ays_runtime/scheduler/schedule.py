@@ -8,6 +8,10 @@ Three forms are accepted:
 * `@every 10s` fixed rates (units ms, s, m, h, d; combinations such as `1h30m`), and the
   `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly` shorthands.
 
+A cron step must be 1 up to its field's span (`*/59` seconds, `*/23` hours, `*/6` days of the
+week): croniter takes `*/60` or `*/0`, but such a step fires at most once in the field's
+range, not every N units, so it is refused.
+
 Cron is evaluated in the task's time zone, DST included, as croniter does it. Fixed rates are
 anchored on the Unix epoch, so every manager computes the same slots: the slot time is the
 key that stops a second manager from firing it again.
@@ -40,6 +44,15 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _EPOCH = datetime(1970, 1, 1)
 MIN_EVERY = timedelta(milliseconds=100)
+# The six cron fields in order, with the values each can take (day of week: 0 is Sunday).
+_CRON_FIELDS = (
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 6),
+)
 
 
 class Schedule(ABC):
@@ -163,6 +176,7 @@ def parse_schedule(expression: str, timezone: str = "UTC") -> Schedule:
             "a cron expression has 6 fields (sec min hour day-of-month month day-of-week) "
             "or 5 (min hour day-of-month month day-of-week)",
         )
+    _check_steps(expression, fields)
     if not croniter.is_valid(fields, second_at_beginning=True):
         raise ScheduleError(
             "schedule", expression, "a valid cron expression, e.g. '*/10 * * * * *' (every 10 s)"
@@ -175,3 +189,21 @@ def parse_schedule(expression: str, timezone: str = "UTC") -> Schedule:
             "schedule", expression, f"a cron expression that matches some date ({err})"
         ) from None
     return schedule
+
+
+def _check_steps(expression: str, fields: str) -> None:
+    """Refuse a step (`*/N`, `a-b/N`, `a/N`) of 0 or wider than its field's range, which
+    croniter takes: `*/61` in the second field fires only at second 0, never every 61 s.
+    Other malformed steps are left to croniter's own check."""
+    for (name, low, high), field in zip(_CRON_FIELDS, fields.split(" "), strict=True):
+        for item in field.split(","):
+            _, slash, step = item.partition("/")
+            if not (slash and step.isascii() and step.isdigit()):
+                continue
+            if not 1 <= int(step) <= high - low:
+                raise ScheduleError(
+                    "schedule",
+                    expression,
+                    f"the {name} field's step must be 1 to {high - low} ({name} runs "
+                    f"{low}-{high}); '{item}' steps by {int(step)}",
+                )
