@@ -2,6 +2,8 @@
 
     render_watch_config(prepared)   [RenderedFile] for a manager whose registry is consul,
                                     [] otherwise
+    is_rendered_watch(text)         whether a file's text is such a watch (what
+                                    `aysManager uninstall --purge` may remove)
 
 `<conf_dir>/consul-watch-ays.json` (mode 0640: it holds the manager's access token, and the
 Consul ACL token when the env has one) comes from `templates/config/consul-watch-ays.json.j2`
@@ -103,6 +105,15 @@ def _check(text: str, context: dict[str, Any]) -> None:
         raise ConfigError(
             f"{where}: does not render JSON (line {err.lineno}: {err.msg}); fix the template"
         ) from None
+    if data != _watches(context):
+        raise ConfigError(
+            f"{where}: renders a different watch than the key watch on {context['key']} "
+            "posting to the manager; fix the template"
+        )
+
+
+def _watches(context: dict[str, Any]) -> dict[str, Any]:
+    """The parsed JSON of the watch file for `context` (the template's values)."""
     watch: dict[str, Any] = {"type": "key", "key": context["key"]}
     if context["datacenter"] is not None:
         watch["datacenter"] = context["datacenter"]
@@ -115,11 +126,37 @@ def _check(text: str, context: dict[str, Any]) -> None:
         "header": {"Authorization": [context["authorization"]]},
         "timeout": context["timeout"],
     }
-    if data != {"watches": [watch]}:
-        raise ConfigError(
-            f"{where}: renders a different watch than the key watch on {context['key']} "
-            "posting to the manager; fix the template"
-        )
+    return {"watches": [watch]}
+
+
+def is_rendered_watch(text: str) -> bool:
+    """Whether `text` is a watch file as installConfig renders it, whatever its values: one
+    key watch on `<kv_prefix>/nodelist` POSTing to a manager's WATCH_PATH with a bearer
+    token, nothing else. A file an operator wrote or extended there is not."""
+    try:
+        data = json.loads(text)
+        watch = data["watches"][0]
+        handler = watch["http_handler_config"]
+        context = {
+            "key": watch["key"],
+            "datacenter": watch.get("datacenter"),
+            "consul_token": watch.get("token"),
+            "url": handler["path"],
+            "authorization": handler["header"]["Authorization"][0],
+            "timeout": handler["timeout"],
+        }
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False
+    return (
+        data == _watches(context)
+        and isinstance(context["key"], str)
+        and context["key"].endswith("/nodelist")
+        and isinstance(context["url"], str)
+        and context["url"].startswith("http://")
+        and context["url"].endswith(WATCH_PATH)
+        and isinstance(context["authorization"], str)
+        and context["authorization"].startswith("Bearer ")
+    )
 
 
 def secrets_in(text: str | None) -> set[str]:

@@ -131,7 +131,11 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
     @lsb_errors
     def uninstall(
         purge: Annotated[
-            bool, typer.Option("--purge", help="also remove the config, data, logs and user")
+            bool,
+            typer.Option(
+                "--purge",
+                help="also remove the config (and the manager's Consul watch), data, logs and user",
+            ),
         ] = False,
         env: EnvOption = None,
         config: ConfigOption = None,

@@ -19,7 +19,9 @@ naming the installConfig command.
 
 uninstall stops the service, disables it and removes what install put in place: program,
 unit, init script and the run directory (pidfile, reload record). The config, data and logs
-stay, unless --purge (then the system user goes too, if no other Ays service uses it).
+stay, unless --purge: then they go, with the manager's Consul watch file installConfig
+rendered beside its config (only if it still is that file), and the system user too, if no
+other Ays service uses it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 import jinja2
 import typer
 
+from ays_installer.consul_watch import WATCH_FILE, is_rendered_watch
 from ays_installer.layout import Installation, installconfig_command
 from ays_installer.render import write_atomic
 from ays_installer.resources import templates_dir
@@ -432,7 +435,17 @@ def uninstall(inst: Installation, purge: bool) -> None:
 
 def _kept(inst: Installation, config: EnvConfig) -> str:
     section = inst.files(config).section
-    return f"{inst.config_path}, {section.data_dir} and the logs in {section.log_dir}"
+    watch = _watch_file(inst, config)
+    also = f", {watch}" if watch is not None and watch.is_file() else ""
+    return f"{inst.config_path}{also}, {section.data_dir} and the logs in {section.log_dir}"
+
+
+def _watch_file(inst: Installation, config: EnvConfig) -> Path | None:
+    """Where installConfig renders the manager's Consul watch (consul envs); None for a
+    node: the watch is the manager's, even when both share one conf_dir."""
+    if inst.role != "manager":
+        return None
+    return Path(config.manager.conf_dir) / WATCH_FILE
 
 
 def _purge(inst: Installation, config: EnvConfig | None) -> None:
@@ -448,6 +461,9 @@ def _purge(inst: Installation, config: EnvConfig | None) -> None:
     _remove(Path(section.data_dir))
     for log in sorted(Path(section.log_dir).glob(f"{files.service}.log*")):
         _remove(log)
+    watch = _watch_file(inst, config)
+    if watch is not None:
+        _remove_watch(watch)
     for directory in (Path(section.log_dir), Path(section.conf_dir)):
         _remove_if_empty(directory)
     other = next(r for r in SERVICE_NAMES if r != inst.role)
@@ -467,6 +483,32 @@ def _purge(inst: Installation, config: EnvConfig | None) -> None:
         _run(["userdel", section.user])
         say(f"  removed user {section.user}")
     say(f"purged {inst.service}")
+
+
+def _remove_watch(path: Path) -> None:
+    """Remove the Consul watch file at `path` if it is the one installConfig rendered; a
+    file an operator put or edited there stays, and the output says so."""
+    if not path.is_symlink() and not path.exists():
+        return
+    keep = (
+        f"  kept {path}: not the Consul watch installConfig renders; remove it by hand if it "
+        "is no longer needed"
+    )
+    if path.is_symlink() or not path.is_file():
+        say(keep)
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        say(f"  kept {path}: cannot read it: {err.strerror or err}")
+        return
+    except UnicodeDecodeError:
+        say(keep)
+        return
+    if not is_rendered_watch(text):
+        say(keep)
+        return
+    _remove(path)
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ sender's pid taken from its credentials, as systemd does for NotifyAccess=main.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from sqlalchemy import create_engine, select
 from typer.testing import CliRunner
 
 from ays_installer import manager_cli
+from ays_installer.consul_watch import WATCH_FILE
 from ays_runtime.service import systemd
 from ays_runtime.service.pidfile import Pidfile, process_alive
 from ays_runtime.storage.models import JobLog, TriggerKind
@@ -38,7 +40,14 @@ from tests.daemons import BIN, client, free_port, wait_for, write_config
 
 MANAGER = str(BIN / "aysManager")
 NODE = str(BIN / "aysNode")
+INSTALL_CONFIG = str(BIN / "installConfig")
 GROUP = "g1"
+UAT_SECRETS = {
+    "AYS_ACCESS_TOKEN": "tok-uat-access",
+    "AYS_DB_PASSWORD": "pw-uat-db",
+    "AYS_CONSUL_TOKEN": "consul-uat-acl",
+    "AYS_ROCKETMQ_SECRET": "rmq-uat-secret",
+}
 
 
 def in_ci() -> bool:
@@ -148,6 +157,24 @@ def install(stage: Stage, role: str) -> str:
     else:
         args = [NODE, "install", "-g", GROUP, "-p", "127.0.0.1", "-P", str(stage.node_port)]
     return ok(run(*args, "--root", stage.root))
+
+
+def render_uat(root: Path, role: str, *more: str) -> None:
+    """installConfig ROLE -e uat --root ROOT: uat's registry is consul, so a manager gets
+    the Consul watch file beside its config."""
+    result = subprocess.run(
+        [INSTALL_CONFIG, role, "-e", "uat", *more, "--root", str(root), "--skip-preflight"],
+        env={**os.environ, **UAT_SECRETS},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    ok(result)
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
 
 
 def lifecycle(stage: Stage, role: str, action: str, *more: str) -> subprocess.CompletedProcess[str]:
@@ -507,7 +534,14 @@ def test_install_start_reload_upgrade_stop_uninstall_without_a_failed_request(
 
 
 @pytest.mark.slow
-def test_a_reload_to_a_broken_program_keeps_the_old_one_serving(stage: Stage) -> None:
+def test_a_reload_to_a_broken_program_keeps_the_old_one_serving(
+    stage: Stage, tmp_path: Path
+) -> None:
+    # The Consul watch a consul env's installConfig rendered beside the config (the env has
+    # moved to the builtin registry since): purge must remove it with the config.
+    render_uat(tmp_path / "uat", "manager")
+    watch = stage.conf_dir / WATCH_FILE
+    shutil.copy2(tmp_path / "uat/etc/ays" / WATCH_FILE, watch)
     install(stage, "manager")
     ok(lifecycle(stage, "manager", "start"))
     pid = stage.pid("manager")
@@ -524,9 +558,67 @@ def test_a_reload_to_a_broken_program_keeps_the_old_one_serving(stage: Stage) ->
     assert_no_failures(running)
     assert "this build is broken" in (stage.log_dir / "aysmanager.log").read_text()
     ok(lifecycle(stage, "manager", "stop"))
-    ok(lifecycle(stage, "manager", "uninstall", "--purge"))
+    purged = ok(lifecycle(stage, "manager", "uninstall", "--purge"))
     assert not (stage.conf_dir / "manager.yaml").exists()
     assert not stage.data_dir("manager").exists()
+    assert f"removed {watch}\n" in purged and not watch.exists()
+    assert files_under(stage.conf_dir) == [stage.conf_dir / "node.yaml"]
+
+
+def test_purging_the_manager_removes_the_consul_watch_and_purging_the_node_keeps_it(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    render_uat(root, "manager")
+    render_uat(root, "node", "-g", GROUP)
+    watch = root / "etc/ays" / WATCH_FILE
+    assert watch.is_file()
+
+    ok(run(NODE, "install", "-e", "uat", "--root", root))
+    ok(run(NODE, "uninstall", "--purge", "-e", "uat", "--root", root))
+    assert files_under(root) == [watch, root / "etc/ays/manager.yaml"]  # the manager's own
+
+    ok(run(MANAGER, "install", "-e", "uat", "--root", root))
+    kept = ok(run(MANAGER, "uninstall", "-e", "uat", "--root", root))
+    assert f"kept {root}/etc/ays/manager.yaml, {watch}, " in kept and watch.is_file()
+    ok(run(MANAGER, "install", "-e", "uat", "--root", root))
+    purged = ok(run(MANAGER, "uninstall", "--purge", "-e", "uat", "--root", root))
+    assert f"removed {watch}\n" in purged
+    assert files_under(root) == []
+    assert not (root / "etc/ays").exists()
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    ["extended", "edited", "not json", "a link"],
+)
+def test_purge_keeps_a_file_at_the_watch_path_that_is_not_the_watch_installconfig_renders(
+    tmp_path: Path, foreign: str
+) -> None:
+    root = tmp_path / "root"
+    render_uat(root, "manager")
+    watch = root / "etc/ays" / WATCH_FILE
+    rendered = json.loads(watch.read_text())
+    if foreign == "extended":  # an operator added a watch of their own
+        rendered["watches"].append({"type": "service", "service": "web", "args": ["/bin/true"]})
+        watch.write_text(json.dumps(rendered))
+    elif foreign == "edited":  # ... or pointed the handler elsewhere
+        rendered["watches"][0]["http_handler_config"]["path"] = "http://10.0.0.9/hook"
+        watch.write_text(json.dumps(rendered))
+    elif foreign == "not json":
+        watch.write_text("watches = []\n")
+    else:
+        target = tmp_path / "elsewhere.json"
+        watch.rename(target)
+        watch.symlink_to(target)
+    before = watch.read_text()
+
+    ok(run(MANAGER, "install", "-e", "uat", "--root", root))
+    purged = ok(run(MANAGER, "uninstall", "--purge", "-e", "uat", "--root", root))
+
+    assert f"kept {watch}: not the Consul watch installConfig renders" in purged
+    assert watch.read_text() == before
+    assert files_under(root) == [watch]
 
 
 @pytest.mark.slow
