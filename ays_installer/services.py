@@ -543,9 +543,10 @@ def _remove_empty_parents(inst: Installation, path: Path) -> None:
     top = inst.root.absolute()
     parent = path.parent
     while parent != top and top in parent.parents:
-        if any(parent.iterdir()):
-            return
-        _remove_if_empty(parent)
+        if parent.exists():  # a purge of what was never installed has nothing here
+            if any(parent.iterdir()):
+                return
+            _remove_if_empty(parent)
         parent = parent.parent
 
 

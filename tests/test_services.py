@@ -588,6 +588,17 @@ def test_purging_the_manager_removes_the_consul_watch_and_purging_the_node_keeps
     assert not (root / "etc/ays").exists()
 
 
+def test_purging_a_service_never_installed_removes_its_config_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    render_uat(root, "manager")
+    purged = run(MANAGER, "uninstall", "--purge", "-e", "uat", "--root", root)
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert "Traceback" not in purged.stderr
+    assert files_under(root) == []
+
+
 @pytest.mark.parametrize(
     "foreign",
     ["extended", "edited", "not json", "a link"],
