@@ -2,16 +2,18 @@
 
 Every status change is one guarded UPDATE (`... WHERE status IN (unfinished)`), so a late
 result, a duplicate report and a node-lost sweep can race without a run ever going back from
-a final status. Failed runs are retried per the task's policy, each attempt a row of its own
-(attempt + 1, same slot, same shard); a retry waits its backoff in memory on this manager.
+a final status. Changes arriving together share a transaction (group commit): a burst of
+dispatches or results costs one commit, not one each. Failed runs are retried per the task's
+policy, each attempt a row of its own (attempt + 1, same slot, same shard); a retry waits its
+backoff in memory on this manager.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from sqlalchemy import Engine, select, update
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots, load_tasks, make_dispatch
 from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.storage.models import (
     JobLog,
     Node,
@@ -36,6 +39,20 @@ log = logging.getLogger("ays.runs")
 UNFINISHED = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value, RunStatus.RUNNING.value)
 RETRYABLE = {RunStatus.FAILED.value, RunStatus.TIMED_OUT.value, RunStatus.NODE_LOST.value}
 MAX_BACKOFF = 3600.0
+
+
+@dataclass(frozen=True)
+class _Final:
+    """A run's final status, to be written (only if the run is still unfinished)."""
+
+    job_id: int
+    status: str
+    message: str
+    node: str = ""
+    exit_code: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    output: str = ""
 
 
 def retry_delay(backoff: str, interval: float, attempt: int) -> float:
@@ -60,19 +77,27 @@ class RunTracker:
         self._retries: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_finished: Callable[[str], None] | None = None  # node address, for least-busy
+        self._dispatch_writes = GroupCommit(self._write_dispatched)
+        self._final_writes = GroupCommit(self._write_finals)
 
     # -- transitions ----------------------------------------------------------------------
 
     async def dispatched(self, job: JobDispatch, node: str) -> None:
-        def write() -> None:
-            with self.engine.begin() as conn:
+        await self._dispatch_writes.submit((job.job_log_id, node))
+
+    def _write_dispatched(self, handed: Sequence[tuple[int, str]]) -> list[None]:
+        by_node: dict[str, list[int]] = {}
+        for job_id, node in handed:
+            by_node.setdefault(node, []).append(job_id)
+        now = utcnow()
+        with self.engine.begin() as conn:
+            for node, ids in by_node.items():
                 conn.execute(
                     update(JobLog)
-                    .where(JobLog.id == job.job_log_id, JobLog.status == RunStatus.PENDING.value)
-                    .values(status=RunStatus.DISPATCHED.value, node=node, started_at=utcnow())
+                    .where(JobLog.id.in_(ids), JobLog.status == RunStatus.PENDING.value)
+                    .values(status=RunStatus.DISPATCHED.value, node=node, started_at=now)
                 )
-
-        await asyncio.to_thread(write)
+        return [None] * len(handed)
 
     async def dispatch_failed(self, job: JobDispatch, message: str, node: str = "") -> None:
         log.warning(
@@ -210,32 +235,39 @@ class RunTracker:
         ended_at: datetime | None = None,
         output: str = "",
     ) -> bool:
-        def write() -> tuple[bool, JobDispatch | None, float]:
-            values: dict[str, Any] = {
-                "status": status,
-                "message": message[:1024],
-                "ended_at": ended_at or utcnow(),
-                "exit_code": exit_code,
-                "output": output,
-            }
-            if node:
-                values["node"] = node
-            if started_at is not None:
-                values["started_at"] = started_at
-            with self.engine.begin() as conn:
-                changed = conn.execute(
-                    update(JobLog)
-                    .where(JobLog.id == job_id, JobLog.status.in_(UNFINISHED))
-                    .values(**values)
-                ).rowcount
-                if not changed or status not in RETRYABLE:
-                    return bool(changed), None, 0.0
-                return True, *self._next_attempt(conn, job_id)
-
-        changed, retry, delay = await asyncio.to_thread(write)
+        final = _Final(job_id, status, message, node, exit_code, started_at, ended_at, output)
+        changed, retry, delay = await self._final_writes.submit(final)
         if retry is not None:
             self._schedule_retry(retry, delay)
         return changed
+
+    def _write_finals(
+        self, finals: Sequence[_Final]
+    ) -> list[tuple[bool, JobDispatch | None, float]]:
+        answers: list[tuple[bool, JobDispatch | None, float]] = []
+        with self.engine.begin() as conn:
+            for final in finals:
+                values: dict[str, Any] = {
+                    "status": final.status,
+                    "message": final.message[:1024],
+                    "ended_at": final.ended_at or utcnow(),
+                    "exit_code": final.exit_code,
+                    "output": final.output,
+                }
+                if final.node:
+                    values["node"] = final.node
+                if final.started_at is not None:
+                    values["started_at"] = final.started_at
+                changed = conn.execute(
+                    update(JobLog)
+                    .where(JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED))
+                    .values(**values)
+                ).rowcount
+                if not changed or final.status not in RETRYABLE:
+                    answers.append((bool(changed), None, 0.0))
+                else:
+                    answers.append((True, *self._next_attempt(conn, final.job_id)))
+        return answers
 
     def _next_attempt(self, conn: Any, job_id: int) -> tuple[JobDispatch | None, float]:
         row = conn.execute(

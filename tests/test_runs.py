@@ -1,0 +1,173 @@
+"""A run's transitions after its slot is claimed (`RunTracker`), and the group commit under
+them: a burst of dispatches or results shares one transaction, and each caller still gets its
+own answer. Database tests run on SQLite and on MariaDB (the `engine` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, event, select
+
+from ays_runtime.manager.runs import RunTracker
+from ays_runtime.protocol import JobResultReport
+from ays_runtime.scheduler.firing import Fire, claim_slots
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.group_commit import GroupCommit
+from ays_runtime.storage.models import JobLog, RunStatus
+from ays_runtime.transport.base import JobDispatch
+from tests.test_scheduler import MANAGER, add_task
+
+
+@pytest.fixture
+def commits(engine: Engine) -> Iterator[list[int]]:
+    """One entry per COMMIT the engine runs."""
+    seen: list[int] = []
+
+    def record(_conn: object) -> None:
+        seen.append(1)
+
+    event.listen(engine, "commit", record)
+    yield seen
+    event.remove(engine, "commit", record)
+
+
+def claimed_runs(engine: Engine, count: int, **task: object) -> list[JobDispatch]:
+    task_id = add_task(engine, "burst", **task)
+    start = utcnow().replace(microsecond=0)
+    fires = [Fire(task_id, start + timedelta(seconds=i)) for i in range(count)]
+    return claim_slots(engine, MANAGER, fires, utcnow())
+
+
+def tracker(engine: Engine, redispatched: list[JobDispatch]) -> RunTracker:
+    async def redispatch(jobs: list[JobDispatch]) -> None:
+        redispatched.extend(jobs)
+
+    return RunTracker(engine, MANAGER, excerpt_bytes=1024, redispatch=redispatch)
+
+
+def report(
+    job: JobDispatch, status: str = RunStatus.SUCCEEDED.value, **extra: object
+) -> JobResultReport:
+    now = utcnow()
+    values = {"exit_code": 0, "started_at": now, "ended_at": now, "output": "ok\n"} | extra
+    return JobResultReport(job_log_id=job.job_log_id, node="127.0.0.1:1", status=status, **values)
+
+
+def statuses(engine: Engine) -> dict[int, tuple[str, str | None]]:
+    with engine.connect() as conn:
+        return {
+            r.id: (r.status, r.node)
+            for r in conn.execute(select(JobLog.id, JobLog.status, JobLog.node))
+        }
+
+
+def test_a_burst_of_results_is_stored_in_one_commit_each_answered_on_its_own(
+    engine: Engine, commits: list[int]
+) -> None:
+    jobs = claimed_runs(engine, 40)
+    runs = tracker(engine, [])
+    commits.clear()
+
+    async def burst() -> list[bool]:
+        reports = [report(job) for job in jobs] + [report(jobs[0], output="again")]
+        return await asyncio.gather(*(runs.record_result(r) for r in reports))
+
+    answers = asyncio.run(burst())
+    assert answers == [True] * 40 + [False]  # the second report of run 0 is a duplicate
+    assert len(commits) == 1
+    stored = statuses(engine)
+    assert {stored[job.job_log_id][0] for job in jobs} == {RunStatus.SUCCEEDED.value}
+    with engine.connect() as conn:
+        output = conn.scalar(select(JobLog.output).where(JobLog.id == jobs[0].job_log_id))
+    assert output == "ok\n"  # the first report won
+
+
+def test_a_burst_of_dispatches_is_one_commit_and_each_row_names_its_node(
+    engine: Engine, commits: list[int]
+) -> None:
+    jobs = claimed_runs(engine, 30)
+    runs = tracker(engine, [])
+    commits.clear()
+
+    async def burst() -> None:
+        await asyncio.gather(
+            *(runs.dispatched(job, f"127.0.0.1:{1 + i % 2}") for i, job in enumerate(jobs))
+        )
+
+    asyncio.run(burst())
+    assert len(commits) == 1
+    stored = statuses(engine)
+    for i, job in enumerate(jobs):
+        assert stored[job.job_log_id] == (RunStatus.DISPATCHED.value, f"127.0.0.1:{1 + i % 2}")
+
+
+def test_a_failed_run_in_a_burst_is_retried_and_the_others_are_not(engine: Engine) -> None:
+    jobs = claimed_runs(engine, 5, retry_count=1, retry_interval_s=0)
+    redispatched: list[JobDispatch] = []
+    runs = tracker(engine, redispatched)
+
+    async def burst() -> list[bool]:
+        reports = [report(job) for job in jobs[1:]]
+        reports.append(report(jobs[0], RunStatus.FAILED.value, exit_code=1))
+        answers = await asyncio.gather(*(runs.record_result(r) for r in reports))
+        for _ in range(100):  # the retry is claimed in a worker thread: bounded wait
+            if redispatched:
+                break
+            await asyncio.sleep(0.05)
+        await runs.stop()
+        return answers
+
+    assert asyncio.run(burst()) == [True] * 5
+    assert [(j.task_id, j.scheduled_at, j.attempt) for j in redispatched] == [
+        (jobs[0].task_id, jobs[0].scheduled_at, 1)
+    ]
+
+
+def test_a_failed_group_write_fails_every_caller_of_that_batch_and_the_next_batch_runs() -> None:
+    batches: list[list[int]] = []
+
+    def write(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        if 13 in items:
+            raise RuntimeError("disk full")
+        return [item * 2 for item in items]
+
+    async def scenario() -> tuple[list[object], list[object]]:
+        group: GroupCommit[int, int] = GroupCommit(write, max_batch=4)
+        first = await asyncio.gather(
+            *(group.submit(i) for i in (11, 12, 13, 14, 15)), return_exceptions=True
+        )
+        second = await asyncio.gather(*(group.submit(i) for i in (1, 2)), return_exceptions=True)
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert batches == [[11, 12, 13, 14], [15], [1, 2]]
+    assert [str(a) if isinstance(a, Exception) else a for a in first] == [
+        "disk full",
+        "disk full",
+        "disk full",
+        "disk full",
+        30,
+    ]
+    assert second == [2, 4]
+
+
+def test_items_submitted_while_a_batch_is_written_go_into_the_next_one() -> None:
+    batches: list[list[str]] = []
+
+    def write(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        return [item.upper() for item in items]
+
+    async def scenario() -> list[str]:
+        group: GroupCommit[str, str] = GroupCommit(write)
+        first = asyncio.ensure_future(group.submit("a"))
+        await asyncio.sleep(0)  # the writer has taken ["a"] and is in its thread
+        later = await asyncio.gather(group.submit("b"), group.submit("c"))
+        return [await first, *later]
+
+    assert asyncio.run(scenario()) == ["A", "B", "C"]
+    assert batches == [["a"], ["b", "c"]]
