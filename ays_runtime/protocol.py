@@ -3,6 +3,10 @@
 Node API (every call but health needs `Authorization: Bearer <access token>`):
   POST /api/v1/jobs                  RunRequest  -> 202 RunAccepted; 429 when full and the
                                      request says not to queue (failover tries another node)
+  POST /api/v1/jobs/batch            RunBatch    -> 200 RunBatchAnswer: one answer per run,
+                                     each what POST /jobs would have said (status_code 202,
+                                     or the refusal's code and detail); the manager sends a
+                                     burst of runs for one node in one request
   POST /api/v1/jobs/{job_log_id}/kill           -> 200 {"killed": bool}
   GET  /api/v1/jobs/{job_log_id}/output         -> 200 text/plain (full captured output)
   GET  /api/v1/health                           -> 200 NodeHealth (no token: Consul checks it)
@@ -52,6 +56,23 @@ class RunRequest(_Message):
 class RunAccepted(_Message):
     job_log_id: int
     duplicate: bool = False
+
+
+class RunBatch(_Message):
+    runs: list[RunRequest]
+
+
+class RunAnswer(_Message):
+    """What became of one run of a batch: 202 taken (perhaps a duplicate), else refused."""
+
+    job_log_id: int
+    status_code: int
+    duplicate: bool = False
+    detail: str = ""
+
+
+class RunBatchAnswer(_Message):
+    runs: list[RunAnswer]
 
 
 class JobResultReport(_Message):

@@ -384,6 +384,33 @@ def test_a_full_node_refuses_a_job_that_must_not_queue(
     assert 6 not in manager.results
 
 
+def test_a_batch_of_runs_gets_one_answer_per_run_as_post_jobs_would_give(
+    tmp_path: Path, manager: FakeManager, start_node: Callable[..., NodeProcess]
+) -> None:
+    node = start_node(max_concurrent_jobs=1)
+    accepted(node.run(job(manager, 20, "echo first; sleep 30")))
+    wait_until(lambda: node.output(20), 5, "run 20 to start")
+    runs = [
+        job(manager, 20, "echo again"),  # running here: a duplicate, not run again
+        job(manager, 21, "echo queued", task_id=2),  # queues behind run 20
+        job(manager, 22, "echo no", task_id=3, queue_if_busy=False),  # full: refused
+        job(manager, 23, "echo bad", task_id=4, block_strategy="sideways"),
+    ]
+    answer = node.post("/api/v1/jobs/batch", {"runs": runs})
+    assert answer.status_code == 200, answer.text
+    by_id = {a["job_log_id"]: a for a in answer.json()["runs"]}
+    assert [a["job_log_id"] for a in answer.json()["runs"]] == [20, 21, 22, 23]
+    assert by_id[20]["status_code"] == 202 and by_id[20]["duplicate"] is True
+    assert by_id[21]["status_code"] == 202 and by_id[21]["duplicate"] is False
+    assert by_id[22]["status_code"] == 429 and "full" in by_id[22]["detail"]
+    assert by_id[23]["status_code"] == 422 and "block_strategy" in by_id[23]["detail"]
+    assert node.post("/api/v1/jobs/20/kill").json() == {"killed": True}
+    assert manager.result(21)["output"] == "queued\n"
+    assert 22 not in manager.results and 23 not in manager.results
+    unauthorised = httpx.post(f"{node.url}/api/v1/jobs/batch", json={"runs": runs}, timeout=5)
+    assert unauthorised.status_code == 401
+
+
 def test_a_killed_job_is_reported_killed(
     manager: FakeManager, start_node: Callable[..., NodeProcess]
 ) -> None:

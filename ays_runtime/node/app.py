@@ -16,7 +16,15 @@ from pydantic import BaseModel
 
 from ays_runtime import __version__
 from ays_runtime.auth import presented_token, token_matches
-from ays_runtime.protocol import API, NodeHealth, RunAccepted, RunRequest
+from ays_runtime.protocol import (
+    API,
+    NodeHealth,
+    RunAccepted,
+    RunAnswer,
+    RunBatch,
+    RunBatchAnswer,
+    RunRequest,
+)
 
 if TYPE_CHECKING:
     from ays_runtime.node.daemon import NodeDaemon
@@ -74,6 +82,26 @@ def create_app(node: NodeDaemon) -> FastAPI:
             return node.accept(request)
         except JobRefused as refused:
             return JSONResponse({"detail": str(refused)}, status_code=refused.status_code)
+
+    @guarded.post("/jobs/batch", response_model=RunBatchAnswer)
+    async def run_jobs(batch: RunBatch) -> RunBatchAnswer:
+        answers = []
+        for request in batch.runs:
+            try:
+                taken = node.accept(request)
+            except JobRefused as refused:
+                answers.append(
+                    RunAnswer(
+                        job_log_id=request.job_log_id,
+                        status_code=refused.status_code,
+                        detail=str(refused),
+                    )
+                )
+                continue
+            answers.append(
+                RunAnswer(job_log_id=taken.job_log_id, status_code=202, duplicate=taken.duplicate)
+            )
+        return RunBatchAnswer(runs=answers)
 
     @guarded.post("/jobs/{job_log_id}/kill", response_model=Killed)
     async def kill_job(job_log_id: int, body: KillRequest | None = None) -> Killed:

@@ -1,8 +1,12 @@
 """The built-in transport: the manager POSTs each run to a node's HTTP API.
 
-Delivery runs in background tasks so the fire loop never waits on a node. A run that no node
-accepts is failed at once with the reasons ("no healthy node in group g", "10.0.0.5:18181:
-connection refused"), and the retry policy takes over. Results come back to the manager's
+Delivery runs in background tasks so the fire loop never waits on a node. The runs of a burst
+that go to the same node travel in one request (`POST /jobs/batch`): one request per node
+per burst, not one per run (a node of an older version, without that route, gets them one by
+one). Failover and the first send of a broadcast go run by run, since each run's node depends
+on the answer before it. A run that no node accepts is failed at once with the reasons ("no
+healthy node in group g", "10.0.0.5:18181: connection refused"), and the retry policy takes
+over. Results come back to the manager's
 API (`/api/v1/job-logs/{id}/result`), not through this class.
 """
 
@@ -10,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import httpx
 
@@ -18,7 +23,7 @@ from ays_runtime.auth import auth_headers
 from ays_runtime.config import BuiltinTransportSettings
 from ays_runtime.manager.routing import Router
 from ays_runtime.manager.runs import RunTracker
-from ays_runtime.protocol import API, RunRequest
+from ays_runtime.protocol import API, RunAnswer, RunBatchAnswer, RunRequest
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.storage.models import RouteStrategy
 from ays_runtime.transport.base import JobDispatch, Transport
@@ -28,6 +33,8 @@ log = logging.getLogger("ays.transport.http")
 # Dispatch POSTs in flight at once. A slot of many tasks fires in one instant; unbounded,
 # every run becomes a concurrent request and httpcore's pool rescans all of them per request.
 MAX_CONCURRENT_DISPATCHES = 64
+# Runs per batch request: bounds one request's size (a run is ~0.5-2 KB of JSON).
+MAX_BATCH = 256
 
 
 class BuiltinTransport(Transport):
@@ -62,10 +69,29 @@ class BuiltinTransport(Transport):
         )
 
     async def dispatch(self, jobs: Sequence[JobDispatch]) -> None:
+        batches: dict[str, tuple[NodeRef, list[JobDispatch]]] = {}
         for job in jobs:
-            task = asyncio.create_task(self._deliver(job))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            if _one_by_one(job):
+                self._spawn(self._deliver(job))
+                continue
+            nodes = self.registry.healthy_nodes(job.node_group)
+            if not nodes:
+                self._spawn(
+                    self.tracker.dispatch_failed(job, f"no healthy node in group {job.node_group}")
+                )
+                continue
+            node = self.router.candidates(job.route_strategy, nodes, job.task_id)[0]
+            # Counted now, not on the answer: least-busy spreads the rest of this burst.
+            self._count(node.address, +1)
+            batches.setdefault(node.address, (node, []))[1].append(job)
+        for node, chosen in batches.values():
+            for start in range(0, len(chosen), MAX_BATCH):
+                self._spawn(self._send_batch(node, chosen[start : start + MAX_BATCH]))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def stop(self, timeout: float) -> None:
         if self._inflight:
@@ -74,28 +100,80 @@ class BuiltinTransport(Transport):
             await self._client.aclose()
 
     async def _deliver(self, job: JobDispatch) -> None:
+        """A failover run, or the first send of a broadcast (see `_one_by_one`)."""
         nodes = self.registry.healthy_nodes(job.node_group)
         if not nodes:
             await self.tracker.dispatch_failed(job, f"no healthy node in group {job.node_group}")
             return
-        strategy = job.route_strategy
-        is_first_broadcast = (
-            strategy == RouteStrategy.BROADCAST.value and job.shard_total == 1 and job.attempt == 0
-        )
-        if is_first_broadcast:
-            shards = await self.tracker.claim_shards(job, len(nodes))
-            await asyncio.gather(
-                *(self._send(shard, [node]) for shard, node in zip(shards, nodes, strict=False))
-            )
+        if job.route_strategy == RouteStrategy.FAILOVER.value:
+            await self._send(job, self.router.candidates(job.route_strategy, nodes, job.task_id))
             return
-        candidates = self.router.candidates(strategy, nodes, job.task_id)
-        tries = candidates if strategy == RouteStrategy.FAILOVER.value else candidates[:1]
-        await self._send(job, tries)
+        shards = await self.tracker.claim_shards(job, len(nodes))
+        await asyncio.gather(
+            *(self._send(shard, [node]) for shard, node in zip(shards, nodes, strict=False))
+        )
+
+    async def _send_batch(self, node: NodeRef, jobs: list[JobDispatch]) -> None:
+        """Hand `jobs` (already counted in flight on `node`) to `node` in one request."""
+        assert self._client is not None, "start() first"
+        body = {"runs": [self._request(job) for job in jobs]}
+        try:
+            async with self._sending:
+                response = await self._client.post(f"{node.url}{API}/jobs/batch", json=body)
+        except httpx.HTTPError as err:
+            reason = f"dispatch failed: {node.address}: {type(err).__name__} {err}".strip()
+            self._count(node.address, -len(jobs))
+            await asyncio.gather(*(self.tracker.dispatch_failed(job, reason) for job in jobs))
+            return
+        if response.status_code in (404, 405):  # an older node: no batch route
+            self._count(node.address, -len(jobs))
+            await asyncio.gather(*(self._send(job, [node]) for job in jobs))
+            return
+        answers: dict[int, RunAnswer] = {}
+        if response.status_code == 200:
+            answers = {
+                a.job_log_id: a for a in RunBatchAnswer.model_validate_json(response.content).runs
+            }
+        else:
+            why = f"HTTP {response.status_code} {response.text[:200]}"
+            answers = {
+                job.job_log_id: RunAnswer(job_log_id=job.job_log_id, status_code=0, detail=why)
+                for job in jobs
+            }
+        taken = [job for job in jobs if _taken(answers.get(job.job_log_id))]
+        refused = [job for job in jobs if not _taken(answers.get(job.job_log_id))]
+        self._count(node.address, -len(refused))
+        await asyncio.gather(
+            *(self.tracker.dispatched(job, node.address) for job in taken),
+            *(
+                self.tracker.dispatch_failed(
+                    job, f"dispatch failed: {node.address}: {_refusal(answers.get(job.job_log_id))}"
+                )
+                for job in refused
+            ),
+        )
 
     async def _send(self, job: JobDispatch, tries: list[NodeRef]) -> None:
+        """Hand one run to the first of `tries` that takes it."""
         assert self._client is not None, "start() first"
-        failover = job.route_strategy == RouteStrategy.FAILOVER.value
-        request = RunRequest(
+        request = self._request(job)
+        reasons: list[str] = []
+        for node in tries:
+            try:
+                async with self._sending:
+                    response = await self._client.post(f"{node.url}{API}/jobs", json=request)
+            except httpx.HTTPError as err:
+                reasons.append(f"{node.address}: {type(err).__name__} {err}".strip())
+                continue
+            if response.status_code == 202:
+                self._count(node.address, +1)
+                await self.tracker.dispatched(job, node.address)
+                return
+            reasons.append(f"{node.address}: HTTP {response.status_code} {response.text[:200]}")
+        await self.tracker.dispatch_failed(job, "dispatch failed: " + "; ".join(reasons))
+
+    def _request(self, job: JobDispatch) -> dict[str, Any]:
+        return RunRequest(
             job_log_id=job.job_log_id,
             task_id=job.task_id,
             task_name=job.task_name,
@@ -108,25 +186,39 @@ class BuiltinTransport(Transport):
             shard_total=job.shard_total,
             scheduled_at=job.scheduled_at,
             block_strategy=job.block_strategy,
-            queue_if_busy=not failover,
+            # Failover: a full node answers 429 and the next node is asked instead.
+            queue_if_busy=job.route_strategy != RouteStrategy.FAILOVER.value,
             report_to=self.report_to,
         ).model_dump(mode="json")
-        reasons: list[str] = []
-        for node in tries:
-            try:
-                async with self._sending:
-                    response = await self._client.post(f"{node.url}{API}/jobs", json=request)
-            except httpx.HTTPError as err:
-                reasons.append(f"{node.address}: {type(err).__name__} {err}".strip())
-                continue
-            if response.status_code == 202:
-                self.router.in_flight[node.address] = self.router.in_flight.get(node.address, 0) + 1
-                await self.tracker.dispatched(job, node.address)
-                return
-            reasons.append(f"{node.address}: HTTP {response.status_code} {response.text[:200]}")
-        await self.tracker.dispatch_failed(job, "dispatch failed: " + "; ".join(reasons))
+
+    def _count(self, node: str, change: int) -> None:
+        """This manager's runs in flight on `node` (least-busy routing adds them)."""
+        self.router.in_flight[node] = max(0, self.router.in_flight.get(node, 0) + change)
 
     def _finished(self, node: str) -> None:
-        count = self.router.in_flight.get(node, 0)
-        if count > 0:
-            self.router.in_flight[node] = count - 1
+        self._count(node, -1)
+
+
+def _one_by_one(job: JobDispatch) -> bool:
+    """Failover asks node after node; a broadcast's first send claims a shard per node."""
+    if job.route_strategy == RouteStrategy.FAILOVER.value:
+        return True
+    return (
+        job.route_strategy == RouteStrategy.BROADCAST.value
+        and job.shard_total == 1
+        and (job.attempt == 0)
+    )
+
+
+def _taken(answer: RunAnswer | None) -> bool:
+    return answer is not None and answer.status_code == 202
+
+
+def _refusal(answer: RunAnswer | None) -> str:
+    if answer is None:
+        return "the node's answer did not mention this run"
+    return (
+        f"HTTP {answer.status_code} {answer.detail}".strip()
+        if answer.status_code
+        else answer.detail
+    )

@@ -1,0 +1,184 @@
+"""The built-in transport's requests: a burst of runs reaches each node in one request.
+
+The manager side is real (`BuiltinTransport`, `RunTracker`, `BuiltinRegistry` on SQLite);
+the nodes are stand-ins, small real HTTP servers recording every request, because the point
+is what goes over the wire, and because one of them plays a node of an older version (no
+`/jobs/batch` route), which no process of this version can be. Real nodes receive batches in
+tests/test_end_to_end.py and tests/test_node_daemon.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from ays_runtime.config import BuiltinRegistrySettings, BuiltinTransportSettings
+from ays_runtime.manager.runs import RunTracker
+from ays_runtime.protocol import Heartbeat
+from ays_runtime.registry.builtin import BuiltinRegistry
+from ays_runtime.storage.database import make_engine
+from ays_runtime.storage.models import JobLog, RunStatus
+from ays_runtime.transport.base import JobDispatch
+from ays_runtime.transport.http import BuiltinTransport
+from tests.test_runs import claimed_runs
+from tests.test_scheduler import MANAGER
+
+
+class StandInNode:
+    """Answers like a node: `current` takes batches, `old` has only POST /jobs, `broken`
+    answers 500 to everything. Records (path, body) of every request."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def paths(self) -> list[str]:
+        with self._lock:
+            return [path for path, _ in self.requests]
+
+    def _answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.requests.append((path, body))
+        if self.kind == "broken":
+            return 500, {"detail": "node exploded"}
+        if path == "/api/v1/jobs/batch":
+            if self.kind == "old":
+                return 404, {"detail": "Not Found"}
+            runs = [{"job_log_id": r["job_log_id"], "status_code": 202} for r in body["runs"]]
+            return 200, {"runs": runs}
+        return 202, {"job_log_id": body["job_log_id"], "duplicate": False}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        node = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length") or 0)
+                status, answer = node._answer(self.path, json.loads(self.rfile.read(length)))
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return
+
+        return Handler
+
+
+@pytest.fixture
+def engine(sqlite_url: str) -> Iterator[Engine]:
+    engine = make_engine(sqlite_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def stand_ins() -> Iterator[list[StandInNode]]:
+    started: list[StandInNode] = []
+    yield started
+    for node in started:
+        node.close()
+
+
+def dispatch(engine: Engine, nodes: list[StandInNode], jobs: list[JobDispatch]) -> None:
+    """Register `nodes` as online in group g and hand `jobs` to a real BuiltinTransport."""
+    registry = BuiltinRegistry(
+        engine, BuiltinRegistrySettings(backend="builtin", heartbeat_interval=5), MANAGER
+    )
+    for node in nodes:
+        registry.record_heartbeat(Heartbeat(ip="127.0.0.1", port=node.port, node_group="g"))
+
+    async def run() -> None:
+        async def redispatch(again: list[JobDispatch]) -> None:
+            raise AssertionError(f"no retry expected: {again}")
+
+        tracker = RunTracker(engine, MANAGER, excerpt_bytes=1024, redispatch=redispatch)
+        transport = BuiltinTransport(
+            BuiltinTransportSettings(backend="builtin", dispatch_timeout=5),
+            registry,
+            tracker,
+            access_token="t0k3n",
+            report_to="http://127.0.0.1:1",
+        )
+        await registry.start()
+        await transport.start()
+        try:
+            await transport.dispatch(jobs)
+            await transport.stop(10)
+        finally:
+            await registry.stop()
+
+    asyncio.run(run())
+
+
+def rows(engine: Engine) -> dict[int, tuple[str, str | None, str]]:
+    with engine.connect() as conn:
+        result = conn.execute(select(JobLog.id, JobLog.status, JobLog.node, JobLog.message))
+        return {r.id: (r.status, r.node, r.message) for r in result}
+
+
+def test_a_burst_goes_to_each_node_in_one_request(
+    engine: Engine, stand_ins: list[StandInNode]
+) -> None:
+    stand_ins.extend([StandInNode("current"), StandInNode("current")])
+    jobs = claimed_runs(engine, 10, route_strategy="round_robin")
+    dispatch(engine, stand_ins, jobs)
+    for node in stand_ins:
+        assert node.paths() == ["/api/v1/jobs/batch"]
+        assert len(node.requests[0][1]["runs"]) == 5
+    stored = rows(engine)
+    for job in jobs:
+        status, node, _ = stored[job.job_log_id]
+        assert status == RunStatus.DISPATCHED.value
+    nodes = [stored[job.job_log_id][1] for job in jobs]
+    assert sorted(set(nodes)) == sorted(f"127.0.0.1:{n.port}" for n in stand_ins)
+    assert nodes[0::2] == [nodes[0]] * 5 and nodes[1::2] == [nodes[1]] * 5  # round robin
+
+
+def test_a_node_of_an_older_version_gets_the_runs_one_by_one(
+    engine: Engine, stand_ins: list[StandInNode]
+) -> None:
+    stand_ins.append(StandInNode("old"))
+    jobs = claimed_runs(engine, 4)
+    dispatch(engine, stand_ins, jobs)
+    assert stand_ins[0].paths() == ["/api/v1/jobs/batch"] + ["/api/v1/jobs"] * 4
+    sent = sorted(body["job_log_id"] for path, body in stand_ins[0].requests[1:])
+    assert sent == sorted(job.job_log_id for job in jobs)
+    assert {rows(engine)[job.job_log_id][0] for job in jobs} == {RunStatus.DISPATCHED.value}
+
+
+def test_a_refused_batch_fails_each_run_naming_the_node_and_its_answer(
+    engine: Engine, stand_ins: list[StandInNode]
+) -> None:
+    stand_ins.append(StandInNode("broken"))
+    jobs = claimed_runs(engine, 3)
+    dispatch(engine, stand_ins, jobs)
+    assert stand_ins[0].paths() == ["/api/v1/jobs/batch"]
+    for job in jobs:
+        status, _, message = rows(engine)[job.job_log_id]
+        assert status == RunStatus.FAILED.value
+        assert f"127.0.0.1:{stand_ins[0].port}: HTTP 500" in message
+        assert "node exploded" in message
