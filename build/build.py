@@ -207,6 +207,9 @@ def freeze(
     start with `label` (two freezes may run at once)."""
     env = {
         **os.environ,
+        # PyInstaller's binary cache, per build: two freezes at once sharing ~/.cache/pyinstaller
+        # race on its index (one reads it half-written: "SyntaxError" in load_py_data_struct).
+        "PYINSTALLER_CONFIG_DIR": str(work.parent / "pyinstaller-config"),
         "PYTHONHASHSEED": "0",
         "SOURCE_DATE_EPOCH": str(built.epoch),
         "AYS_BUILD_VERSION": built.version,
@@ -342,8 +345,9 @@ def build(args: argparse.Namespace) -> int:
         + f" (log: {' and '.join(str(b / 'pyinstaller.log') for b in bases)})"
     )
     if args.check_repro:
-        for base in bases:
-            shutil.rmtree(base / "pyinstaller", ignore_errors=True)  # nothing reused
+        for base in bases:  # nothing reused
+            shutil.rmtree(base / "pyinstaller", ignore_errors=True)
+            shutil.rmtree(base / "pyinstaller-config", ignore_errors=True)
     with ThreadPoolExecutor(len(sources)) as pool:
         bundles = list(
             pool.map(
