@@ -152,6 +152,54 @@ def test_a_timer_whose_row_was_removed_is_dropped_then_reinstalled(engine: Engin
     assert task in timers and timer_rows(engine) == {task: 1}
 
 
+def test_a_row_whose_version_was_edited_by_hand_is_dropped_with_its_timer_then_reinstalled(
+    engine: Engine,
+) -> None:
+    timers = TimerList()
+    task = add_task(engine, "a")
+    other = add_task(engine, "b")
+    reconcile(engine, timers)
+    with engine.begin() as conn:  # the sums stay equal; the mixed term does not
+        conn.execute(update(TimerRow).where(TimerRow.task_id == task).values(version=2))
+        conn.execute(update(TimerRow).where(TimerRow.task_id == other).values(version=0))
+    assert sorted(reconcile(engine, timers)) == sorted(
+        ["drop-timer", "drop-timer", "drop-row", "drop-row", "add", "add"]
+    )
+    assert timer_rows(engine) == {task: 1, other: 1}
+    assert {t.task_id: t.version for t in timers} == {task: 1, other: 1}
+
+
+def test_a_tick_with_no_change_reads_no_list_in_full_and_a_restart_does(engine: Engine) -> None:
+    timers = TimerList()
+    for i in range(20):
+        add_task(engine, f"t{i}")
+    rec = Reconciler(engine, MANAGER, misfire_grace=5)
+    first = rec.plan(memory_snapshot(timers), utcnow())
+    assert first.full_read is False  # no rows, no timers: they agree
+    rec.apply(first)
+    Reconciler.apply_to_memory(first, timers)
+    again = rec.plan(memory_snapshot(timers), utcnow())
+    assert (again.full_read, again.actions) == (False, [])
+    restarted = rec.plan(memory_snapshot(TimerList()), utcnow())
+    assert restarted.full_read is True
+    assert [a.kind for a in restarted.actions].count("drop-row") == 20
+
+
+def test_a_schedule_changed_only_in_letter_case_behind_the_api_is_updated(
+    engine: Engine,
+) -> None:
+    """A case-folding collation would find 'MON' equal to 'mon' (the tables are utf8mb4_bin)."""
+    timers = TimerList()
+    task = add_task(engine, "a", "0 0 9 * * mon")
+    reconcile(engine, timers)
+    with engine.begin() as conn:  # no version bump: edited in the database
+        conn.execute(update(Task).where(Task.id == task).values(schedule="0 0 9 * * MON"))
+    assert reconcile(engine, timers) == ["update"]
+    with engine.connect() as conn:
+        stored = conn.scalar(select(TimerRow.schedule).where(TimerRow.task_id == task))
+    assert stored == "0 0 9 * * MON"
+
+
 def test_a_task_with_a_bad_schedule_in_the_database_is_reported_not_installed(
     engine: Engine,
 ) -> None:

@@ -10,8 +10,13 @@ table. One reconcile is:
       version differs is updated, a row whose task is disabled or gone is removed.
 
 It is level-triggered, like a controller: whatever event was missed, the next tick repairs it.
-Reading is three bulk queries (rows, tasks and, only for tasks being added, their last fired
-slots); a tick with no difference writes nothing.
+A tick with no difference writes nothing, and at 100k tasks it should not read 100k rows
+either, so a tick first compares a fingerprint of memory with one of the rows (count, sums of
+task ids, versions and a mix of both; computed by the database): when they agree, (a) has
+nothing to do and (b) is one join returning only the tasks that differ from their row, plus
+the rows whose task is gone. When they disagree (a restart, a failed write, rows edited by
+hand) the tick reads both lists in full and compares them here. Either way, the tasks being
+added get their last fired slot from a third query.
 
 `plan()` does the reads and may run in a worker thread; `apply()` writes the rows (thread) and
 `apply_to_memory()` changes the timer list (event loop thread only).
@@ -24,7 +29,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    update,
+)
 
 from ays_runtime.exceptions import ScheduleError
 from ays_runtime.scheduler.schedule import parse_schedule
@@ -34,6 +52,17 @@ from ays_runtime.storage.models import JobLog, MisfirePolicy, Task, TimerRow, Tr
 log = logging.getLogger("ays.reconcile")
 
 _UPDATED = ("schedule", "timezone", "version", "next_fire_time", "updated_at")
+# The fingerprint's mixed term: task_id * version modulo a prime keeps every sum far below
+# 2^63 (SQLite's SUM() raises on overflow) while a version moved between tasks still shows.
+_MIX_PRIME = 1_000_003
+_TASK_COLUMNS = (
+    Task.id,
+    Task.schedule,
+    Task.timezone,
+    Task.version,
+    Task.enabled,
+    Task.misfire_policy,
+)
 
 ActionKind = Literal["drop-timer", "drop-row", "add", "update", "remove", "misfire", "invalid"]
 
@@ -65,6 +94,8 @@ class Plan:
     update_rows: list[dict[str, object]] = field(default_factory=list)
     put_timers: list[Timer] = field(default_factory=list)
     misfires: list[Misfire] = field(default_factory=list)
+    # True when memory and the rows disagreed, so both lists were read in full.
+    full_read: bool = False
 
     @property
     def writes(self) -> bool:
@@ -82,72 +113,121 @@ class Reconciler:
 
     def plan(self, memory: dict[int, int], now: datetime) -> Plan:
         """Compare `memory` ({task_id: version} of the timer list) with the database."""
-        plan = Plan()
         with self.engine.connect() as conn:
-            rows = {
-                r.task_id: r
-                for r in conn.execute(
-                    select(
-                        TimerRow.task_id, TimerRow.schedule, TimerRow.timezone, TimerRow.version
-                    ).where(TimerRow.manager_id == self.manager_id)
-                )
-            }
-            tasks = conn.execute(
-                select(
-                    Task.id,
-                    Task.schedule,
-                    Task.timezone,
-                    Task.version,
-                    Task.enabled,
-                    Task.misfire_policy,
-                )
-            ).all()
-
-            # (a) each side drops what the other does not back.
-            for task_id, version in memory.items():
-                row = rows.get(task_id)
-                if row is None or row.version != version:
-                    plan.drop_timers.append(task_id)
-                    plan.actions.append(
-                        Action("drop-timer", task_id, f"version {version} has no row backing it")
-                    )
-            for task_id, row in list(rows.items()):
-                if memory.get(task_id) != row.version:
-                    plan.delete_rows.append(task_id)
-                    plan.actions.append(
-                        Action("drop-row", task_id, f"version {row.version} has no timer in memory")
-                    )
-                    del rows[task_id]
-
-            # (b) all tasks vs the rows left: add, update, remove.
-            enabled_ids: set[int] = set()
-            adding: list[tuple[Task, bool]] = []  # (task, is_new)
-            for task in tasks:
-                if not task.enabled:
-                    continue
-                enabled_ids.add(task.id)
-                row = rows.get(task.id)
-                if row is None:
-                    adding.append((task, True))
-                elif (row.version, row.schedule, row.timezone) != (
-                    task.version,
-                    task.schedule,
-                    task.timezone,
-                ):
-                    adding.append((task, False))
-            for task_id in rows:
-                if task_id not in enabled_ids:
-                    plan.delete_rows.append(task_id)
-                    plan.drop_timers.append(task_id)
-                    plan.actions.append(Action("remove", task_id, "task is disabled or deleted"))
+            if self._rows_fingerprint(conn) == memory_fingerprint(memory):
+                plan, adding = self._plan_from_differences(conn)
+            else:
+                plan, adding = self._plan_in_full(conn, memory)
             last_fired = self._last_fired(conn, [t.id for t, new in adding if new])
-
         for task, is_new in adding:
             self._install(plan, task, is_new, last_fired.get(task.id), now)
         return plan
 
+    def _rows_fingerprint(self, conn: Connection) -> tuple[int, int, int, int]:
+        row = conn.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(TimerRow.task_id), 0),
+                func.coalesce(func.sum(TimerRow.version), 0),
+                func.coalesce(func.sum((TimerRow.task_id * TimerRow.version) % _MIX_PRIME), 0),
+            ).where(TimerRow.manager_id == self.manager_id)
+        ).one()
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    def _plan_from_differences(self, conn: Connection) -> tuple[Plan, list[tuple[Row, bool]]]:
+        """(b) when memory and the rows agree: only the tasks that differ come back."""
+        plan = Plan()
+        mine = and_(TimerRow.task_id == Task.id, TimerRow.manager_id == self.manager_id)
+        enabled = Task.enabled.is_(True)
+        has_row = TimerRow.task_id.is_not(None)
+        differs = or_(
+            TimerRow.version != Task.version,
+            # Byte for byte on MySQL too: the tables' collation is utf8mb4_bin (0001).
+            TimerRow.schedule != Task.schedule,
+            TimerRow.timezone != Task.timezone,
+        )
+        changed = conn.execute(
+            select(*_TASK_COLUMNS, has_row.label("has_row"))
+            .outerjoin(TimerRow, mine)
+            .where(or_(and_(enabled, or_(not_(has_row), differs)), and_(not_(enabled), has_row)))
+            .order_by(Task.id)
+        ).all()
+        adding: list[tuple[Row, bool]] = []
+        for task in changed:
+            if task.enabled:
+                adding.append((task, not task.has_row))
+            else:
+                self._remove(plan, task.id)
+        orphans = conn.execute(
+            select(TimerRow.task_id)
+            .outerjoin(Task, Task.id == TimerRow.task_id)
+            .where(TimerRow.manager_id == self.manager_id, Task.id.is_(None))
+            .order_by(TimerRow.task_id)
+        ).scalars()
+        for task_id in orphans:
+            self._remove(plan, task_id)
+        return plan, adding
+
+    def _plan_in_full(
+        self, conn: Connection, memory: dict[int, int]
+    ) -> tuple[Plan, list[tuple[Row, bool]]]:
+        """(a) and (b) on both lists read in full."""
+        plan = Plan(full_read=True)
+        rows = {
+            r.task_id: r
+            for r in conn.execute(
+                select(
+                    TimerRow.task_id, TimerRow.schedule, TimerRow.timezone, TimerRow.version
+                ).where(TimerRow.manager_id == self.manager_id)
+            )
+        }
+        tasks = conn.execute(select(*_TASK_COLUMNS).order_by(Task.id)).all()
+
+        # (a) each side drops what the other does not back.
+        for task_id, version in memory.items():
+            row = rows.get(task_id)
+            if row is None or row.version != version:
+                plan.drop_timers.append(task_id)
+                plan.actions.append(
+                    Action("drop-timer", task_id, f"version {version} has no row backing it")
+                )
+        for task_id, row in list(rows.items()):
+            if memory.get(task_id) != row.version:
+                plan.delete_rows.append(task_id)
+                plan.actions.append(
+                    Action("drop-row", task_id, f"version {row.version} has no timer in memory")
+                )
+                del rows[task_id]
+
+        # (b) all tasks vs the rows left: add, update, remove.
+        enabled_ids: set[int] = set()
+        adding: list[tuple[Row, bool]] = []  # (task, is_new)
+        for task in tasks:
+            if not task.enabled:
+                continue
+            enabled_ids.add(task.id)
+            row = rows.get(task.id)
+            if row is None:
+                adding.append((task, True))
+            elif (row.version, row.schedule, row.timezone) != (
+                task.version,
+                task.schedule,
+                task.timezone,
+            ):
+                adding.append((task, False))
+        for task_id in rows:
+            if task_id not in enabled_ids:
+                self._remove(plan, task_id)
+        return plan, adding
+
+    @staticmethod
+    def _remove(plan: Plan, task_id: int) -> None:
+        plan.delete_rows.append(task_id)
+        plan.drop_timers.append(task_id)
+        plan.actions.append(Action("remove", task_id, "task is disabled or deleted"))
+
     def _install(
-        self, plan: Plan, task: Task, is_new: bool, last: datetime | None, now: datetime
+        self, plan: Plan, task: Row, is_new: bool, last: datetime | None, now: datetime
     ) -> None:
         try:
             schedule = parse_schedule(task.schedule, task.timezone)
@@ -257,3 +337,13 @@ class Reconciler:
 
 def memory_snapshot(timers: TimerList) -> dict[int, int]:
     return {t.task_id: t.version for t in timers}
+
+
+def memory_fingerprint(memory: dict[int, int]) -> tuple[int, int, int, int]:
+    """What `_rows_fingerprint` reads when the rows hold exactly `memory`."""
+    return (
+        len(memory),
+        sum(memory),
+        sum(memory.values()),
+        sum((task_id * version) % _MIX_PRIME for task_id, version in memory.items()),
+    )
