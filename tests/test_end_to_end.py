@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +266,33 @@ def test_a_result_held_by_a_node_during_a_manager_restart_arrives_after_it(
     run = finished_runs(cluster, task, 1, timeout=45)[0]
     assert run["id"] == job and run["status"] == "succeeded"
     assert "survived" in run["output"]
+
+
+def test_a_retry_waiting_its_backoff_through_a_manager_restart_runs_once_when_due(
+    cluster: Cluster,
+) -> None:
+    marker = cluster.tmp / "failed-once"
+    task = add_task(
+        cluster,
+        f"if [ -e {marker} ]; then echo second; else touch {marker}; exit 7; fi",
+        retry_count=2,
+        retry_interval_s=6,
+    )
+    first = trigger(cluster, task)
+    waiting = wait_for(
+        lambda: [r for r in runs(cluster, task) if r["attempt"] == 1] or None,
+        20,
+        "the retry's pending row",
+        interval=0.2,
+    )[0]
+    assert waiting["status"] == "pending" and waiting["due_at"] is not None
+    assert [r["status"] for r in runs(cluster, task) if r["id"] == first] == ["failed"]
+    cluster.restart_manager()  # while the retry waits its 6 s
+    done = finished_runs(cluster, task, 2, timeout=45)
+    assert [(r["attempt"], r["status"]) for r in done] == [(0, "failed"), (1, "succeeded")]
+    retry = done[1]
+    assert retry["id"] == waiting["id"] and "second" in retry["output"]
+    started = datetime.fromisoformat(retry["started_at"])
+    assert started >= datetime.fromisoformat(waiting["due_at"])  # not before its backoff
+    first_manager_log = (cluster.tmp / "manager.log").read_text()
+    assert "1 retry waiting: kept in the database for the next start" in first_manager_log

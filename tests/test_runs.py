@@ -9,14 +9,14 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, update
 
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.group_commit import GroupCommit
-from ays_runtime.storage.models import JobLog, RunStatus
+from ays_runtime.storage.models import JobLog, RunStatus, Task
 from ays_runtime.transport.base import JobDispatch
 from tests.test_scheduler import MANAGER, add_task
 
@@ -171,3 +171,71 @@ def test_items_submitted_while_a_batch_is_written_go_into_the_next_one() -> None
 
     assert asyncio.run(scenario()) == ["A", "B", "C"]
     assert batches == [["a"], ["b", "c"]]
+
+
+def test_a_retry_is_a_pending_row_from_the_failure_on_and_a_restarted_tracker_sends_it_when_due(
+    engine: Engine,
+) -> None:
+    jobs = claimed_runs(engine, 1, retry_count=2, retry_interval_s=1.5)
+    failed_at = utcnow()
+
+    async def fail_then_stop() -> None:
+        runs = tracker(engine, [])
+        assert await runs.record_result(report(jobs[0], RunStatus.FAILED.value, exit_code=3))
+        await runs.stop()  # the manager stops while the retry waits
+
+    asyncio.run(fail_then_stop())
+    with engine.connect() as conn:
+        retry = conn.execute(select(JobLog).where(JobLog.attempt == 1)).one()
+    assert (retry.status, retry.trigger, retry.scheduled_at) == (
+        RunStatus.PENDING.value,
+        "retry",
+        jobs[0].scheduled_at,
+    )
+    assert retry.due_at is not None
+    assert timedelta(seconds=1.4) <= retry.due_at - failed_at <= timedelta(seconds=3)
+
+    async def restart() -> tuple[list[JobDispatch], list[JobDispatch], float]:
+        redispatched: list[JobDispatch] = []
+        runs = tracker(engine, redispatched)
+        assert await runs.recover_pending() == 1
+        at_start = list(redispatched)  # not due yet: nothing sent
+        for _ in range(100):  # bounded: 5 s
+            if redispatched:
+                break
+            await asyncio.sleep(0.05)
+        sent_at = utcnow()
+        await runs.stop()
+        return at_start, redispatched, (sent_at - retry.due_at).total_seconds()
+
+    at_start, sent, late = asyncio.run(restart())
+    assert at_start == []
+    assert [(j.job_log_id, j.attempt) for j in sent] == [(retry.id, 1)]
+    assert -0.05 <= late < 2.0  # sent once due, not before
+
+
+def test_a_retry_whose_task_was_disabled_while_it_waited_is_skipped_with_the_reason(
+    engine: Engine,
+) -> None:
+    jobs = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0.2)
+    redispatched: list[JobDispatch] = []
+
+    async def scenario() -> None:
+        runs = tracker(engine, redispatched)
+        await runs.record_result(report(jobs[0], RunStatus.FAILED.value, exit_code=1))
+        with engine.begin() as conn:
+            conn.execute(update(Task).where(Task.id == jobs[0].task_id).values(enabled=False))
+        for _ in range(60):  # bounded: 3 s
+            with engine.connect() as conn:
+                status = conn.scalar(select(JobLog.status).where(JobLog.attempt == 1))
+            if status == RunStatus.SKIPPED.value:
+                break
+            await asyncio.sleep(0.05)
+        await runs.stop()
+
+    asyncio.run(scenario())
+    assert redispatched == []
+    with engine.connect() as conn:
+        retry = conn.execute(select(JobLog).where(JobLog.attempt == 1)).one()
+    assert retry.status == RunStatus.SKIPPED.value
+    assert "disabled" in retry.message

@@ -4,8 +4,10 @@ Every status change is one guarded UPDATE (`... WHERE status IN (unfinished)`), 
 result, a duplicate report and a node-lost sweep can race without a run ever going back from
 a final status. Changes arriving together share a transaction (group commit): a burst of
 dispatches or results costs one commit, not one each. Failed runs are retried per the task's
-policy, each attempt a row of its own (attempt + 1, same slot, same shard); a retry waits its
-backoff in memory on this manager.
+policy, each attempt a row of its own (attempt + 1, same slot, same shard). The retry's row is
+written with the failure, in the same transaction, as a pending row due when its backoff has
+passed (`due_at`): a manager that stops, crashes or reloads while a retry waits loses none, as
+its next process dispatches the row when it is due (`recover_pending`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from ays_runtime.protocol import JobResultReport
-from ays_runtime.scheduler.firing import Fire, claim_slots, load_tasks, make_dispatch
+from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.storage.models import (
@@ -181,27 +183,36 @@ class RunTracker:
         return len(addresses)
 
     async def recover_pending(self) -> int:
-        """Re-dispatch runs this manager claimed but never handed over (it stopped between)."""
+        """Dispatch the runs this manager claimed but never handed over (it stopped between),
+        and the retries it left waiting: each when it is due."""
 
-        def pending() -> list[JobDispatch]:
+        def pending() -> list[tuple[JobDispatch, datetime | None]]:
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    select(JobLog.id).where(
+                    select(JobLog.id, JobLog.due_at)
+                    .where(
                         JobLog.manager_id == self.manager_id,
                         JobLog.status == RunStatus.PENDING.value,
                     )
-                ).scalars()
-                return [d for d in (self._load_dispatch(conn, i) for i in rows) if d is not None]
+                    .order_by(JobLog.id)
+                ).all()
+                found = ((self._load_dispatch(conn, r.id), r.due_at) for r in rows)
+                return [(job, due) for job, due in found if job is not None]
 
-        jobs = await asyncio.to_thread(pending)
-        if jobs:
+        found = await asyncio.to_thread(pending)
+        now = utcnow()
+        due_now = [job for job, due in found if due is None or due <= now]
+        waiting = [(job, due) for job, due in found if due is not None and due > now]
+        if due_now:
             log.info(
                 "manager %s: re-dispatching %d claimed runs left pending",
                 self.manager_id,
-                len(jobs),
+                len(due_now),
             )
-            await self.redispatch(jobs)
-        return len(jobs)
+            await self.redispatch(due_now)
+        for job, due in waiting:
+            self._schedule_retry(job, (due - now).total_seconds())
+        return len(found)
 
     # -- broadcast shards -----------------------------------------------------------------
 
@@ -266,14 +277,20 @@ class RunTracker:
                 if not changed or final.status not in RETRYABLE:
                     answers.append((bool(changed), None, 0.0))
                 else:
-                    answers.append((True, *self._next_attempt(conn, final.job_id)))
+                    answers.append((True, *self._claim_retry(conn, final.job_id)))
         return answers
 
-    def _next_attempt(self, conn: Any, job_id: int) -> tuple[JobDispatch | None, float]:
+    def _claim_retry(self, conn: Connection, job_id: int) -> tuple[JobDispatch | None, float]:
+        """The next attempt's row, pending and due after the backoff, if the policy wants one.
+        None also when another manager wrote it already (the slot key)."""
         row = conn.execute(
             select(
                 JobLog.task_id,
+                JobLog.scheduled_at,
+                JobLog.params,
                 JobLog.attempt,
+                JobLog.shard_index,
+                JobLog.shard_total,
                 Task.retry_count,
                 Task.retry_backoff,
                 Task.retry_interval_s,
@@ -284,8 +301,19 @@ class RunTracker:
         ).first()
         if row is None or row.attempt >= row.retry_count or not row.enabled:
             return None, 0.0
-        job = self._load_dispatch(conn, job_id)
-        return job, retry_delay(row.retry_backoff, row.retry_interval_s, row.attempt)
+        delay = retry_delay(row.retry_backoff, row.retry_interval_s, row.attempt)
+        fire = Fire(
+            row.task_id,
+            row.scheduled_at,
+            TriggerKind.RETRY.value,
+            row.params,
+            row.attempt + 1,
+            row.shard_index,
+            row.shard_total,
+            due_at=utcnow() + timedelta(seconds=delay),
+        )
+        claimed = claim_in(conn, self.manager_id, [fire], utcnow())
+        return (claimed[0], delay) if claimed else (None, 0.0)
 
     @staticmethod
     def _load_dispatch(conn: Any, job_id: int) -> JobDispatch | None:
@@ -316,44 +344,67 @@ class RunTracker:
             r.shard_total,
         )
 
-    def _schedule_retry(self, failed: JobDispatch, delay: float) -> None:
+    def _schedule_retry(self, retry: JobDispatch, delay: float) -> None:
         log.info(
             "manager %s: run %d of task %d: attempt %d in %.1fs",
             self.manager_id,
-            failed.job_log_id,
-            failed.task_id,
-            failed.attempt + 1,
+            retry.job_log_id,
+            retry.task_id,
+            retry.attempt,
             delay,
         )
         loop = asyncio.get_running_loop()
 
         def due() -> None:
             self._retries.discard(handle)
-            task = loop.create_task(self._retry(failed))
+            task = loop.create_task(self._retry(retry))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        handle = loop.call_later(delay, due)
+        handle = loop.call_later(max(delay, 0.0), due)
         self._retries.add(handle)
 
-    async def _retry(self, failed: JobDispatch) -> None:
-        fire = Fire(
-            failed.task_id,
-            failed.scheduled_at,
-            TriggerKind.RETRY.value,
-            failed.params,
-            failed.attempt + 1,
-            failed.shard_index,
-            failed.shard_total,
-        )
-        jobs = await asyncio.to_thread(claim_slots, self.engine, self.manager_id, [fire], utcnow())
-        if jobs:  # empty: another manager already retried this attempt
-            await self.redispatch(jobs)
+    async def _retry(self, retry: JobDispatch) -> None:
+        """Dispatch a retry's row now that it is due, unless it was ended meanwhile (killed
+        through the API) or its task was disabled (then it is skipped, with the reason)."""
+
+        def still_wanted() -> bool:
+            with self.engine.begin() as conn:
+                row = conn.execute(
+                    select(JobLog.status, Task.enabled)
+                    .join(Task, Task.id == JobLog.task_id, isouter=True)
+                    .where(JobLog.id == retry.job_log_id)
+                ).first()
+                if row is None or row.status != RunStatus.PENDING.value:
+                    return False
+                if not row.enabled:
+                    conn.execute(
+                        update(JobLog)
+                        .where(JobLog.id == retry.job_log_id, JobLog.status.in_(UNFINISHED))
+                        .values(
+                            status=RunStatus.SKIPPED.value,
+                            message="not retried: the task was disabled or deleted",
+                            ended_at=utcnow(),
+                        )
+                    )
+                    return False
+                return True
+
+        if await asyncio.to_thread(still_wanted):
+            await self.redispatch([retry])
 
     async def stop(self) -> None:
-        """Forget retries still waiting (documented: a waiting retry does not survive a stop)."""
+        """Let go of the retries still waiting: their rows stay pending in the database, and
+        the next start dispatches each when it is due."""
         for handle in self._retries:
             handle.cancel()
+        if self._retries:
+            log.info(
+                "manager %s: %d retr%s waiting: kept in the database for the next start",
+                self.manager_id,
+                len(self._retries),
+                "y" if len(self._retries) == 1 else "ies",
+            )
         self._retries.clear()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)

@@ -335,6 +335,9 @@ class JobLogOut(_Response):
     created_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
+    due_at: datetime | None = Field(
+        None, description="a pending retry: dispatched once this has passed (its backoff)"
+    )
     exit_code: int | None
     output: str
     message: str

@@ -46,6 +46,7 @@ class Fire:
     attempt: int = 0
     shard_index: int = 0
     shard_total: int = 1
+    due_at: datetime | None = None  # a retry: not dispatched before its backoff has passed
 
 
 def insert_ignoring_duplicates(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -66,39 +67,47 @@ def claim_slots(
     engine: Engine, manager_id: str, fires: Sequence[Fire], now: datetime
 ) -> list[JobDispatch]:
     """Insert the fires' job-log rows; return the dispatches for the rows this call won."""
-    task_ids = {f.task_id for f in fires}
     with engine.begin() as conn:
-        tasks = load_tasks(conn, task_ids)
-        token = uuid.uuid4().hex
-        rows = []
-        for f in fires:
-            task = tasks.get(f.task_id)
-            if task is None:
-                continue  # deleted between the timer firing and now
-            if f.trigger != TriggerKind.MANUAL.value and not task["enabled"]:
-                continue  # disabled after the timer fired: a disabled task runs only by hand
-            rows.append(
-                {
-                    "task_id": f.task_id,
-                    "scheduled_at": f.scheduled_at,
-                    "trigger": f.trigger,
-                    "attempt": f.attempt,
-                    "shard_index": f.shard_index,
-                    "shard_total": f.shard_total,
-                    "params": task["params"] if f.params is None else f.params,
-                    "claim": token,
-                    "manager_id": manager_id,
-                    "node": "",
-                    "status": RunStatus.PENDING.value,
-                    "created_at": now,
-                    "output": "",
-                    "message": "",
-                }
-            )
-        if not rows:
-            return []
-        insert_ignoring_duplicates(conn, rows)
-        won = conn.execute(select(*_CLAIMED_COLUMNS).where(JobLog.claim == token)).all()
+        return claim_in(conn, manager_id, fires, now)
+
+
+def claim_in(
+    conn: Connection, manager_id: str, fires: Sequence[Fire], now: datetime
+) -> list[JobDispatch]:
+    """`claim_slots` inside the caller's transaction."""
+    task_ids = {f.task_id for f in fires}
+    tasks = load_tasks(conn, task_ids)
+    token = uuid.uuid4().hex
+    rows = []
+    for f in fires:
+        task = tasks.get(f.task_id)
+        if task is None:
+            continue  # deleted between the timer firing and now
+        if f.trigger != TriggerKind.MANUAL.value and not task["enabled"]:
+            continue  # disabled after the timer fired: a disabled task runs only by hand
+        rows.append(
+            {
+                "task_id": f.task_id,
+                "scheduled_at": f.scheduled_at,
+                "trigger": f.trigger,
+                "attempt": f.attempt,
+                "shard_index": f.shard_index,
+                "shard_total": f.shard_total,
+                "params": task["params"] if f.params is None else f.params,
+                "claim": token,
+                "manager_id": manager_id,
+                "node": "",
+                "status": RunStatus.PENDING.value,
+                "created_at": now,
+                "due_at": f.due_at,
+                "output": "",
+                "message": "",
+            }
+        )
+    if not rows:
+        return []
+    insert_ignoring_duplicates(conn, rows)
+    won = conn.execute(select(*_CLAIMED_COLUMNS).where(JobLog.claim == token)).all()
     return [
         make_dispatch(
             tasks[r.task_id],

@@ -226,6 +226,8 @@ class JobLog(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # A pending retry is dispatched once this has passed (its backoff); None: at once.
+    due_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output: Mapped[str] = mapped_column(Text, default="")
     message: Mapped[str] = mapped_column(String(1024), default="")
