@@ -141,6 +141,9 @@ def create_tasks(db: Path, count: int, tag: str) -> list[int]:
             "task_type": "shell",
             "payload": {"command": "true"},
             "params": "",
+            # Spread over the nodes, as RocketMQ's consumer group does (the model's default,
+            # `first`, would send every run to one node).
+            "route_strategy": "round_robin",
             "enabled": True,
             "version": 1,
             "created_at": now,
@@ -265,7 +268,8 @@ def main() -> None:
     node_ports = [free_port() for _ in range(args.nodes)]
     results = {t: measure(t, args, node_ports) for t in args.transports}
     print(
-        f"\n`true` every second per task, {args.nodes} nodes x {args.max_concurrent} slots, "
+        f"\n`true` every second per task (round_robin), {args.nodes} nodes x {args.max_concurrent} "
+        "slots, "
         f"SQLite, built-in registry; window {args.seconds:g}s per rate\n"
     )
     names = list(results)
