@@ -1,19 +1,17 @@
 """The built-in transport's requests: a burst of runs reaches each node in one request.
 
-The manager side is real (`BuiltinTransport`, `RunTracker`, `BuiltinRegistry` on SQLite);
-the nodes are stand-ins, small real HTTP servers recording every request, because the point
-is what goes over the wire, and because one of them plays a node of an older version (no
-`/jobs/batch` route), which no process of this version can be. Real nodes receive batches in
+The manager side is real (`BuiltinTransport`, `RunTracker`, `BuiltinRegistry`, on SQLite and
+MariaDB); the nodes are stand-ins, small real HTTP servers recording every request, because
+the point is what goes over the wire, and because one of them plays a node of an older
+version (no `/jobs/batch` route), which no process of this version can be. Real nodes receive batches in
 tests/test_end_to_end.py and tests/test_node_daemon.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -23,10 +21,10 @@ from ays_runtime.config import BuiltinRegistrySettings, BuiltinTransportSettings
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.protocol import Heartbeat
 from ays_runtime.registry.builtin import BuiltinRegistry
-from ays_runtime.storage.database import make_engine
 from ays_runtime.storage.models import JobLog, RunStatus
 from ays_runtime.transport.base import JobDispatch
 from ays_runtime.transport.http import BuiltinTransport
+from tests.stand_in import JsonServer
 from tests.test_runs import claimed_runs
 from tests.test_scheduler import MANAGER
 
@@ -39,24 +37,19 @@ class StandInNode:
         self.kind = kind
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._server = JsonServer(self._answer).start()
+        self.port = self._server.port
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop()
 
     def paths(self) -> list[str]:
         with self._lock:
             return [path for path, _ in self.requests]
 
-    def _answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _answer(
+        self, path: str, body: dict[str, Any], _headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any]]:
         with self._lock:
             self.requests.append((path, body))
         if self.kind == "broken":
@@ -67,32 +60,6 @@ class StandInNode:
             runs = [{"job_log_id": r["job_log_id"], "status_code": 202} for r in body["runs"]]
             return 200, {"runs": runs}
         return 202, {"job_log_id": body["job_log_id"], "duplicate": False}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        node = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                length = int(self.headers.get("Content-Length") or 0)
-                status, answer = node._answer(self.path, json.loads(self.rfile.read(length)))
-                payload = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return
-
-        return Handler
-
-
-@pytest.fixture
-def engine(sqlite_url: str) -> Iterator[Engine]:
-    engine = make_engine(sqlite_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -49,18 +49,27 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path: Path, sqlite_url: str) -> Iterator[Cluster]:
     manager_port = free_port()
-    config = write_config(tmp_path / "ays.yaml", sqlite_url, manager_port, tmp_path,
-                          node={"max_concurrent_jobs": 4})
-    ays = Cluster(tmp_path, config, manager_port,
-                  manager(config, tmp_path / "manager.log", manager_port).start(), {},
-                  {"a": free_port(), "b": free_port()})
+    config = write_config(
+        tmp_path / "ays.yaml", sqlite_url, manager_port, tmp_path, node={"max_concurrent_jobs": 4}
+    )
+    ays = Cluster(
+        tmp_path,
+        config,
+        manager_port,
+        manager(config, tmp_path / "manager.log", manager_port).start(),
+        {},
+        {"a": free_port(), "b": free_port()},
+    )
     try:
         with ays.api() as api:
             assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
         for name in ("a", "b"):
             ays.start_node(name)
-        wait_for(lambda: online_nodes(ays) == {ays.address("a"), ays.address("b")}, 45,
-                 "both nodes online")
+        wait_for(
+            lambda: online_nodes(ays) == {ays.address("a"), ays.address("b")},
+            45,
+            "both nodes online",
+        )
         yield ays
     finally:
         for daemon in ays.nodes.values():
@@ -171,8 +180,9 @@ def test_a_node_killed_mid_run_fails_the_run_as_node_lost_and_it_is_retried_on_t
 
 
 def test_broadcast_reaches_both_nodes_with_their_shard_index_and_total(cluster: Cluster) -> None:
-    task = add_task(cluster, "echo shard=$AYS_SHARD_INDEX/$AYS_SHARD_TOTAL",
-                    route_strategy="broadcast")
+    task = add_task(
+        cluster, "echo shard=$AYS_SHARD_INDEX/$AYS_SHARD_TOTAL", route_strategy="broadcast"
+    )
     trigger(cluster, task)
     shards = finished_runs(cluster, task, 2)
     assert {r["node"] for r in shards} == {cluster.address("a"), cluster.address("b")}
@@ -240,8 +250,13 @@ def test_discard_new_skips_a_run_while_the_previous_one_is_still_going(cluster: 
 def test_a_node_with_the_wrong_token_is_refused_and_never_goes_online(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    bad = write_config(tmp_path / "bad.yaml", "sqlite:///unused.db", cluster.manager_port,
-                       tmp_path / "bad", token="wrong-token-for-tests")
+    bad = write_config(
+        tmp_path / "bad.yaml",
+        "sqlite:///unused.db",
+        cluster.manager_port,
+        tmp_path / "bad",
+        token="wrong-token-for-tests",
+    )
     port = free_port()
     intruder = node(bad, tmp_path / "intruder.log", "g1", port).start()
     try:
@@ -261,8 +276,9 @@ def test_a_result_held_by_a_node_during_a_manager_restart_arrives_after_it(
     wait_for(lambda: runs(cluster, task)[0]["status"] == "dispatched", 10, "dispatch")
     cluster.manager.stop()
     time.sleep(3)  # the job ends while no manager listens: the node spools the result
-    cluster.manager = manager(cluster.config, cluster.tmp / "manager2.log",
-                              cluster.manager_port).start()
+    cluster.manager = manager(
+        cluster.config, cluster.tmp / "manager2.log", cluster.manager_port
+    ).start()
     run = finished_runs(cluster, task, 1, timeout=45)[0]
     assert run["id"] == job and run["status"] == "succeeded"
     assert "survived" in run["output"]

@@ -106,7 +106,9 @@ def test_a_manager_outside_dev_refuses_to_start_without_an_access_token(
     data["env"] = "uat"
     config.write_text(yaml.safe_dump(data))
     result = subprocess.run(
-        [BIN / "aysManager", "debug", "--config", config], capture_output=True, text=True,
+        [BIN / "aysManager", "debug", "--config", config],
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert result.returncode == 2
@@ -141,7 +143,9 @@ def test_a_manager_whose_port_is_taken_says_so(tmp_path: Path, sqlite_url: str) 
     daemon = manager(config, tmp_path / "m.log", port).start()
     try:
         result = subprocess.run(
-            [BIN / "aysManager", "debug", "--config", config], capture_output=True, text=True,
+            [BIN / "aysManager", "debug", "--config", config],
+            capture_output=True,
+            text=True,
             timeout=60,
         )
     finally:
@@ -159,9 +163,17 @@ def test_reconcile_dry_run_prints_one_line_per_action_and_changes_nothing(
     try:
         task = create_every_second_task(port)
         with client(port) as api:
-            api.post("/tasks", json={"name": "hourly", "node_group": "g1",
-                                     "schedule": "0 0 * * * *", "task_type": "shell",
-                                     "payload": {"command": "true"}, "enabled": False})
+            api.post(
+                "/tasks",
+                json={
+                    "name": "hourly",
+                    "node_group": "g1",
+                    "schedule": "0 0 * * * *",
+                    "task_type": "shell",
+                    "payload": {"command": "true"},
+                    "enabled": False,
+                },
+            )
     finally:
         daemon.stop()
     engine = create_engine(sqlite_url)
@@ -176,6 +188,7 @@ def test_reconcile_dry_run_prints_one_line_per_action_and_changes_nothing(
     assert any(line.startswith("add") for line in lines)
     assert lines[-1].endswith("2 action(s); nothing was changed")
     second = subprocess.run(run, capture_output=True, text=True, timeout=60)
+
     def actions(out: str) -> list[str]:
         return [line.split(", next ")[0] for line in out.splitlines()]
 
@@ -188,7 +201,9 @@ def test_a_bad_listen_address_is_refused_with_the_value_shown(
 ) -> None:
     config = write_config(tmp_path / "m.yaml", sqlite_url, free_port(), tmp_path)
     result = subprocess.run(
-        [BIN / "aysManager", "debug", "--config", config, *bad], capture_output=True, text=True,
+        [BIN / "aysManager", "debug", "--config", config, *bad],
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert result.returncode == 2

@@ -17,8 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ays_runtime.config import parse_config
 from ays_runtime.node.daemon import NodeDaemon
 from ays_runtime.node.spool import ResultSpool, SpooledResult
 from ays_runtime.protocol import JobResultReport
+from tests.stand_in import JsonServer
 
 TOKEN = "t0k3n-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,38 +66,27 @@ class FakeManager:
     _RESULT = re.compile(r"^/api/v1/job-logs/(\d+)/result$")
 
     def __init__(self) -> None:
-        self.port = 0
         self.heartbeats: list[dict[str, Any]] = []
         self.heartbeat_auth: list[str] = []
         self.results: dict[int, list[dict[str, Any]]] = {}
         self.refused: dict[int, int] = {}
         self.result_status = 200
         self._cond = threading.Condition()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = JsonServer(self._answer)
+
+    @property
+    def port(self) -> int:
+        return self._server.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._server.url
 
     def start(self) -> None:
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        assert self._thread is not None
-        self._thread.join(timeout=5)
-        self._server = None
+        self._server.stop()
 
     def wait(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
         with self._cond:
@@ -130,26 +119,10 @@ class FakeManager:
             finally:
                 self._cond.notify_all()
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        manager = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                auth = self.headers.get("Authorization") or ""
-                status = manager._record(self.path, body, auth)
-                payload = b"{}"
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return
-
-        return Handler
+    def _answer(
+        self, path: str, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        return self._record(path, body, headers.get("Authorization") or ""), {}
 
 
 # --- the node process -------------------------------------------------------------------------
