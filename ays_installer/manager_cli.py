@@ -127,7 +127,7 @@ def _call(cfg: EnvConfig, method: str, path: str, **kwargs: object) -> object:
 
     try:
         with _manager_api(cfg) as api:
-            response = api.request(method, path, **kwargs)  # type: ignore[arg-type]
+            response = api.request(method, path, **kwargs)
     except httpx.HTTPError as err:
         raise fail(
             f"error: cannot reach the manager at {cfg.manager.ip}:{cfg.manager.port} ({err}); "

@@ -92,9 +92,9 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
 
     if role == "manager":
 
-        @app.command()
+        @app.command("install")
         @lsb_errors
-        def install(
+        def install_manager(
             ip: IpOption = None,
             port: PortOption = None,
             env: EnvOption = None,
@@ -110,9 +110,9 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
 
     else:
 
-        @app.command()
+        @app.command("install")
         @lsb_errors
-        def install(
+        def install_node(
             group: GroupOption = None,
             ip: IpOption = None,
             port: PortOption = None,

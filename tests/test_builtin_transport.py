@@ -3,8 +3,8 @@
 The manager side is real (`BuiltinTransport`, `RunTracker`, `BuiltinRegistry`, on SQLite and
 MariaDB); the nodes are stand-ins, small real HTTP servers recording every request, because
 the point is what goes over the wire, and because one of them plays a node of an older
-version (no `/jobs/batch` route), which no process of this version can be. Real nodes receive batches in
-tests/test_end_to_end.py and tests/test_node_daemon.py.
+version (no `/jobs/batch` route), which no process of this version can be. Real nodes receive
+batches in tests/test_end_to_end.py and tests/test_node_daemon.py.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def node_router(
 
     @router.post("/nodes", status_code=201, tags=["nodes"])
     async def add_node(body: NodeAdd) -> dict[str, object]:
-        def add(listed: bool, check_only: bool = False) -> dict[str, object] | None:
+        def add(listed: bool, check_only: bool = False) -> dict[str, object]:
             """`listed`: the node list has the node now, so the registry's watch may have
             made the row already: then that row is the answer."""
             now = utcnow()
@@ -125,7 +125,7 @@ def node_router(
                 if node is not None and not listed:
                     raise HTTPException(409, f"node {body.ip}:{body.port} is already registered")
                 if check_only:
-                    return None
+                    return {}
                 if node is None:
                     node = Node(
                         ip=body.ip,
@@ -150,7 +150,7 @@ def node_router(
                 }
 
         if node_list is None:
-            return await run_in_threadpool(add, False)  # type: ignore[return-value]
+            return await run_in_threadpool(add, False)
         await run_in_threadpool(add, False, True)
         await write_node_list(
             f"add node {body.ip}:{body.port}",
@@ -160,9 +160,9 @@ def node_router(
             body.node_group,
         )
         try:
-            return await run_in_threadpool(add, True)  # type: ignore[return-value]
+            return await run_in_threadpool(add, True)
         except IntegrityError:  # the watch inserted the row between our read and write
-            return await run_in_threadpool(add, True)  # type: ignore[return-value]
+            return await run_in_threadpool(add, True)
 
     @router.delete("/nodes/{node_id}", status_code=204, tags=["nodes"])
     async def remove_node(node_id: int) -> Response:

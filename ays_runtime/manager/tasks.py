@@ -182,7 +182,7 @@ def _task(session: Session, task_id: int) -> Task:
 
 def _bump(task: Task) -> None:
     # In SQL, so that two concurrent changes give two versions, never one.
-    task.version = Task.version + 1  # type: ignore[assignment]
+    task.version = Task.version + 1
     task.updated_at = utcnow()
 
 
@@ -372,7 +372,7 @@ Row = TypeVar("Row", Task, JobLog, Node)
 
 def _page(
     session: Session,
-    query: Select[tuple[Row]],
+    query: Select[Any],
     where: list[ColumnElement[bool]],
     table: type[Row],
     limit: int,

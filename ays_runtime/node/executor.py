@@ -343,7 +343,7 @@ class Executor:
             return False
         return True
 
-    async def _give_up_slot(self, acquire: asyncio.Future[bool]) -> None:
+    async def _give_up_slot(self, acquire: asyncio.Future[Any]) -> None:
         if not acquire.done():
             acquire.cancel()
             await asyncio.wait({acquire})

@@ -274,7 +274,7 @@ class Reconciler:
                 fire_at=fire_at,
             )
         )
-        what = "add" if is_new else "update"
+        what: ActionKind = "add" if is_new else "update"
         plan.actions.append(
             Action(
                 what,

@@ -162,7 +162,8 @@ class ServiceRunner:
             gone = self.inheritance.predecessor_gone if self.inheritance.successor else None
             self._daemon = self.make_daemon(self._sock, gone)
         except AysError as err:
-            return self._failed_to_start(str(err), None)
+            self._failed_to_start(str(err), None)
+            return None
         daemon = self._daemon
         serve = asyncio.create_task(daemon.serve(), name=f"{self.files.service}-serve")
         ready = asyncio.create_task(daemon.ready.wait())
@@ -182,7 +183,8 @@ class ServiceRunner:
                 why = str(error) if isinstance(error, AysError) else repr(error)
                 if error is None:
                     why = "it stopped before it was ready"
-                return self._failed_to_start(why, serve)
+                self._failed_to_start(why, serve)
+                return None
             if any(s != signal.SIGHUP for s in self._signals):
                 self._signals = [s for s in self._signals if s == signal.SIGHUP]
                 self._stop("a stop signal came before it was ready")
@@ -190,9 +192,10 @@ class ServiceRunner:
                 ready.cancel()
                 self._stop("not ready in time")
                 await asyncio.wait({serve}, timeout=STOP_WAIT)  # its own time-boxed shutdown
-                return self._failed_to_start(
+                self._failed_to_start(
                     f"not ready within {self.ready_timeout:g}s", serve, stopped=True
                 )
+                return None
         pid = os.getpid()
         ip, port = self.files.address
         log.info("%s: serving as pid %d, version %s", self.who, pid, __version__)

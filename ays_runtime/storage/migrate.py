@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -195,7 +196,7 @@ def _translated(url: str, doing: str) -> Iterator[None]:
 def _reason(err: exc.DBAPIError, url: str) -> str:
     """The driver's own words, without SQLAlchemy's statement dump and link."""
     orig = err.orig
-    args = getattr(orig, "args", ())
+    args: tuple[Any, ...] = getattr(orig, "args", ())
     if len(args) == 2 and isinstance(args[0], int):  # PyMySQL: (code, message)
         message = f"{args[1]} (MySQL error {args[0]})"
     else:

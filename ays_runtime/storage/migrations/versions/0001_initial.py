@@ -8,6 +8,7 @@ Create Date: 2026-11-23
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -23,7 +24,7 @@ UtcDateTime = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariad
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 # utf8mb4 for emoji and CJK; the binary collation compares names exactly, as SQLite does
 # (the *_ci collations fold case and treat every emoji as equal in unique keys).
-MYSQL_TABLE = {
+MYSQL_TABLE: dict[str, Any] = {
     "mysql_charset": "utf8mb4",
     "mysql_collate": "utf8mb4_bin",
     "mysql_engine": "InnoDB",
