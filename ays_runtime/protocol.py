@@ -15,6 +15,10 @@ Manager API used by nodes:
   POST /api/v1/nodes/heartbeat       Heartbeat   -> 200
   POST /api/v1/job-logs/{id}/result  JobResultReport -> 200 (idempotent: a second report of a
                                      finished run is accepted and ignored)
+  POST /api/v1/job-logs/results      ResultBatch -> 200 ResultBatchAnswer: one answer per
+                                     result, each the status code the single route would
+                                     have given (200 stored or duplicate, 404, 422); a node
+                                     sends the results it has ready together
 
 A job is identified everywhere by its job-log id: a node that is handed an id it has already
 run or is running answers 202 with duplicate=true and does not run it again.
@@ -85,6 +89,21 @@ class JobResultReport(_Message):
     output: str = ""  # the excerpt (bounded by the env's job_log.excerpt_bytes)
     output_truncated: bool = False
     message: str = ""
+
+
+class ResultBatch(_Message):
+    results: list[JobResultReport]
+
+
+class ResultAnswer(_Message):
+    job_log_id: int
+    status_code: int
+    stored: bool = False
+    detail: str = ""
+
+
+class ResultBatchAnswer(_Message):
+    results: list[ResultAnswer]
 
 
 class Heartbeat(_Message):

@@ -312,3 +312,38 @@ def test_a_retry_waiting_its_backoff_through_a_manager_restart_runs_once_when_du
     assert started >= datetime.fromisoformat(waiting["due_at"])  # not before its backoff
     first_manager_log = (cluster.tmp / "manager.log").read_text()
     assert "1 retry waiting: kept in the database for the next start" in first_manager_log
+
+
+def test_the_result_batch_route_answers_each_result_as_the_single_route_would(
+    cluster: Cluster,
+) -> None:
+    task = add_task(cluster, "sleep 3; echo late")
+    running = trigger(cluster, task)
+    wait_for(lambda: runs(cluster, task)[0]["status"] == "dispatched", 10, "dispatch")
+    report = {
+        "job_log_id": running,
+        "node": cluster.address("a"),
+        "status": "succeeded",
+        "exit_code": 0,
+        "output": "from the batch",
+    }
+    batch = [
+        report,
+        {**report, "output": "a second report of the same run"},
+        {**report, "job_log_id": 987654},
+        {**report, "job_log_id": running, "status": "running"},
+    ]
+    with cluster.api() as api:
+        response = api.post("/job-logs/results", json={"results": batch})
+    assert response.status_code == 200, response.text
+    answers = [(a["job_log_id"], a["status_code"], a["stored"]) for a in response.json()["results"]]
+    assert answers == [
+        (running, 200, True),
+        (running, 200, False),  # a duplicate: accepted, ignored
+        (987654, 404, False),
+        (running, 422, False),
+    ]
+    assert "not a final run status" in response.json()["results"][3]["detail"]
+    time.sleep(3.5)  # the node's own report arrives and is ignored
+    stored = runs(cluster, task)[0]
+    assert (stored["status"], stored["output"]) == ("succeeded", "from the batch")

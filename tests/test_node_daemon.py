@@ -61,7 +61,10 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 
 class FakeManager:
     """Records what nodes send to the manager API; `result_status` is its answer to result
-    reports (200 takes them; anything else refuses them and counts the refusal)."""
+    reports (200 takes them; anything else refuses them and counts the refusal). It answers
+    the batch route POST /api/v1/job-logs/results as the manager does (a status per result),
+    or, with `batch_route` False, 404 as a manager of an older version would. `result_posts`
+    lists the size of every request that carried results."""
 
     _RESULT = re.compile(r"^/api/v1/job-logs/(\d+)/result$")
 
@@ -71,6 +74,8 @@ class FakeManager:
         self.results: dict[int, list[dict[str, Any]]] = {}
         self.refused: dict[int, int] = {}
         self.result_status = 200
+        self.batch_route = True
+        self.result_posts: list[int] = []
         self._cond = threading.Condition()
         self._server = JsonServer(self._answer)
 
@@ -122,7 +127,20 @@ class FakeManager:
     def _answer(
         self, path: str, body: dict[str, Any], headers: Mapping[str, str]
     ) -> tuple[int, dict[str, Any]]:
-        return self._record(path, body, headers.get("Authorization") or ""), {}
+        auth = headers.get("Authorization") or ""
+        if path != "/api/v1/job-logs/results":
+            if self._RESULT.match(path):
+                self.result_posts.append(1)
+            return self._record(path, body, auth), {}
+        if not self.batch_route:
+            return 404, {"detail": "Not Found"}
+        self.result_posts.append(len(body["results"]))
+        answers = []
+        for report in body["results"]:
+            job_log_id = report["job_log_id"]
+            code = self._record(f"/api/v1/job-logs/{job_log_id}/result", report, auth)
+            answers.append({"job_log_id": job_log_id, "status_code": code, "detail": ""})
+        return 200, {"results": answers}
 
 
 # --- the node process -------------------------------------------------------------------------
@@ -382,6 +400,32 @@ def test_a_batch_of_runs_gets_one_answer_per_run_as_post_jobs_would_give(
     assert 22 not in manager.results and 23 not in manager.results
     unauthorised = httpx.post(f"{node.url}/api/v1/jobs/batch", json={"runs": runs}, timeout=5)
     assert unauthorised.status_code == 401
+
+
+@pytest.mark.parametrize("batch_route", [True, False], ids=["batched", "older-manager"])
+def test_results_finishing_together_travel_together_or_one_by_one_to_an_older_manager(
+    tmp_path: Path,
+    manager: FakeManager,
+    start_node: Callable[..., NodeProcess],
+    batch_route: bool,
+) -> None:
+    manager.batch_route = batch_route
+    node = start_node(max_concurrent_jobs=8)
+    go = tmp_path / "go"
+    ids = list(range(30, 38))
+    for i in ids:  # eight runs that end within a few ms of each other
+        wait = f"while [ ! -e {go} ]; do sleep 0.01; done; echo run {i}"
+        accepted(node.run(job(manager, i, wait, task_id=i)))
+    wait_until(lambda: all(node.output(i) is not None for i in ids), 10, "all eight to start")
+    go.touch()
+    for i in ids:
+        assert manager.result(i)["output"] == f"run {i}\n"
+    assert sum(manager.result_posts) == len(ids)  # each result once
+    if batch_route:
+        assert len(manager.result_posts) < len(ids), manager.result_posts
+        assert max(manager.result_posts) > 1
+    else:
+        assert manager.result_posts == [1] * len(ids)
 
 
 def test_a_killed_job_is_reported_killed(

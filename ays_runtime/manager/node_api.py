@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 
@@ -14,7 +15,14 @@ from starlette.concurrency import run_in_threadpool
 from ays_runtime.auth import presented_token, token_matches
 from ays_runtime.exceptions import RegistryError
 from ays_runtime.manager.runs import RunTracker
-from ays_runtime.protocol import API, Heartbeat, JobResultReport
+from ays_runtime.protocol import (
+    API,
+    Heartbeat,
+    JobResultReport,
+    ResultAnswer,
+    ResultBatch,
+    ResultBatchAnswer,
+)
 from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.registry.builtin import BuiltinRegistry
 from ays_runtime.storage.database import utcnow
@@ -82,25 +90,61 @@ def node_router(
         await run_in_threadpool(registry.record_heartbeat, beat)
         return {"status": "ok"}
 
+    def missing(job_log_ids: list[int]) -> set[int]:
+        if not job_log_ids:
+            return set()
+        with engine_sessions() as s:
+            found = s.scalars(select(JobLog.id).where(JobLog.id.in_(job_log_ids)))
+            return set(job_log_ids) - set(found)
+
+    async def store(reports: list[JobResultReport]) -> list[ResultAnswer]:
+        """Store each valid report (together: one transaction); an answer per report."""
+        valid = [r for r in reports if r.status in _FINAL_STATUSES]
+        outcomes = await asyncio.gather(*(tracker.record_result(r) for r in valid))
+        stored = {id(r): done for r, done in zip(valid, outcomes, strict=True)}
+        # Only a report that changed nothing needs the second look: a duplicate is fine, an
+        # unknown id is a 404 so the node stops resending it.
+        unchanged = [r.job_log_id for r in valid if not stored[id(r)]]
+        unknown = await run_in_threadpool(missing, unchanged)
+        answers = []
+        for report in reports:
+            job_log_id = report.job_log_id
+            if report.status not in _FINAL_STATUSES:
+                answers.append(
+                    ResultAnswer(
+                        job_log_id=job_log_id,
+                        status_code=422,
+                        detail=f"status: {report.status!r} is not a final run status",
+                    )
+                )
+            elif job_log_id in unknown:
+                answers.append(
+                    ResultAnswer(
+                        job_log_id=job_log_id,
+                        status_code=404,
+                        detail=f"job log {job_log_id} does not exist",
+                    )
+                )
+            else:
+                answers.append(
+                    ResultAnswer(job_log_id=job_log_id, status_code=200, stored=stored[id(report)])
+                )
+        return answers
+
     @router.post("/job-logs/{job_log_id}/result", tags=["job-logs"])
     async def result(job_log_id: int, report: JobResultReport) -> dict[str, bool]:
         if report.job_log_id != job_log_id:
             raise HTTPException(
                 422, f"job_log_id: body says {report.job_log_id}, path {job_log_id}"
             )
-        if report.status not in _FINAL_STATUSES:
-            raise HTTPException(422, f"status: {report.status!r} is not a final run status")
+        (answer,) = await store([report])
+        if answer.status_code != 200:
+            raise HTTPException(answer.status_code, answer.detail)
+        return {"stored": answer.stored}
 
-        def exists() -> bool:
-            with engine_sessions() as s:
-                return s.get(JobLog, job_log_id) is not None
-
-        stored = await tracker.record_result(report)
-        # Only a report that changed nothing needs the second look: a duplicate is fine, an
-        # unknown id is a 404 so the node stops resending it.
-        if not stored and not await run_in_threadpool(exists):
-            raise HTTPException(404, f"job log {job_log_id} does not exist")
-        return {"stored": stored}
+    @router.post("/job-logs/results", tags=["job-logs"])
+    async def results(batch: ResultBatch) -> ResultBatchAnswer:
+        return ResultBatchAnswer(results=await store(batch.results))
 
     async def write_node_list(what: str, call: object, *args: object) -> None:
         try:

@@ -9,9 +9,14 @@ neither does a node that is stopped or crashes meanwhile: the next process sends
 Each file is written to a temp file in the same directory, fsynced, renamed into place, and
 the directory fsynced: a crash leaves the whole file or none.
 
+Results finishing together share the work: their files are written with one directory fsync
+(group commit), and they travel to their manager in one request of up to RESULTS_PER_REQUEST.
+
 Delivery (`ResultReporter`) goes through the transport's `ResultSink`; a result not taken
 now is kept and retried with backoff (1 s doubling to 30 s, jittered) until it is taken. The
-built-in sink (`HttpResultSink`) POSTs report_to + /api/v1/job-logs/{id}/result with the token:
+built-in sink (`HttpResultSink`) POSTs report_to + /api/v1/job-logs/results (several; the
+answer has a status per result) or /api/v1/job-logs/{id}/result (one, or a manager of an
+older version) with the token; for each result:
     2xx                          taken: the file is deleted
     401, 408, 429, 5xx, network  kept, retried
     any other 4xx (404: unknown job log)
@@ -28,6 +33,7 @@ import logging
 import os
 import random
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +42,8 @@ import pydantic
 
 from ays_runtime.auth import auth_headers
 from ays_runtime.exceptions import ConfigError
-from ays_runtime.protocol import API, JobResultReport
+from ays_runtime.protocol import API, JobResultReport, ResultBatchAnswer
+from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.transport.base import Delivery, ResultSink
 
 log = logging.getLogger("ays.node.spool")
@@ -51,6 +58,9 @@ REPORT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 # Delivered results kept in memory, to hand over again when a transport redelivers a job
 # that already ran here (RocketMQ: the node stopped between publishing and acking).
 RECENT_RESULTS = 1000
+# Results in one request to a manager: bounds its size (a result is up to the excerpt, 4 KB
+# by default, of JSON).
+RESULTS_PER_REQUEST = 100
 
 
 @dataclass(frozen=True)
@@ -133,23 +143,34 @@ class ResultSpool:
 
     def put(self, entry: SpooledResult) -> None:
         """Write the result durably (temp file, fsync, rename, fsync the directory)."""
-        path = self.path(entry.job_log_id)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        data = {"report_to": entry.report_to, "report": entry.report.model_dump(mode="json")}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self.put_many([entry])
+
+    def put_many(self, entries: Sequence[SpooledResult]) -> list[None]:
+        """`put` for several results: each file fsynced and renamed, the directory fsynced once
+        after the last rename."""
+        for entry in entries:
+            path = self.path(entry.job_log_id)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            data = {"report_to": entry.report_to, "report": entry.report.model_dump(mode="json")}
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         self._sync_directory()
+        return [None] * len(entries)
 
     def remove(self, job_log_id: int) -> None:
         self.path(job_log_id).unlink(missing_ok=True)
+
+    def remove_many(self, job_log_ids: Sequence[int]) -> None:
+        for job_log_id in job_log_ids:
+            self.remove(job_log_id)
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -177,6 +198,10 @@ class ResultReporter:
         self._has_pending = asyncio.Event()
         self._retry_now = asyncio.Event()
         self._outage = False  # a delivery failed and none has succeeded since
+        self._durable = GroupCommit(spool.put_many)
+        # Results waiting to go to a destination, and the task sending them in batches.
+        self._outbox: dict[str, list[tuple[SpooledResult, asyncio.Future[Delivery]]]] = {}
+        self._senders: dict[str, asyncio.Task[None]] = {}
 
     @property
     def pending(self) -> int:
@@ -206,7 +231,7 @@ class ResultReporter:
     async def report(self, entry: SpooledResult) -> None:
         """Make the result durable, then try to deliver it once (`run()` retries)."""
         try:
-            await asyncio.to_thread(self.spool.put, entry)
+            await self._durable.submit(entry)
         except OSError as err:
             log.error(
                 "%s: cannot write the result of run %d to %s: %s; sending it with no copy "
@@ -220,9 +245,40 @@ class ResultReporter:
         if any(self.sink.destination(kept.report_to) == where for kept in self._pending.values()):
             self._keep(entry)  # that destination is not taking results: queue behind the others
             return
-        outcome = await self._deliver(entry)
-        if outcome is Delivery.RETRY:
+        if await self._send(entry, where) is Delivery.RETRY:
             self._keep(entry)
+
+    async def _send(self, entry: SpooledResult, where: str) -> Delivery:
+        """Deliver `entry` with the others bound for `where` at the moment (one request)."""
+        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+        self._outbox.setdefault(where, []).append((entry, future))
+        sender = self._senders.get(where)
+        if sender is None or sender.done():
+            self._senders[where] = asyncio.create_task(self._send_outbox(where))
+        return await future
+
+    async def _send_outbox(self, where: str) -> None:
+        queue = self._outbox[where]
+        batch: list[tuple[SpooledResult, asyncio.Future[Delivery]]] = []
+        try:
+            while queue:
+                batch = queue[:RESULTS_PER_REQUEST]
+                del queue[:RESULTS_PER_REQUEST]
+                try:
+                    outcomes = await self._deliver_many([entry for entry, _ in batch])
+                except Exception as err:  # a bug: each caller sees it, as if it sent alone
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        except asyncio.CancelledError:
+            for _, future in [*batch, *queue]:
+                future.cancel()
+            queue.clear()
+            raise
 
     def retry_now(self) -> None:
         if self._pending:
@@ -252,19 +308,39 @@ class ResultReporter:
         return len(self._pending)
 
     async def _send_pending(self) -> bool:
-        """Send kept results, oldest first; after a manager does not take one now, skip the
-        rest of its results this round. True when none is left."""
-        not_now: set[str] = set()
+        """Send kept results, oldest first, in batches per destination; after a destination
+        does not take one now, skip the rest of its results this round. True when none is
+        left."""
+        by_destination: dict[str, list[SpooledResult]] = {}
         for job_log_id in sorted(self._pending):
-            entry = self._pending.get(job_log_id)
-            if entry is None or self.sink.destination(entry.report_to) in not_now:
-                continue
-            if await self._deliver(entry) is Delivery.RETRY:
-                not_now.add(self.sink.destination(entry.report_to))
+            entry = self._pending[job_log_id]
+            by_destination.setdefault(self.sink.destination(entry.report_to), []).append(entry)
+        for entries in by_destination.values():
+            for start in range(0, len(entries), RESULTS_PER_REQUEST):
+                chunk = [
+                    e
+                    for e in entries[start : start + RESULTS_PER_REQUEST]
+                    if e.job_log_id in self._pending
+                ]
+                if chunk and Delivery.RETRY in await self._deliver_many(chunk):
+                    break
         return not self._pending
 
-    async def _deliver(self, entry: SpooledResult) -> Delivery:
-        outcome, why = await self.sink.deliver(entry.report, entry.report_to)
+    async def _deliver_many(self, entries: list[SpooledResult]) -> list[Delivery]:
+        answers = await self.sink.deliver_many([(e.report, e.report_to) for e in entries])
+        gone = [
+            e
+            for e, (outcome, _) in zip(entries, answers, strict=True)
+            if outcome is not Delivery.RETRY
+        ]
+        if gone:
+            await asyncio.to_thread(self.spool.remove_many, [e.job_log_id for e in gone])
+        for entry, (outcome, why) in zip(entries, answers, strict=True):
+            self._settle(entry, outcome, why)
+        return [outcome for outcome, _ in answers]
+
+    def _settle(self, entry: SpooledResult, outcome: Delivery, why: str) -> None:
+        """Book one delivery's outcome (its spool file is already gone unless RETRY)."""
         where = self.sink.destination(entry.report_to)
         if outcome is Delivery.RETRY:
             if not self._outage:
@@ -278,8 +354,7 @@ class ResultReporter:
                 )
             else:
                 log.debug("%s: result of run %d not taken: %s", self.who, entry.job_log_id, why)
-            return outcome
-        await asyncio.to_thread(self.spool.remove, entry.job_log_id)
+            return
         self._pending.pop(entry.job_log_id, None)
         if not self._pending:
             self._has_pending.clear()
@@ -292,7 +367,7 @@ class ResultReporter:
                 entry.job_log_id,
                 why,
             )
-            return outcome
+            return
         log.debug("%s: result of run %d reported", self.who, entry.job_log_id)
         self._recent[entry.job_log_id] = entry
         while len(self._recent) > RECENT_RESULTS:
@@ -305,7 +380,6 @@ class ResultReporter:
                 where,
                 len(self._pending),
             )
-        return outcome
 
     def _keep(self, entry: SpooledResult) -> None:
         self._pending[entry.job_log_id] = entry
@@ -332,16 +406,70 @@ class HttpResultSink(ResultSink):
                 timeout=REPORT_TIMEOUT,
             )
         except httpx.HTTPError as err:
-            return Delivery.RETRY, f"{type(err).__name__}: {err}" if str(err) else repr(err)
-        code = response.status_code
-        if 200 <= code <= 299:
-            return Delivery.TAKEN, f"HTTP {code}"
-        why = f"HTTP {code} {_first_line(response.text)[:200]}".rstrip()
-        if 400 <= code <= 499 and code not in RETRYABLE_4XX:
-            return Delivery.REFUSED, why
-        if code == 401:
-            why += " (the manager does not accept this node's access token)"
-        return Delivery.RETRY, why
+            return Delivery.RETRY, _network_error(err)
+        return _outcome(response.status_code, _first_line(response.text))
+
+    async def deliver_many(
+        self, items: Sequence[tuple[JobResultReport, str]]
+    ) -> list[tuple[Delivery, str]]:
+        """One request per manager; a single result, or a manager without the batch route,
+        goes to the one-result route."""
+        answers: list[tuple[Delivery, str]] = [(Delivery.RETRY, "not sent")] * len(items)
+        by_manager: dict[str, list[int]] = {}
+        for i, (_, report_to) in enumerate(items):
+            by_manager.setdefault(report_to, []).append(i)
+        for report_to, indexes in by_manager.items():
+            reports = [items[i][0] for i in indexes]
+            got = await self._post_batch(reports, report_to)
+            for i, answer in zip(indexes, got, strict=True):
+                answers[i] = answer
+        return answers
+
+    async def _post_batch(
+        self, reports: list[JobResultReport], report_to: str
+    ) -> list[tuple[Delivery, str]]:
+        if len(reports) == 1:
+            return [await self.deliver(reports[0], report_to)]
+        try:
+            response = await self._client.post(
+                f"{report_to.rstrip('/')}{API}/job-logs/results",
+                json={"results": [r.model_dump(mode="json") for r in reports]},
+                headers=auth_headers(self._token),
+                timeout=REPORT_TIMEOUT,
+            )
+        except httpx.HTTPError as err:
+            return [(Delivery.RETRY, _network_error(err))] * len(reports)
+        if response.status_code in (404, 405):  # a manager of an older version
+            return [await self.deliver(report, report_to) for report in reports]
+        if response.status_code != 200:
+            return [_outcome(response.status_code, _first_line(response.text))] * len(reports)
+        by_id = {
+            a.job_log_id: a for a in ResultBatchAnswer.model_validate_json(response.content).results
+        }
+        answers = []
+        for report in reports:
+            answer = by_id.get(report.job_log_id)
+            if answer is None:
+                answers.append((Delivery.RETRY, "the manager's answer did not mention it"))
+            else:
+                answers.append(_outcome(answer.status_code, answer.detail))
+        return answers
+
+
+def _outcome(code: int, text: str) -> tuple[Delivery, str]:
+    """What a manager's status code for one result means for that result."""
+    if 200 <= code <= 299:
+        return Delivery.TAKEN, f"HTTP {code}"
+    why = f"HTTP {code} {text[:200]}".rstrip()
+    if 400 <= code <= 499 and code not in RETRYABLE_4XX:
+        return Delivery.REFUSED, why
+    if code == 401:
+        why += " (the manager does not accept this node's access token)"
+    return Delivery.RETRY, why
+
+
+def _network_error(err: httpx.HTTPError) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else repr(err)
 
 
 def _writer_alive(temp: Path) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -87,6 +88,13 @@ class ResultSink(ABC):
     @abstractmethod
     async def deliver(self, report: JobResultReport, report_to: str) -> tuple[Delivery, str]:
         """Hand one result over; the outcome and a short reason for the log."""
+
+    async def deliver_many(
+        self, items: Sequence[tuple[JobResultReport, str]]
+    ) -> list[tuple[Delivery, str]]:
+        """Hand several results over ((report, report_to) each); an outcome per item, in
+        order. A sink with a batch form overrides this; here each goes on its own."""
+        return list(await asyncio.gather(*(self.deliver(r, to) for r, to in items)))
 
 
 class JobSource(ABC):
