@@ -347,3 +347,49 @@ def test_the_result_batch_route_answers_each_result_as_the_single_route_would(
     time.sleep(3.5)  # the node's own report arrives and is ignored
     stored = runs(cluster, task)[0]
     assert (stored["status"], stored["output"]) == ("succeeded", "from the batch")
+
+
+def kill(ays: Cluster, job_log_id: int, reason: str | None = None) -> httpx.Response:
+    with ays.api() as api:
+        body = {"reason": reason} if reason else None
+        return api.post(f"/job-logs/{job_log_id}/kill", json=body, timeout=90)
+
+
+def test_killing_a_running_job_through_the_manager_ends_its_whole_process_group(
+    cluster: Cluster,
+) -> None:
+    pidfile = cluster.tmp / "child.pid"
+    task = add_task(cluster, f"sleep 300 & echo $! > {pidfile}; echo started; wait")
+    job = trigger(cluster, task)
+    child = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "child"))
+    assert psutil.pid_exists(child)
+    response = kill(cluster, job, "the operator said stop")
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    node = runs(cluster, task)[0]["node"]
+    assert (answer["killed"], answer["status"]) == (True, "killed")
+    assert answer["detail"] == f"killed on node {node}"
+    run = finished_runs(cluster, task, 1)[0]
+    assert run["status"] == "killed" and "the operator said stop" in run["message"]
+    wait_for(lambda: not psutil.pid_exists(child), 10, "the job's child process to be gone")
+    again = kill(cluster, job)
+    assert again.status_code == 409 and "already ended" in again.json()["error"]
+    assert kill(cluster, 987654).status_code == 404
+
+
+def test_killing_a_retry_that_waits_its_backoff_cancels_it(cluster: Cluster) -> None:
+    task = add_task(cluster, "exit 3", retry_count=1, retry_interval_s=3)
+    trigger(cluster, task)
+    waiting = wait_for(
+        lambda: [r for r in runs(cluster, task) if r["attempt"] == 1] or None,
+        20,
+        "the retry's pending row",
+        interval=0.1,
+    )[0]
+    response = kill(cluster, waiting["id"], "no more tries")
+    assert response.status_code == 202, response.text
+    assert response.json()["detail"] == "ended before it was dispatched"
+    time.sleep(4)  # past the retry's due time
+    statuses = [(r["attempt"], r["status"]) for r in runs(cluster, task)]
+    assert statuses == [(0, "failed"), (1, "killed")]
+    assert runs(cluster, task)[1]["node"] == ""  # never sent to a node

@@ -51,6 +51,9 @@ class Hooks:
     async def on_tasks_changed(self) -> None:
         self.changed += 1
 
+    async def kill_run(self, job_log_id: int, reason: str) -> tuple[bool, str, str]:
+        raise AssertionError("kills are tested with a real manager (test_end_to_end.py)")
+
     async def trigger_now(self, task_id: int, params: str | None) -> int:
         self.triggered.append((task_id, params))
         return await run_in_threadpool(self._insert_manual_run, task_id, params)
@@ -90,6 +93,7 @@ def api(sessions: sessionmaker[Session]) -> Iterator[Api]:
         manager_id="127.0.0.1:18080",
         on_tasks_changed=hooks.on_tasks_changed,
         trigger_now=hooks.trigger_now,
+        kill_run=hooks.kill_run,
         version="9.9.9-test",
     )
     # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and

@@ -224,3 +224,19 @@ def test_a_node_stops_cleanly_and_its_consumers_leave_the_proxy(
     assert cluster.nodes["a"].stop(signal.SIGTERM, timeout=30) == 0
     assert time.monotonic() - started < 20, "a node with no runs stops promptly"
     assert emu.calls("NotifyClientTermination") >= 2  # its two consumers said goodbye
+
+
+def test_a_running_job_whose_node_no_result_has_named_is_killed_through_the_manager(
+    cluster: Cluster,
+) -> None:
+    task = add_task(cluster, "echo started; sleep 300")
+    job_log_id = trigger(cluster, task)
+    holder = wait_for(lambda: _holder(cluster, job_log_id), 20, "a node to hold the run")
+    assert runs(cluster, task)[0]["node"] == ""  # with RocketMQ, only the result names it
+    with cluster.api() as api:
+        response = api.post(f"/job-logs/{job_log_id}/kill", json={"reason": "stop it"}, timeout=90)
+    assert response.status_code == 202, response.text
+    assert response.json()["detail"] == f"killed on node {cluster.address(holder)}"
+    [run] = finished_runs(cluster, task, 1)
+    assert (run["status"], run["node"]) == ("killed", cluster.address(holder))
+    assert "stop it" in run["message"]

@@ -62,6 +62,8 @@ from ays_runtime.manager.schemas import (
     Health,
     JobLogOut,
     JobLogPage,
+    KillRequest,
+    KillResponse,
     NodeGroupCreate,
     NodeGroupList,
     NodeGroupOut,
@@ -287,6 +289,23 @@ def list_job_logs(
 def get_job_log(job_log_id: int, ctx: Ctx) -> JobLogOut:
     with ctx.sessions() as session:
         return JobLogOut.model_validate(tasks.get_job_log(session, job_log_id))
+
+
+@job_logs_router.post(
+    "/{job_log_id}/kill",
+    response_model=KillResponse,
+    status_code=202,
+    responses={**_NOT_FOUND, **_CONFLICT},
+)
+async def kill_job_log(job_log_id: int, ctx: Ctx, body: KillRequest | None = None) -> KillResponse:
+    """End the run wherever it is: a pending run (or a retry waiting its backoff) at once; a
+    dispatched or running one on its node, which kills its whole process group and reports it
+    killed; one no node holds is marked killed. 409 when it had ended already."""
+    reason = body.reason if body else KillRequest().reason
+    killed, status, detail = await ctx.kill_run(job_log_id, reason)
+    if not killed:
+        raise ConflictError(f"{detail} (status {status}): nothing to kill")
+    return KillResponse(job_log_id=job_log_id, killed=True, status=status, detail=detail)
 
 
 nodes_router = APIRouter(prefix="/nodes", tags=["nodes"], responses=_ERRORS)

@@ -22,5 +22,7 @@ class ManagerContext:
     on_tasks_changed: Callable[[], Awaitable[None]]
     # Fires a task now, outside its schedule; returns the id of the job log it created.
     trigger_now: Callable[[int, str | None], Awaitable[int]]
+    # Ends a run wherever it is (manager/kills.py); (killed, status now, detail).
+    kill_run: Callable[[int, str], Awaitable[tuple[bool, str, str]]]
     version: str = ""
     started_at: datetime = field(default_factory=utcnow)

@@ -111,6 +111,10 @@ class RunTracker:
         )
         await self._finish(job.job_log_id, RunStatus.FAILED.value, message, node=node)
 
+    async def end_killed(self, job_id: int, message: str) -> bool:
+        """End an unfinished run as killed (no retry); False when it had ended already."""
+        return await self._finish(job_id, RunStatus.KILLED.value, message)
+
     async def record_result(self, report: JobResultReport) -> bool:
         """Store a node's report; False when the run was already final (a duplicate)."""
         output = report.output

@@ -272,6 +272,12 @@ class TriggerRequest(_Request):
     params: Params | None = Field(None, description="replaces the task's params for this run")
 
 
+class KillRequest(_Request):
+    reason: str = Field(
+        "killed by operator", max_length=512, description="recorded in the run's message"
+    )
+
+
 class NodeGroupCreate(_Request):
     name: GroupName
     description: Description = ""
@@ -383,6 +389,13 @@ class NodeGroupList(BaseModel):
 
 class TriggerResponse(BaseModel):
     job_log_id: int = Field(description="the job log of the run just fired")
+
+
+class KillResponse(BaseModel):
+    job_log_id: int
+    killed: bool = Field(description="the run ended as killed by this request")
+    status: str = Field(description="the run's status now")
+    detail: str = Field(description="where and how it ended")
 
 
 class Health(BaseModel):

@@ -33,6 +33,7 @@ from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
+from ays_runtime.manager.kills import RunKiller
 from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.retention import retention_loop
 from ays_runtime.manager.runs import RunTracker
@@ -130,6 +131,12 @@ class Manager:
         )
         self.scheduler = scheduler
         self.engine = engine
+        killer = RunKiller(engine, registry, tracker, token)
+
+        async def kill_run(job_log_id: int, reason: str) -> tuple[bool, str, str]:
+            outcome = await killer.kill(job_log_id, reason)
+            return outcome.killed, outcome.status, outcome.detail
+
         ctx = ManagerContext(
             config=cfg,
             sessions=sessions,
@@ -137,6 +144,7 @@ class Manager:
             manager_id=self.manager_id,
             on_tasks_changed=_discard(scheduler.reconcile_now),
             trigger_now=scheduler.trigger_now,
+            kill_run=kill_run,
             version=__version__,
         )
         app = create_app(ctx)
