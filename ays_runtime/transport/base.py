@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ays_runtime.protocol import JobResultReport
+from ays_runtime.protocol import JobResultReport, RunRequest
 
 if TYPE_CHECKING:
     from ays_runtime.node.daemon import NodeDaemon
@@ -39,6 +39,25 @@ class JobDispatch:
     retry_interval_s: float = 10.0
     shard_index: int = 0
     shard_total: int = 1
+
+    def run_request(self, report_to: str, queue_if_busy: bool = True) -> RunRequest:
+        """What a node is handed for this job, whatever the transport."""
+        return RunRequest(
+            job_log_id=self.job_log_id,
+            task_id=self.task_id,
+            task_name=self.task_name,
+            task_type=self.task_type,
+            payload=self.payload,
+            timeout_s=self.timeout_s,
+            params=self.params,
+            attempt=self.attempt,
+            shard_index=self.shard_index,
+            shard_total=self.shard_total,
+            scheduled_at=self.scheduled_at,
+            block_strategy=self.block_strategy,
+            queue_if_busy=queue_if_busy,
+            report_to=report_to,
+        )
 
 
 class Transport(ABC):

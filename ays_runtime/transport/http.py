@@ -23,7 +23,7 @@ from ays_runtime.auth import auth_headers
 from ays_runtime.config import BuiltinTransportSettings
 from ays_runtime.manager.routing import Router
 from ays_runtime.manager.runs import RunTracker
-from ays_runtime.protocol import API, RunAnswer, RunBatchAnswer, RunRequest
+from ays_runtime.protocol import API, RunAnswer, RunBatchAnswer
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.storage.models import RouteStrategy
 from ays_runtime.transport.base import JobDispatch, Transport
@@ -173,23 +173,9 @@ class BuiltinTransport(Transport):
         await self.tracker.dispatch_failed(job, "dispatch failed: " + "; ".join(reasons))
 
     def _request(self, job: JobDispatch) -> dict[str, Any]:
-        return RunRequest(
-            job_log_id=job.job_log_id,
-            task_id=job.task_id,
-            task_name=job.task_name,
-            task_type=job.task_type,
-            payload=job.payload,
-            timeout_s=job.timeout_s,
-            params=job.params,
-            attempt=job.attempt,
-            shard_index=job.shard_index,
-            shard_total=job.shard_total,
-            scheduled_at=job.scheduled_at,
-            block_strategy=job.block_strategy,
-            # Failover: a full node answers 429 and the next node is asked instead.
-            queue_if_busy=job.route_strategy != RouteStrategy.FAILOVER.value,
-            report_to=self.report_to,
-        ).model_dump(mode="json")
+        # Failover: a full node answers 429 and the next node is asked instead.
+        failover = job.route_strategy == RouteStrategy.FAILOVER.value
+        return job.run_request(self.report_to, queue_if_busy=not failover).model_dump(mode="json")
 
     def _count(self, node: str, change: int) -> None:
         """This manager's runs in flight on `node` (least-busy routing adds them)."""

@@ -49,7 +49,7 @@ import pydantic
 from ays_runtime.config import RocketMQTransportSettings
 from ays_runtime.exceptions import TransientTransportError, TransportError
 from ays_runtime.manager.runs import RunTracker
-from ays_runtime.protocol import JobResultReport, RunRequest
+from ays_runtime.protocol import JobResultReport
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.retry import Backoff
 from ays_runtime.storage.models import RouteStrategy
@@ -205,7 +205,7 @@ class RocketMQTransport(Transport):
         try:
             await self._publisher.send(
                 topic,
-                self._request(job).model_dump_json().encode(),
+                job.run_request(self.report_to).model_dump_json().encode(),
                 key=str(job.job_log_id),
                 tag=tag,
                 properties={"ays_task_type": job.task_type},
@@ -219,23 +219,6 @@ class RocketMQTransport(Transport):
         self._came_back()
         await self.tracker.dispatched(job, node.address if node is not None else "")
         return True
-
-    def _request(self, job: JobDispatch) -> RunRequest:
-        return RunRequest(
-            job_log_id=job.job_log_id,
-            task_id=job.task_id,
-            task_name=job.task_name,
-            task_type=job.task_type,
-            payload=job.payload,
-            timeout_s=job.timeout_s,
-            params=job.params,
-            attempt=job.attempt,
-            shard_index=job.shard_index,
-            shard_total=job.shard_total,
-            scheduled_at=job.scheduled_at,
-            block_strategy=job.block_strategy,
-            report_to=self.report_to,
-        )
 
     def _went_down(self, why: str) -> None:
         if self._down_since is None:
