@@ -535,7 +535,8 @@ def test_a_result_the_manager_can_never_take_is_dropped_with_a_log_line(
     accepted(node.run(job(manager, 43, "echo unknown run")))
     manager.wait(lambda: manager.refused.get(43, 0) >= 1, 10, "a refused report of run 43")
     wait_until(lambda: not node.spool_file(43).exists(), 5, "the spool file to be deleted")
-    assert "refused the result of run 43 (HTTP 404" in node.log
+    # The file goes first, then the line is logged: wait for it, bounded.
+    wait_until(lambda: "refused the result of run 43 (HTTP 404" in node.log, 5, "the log line")
     time.sleep(1.5)  # no retry follows
     assert manager.refused[43] == 1
 

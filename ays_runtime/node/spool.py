@@ -43,7 +43,7 @@ import pydantic
 from ays_runtime.auth import auth_headers
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.protocol import API, JobResultReport, ResultBatchAnswer
-from ays_runtime.storage.group_commit import GroupCommit
+from ays_runtime.storage.group_commit import Batcher, GroupCommit
 from ays_runtime.transport.base import Delivery, ResultSink
 
 log = logging.getLogger("ays.node.spool")
@@ -199,9 +199,8 @@ class ResultReporter:
         self._retry_now = asyncio.Event()
         self._outage = False  # a delivery failed and none has succeeded since
         self._durable = GroupCommit(spool.put_many)
-        # Results waiting to go to a destination, and the task sending them in batches.
-        self._outbox: dict[str, list[tuple[SpooledResult, asyncio.Future[Delivery]]]] = {}
-        self._senders: dict[str, asyncio.Task[None]] = {}
+        # Per destination: the results ready at the moment go in one delivery.
+        self._senders: dict[str, Batcher[SpooledResult, Delivery]] = {}
 
     @property
     def pending(self) -> int:
@@ -250,35 +249,10 @@ class ResultReporter:
 
     async def _send(self, entry: SpooledResult, where: str) -> Delivery:
         """Deliver `entry` with the others bound for `where` at the moment (one request)."""
-        future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
-        self._outbox.setdefault(where, []).append((entry, future))
         sender = self._senders.get(where)
-        if sender is None or sender.done():
-            self._senders[where] = asyncio.create_task(self._send_outbox(where))
-        return await future
-
-    async def _send_outbox(self, where: str) -> None:
-        queue = self._outbox[where]
-        batch: list[tuple[SpooledResult, asyncio.Future[Delivery]]] = []
-        try:
-            while queue:
-                batch = queue[:RESULTS_PER_REQUEST]
-                del queue[:RESULTS_PER_REQUEST]
-                try:
-                    outcomes = await self._deliver_many([entry for entry, _ in batch])
-                except Exception as err:  # a bug: each caller sees it, as if it sent alone
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(err)
-                    continue
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if not future.done():
-                        future.set_result(outcome)
-        except asyncio.CancelledError:
-            for _, future in [*batch, *queue]:
-                future.cancel()
-            queue.clear()
-            raise
+        if sender is None:
+            sender = self._senders[where] = Batcher(self._deliver_many, RESULTS_PER_REQUEST)
+        return await sender.submit(entry)
 
     def retry_now(self) -> None:
         if self._pending:

@@ -3,24 +3,29 @@
 A burst of runs dispatched or finished at once would otherwise be a transaction each, and a
 commit is the expensive part (an fsync on SQLite, a round trip and a log flush on MySQL).
 Callers `await submit(item)` as if they wrote alone; items submitted while a batch is being
-written go into the next batch. The write function runs in a worker thread, gets the items
-in submission order and returns one answer per item; if it raises, every caller of that
-batch gets the exception (as each would have, writing alone).
+written go into the next batch. The write function gets the items in submission order and
+returns one answer per item; if it raises, every caller of that batch gets the exception (as
+each would have, writing alone).
+
+`Batcher` takes a coroutine function (e.g. one request for many results); `GroupCommit` runs a
+blocking function (a transaction, file writes) in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
 
 
-class GroupCommit(Generic[Item, Answer]):
+class Batcher(Generic[Item, Answer]):
     def __init__(
-        self, write: Callable[[Sequence[Item]], Sequence[Answer]], max_batch: int = 500
+        self,
+        write: Callable[[list[Item]], Awaitable[Sequence[Answer]]],
+        max_batch: int = 500,
     ) -> None:
         self._write = write
         self.max_batch = max_batch
@@ -41,7 +46,7 @@ class GroupCommit(Generic[Item, Answer]):
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
                 try:
-                    answers = await asyncio.to_thread(self._write, [item for item, _ in batch])
+                    answers = await self._write([item for item, _ in batch])
                 except Exception as err:  # handed to every caller of the batch
                     for _, future in batch:
                         if not future.done():
@@ -55,3 +60,13 @@ class GroupCommit(Generic[Item, Answer]):
                 future.cancel()
             self._queue.clear()
             raise
+
+
+class GroupCommit(Batcher[Item, Answer]):
+    def __init__(
+        self, write: Callable[[Sequence[Item]], Sequence[Answer]], max_batch: int = 500
+    ) -> None:
+        async def in_thread(items: list[Item]) -> Sequence[Answer]:
+            return await asyncio.to_thread(write, items)
+
+        super().__init__(in_thread, max_batch)
