@@ -3,6 +3,7 @@ where the client hides a status code)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,20 @@ from rocketmq.grpc_protocol import (
 from rocketmq.v5.exception import BadRequestException
 
 TOPICS = ["jobs", "other"]
+
+
+@pytest.fixture(autouse=True)
+def main_thread_event_loop() -> Iterator[None]:
+    """grpc.aio, under the client, creates a call on the calling thread's event loop. An
+    earlier test's asyncio.run() leaves the main thread with none (set_event_loop(None)), and
+    the client then fails now and then ("no current event loop in thread 'MainThread'"),
+    depending on which of its threads opens the telemetry stream first. An application calling
+    the client from a plain main thread has the loop Python makes for it; so do these tests."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 @pytest.fixture
