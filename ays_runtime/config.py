@@ -111,6 +111,12 @@ class ManagerSettings(_Section):
     misfire_grace: float = Field(
         5.0, ge=0, description="seconds a fire may be late before the misfire policy applies"
     )
+    adopt_after: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a peer manager may be silent before this one adopts its pending "
+        "runs (claimed but never sent, retries waiting)",
+    )
 
     @field_validator("ip")
     @classmethod

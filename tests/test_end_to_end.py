@@ -7,14 +7,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+from sqlalchemy import create_engine, insert
 
+from ays_runtime.scheduler.firing import Fire, claim_slots
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import Manager
 from tests.daemons import Daemon, client, free_port, manager, node, wait_for, write_config
 
 FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
@@ -393,3 +397,49 @@ def test_killing_a_retry_that_waits_its_backoff_cancels_it(cluster: Cluster) -> 
     statuses = [(r["attempt"], r["status"]) for r in runs(cluster, task)]
     assert statuses == [(0, "failed"), (1, "killed")]
     assert runs(cluster, task)[1]["node"] == ""  # never sent to a node
+
+
+def test_the_pending_runs_of_a_manager_gone_silent_are_adopted_and_run_and_no_others(
+    cluster: Cluster, sqlite_url: str
+) -> None:
+    task = add_task(cluster, "echo adopted by $AYS_JOB_ID")
+    engine = create_engine(sqlite_url)
+    now = utcnow().replace(microsecond=0)
+    managers = {
+        "10.9.9.9:18080": now - timedelta(minutes=10),  # silent: its host died
+        "10.9.9.8:18080": now + timedelta(hours=1),  # alive (seen "later" than any tick)
+    }
+    try:
+        with engine.begin() as conn:
+            for manager_id, seen in managers.items():
+                conn.execute(
+                    insert(Manager).values(
+                        manager_id=manager_id, version="0", started_at=seen, last_seen=seen
+                    )
+                )
+        claimed = {
+            who: claim_slots(engine, who, [Fire(task, now - timedelta(seconds=i))], now)[0]
+            for i, who in enumerate([*managers, "10.9.9.7:18080"])  # the last: no liveness row
+        }
+        adopted = claimed["10.9.9.9:18080"].job_log_id
+        run = wait_for(
+            lambda: next(
+                (r for r in runs(cluster, task) if r["id"] == adopted and r["status"] in FINAL),
+                None,
+            ),
+            30,
+            "the silent manager's run to be adopted and run",
+            interval=0.2,
+        )
+        assert run["status"] == "succeeded" and run["output"] == f"adopted by {adopted}\n"
+        assert run["manager_id"] == f"127.0.0.1:{cluster.manager_port}"
+        time.sleep(6)  # another liveness tick: the others stay where they are
+        others = {r["id"]: r for r in runs(cluster, task) if r["id"] != adopted}
+        for who in ("10.9.9.8:18080", "10.9.9.7:18080"):
+            row = others[claimed[who].job_log_id]
+            assert (row["status"], row["manager_id"]) == ("pending", who)
+        assert "adopted 1 pending run(s) of silent manager(s) 10.9.9.9:18080" in (
+            cluster.manager.log()
+        )
+    finally:
+        engine.dispose()

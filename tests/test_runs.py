@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, event, select, update
 
+from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.group_commit import GroupCommit
-from ays_runtime.storage.models import JobLog, RunStatus, Task
+from ays_runtime.storage.models import JobLog, Manager, RunStatus, Task
 from ays_runtime.transport.base import JobDispatch
 from tests.test_scheduler import MANAGER, add_task
 
@@ -239,3 +240,41 @@ def test_a_retry_whose_task_was_disabled_while_it_waited_is_skipped_with_the_rea
         retry = conn.execute(select(JobLog).where(JobLog.attempt == 1)).one()
     assert retry.status == RunStatus.SKIPPED.value
     assert "disabled" in retry.message
+
+
+def test_liveness_rows_refresh_and_only_pending_runs_of_silent_managers_are_adopted(
+    engine: Engine,
+) -> None:
+    started = utcnow()
+    record_alive(engine, MANAGER, "1.0", started)
+    first = _last_seen(engine, MANAGER)
+    record_alive(engine, MANAGER, "1.0", started)  # an update, not a second row
+    assert _last_seen(engine, MANAGER) >= first
+    record_alive(engine, "10.0.0.2:18080", "1.0", started)
+    with engine.begin() as conn:  # silent for 10 minutes
+        conn.execute(
+            update(Manager)
+            .where(Manager.manager_id == "10.0.0.2:18080")
+            .values(last_seen=started - timedelta(minutes=10))
+        )
+    task_id = add_task(engine, "left-behind")
+    slot = utcnow().replace(microsecond=0)
+    [pending] = claim_slots(engine, "10.0.0.2:18080", [Fire(task_id, slot)], utcnow())
+    [finished] = claim_slots(engine, "10.0.0.2:18080", [Fire(task_id, slot, attempt=1)], utcnow())
+    with engine.begin() as conn:
+        conn.execute(
+            update(JobLog).where(JobLog.id == finished.job_log_id).values(status="succeeded")
+        )
+    assert adopt_from_silent(engine, MANAGER, timedelta(minutes=1)) is not None
+    assert adopt_from_silent(engine, MANAGER, timedelta(minutes=1)) is None  # nothing left
+    with engine.connect() as conn:
+        owners = dict(conn.execute(select(JobLog.id, JobLog.manager_id)).all())
+    assert owners == {pending.job_log_id: MANAGER, finished.job_log_id: "10.0.0.2:18080"}
+    assert adopt_from_silent(engine, "10.0.0.2:18080", timedelta(minutes=1)) is None  # I'm alive
+
+
+def _last_seen(engine: Engine, manager_id: str) -> datetime:
+    with engine.connect() as conn:
+        seen = conn.scalar(select(Manager.last_seen).where(Manager.manager_id == manager_id))
+    assert seen is not None
+    return seen

@@ -186,19 +186,21 @@ class RunTracker:
             await self.node_lost(address)
         return len(addresses)
 
-    async def recover_pending(self) -> int:
+    async def recover_pending(self, claim: str | None = None) -> int:
         """Dispatch the runs this manager claimed but never handed over (it stopped between),
-        and the retries it left waiting: each when it is due."""
+        and the retries it left waiting: each when it is due. With `claim`, only the rows of
+        that claim token (runs just adopted from a silent manager)."""
 
         def pending() -> list[tuple[JobDispatch, datetime | None]]:
+            mine = [
+                JobLog.manager_id == self.manager_id,
+                JobLog.status == RunStatus.PENDING.value,
+            ]
+            if claim is not None:
+                mine.append(JobLog.claim == claim)
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    select(JobLog.id, JobLog.due_at)
-                    .where(
-                        JobLog.manager_id == self.manager_id,
-                        JobLog.status == RunStatus.PENDING.value,
-                    )
-                    .order_by(JobLog.id)
+                    select(JobLog.id, JobLog.due_at).where(*mine).order_by(JobLog.id)
                 ).all()
                 found = ((self._load_dispatch(conn, r.id), r.due_at) for r in rows)
                 return [(job, due) for job, due in found if job is not None]
@@ -375,11 +377,13 @@ class RunTracker:
         def still_wanted() -> bool:
             with self.engine.begin() as conn:
                 row = conn.execute(
-                    select(JobLog.status, Task.enabled)
+                    select(JobLog.status, JobLog.manager_id, Task.enabled)
                     .join(Task, Task.id == JobLog.task_id, isouter=True)
                     .where(JobLog.id == retry.job_log_id)
                 ).first()
                 if row is None or row.status != RunStatus.PENDING.value:
+                    return False
+                if row.manager_id != self.manager_id:  # adopted by a peer while we were away
                     return False
                 if not row.enabled:
                     conn.execute(

@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime import __version__
 from ays_runtime.auth import resolve_access_token
@@ -34,13 +35,14 @@ from ays_runtime.exceptions import ConfigError
 from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.kills import RunKiller
+from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.retention import retention_loop
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.service.handover import ConnectionCloser, release_listener
-from ays_runtime.storage.database import make_engine, redacted, session_factory
+from ays_runtime.storage.database import make_engine, redacted, session_factory, utcnow
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
 
@@ -92,6 +94,7 @@ class Manager:
         # Set for a reload's new manager: returns once the old manager has exited.
         self.predecessor_gone: Callable[[], Awaitable[None]] | None = None
         self._handing_over = False
+        self._recovered = asyncio.Event()  # this manager's own pending runs are re-sent
 
     def request_stop(self, reason: str = "stop requested") -> None:
         self._stop.set()
@@ -243,11 +246,26 @@ class Manager:
             await tracker.recover_pending()
         except Exception:  # the next start tries again; say so now, not at exit
             log.exception("manager %s: re-dispatching pending runs failed", self.manager_id)
+        self._recovered.set()
 
     async def _reap(self, tracker: RunTracker) -> None:
+        started_at = utcnow()
+        silent_for = timedelta(seconds=self.config.manager.adopt_after)
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
                 await tracker.reap_orphans()
+            try:
+                await asyncio.to_thread(
+                    record_alive, self.engine, self.manager_id, __version__, started_at
+                )
+                if self._recovered.is_set():  # own leftovers first, then a peer's
+                    token = await asyncio.to_thread(
+                        adopt_from_silent, self.engine, self.manager_id, silent_for
+                    )
+                    if token is not None:
+                        await tracker.recover_pending(claim=token)
+            except SQLAlchemyError as err:  # the database is away: the next tick tries again
+                log.debug("manager %s: liveness: %s", self.manager_id, err)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), REAP_INTERVAL)
 

@@ -194,6 +194,18 @@ class Node(Base):
         return f"{self.ip}:{self.port}"
 
 
+class Manager(Base):
+    """A manager that has run against this database, and when it was last seen alive (it
+    refreshes `last_seen` every few seconds while it runs)."""
+
+    __tablename__ = "ays_manager"
+
+    manager_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # ip:port
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class JobLog(Base):
     """One run. The row with attempt 0 and shard 0 is the slot claim: its unique key
     (task_id, scheduled_at, attempt, shard_index) means a slot can be inserted once, by one

@@ -1,0 +1,79 @@
+"""Managers sharing a database keep a row each in `ays_manager`, refreshed every few seconds
+while they run. A manager silent for longer than `manager.adopt_after` (its host died, or it
+was stopped and not started again) may have left pending runs behind: slots it claimed but
+never sent, retries waiting their backoff. A live manager adopts them (one guarded UPDATE, so
+two adopters never take the same row) and sends each when it is due: no run stays pending
+for ever because the manager that claimed it is gone.
+
+Only managers with a row are ever adopted from; a manager of an older version, which writes
+none, is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import JobLog, Manager, RunStatus
+
+log = logging.getLogger("ays.liveness")
+
+
+def record_alive(engine: Engine, manager_id: str, version: str, started_at: datetime) -> None:
+    """Refresh this manager's row (create it on the first call)."""
+    now = utcnow()
+    with engine.begin() as conn:
+        changed = conn.execute(
+            update(Manager)
+            .where(Manager.manager_id == manager_id)
+            .values(last_seen=now, version=version, started_at=started_at)
+        ).rowcount
+    if changed:
+        return
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(Manager).values(
+                    manager_id=manager_id, version=version, started_at=started_at, last_seen=now
+                )
+            )
+    except IntegrityError:  # two processes of one manager (a reload): the other made it
+        pass
+
+
+def adopt_from_silent(engine: Engine, manager_id: str, silent_for: timedelta) -> str | None:
+    """Take over the pending runs of managers silent for longer than `silent_for`; the claim
+    token the adopted rows now carry (select them by it), or None when there were none."""
+    with engine.begin() as conn:
+        silent = list(
+            conn.execute(
+                select(Manager.manager_id).where(
+                    Manager.last_seen < utcnow() - silent_for, Manager.manager_id != manager_id
+                )
+            ).scalars()
+        )
+        if not silent:
+            return None
+        token = uuid.uuid4().hex
+        adopted = conn.execute(
+            update(JobLog)
+            .where(
+                JobLog.status == RunStatus.PENDING.value,
+                JobLog.manager_id.in_(silent),
+            )
+            .values(manager_id=manager_id, claim=token)
+        ).rowcount
+    if not adopted:
+        return None
+    log.warning(
+        "manager %s: adopted %d pending run(s) of silent manager(s) %s",
+        manager_id,
+        adopted,
+        ", ".join(silent),
+    )
+    return token
