@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ays_runtime.protocol import JobResultReport, RunRequest
+from ays_runtime.storage.models import RouteStrategy
 
 if TYPE_CHECKING:
     from ays_runtime.node.daemon import NodeDaemon
@@ -39,6 +40,15 @@ class JobDispatch:
     retry_interval_s: float = 10.0
     shard_index: int = 0
     shard_total: int = 1
+
+    @property
+    def is_first_broadcast(self) -> bool:
+        """A broadcast's first send: the transport claims one shard per healthy node."""
+        return (
+            self.route_strategy == RouteStrategy.BROADCAST.value
+            and self.shard_total == 1
+            and self.attempt == 0
+        )
 
     def run_request(self, report_to: str, queue_if_busy: bool = True) -> RunRequest:
         """What a node is handed for this job, whatever the transport."""

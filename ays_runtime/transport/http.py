@@ -140,8 +140,10 @@ class BuiltinTransport(Transport):
                 job.job_log_id: RunAnswer(job_log_id=job.job_log_id, status_code=0, detail=why)
                 for job in jobs
             }
-        taken = [job for job in jobs if _taken(answers.get(job.job_log_id))]
-        refused = [job for job in jobs if not _taken(answers.get(job.job_log_id))]
+        taken: list[JobDispatch] = []
+        refused: list[JobDispatch] = []
+        for job in jobs:
+            (taken if _taken(answers.get(job.job_log_id)) else refused).append(job)
         self._count(node.address, -len(refused))
         await asyncio.gather(
             *(self.tracker.dispatched(job, node.address) for job in taken),
@@ -187,13 +189,7 @@ class BuiltinTransport(Transport):
 
 def _one_by_one(job: JobDispatch) -> bool:
     """Failover asks node after node; a broadcast's first send claims a shard per node."""
-    if job.route_strategy == RouteStrategy.FAILOVER.value:
-        return True
-    return (
-        job.route_strategy == RouteStrategy.BROADCAST.value
-        and job.shard_total == 1
-        and (job.attempt == 0)
-    )
+    return job.route_strategy == RouteStrategy.FAILOVER.value or job.is_first_broadcast
 
 
 def _taken(answer: RunAnswer | None) -> bool:

@@ -52,7 +52,6 @@ from ays_runtime.manager.runs import RunTracker
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.retry import Backoff
-from ays_runtime.storage.models import RouteStrategy
 from ays_runtime.transport import rocketmq_client as mq
 from ays_runtime.transport.base import JobDispatch, Transport
 
@@ -177,7 +176,7 @@ class RocketMQTransport(Transport):
                     job, f"no healthy node in group {job.node_group}"
                 )
                 return True
-            if not _first_broadcast(job):
+            if not job.is_first_broadcast:
                 item = _Outgoing(job)
             else:
                 nodes = self.registry.healthy_nodes(job.node_group)
@@ -307,11 +306,3 @@ class RocketMQTransport(Transport):
             await loop.run_in_executor(self._ack_pool, self._results.ack, message)
         except TransportError as err:  # stored: a redelivery is ignored as a duplicate
             log.debug("%s: result message %s not acked: %s", self.who, message.message_id, err)
-
-
-def _first_broadcast(job: JobDispatch) -> bool:
-    return (
-        job.route_strategy == RouteStrategy.BROADCAST.value
-        and job.shard_total == 1
-        and job.attempt == 0
-    )
