@@ -9,6 +9,10 @@ Node API (every call but health needs `Authorization: Bearer <access token>`):
                                      burst of runs for one node in one request
   POST /api/v1/jobs/{job_log_id}/kill           -> 200 {"killed": bool}
   GET  /api/v1/jobs/{job_log_id}/output         -> 200 text/plain (full captured output)
+       ...?offset=N                              -> 200 the bytes after stream position N,
+                                     headers X-Ays-Output-Next (ask from there next time)
+                                     and X-Ays-Run-State (waiting, running, finished);
+                                     the manager follows a running job's output with it
   GET  /api/v1/health                           -> 200 NodeHealth (no token: Consul checks it)
 
 Manager API used by nodes:
@@ -32,6 +36,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 API = "/api/v1"
+OUTPUT_NEXT_HEADER = "X-Ays-Output-Next"
+RUN_STATE_HEADER = "X-Ays-Run-State"
 
 
 class _Message(BaseModel):

@@ -533,3 +533,34 @@ def test_the_output_buffer_keeps_head_and_tail_within_its_cap() -> None:
     assert kept.startswith(b"00000\n00001\n")
     assert kept.endswith(b"09998\n09999\n")
     assert len(kept) - len(b"\n[ays: 59600 bytes of output not kept]\n") == 400
+
+
+def test_reading_the_output_from_a_position_gives_only_what_came_since() -> None:
+    buffer = OutputBuffer(4096)
+    buffer.write(b"line 1\n")
+    first, following = buffer.read_from(0)
+    buffer.write(b"line 2\n")
+
+    second, last = buffer.read_from(following)
+
+    assert (first, following) == (b"line 1\n", 7)
+    assert (second, last) == (b"line 2\n", 14)
+    assert buffer.read_from(last) == (b"", 14)
+
+
+def test_a_position_inside_the_dropped_middle_gets_the_marker_then_the_tail() -> None:
+    buffer = OutputBuffer(400)  # head 100 bytes, tail 300
+    for i in range(10_000):
+        buffer.write(f"{i:05d}\n".encode())
+    buffer.compact()
+
+    from_head, end = buffer.read_from(96)
+    from_gap, _ = buffer.read_from(30_000)
+    from_tail, _ = buffer.read_from(60_000 - 12)
+
+    assert end == 60_000
+    assert from_head.startswith(b"0001\n[ays: 59600 bytes of output not kept]\n09950\n")
+    assert from_head.endswith(b"09999\n")
+    assert from_gap.startswith(b"\n[ays: 59600 bytes of output not kept]\n09950\n")
+    assert from_tail == b"09998\n09999\n"
+    assert buffer.kept == 400

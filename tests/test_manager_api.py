@@ -26,6 +26,7 @@ from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager import tasks
 from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
+from ays_runtime.manager.output import RunOutput
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Node, Task, TriggerKind
 
@@ -94,6 +95,7 @@ def api(sessions: sessionmaker[Session]) -> Iterator[Api]:
         on_tasks_changed=hooks.on_tasks_changed,
         trigger_now=hooks.trigger_now,
         kill_run=hooks.kill_run,
+        run_output=RunOutput(sessions, TOKEN),
         version="9.9.9-test",
     )
     # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and

@@ -12,6 +12,9 @@
     POST   /api/v1/tasks/{id}/trigger          202 {"job_log_id"}; body {"params"} optional
     GET    /api/v1/job-logs                    ?task_id ?status ?node ?since ?until ?limit ?offset
     GET    /api/v1/job-logs/{id}
+    GET    /api/v1/job-logs/{id}/output        ?offset: the run's output (live from its node)
+    GET    /api/v1/job-logs/{id}/output/stream ?offset: the same, followed (server-sent events)
+    POST   /api/v1/job-logs/{id}/kill          202; body {"reason"} optional
     GET    /api/v1/nodes                       ?node_group ?status ?limit ?offset
     GET    /api/v1/node-groups
     POST   /api/v1/node-groups                 201
@@ -33,14 +36,15 @@ periodic reconcile tick catches up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -70,6 +74,7 @@ from ays_runtime.manager.schemas import (
     NodeGroupUpdate,
     NodeOut,
     NodePage,
+    RunOutputOut,
     TaskCreate,
     TaskOut,
     TaskPage,
@@ -289,6 +294,53 @@ def list_job_logs(
 def get_job_log(job_log_id: int, ctx: Ctx) -> JobLogOut:
     with ctx.sessions() as session:
         return JobLogOut.model_validate(tasks.get_job_log(session, job_log_id))
+
+
+@job_logs_router.get("/{job_log_id}/output", response_model=RunOutputOut, responses=_NOT_FOUND)
+async def job_log_output(
+    job_log_id: int,
+    ctx: Ctx,
+    offset: Annotated[int, Query(ge=0, description="output position to read from")] = 0,
+) -> RunOutputOut:
+    """The run's output from `offset` on: live from its node while it runs (and after, while
+    the node keeps it), else the excerpt stored in the job log. Ask again from `next`."""
+    chunk = await ctx.run_output.read(job_log_id, offset)
+    return RunOutputOut.model_validate(asdict(chunk))
+
+
+@job_logs_router.get(
+    "/{job_log_id}/output/stream",
+    response_class=StreamingResponse,
+    responses={
+        **_NOT_FOUND,
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "server-sent events until the run has ended: `status` "
+            '{"status", "node"} when it changes, `output` {"text", "next"} as the job writes, '
+            '`end` {"status", "exit_code", "message"} last',
+        },
+    },
+)
+async def job_log_output_stream(
+    job_log_id: int,
+    request: Request,
+    ctx: Ctx,
+    offset: Annotated[int, Query(ge=0, description="output position to start from")] = 0,
+) -> StreamingResponse:
+    """Follow the run's output live (server-sent events) until it ends."""
+    await ctx.run_output.read(job_log_id, offset)  # a 404 before the stream starts
+
+    async def events() -> AsyncIterator[str]:
+        async for event in ctx.run_output.follow(job_log_id, offset):
+            yield event.sse()
+            if await request.is_disconnected():
+                return
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @job_logs_router.post(

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.config import EnvConfig
+from ays_runtime.manager.output import RunOutput
 from ays_runtime.storage.database import utcnow
 
 
@@ -24,5 +25,7 @@ class ManagerContext:
     trigger_now: Callable[[int, str | None], Awaitable[int]]
     # Ends a run wherever it is (manager/kills.py); (killed, status now, detail).
     kill_run: Callable[[int, str], Awaitable[tuple[bool, str, str]]]
+    # A run's output, live from its node or from the job log (manager/output.py).
+    run_output: RunOutput
     version: str = ""
     started_at: datetime = field(default_factory=utcnow)

@@ -398,6 +398,25 @@ class KillResponse(BaseModel):
     detail: str = Field(description="where and how it ended")
 
 
+class RunOutputOut(BaseModel):
+    """A piece of a run's output (manager/output.py): ask again from `next` for what follows."""
+
+    job_log_id: int
+    status: str = Field(description="the run's status now")
+    node: str = Field(description="ip:port of the node holding the run, or empty")
+    offset: int = Field(description="the position asked for")
+    next: int = Field(description="the position to ask for next")
+    text: str = Field(description="the output from offset to next (UTF-8)")
+    complete: bool = Field(description="the run has ended and nothing more will come")
+    source: Literal["node", "job_log", "none"] = Field(
+        description="node: live (or kept) on the node, offsets count the whole output's "
+        "bytes; job_log: the stored excerpt (the end of the output), offsets count its "
+        "bytes; none: nothing yet"
+    )
+    exit_code: int | None = None
+    message: str = ""
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     manager_id: str

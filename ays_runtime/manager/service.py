@@ -37,6 +37,7 @@ from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.kills import RunKiller
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.manager.node_api import node_router
+from ays_runtime.manager.output import RunOutput
 from ays_runtime.manager.retention import retention_loop
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.registry.base import NodeRegistry
@@ -140,6 +141,7 @@ class Manager:
             outcome = await killer.kill(job_log_id, reason)
             return outcome.killed, outcome.status, outcome.detail
 
+        run_output = RunOutput(sessions, token)
         ctx = ManagerContext(
             config=cfg,
             sessions=sessions,
@@ -148,6 +150,7 @@ class Manager:
             on_tasks_changed=_discard(scheduler.reconcile_now),
             trigger_now=scheduler.trigger_now,
             kill_run=kill_run,
+            run_output=run_output,
             version=__version__,
         )
         app = create_app(ctx)
@@ -226,6 +229,7 @@ class Manager:
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(api, 10)
         await transport.stop(5)
+        await run_output.close()
         await tracker.stop()
         await registry.stop()
         for task in (purge, reaper, stop, recovery):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -18,6 +18,8 @@ from ays_runtime import __version__
 from ays_runtime.auth import presented_token, token_matches
 from ays_runtime.protocol import (
     API,
+    OUTPUT_NEXT_HEADER,
+    RUN_STATE_HEADER,
     NodeHealth,
     RunAccepted,
     RunAnswer,
@@ -109,15 +111,33 @@ def create_app(node: NodeDaemon) -> FastAPI:
         return Killed(killed=await node.kill(job_log_id, reason))
 
     @guarded.get("/jobs/{job_log_id}/output", response_class=Response)
-    async def job_output(job_log_id: int) -> Response:
-        output = node.output(job_log_id)
-        if output is None:
-            raise HTTPException(
-                status_code=404,
-                detail=f"{node.who}: no output of run {job_log_id} (unknown here, or no "
-                "longer kept)",
-            )
-        return Response(output, media_type="text/plain; charset=utf-8")
+    async def job_output(
+        job_log_id: int,
+        offset: Annotated[
+            int | None, Query(ge=0, description="stream position to read from (follow mode)")
+        ] = None,
+    ) -> Response:
+        """The run's captured output. With `offset`, only what follows that stream position,
+        with `X-Ays-Output-Next` (the position to ask for next) and `X-Ays-Run-State`
+        (waiting, running or finished)."""
+        unknown = HTTPException(
+            status_code=404,
+            detail=f"{node.who}: no output of run {job_log_id} (unknown here, or no longer kept)",
+        )
+        if offset is None:
+            output = node.output(job_log_id)
+            if output is None:
+                raise unknown
+            return Response(output, media_type="text/plain; charset=utf-8")
+        chunk = node.output_from(job_log_id, offset)
+        if chunk is None:
+            raise unknown
+        data, following, state = chunk
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={OUTPUT_NEXT_HEADER: str(following), RUN_STATE_HEADER: state},
+        )
 
     @app.get(f"{API}/health", response_model=NodeHealth)
     async def health() -> NodeHealth:

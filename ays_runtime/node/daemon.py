@@ -184,6 +184,19 @@ class NodeDaemon:
             return b""  # held, not started yet
         return output
 
+    def output_from(self, job_log_id: int, position: int) -> tuple[bytes, int, str] | None:
+        """A run's output from stream position `position` on: (bytes, the position to ask for
+        next, "waiting" | "running" | "finished"); None when the run is unknown here or its
+        output is no longer kept."""
+        chunk = self._executor.output_from(job_log_id, position)
+        if chunk is None:
+            return (b"", 0, "waiting") if job_log_id in self._gate else None
+        if job_log_id not in self._held:
+            state = "finished"
+        else:
+            state = "running" if self._executor.is_running(job_log_id) else "waiting"
+        return chunk[0], chunk[1], state
+
     def health(self) -> NodeHealth:
         return NodeHealth(
             address=self.address,

@@ -154,7 +154,7 @@ class _Run:
 @dataclass
 class _Finished:
     result: JobResult
-    output: bytes | None
+    output: OutputBuffer | None  # None once dropped to keep the node's memory bounded
 
 
 class Executor:
@@ -270,9 +270,19 @@ class Executor:
         """The captured output of an active or kept job (at most `output_cap_bytes` of it,
         plus one marker line where bytes were dropped); None when the job is unknown or its
         output is no longer kept."""
+        buffer = self._output_buffer(job_id)
+        return buffer.getvalue() if buffer is not None else None
+
+    def output_from(self, job_id: int, position: int) -> tuple[bytes, int] | None:
+        """The output from stream position `position` on, and the position to ask for next
+        (see `OutputBuffer.read_from`); None as for `output`."""
+        buffer = self._output_buffer(job_id)
+        return buffer.read_from(position) if buffer is not None else None
+
+    def _output_buffer(self, job_id: int) -> OutputBuffer | None:
         run = self._active.get(job_id)
         if run is not None:
-            return run.output.getvalue()
+            return run.output
         kept = self._finished.get(job_id)
         return kept.output if kept is not None else None
 
@@ -380,17 +390,18 @@ class Executor:
     def _keep(self, run: _Run, result: JobResult) -> None:
         if self.keep_finished == 0:
             return
-        output = run.output.getvalue()
+        output = run.output
+        output.compact()
         self._finished[run.spec.job_id] = _Finished(result, output)
-        self._kept_bytes += len(output)
+        self._kept_bytes += output.kept
         while len(self._finished) > self.keep_finished:
             _, oldest = self._finished.popitem(last=False)
-            self._kept_bytes -= len(oldest.output or b"")
+            self._kept_bytes -= oldest.output.kept if oldest.output is not None else 0
         for kept in self._finished.values():  # oldest first
             if self._kept_bytes <= self.keep_output_bytes:
                 break
             if kept.output is not None:
-                self._kept_bytes -= len(kept.output)
+                self._kept_bytes -= kept.output.kept
                 kept.output = None
 
     # --- shell jobs -------------------------------------------------------------------------

@@ -52,6 +52,11 @@ class OutputBuffer:
             del self._tail[: len(self._tail) - self._tail_cap]
 
     @property
+    def kept(self) -> int:
+        """Bytes held (after `compact`, at most `cap`)."""
+        return len(self._head) + len(self._tail)
+
+    @property
     def truncated(self) -> bool:
         """True when bytes were dropped: the stream was longer than `cap`."""
         return self.omitted > 0
@@ -68,6 +73,31 @@ class OutputBuffer:
             return bytes(self._head) + tail
         marker = f"\n[ays: {self.omitted} bytes of output not kept]\n".encode()
         return bytes(self._head) + marker + tail
+
+    def read_from(self, position: int) -> tuple[bytes, int]:
+        """The kept bytes from stream position `position` on, and the position to read from
+        next time (the stream's length so far).
+
+        Positions count every byte ever written, kept or not, so a reader that follows a
+        running job asks for `next` again and gets only what came since. A position inside
+        the dropped middle gets the marker line, then the kept tail.
+        """
+        position = max(0, position)
+        head_end = len(self._head)
+        tail = bytes(self._tail[-self._tail_cap :])
+        tail_start = self.total - len(tail)
+        if position >= tail_start:
+            return tail[position - tail_start :], self.total
+        omitted = self.omitted
+        marker = f"\n[ays: {omitted} bytes of output not kept]\n".encode() if omitted else b""
+        if position < head_end:
+            return bytes(self._head[position:]) + marker + tail, self.total
+        return marker + tail, self.total
+
+    def compact(self) -> None:
+        """Drop what the lazy trimming of the tail still holds (once the stream has ended)."""
+        if len(self._tail) > self._tail_cap:
+            del self._tail[: len(self._tail) - self._tail_cap]
 
     def end(self) -> bytes:
         """The longest kept run of bytes that ends the stream, with no gap in it."""
