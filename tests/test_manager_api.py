@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -86,6 +87,13 @@ class Api:
 
 @pytest.fixture
 def api(sessions: sessionmaker[Session]) -> Iterator[Api]:
+    with served_api(sessions) as served:
+        yield served
+
+
+@contextmanager
+def served_api(sessions: sessionmaker[Session]) -> Iterator[Api]:
+    """The API on `sessions`, served on an ephemeral port until the block ends."""
     hooks = Hooks(sessions)
     ctx = ManagerContext(
         config=CONFIG,

@@ -10,6 +10,9 @@
     POST   /api/v1/tasks/{id}/enable
     POST   /api/v1/tasks/{id}/disable
     POST   /api/v1/tasks/{id}/trigger          202 {"job_log_id"}; body {"params"} optional
+    GET    /api/v1/tasks/{id}/versions         the task's history, newest first
+    POST   /api/v1/tasks/{id}/rollback         body {"version"}: that definition, as a new version
+    GET    /api/v1/task-versions               ?name: history by name (deleted tasks' too)
     GET    /api/v1/job-logs                    ?task_id ?status ?node ?since ?until ?limit ?offset
     GET    /api/v1/job-logs/{id}
     GET    /api/v1/job-logs/{id}/output        ?offset: the run's output (live from its node)
@@ -26,6 +29,10 @@ The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hol
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
 `X-Ays-Token: <token>`. Errors are JSON `{"error": ...}`; validation errors (422) also carry
 `field` and `value`, and `errors` lists every problem found.
+
+Every change of a task is recorded in its history as made by "token" via "api"; a caller may
+name itself with `X-Ays-Actor: <name>` (the CLI sends user@host), recorded as
+"<name> (token)".
 
 Database work runs in the thread pool (`def` endpoints, or `run_in_threadpool`), so the event
 loop that fires timers is never blocked. A change is committed first and the manager is told
@@ -59,7 +66,7 @@ from ays_runtime.exceptions import (
     StorageError,
     ValidationError,
 )
-from ays_runtime.manager import tasks
+from ays_runtime.manager import tasks, versions
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.schemas import (
     ErrorOut,
@@ -74,20 +81,26 @@ from ays_runtime.manager.schemas import (
     NodeGroupUpdate,
     NodeOut,
     NodePage,
+    RollbackRequest,
     RunOutputOut,
     TaskCreate,
     TaskOut,
     TaskPage,
     TaskUpdate,
+    TaskVersionList,
+    TaskVersionOut,
     TriggerRequest,
     TriggerResponse,
     field_error,
 )
+from ays_runtime.manager.versions import Actor
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import NodeStatus, RunStatus
+from ays_runtime.storage.models import ChangeVia, NodeStatus, RunStatus, TaskVersion
 
 API_PREFIX = "/api/v1"
 TOKEN_HEADER = "X-Ays-Token"
+ACTOR_HEADER = "X-Ays-Actor"
+ACTOR_NAME_MAX = 64
 
 log = logging.getLogger("ays.manager.api")
 
@@ -135,6 +148,16 @@ def _require_token(
         f"'{TOKEN_HEADER}: <token>' with the access_token of this environment",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+def _actor(request: Request) -> Actor:
+    """Who makes this request's changes: the token's holder, by the name it gives if any."""
+    named = "".join(c for c in request.headers.get(ACTOR_HEADER, "") if c.isprintable())
+    named = named.strip()[:ACTOR_NAME_MAX]
+    return Actor(f"{named} (token)" if named else "token", ChangeVia.API)
+
+
+Who = Annotated[Actor, Depends(_actor)]
 
 
 async def _in_session(ctx: ManagerContext, work: Callable[[Session], T]) -> T:
@@ -200,9 +223,11 @@ def list_tasks(
 
 
 @tasks_router.post("", response_model=TaskOut, status_code=201, responses=_CONFLICT)
-async def create_task(body: TaskCreate, ctx: Ctx) -> TaskOut:
+async def create_task(body: TaskCreate, ctx: Ctx, who: Who) -> TaskOut:
     data = body.model_dump(mode="json", exclude_unset=True)
-    out = await _in_session(ctx, lambda s: TaskOut.model_validate(tasks.create_task(s, data)))
+    out = await _in_session(
+        ctx, lambda s: TaskOut.model_validate(tasks.create_task(s, data, actor=who))
+    )
     await _tasks_changed(ctx)
     return out
 
@@ -215,33 +240,38 @@ def get_task(task_id: int, ctx: Ctx) -> TaskOut:
 
 @tasks_router.put("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
 @tasks_router.patch("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
-async def update_task(task_id: int, body: TaskUpdate, ctx: Ctx) -> TaskOut:
+async def update_task(task_id: int, body: TaskUpdate, ctx: Ctx, who: Who) -> TaskOut:
     """Change any subset of the task's fields; the others keep their values."""
     changes = body.model_dump(mode="json", exclude_unset=True)
     out = await _in_session(
-        ctx, lambda s: TaskOut.model_validate(tasks.update_task(s, task_id, changes))
+        ctx, lambda s: TaskOut.model_validate(tasks.update_task(s, task_id, changes, actor=who))
     )
     await _tasks_changed(ctx)
     return out
 
 
 @tasks_router.delete("/{task_id}", status_code=204, responses=_NOT_FOUND)
-async def delete_task(task_id: int, ctx: Ctx) -> Response:
-    await _in_session(ctx, lambda s: tasks.delete_task(s, task_id))
+async def delete_task(task_id: int, ctx: Ctx, who: Who) -> Response:
+    """Delete the task; its history stays readable by name (GET /task-versions?name=)."""
+    await _in_session(ctx, lambda s: tasks.delete_task(s, task_id, actor=who))
     await _tasks_changed(ctx)
     return Response(status_code=204)
 
 
 @tasks_router.post("/{task_id}/enable", response_model=TaskOut, responses=_NOT_FOUND)
-async def enable_task(task_id: int, ctx: Ctx) -> TaskOut:
-    out = await _in_session(ctx, lambda s: TaskOut.model_validate(tasks.enable_task(s, task_id)))
+async def enable_task(task_id: int, ctx: Ctx, who: Who) -> TaskOut:
+    out = await _in_session(
+        ctx, lambda s: TaskOut.model_validate(tasks.enable_task(s, task_id, actor=who))
+    )
     await _tasks_changed(ctx)
     return out
 
 
 @tasks_router.post("/{task_id}/disable", response_model=TaskOut, responses=_NOT_FOUND)
-async def disable_task(task_id: int, ctx: Ctx) -> TaskOut:
-    out = await _in_session(ctx, lambda s: TaskOut.model_validate(tasks.disable_task(s, task_id)))
+async def disable_task(task_id: int, ctx: Ctx, who: Who) -> TaskOut:
+    out = await _in_session(
+        ctx, lambda s: TaskOut.model_validate(tasks.disable_task(s, task_id, actor=who))
+    )
     await _tasks_changed(ctx)
     return out
 
@@ -257,6 +287,59 @@ async def trigger_task(
     await _in_session(ctx, lambda s: tasks.get_task(s, task_id))
     job_log_id = await ctx.trigger_now(task_id, body.params if body else None)
     return TriggerResponse(job_log_id=job_log_id)
+
+
+def _version_list(rows: list[TaskVersion]) -> TaskVersionList:
+    items = [
+        TaskVersionOut(
+            task_id=row.task_id,
+            version=row.version,
+            name=row.name,
+            change=row.change,
+            changed_by=row.changed_by,
+            via=row.via,
+            changed_at=row.changed_at,
+            changed_fields=fields,
+            definition=row.definition,
+        )
+        for row, fields in versions.with_changes(rows)
+    ]
+    return TaskVersionList(items=items, total=len(items))
+
+
+@tasks_router.get("/{task_id}/versions", response_model=TaskVersionList, responses=_NOT_FOUND)
+def task_versions(task_id: int, ctx: Ctx) -> TaskVersionList:
+    """The task's history, newest first: each version's definition, what it changed, who
+    changed it, through what and when."""
+    with ctx.sessions() as session:
+        return _version_list(tasks.task_versions(session, task_id))
+
+
+@tasks_router.post(
+    "/{task_id}/rollback", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT}
+)
+async def rollback_task(task_id: int, body: RollbackRequest, ctx: Ctx, who: Who) -> TaskOut:
+    """Write the definition of an earlier version back, as a new version (via rollback).
+    Nothing changes when the task has that definition already."""
+    out = await _in_session(
+        ctx,
+        lambda s: TaskOut.model_validate(tasks.rollback_task(s, task_id, body.version, actor=who)),
+    )
+    await _tasks_changed(ctx)
+    return out
+
+
+versions_router = APIRouter(prefix="/task-versions", tags=["tasks"], responses=_ERRORS)
+
+
+@versions_router.get("", response_model=TaskVersionList)
+def task_versions_named(
+    ctx: Ctx, name: Annotated[str, Query(min_length=1, description="the task's name")]
+) -> TaskVersionList:
+    """Every version that had this name, newest first, the versions of deleted tasks
+    included (their task_id is null)."""
+    with ctx.sessions() as session:
+        return _version_list(tasks.task_versions_named(session, name))
 
 
 # --- job logs and nodes ---------------------------------------------------------------------
@@ -411,11 +494,12 @@ def get_node_group(name: str, ctx: Ctx) -> NodeGroupOut:
 
 
 @groups_router.put("/{name}", response_model=NodeGroupOut, responses={**_NOT_FOUND, **_CONFLICT})
-async def update_node_group(name: str, body: NodeGroupUpdate, ctx: Ctx) -> NodeGroupOut:
+async def update_node_group(name: str, body: NodeGroupUpdate, ctx: Ctx, who: Who) -> NodeGroupOut:
     """Change the description and/or rename; the group's tasks and nodes follow a rename."""
     changes = body.model_dump(mode="json", exclude_unset=True)
     out = await _in_session(
-        ctx, lambda s: NodeGroupOut.model_validate(tasks.update_node_group(s, name, changes))
+        ctx,
+        lambda s: NodeGroupOut.model_validate(tasks.update_node_group(s, name, changes, actor=who)),
     )
     await _tasks_changed(ctx)
     return out
@@ -506,7 +590,8 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     app.state.ays = ctx
     app.include_router(health_router, prefix=API_PREFIX)
     guarded = [Depends(_require_token)]
-    for router in (tasks_router, job_logs_router, nodes_router, groups_router):
+    routers = (tasks_router, versions_router, job_logs_router, nodes_router, groups_router)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
     app.add_exception_handler(RequestValidationError, _on_request_invalid)
     app.add_exception_handler(ValidationError, _on_invalid)

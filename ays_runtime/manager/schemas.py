@@ -272,6 +272,10 @@ class TriggerRequest(_Request):
     params: Params | None = Field(None, description="replaces the task's params for this run")
 
 
+class RollbackRequest(_Request):
+    version: int = Field(ge=1, description="the version whose definition is written back")
+
+
 class KillRequest(_Request):
     reason: str = Field(
         "killed by operator", max_length=512, description="recorded in the run's message"
@@ -323,6 +327,23 @@ class TaskOut(_Response):
 class TaskPage(BaseModel):
     items: list[TaskOut]
     total: int = Field(description="matching tasks, all pages")
+
+
+class TaskVersionOut(BaseModel):
+    task_id: int | None = Field(description="null once the task was deleted")
+    version: int
+    name: str = Field(description="the task's name at this version")
+    change: str = Field(description="created, updated, deleted, or baseline (history began)")
+    changed_by: str = Field(description="who: 'token', or the name a caller gave with it")
+    via: str = Field(description="api, console, apply, rollback, or migration")
+    changed_at: datetime
+    changed_fields: list[str] = Field(description="the fields this version changed")
+    definition: dict[str, Any] = Field(description="the task's definition at this version")
+
+
+class TaskVersionList(BaseModel):
+    items: list[TaskVersionOut] = Field(description="newest first")
+    total: int
 
 
 class JobLogOut(_Response):

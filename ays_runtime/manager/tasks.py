@@ -6,6 +6,11 @@ the manager to reconcile (`ManagerContext.on_tasks_changed`). Every change to a 
 node group it runs in, bumps `Task.version` and sets `updated_at`; a call that changes nothing
 (enabling an enabled task, a PUT of the same values) leaves both alone.
 
+Every change of a task records a version of it in the same transaction (see
+`ays_runtime.manager.versions`), by the keyword argument `actor`: who (a string) and through
+what (`ChangeVia`). It defaults to `API_ACTOR` (the shared token, via the API); the console,
+apply and rollback pass their own.
+
 Raises (from `ays_runtime.exceptions`):
 
 * `ValidationError` – a field has a bad value: names the field, the value and what is expected;
@@ -33,6 +38,7 @@ from ays_runtime.exceptions import (
     StorageError,
     ValidationError,
 )
+from ays_runtime.manager import versions
 from ays_runtime.manager.schemas import (
     PAYLOAD_MODELS,
     NodeGroupCreate,
@@ -41,9 +47,20 @@ from ays_runtime.manager.schemas import (
     TaskUpdate,
     validated,
 )
+from ays_runtime.manager.versions import API_ACTOR, Actor
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeStatus, RunStatus, Task
+from ays_runtime.storage.models import (
+    ChangeVia,
+    JobLog,
+    Node,
+    NodeGroup,
+    NodeStatus,
+    RunStatus,
+    Task,
+    TaskChange,
+    TaskVersion,
+)
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -89,65 +106,96 @@ def _commit(session: Session, explain: Callable[[], AysError]) -> None:
 
 
 @_storage_errors("create the task")
-def create_task(session: Session, data: Mapping[str, Any]) -> Task:
+def create_task(session: Session, data: Mapping[str, Any], *, actor: Actor = API_ACTOR) -> Task:
     """Validate `data` (the fields of `TaskCreate`) and store a new task at version 1."""
     spec = validated(TaskCreate, data)
-    columns = _checked_columns(session, spec, task_id=None)
-    now = utcnow()
-    task = Task(**columns, version=1, created_at=now, updated_at=now)
-    session.add(task)
+    task = insert_task(session, spec, actor)
     _commit(session, lambda: _explain_task_clash(session, spec, task_id=None))
     return task
 
 
 @_storage_errors("update the task")
-def update_task(session: Session, task_id: int, changes: Mapping[str, Any]) -> Task:
+def update_task(
+    session: Session, task_id: int, changes: Mapping[str, Any], *, actor: Actor = API_ACTOR
+) -> Task:
     """Apply any subset of the task's fields; the result is validated as a whole."""
     patch = validated(TaskUpdate, changes).model_dump(mode="json", exclude_unset=True)
     task = _task(session, task_id)
-    current = {name: getattr(task, name) for name in TaskCreate.model_fields}
-    spec = validated(TaskCreate, {**current, **patch})
-    columns = _checked_columns(session, spec, task_id=task.id)
-    changed = {k: v for k, v in columns.items() if getattr(task, k) != v}
-    if not changed:
-        return task
-    for key, value in changed.items():
-        setattr(task, key, value)
-    _bump(task)
-    _commit(session, lambda: _explain_task_clash(session, spec, task_id=task_id))
-    session.refresh(task)
+    spec = validated(TaskCreate, {**versions.definition(task), **patch})
+    if change_task(session, task, spec, actor):
+        _commit(session, lambda: _explain_task_clash(session, spec, task_id=task_id))
+        session.refresh(task)
     return task
 
 
 @_storage_errors("delete the task")
-def delete_task(session: Session, task_id: int) -> None:
-    """Delete the task; its job logs stay (they age out with the retention)."""
-    session.delete(_task(session, task_id))
+def delete_task(session: Session, task_id: int, *, actor: Actor = API_ACTOR) -> None:
+    """Delete the task; its job logs stay (they age out with the retention), and so does its
+    history (a last version records the deletion)."""
+    remove_task(session, _task(session, task_id), actor)
     session.commit()
 
 
 @_storage_errors("enable or disable the task")
-def set_task_enabled(session: Session, task_id: int, enabled: bool) -> Task:
+def set_task_enabled(
+    session: Session, task_id: int, enabled: bool, *, actor: Actor = API_ACTOR
+) -> Task:
     task = _task(session, task_id)
     if task.enabled != enabled:
         task.enabled = enabled
         _bump(task)
+        versions.record(session, task, TaskChange.UPDATED, actor)
         session.commit()
         session.refresh(task)
     return task
 
 
-def enable_task(session: Session, task_id: int) -> Task:
-    return set_task_enabled(session, task_id, True)
+def enable_task(session: Session, task_id: int, *, actor: Actor = API_ACTOR) -> Task:
+    return set_task_enabled(session, task_id, True, actor=actor)
 
 
-def disable_task(session: Session, task_id: int) -> Task:
-    return set_task_enabled(session, task_id, False)
+def disable_task(session: Session, task_id: int, *, actor: Actor = API_ACTOR) -> Task:
+    return set_task_enabled(session, task_id, False, actor=actor)
+
+
+@_storage_errors("roll the task back")
+def rollback_task(
+    session: Session, task_id: int, version: int, *, actor: Actor = API_ACTOR
+) -> Task:
+    """Write the definition of the task's version `version` back, as a new version (via
+    `rollback`, by `actor.who`). Nothing changes when the task has that definition already.
+    Refused (ValidationError) when that definition is no longer valid, e.g. its node group
+    was deleted since."""
+    task = _task(session, task_id)
+    target = versions.version_of(session, task_id, version)
+    try:
+        spec = validated(TaskCreate, target.definition)
+        if change_task(session, task, spec, actor.through(ChangeVia.ROLLBACK)):
+            _commit(session, lambda: _explain_task_clash(session, spec, task_id=task_id))
+            session.refresh(task)
+    except ValidationError as err:
+        session.rollback()
+        raise ValidationError(
+            "version", version, f"a definition valid today; version {version}'s is not ({err})"
+        ) from None
+    return task
 
 
 @_storage_errors("read the task")
 def get_task(session: Session, task_id: int) -> Task:
     return _task(session, task_id)
+
+
+@_storage_errors("read the task's history")
+def task_versions(session: Session, task_id: int) -> list[TaskVersion]:
+    """The task's versions, newest first (see `ays_runtime.manager.versions`)."""
+    return versions.versions_of(session, task_id)
+
+
+@_storage_errors("read the task history")
+def task_versions_named(session: Session, name: str) -> list[TaskVersion]:
+    """Every version that had the name `name`, deleted tasks' included, newest first."""
+    return versions.versions_named(session, name)
 
 
 @_storage_errors("list tasks")
@@ -173,6 +221,51 @@ def list_tasks(
     return _page(session, query, where, Task, limit, offset)
 
 
+# Uncommitted steps of the changes above, for callers that make several changes in one
+# transaction (tasks as code: `ays_runtime.manager.apply`). Each records the task's version.
+
+
+def insert_task(session: Session, spec: TaskCreate, actor: Actor) -> Task:
+    """Add a new task at version 1 (flushed, not committed)."""
+    columns = _checked_columns(session, spec, task_id=None)
+    now = utcnow()
+    task = Task(**columns, version=1, created_at=now, updated_at=now)
+    session.add(task)
+    versions.record(session, task, TaskChange.CREATED, actor)
+    return task
+
+
+def change_task(session: Session, task: Task, spec: TaskCreate, actor: Actor) -> bool:
+    """Give `task` the definition `spec` (flushed, not committed); False when it had it."""
+    columns = _checked_columns(session, spec, task_id=task.id)
+    changed = {k: v for k, v in columns.items() if getattr(task, k) != v}
+    if not changed:
+        return False
+    for key, value in changed.items():
+        setattr(task, key, value)
+    _bump(task)
+    versions.record(session, task, TaskChange.UPDATED, actor)
+    return True
+
+
+def remove_task(session: Session, task: Task, actor: Actor) -> None:
+    """Delete `task` (not committed), recording the deletion in its history."""
+    versions.record(session, task, TaskChange.DELETED, actor)
+    versions.detach(session, task.id)
+    session.delete(task)
+
+
+def task_columns(spec: TaskCreate) -> dict[str, Any]:
+    """The columns of a task as stored, from a valid request; raises ValidationError on what
+    the request model alone cannot see (the schedule in its time zone, the payload of the
+    task type). The database checks (node group, name) are the caller's."""
+    parse_schedule(spec.schedule, spec.timezone)  # names `timezone` or `schedule`
+    payload = validated(PAYLOAD_MODELS[spec.task_type], spec.payload, prefix="payload")
+    columns = spec.model_dump(mode="json")
+    columns["payload"] = payload.model_dump(mode="json", exclude_none=True)
+    return columns
+
+
 def _task(session: Session, task_id: int) -> Task:
     task = session.get(Task, task_id)
     if task is None:
@@ -188,8 +281,7 @@ def _bump(task: Task) -> None:
 
 def _checked_columns(session: Session, spec: TaskCreate, task_id: int | None) -> dict[str, Any]:
     """The columns of a valid task; raises on what the request model alone cannot see."""
-    parse_schedule(spec.schedule, spec.timezone)  # names `timezone` or `schedule`
-    payload = validated(PAYLOAD_MODELS[spec.task_type], spec.payload, prefix="payload")
+    columns = task_columns(spec)
     if _group_id(session, spec.node_group) is None:
         raise ValidationError(
             "node_group",
@@ -201,8 +293,6 @@ def _checked_columns(session: Session, spec: TaskCreate, task_id: int | None) ->
         raise ConflictError(
             f"name: task name {spec.name!r} is already taken by task {other}; choose another"
         )
-    columns = spec.model_dump(mode="json")
-    columns["payload"] = payload.model_dump(mode="json", exclude_none=True)
     return columns
 
 
@@ -237,9 +327,12 @@ def create_node_group(session: Session, data: Mapping[str, Any]) -> NodeGroup:
 
 
 @_storage_errors("update the node group")
-def update_node_group(session: Session, name: str, changes: Mapping[str, Any]) -> NodeGroup:
+def update_node_group(
+    session: Session, name: str, changes: Mapping[str, Any], *, actor: Actor = API_ACTOR
+) -> NodeGroup:
     """Change the description and/or the name; on a rename the group's tasks (by the foreign
-    key's ON UPDATE CASCADE) and nodes follow, and the tasks' versions are bumped."""
+    key's ON UPDATE CASCADE) and nodes follow, and the tasks' versions are bumped and
+    recorded (by `actor`)."""
     spec = validated(NodeGroupUpdate, changes)
     group = _group(session, name)
     now = utcnow()
@@ -261,6 +354,9 @@ def update_node_group(session: Session, name: str, changes: Mapping[str, Any]) -
             .where(Task.node_group == new_name)
             .values(version=Task.version + 1, updated_at=now)
         )
+        moved = select(Task).where(Task.node_group == new_name)
+        for task in session.scalars(moved.execution_options(populate_existing=True)):
+            versions.record(session, task, TaskChange.UPDATED, actor)
         changed = True
     if changed:
         group.updated_at = now

@@ -109,6 +109,23 @@ class TriggerKind(enum.StrEnum):
     RETRY = "retry"
 
 
+class ChangeVia(enum.StrEnum):
+    """Through what a task was changed (kept with each of its versions)."""
+
+    API = "api"
+    CONSOLE = "console"
+    APPLY = "apply"  # tasks as code: POST /api/v1/apply, `aysManager apply`
+    ROLLBACK = "rollback"
+    MIGRATION = "migration"  # the definition a task had when its history began
+
+
+class TaskChange(enum.StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    BASELINE = "baseline"  # recorded by migration 0004 for a task that existed before it
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -151,6 +168,31 @@ class Task(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class TaskVersion(Base):
+    """One version of a task's definition: written with every change of the task, in the
+    change's own transaction, with who made it, through what and when.
+
+    `version` is the task's version after the change (`Task.version`); a deletion is one more
+    row, numbered after the last version, holding the definition that was deleted. No foreign
+    key: the history outlives the task. When a task is deleted its rows' `task_id` becomes
+    NULL (the database may give the id to a new task); they stay readable by `name`.
+    """
+
+    __tablename__ = "ays_task_version"
+    __table_args__ = (UniqueConstraint("task_id", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    version: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(128), index=True)  # the task's name then
+    change: Mapped[str] = mapped_column(String(16))
+    # Every field of TaskCreate, as stored (what `apply` and a rollback write back).
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    changed_by: Mapped[str] = mapped_column(String(128))  # "token", or a name a caller gave
+    via: Mapped[str] = mapped_column(String(16))
+    changed_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class TimerRow(Base):
