@@ -4,7 +4,8 @@
     ├── ConfigError            an env file or rendered config is wrong (names file, field, fix)
     │   └── MissingSecretError a ${VAR} named in an env file is not set
     ├── ValidationError        a task/node/group field has a bad value (names field and value)
-    │   └── ScheduleError      a cron expression, @every rate or timezone is not understood
+    │   ├── ScheduleError      a cron expression, @every rate or timezone is not understood
+    │   └── InvalidDocument    several fields of a document (tasks as code) are bad: each listed
     ├── NotFoundError          a task, node, group or job log id does not exist
     ├── ConflictError          the change clashes with stored state (duplicate name, group in use)
     ├── StorageError           the database refused or could not be reached
@@ -47,6 +48,17 @@ class ValidationError(AysError):
 
 class ScheduleError(ValidationError):
     """A schedule expression or timezone cannot be understood."""
+
+
+class InvalidDocument(ValidationError):
+    """A document of several parts (tasks as code) has bad fields; `errors` lists every one
+    found, each a ValidationError whose field is a path into the document (`tasks[2].schedule`).
+    It reads as the first of them."""
+
+    def __init__(self, errors: list[ValidationError]) -> None:
+        first = errors[0]
+        super().__init__(first.field, first.value, first.expected)
+        self.errors = errors
 
 
 class NotFoundError(AysError):

@@ -13,6 +13,9 @@
     GET    /api/v1/tasks/{id}/versions         the task's history, newest first
     POST   /api/v1/tasks/{id}/rollback         body {"version"}: that definition, as a new version
     GET    /api/v1/task-versions               ?name: history by name (deleted tasks' too)
+    POST   /api/v1/apply                       ?prune ?dry_run: tasks as code (a TasksDocument)
+    GET    /api/v1/export                      ?task_id ?node_group (repeatable): the document
+    POST   /api/v1/reconcile                   reconcile now; the actions it took
     GET    /api/v1/job-logs                    ?task_id ?status ?node ?since ?until ?limit ?offset
     GET    /api/v1/job-logs/{id}
     GET    /api/v1/job-logs/{id}/output        ?offset: the run's output (live from its node)
@@ -62,14 +65,17 @@ from ays_runtime.auth import presented_token, token_matches
 from ays_runtime.exceptions import (
     ConfigError,
     ConflictError,
+    InvalidDocument,
     NotFoundError,
     StorageError,
     ValidationError,
 )
-from ays_runtime.manager import tasks, versions
+from ays_runtime.manager import apply, tasks, versions
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.schemas import (
+    ApplyResult,
     ErrorOut,
+    FieldChangeOut,
     Health,
     JobLogOut,
     JobLogPage,
@@ -81,11 +87,14 @@ from ays_runtime.manager.schemas import (
     NodeGroupUpdate,
     NodeOut,
     NodePage,
+    PlanStepOut,
+    ReconcileResult,
     RollbackRequest,
     RunOutputOut,
     TaskCreate,
     TaskOut,
     TaskPage,
+    TasksDocument,
     TaskUpdate,
     TaskVersionList,
     TaskVersionOut,
@@ -342,6 +351,77 @@ def task_versions_named(
         return _version_list(tasks.task_versions_named(session, name))
 
 
+# --- tasks as code, reconcile --------------------------------------------------------------
+
+code_router = APIRouter(tags=["tasks as code"], responses=_ERRORS)
+
+
+@code_router.post("/apply", response_model=ApplyResult, responses=_CONFLICT)
+async def apply_tasks(
+    body: TasksDocument,
+    ctx: Ctx,
+    who: Who,
+    prune: Annotated[
+        bool, Query(description="delete the tasks and node groups the document does not name")
+    ] = False,
+    dry_run: Annotated[bool, Query(description="plan only: change nothing")] = False,
+) -> ApplyResult:
+    """Make the manager's node groups and tasks match the document, all in one transaction
+    (all or nothing), and answer the plan: per group and task create, update (field by
+    field), unchanged, delete (with prune). Every bad field of the document is reported (422,
+    `errors`, fields like `tasks[2].schedule`) and nothing is changed."""
+    document = body.model_dump(mode="json")
+    plan = await _in_session(
+        ctx,
+        lambda s: apply.apply_document(s, document, prune=prune, dry_run=dry_run, actor=who),
+    )
+    if plan.applied:
+        await _tasks_changed(ctx)
+    return ApplyResult(
+        applied=plan.applied,
+        dry_run=dry_run,
+        prune=prune,
+        steps=[
+            PlanStepOut(
+                kind=step.kind,
+                name=step.name,
+                action=step.action.value,
+                changes=[FieldChangeOut(field=c.field, old=c.old, new=c.new) for c in step.changes],
+            )
+            for step in plan.steps
+        ],
+        created=plan.count(apply.Action.CREATE),
+        updated=plan.count(apply.Action.UPDATE),
+        deleted=plan.count(apply.Action.DELETE),
+        unchanged=plan.count(apply.Action.UNCHANGED),
+        kept_node_groups=plan.kept_groups,
+        kept_tasks=plan.kept_tasks,
+    )
+
+
+@code_router.get("/export", response_model=TasksDocument, responses=_NOT_FOUND)
+def export_tasks(
+    ctx: Ctx,
+    task_id: Annotated[list[int] | None, Query(description="only these tasks")] = None,
+    node_group: Annotated[list[str] | None, Query(description="only these groups")] = None,
+) -> TasksDocument:
+    """The document of the manager's node groups and tasks (or of the tasks and groups
+    named, with the groups they run in); each field only when it differs from its default.
+    `POST /apply` takes it back unchanged."""
+    with ctx.sessions() as session:
+        document = apply.export_document(session, task_ids=task_id, node_groups=node_group)
+    return TasksDocument.model_validate(document)
+
+
+@code_router.post("/reconcile", response_model=ReconcileResult)
+async def reconcile(ctx: Ctx) -> ReconcileResult:
+    """Reconcile this manager's timer list with the tasks now (it also does so on every
+    tick and after every change) and answer what it did."""
+    if ctx.reconcile is None:
+        raise HTTPException(503, "this manager cannot reconcile on request")
+    return ReconcileResult(manager_id=ctx.manager_id, actions=await ctx.reconcile())
+
+
 # --- job logs and nodes ---------------------------------------------------------------------
 
 job_logs_router = APIRouter(prefix="/job-logs", tags=["job logs"], responses=_ERRORS)
@@ -543,7 +623,8 @@ async def _on_request_invalid(_request: Request, exc: Exception) -> JSONResponse
 
 async def _on_invalid(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ValidationError)
-    return JSONResponse(_validation_body([exc]), status_code=422)
+    errors = exc.errors if isinstance(exc, InvalidDocument) else [exc]
+    return JSONResponse(_validation_body(errors), status_code=422)
 
 
 def _plain(status: int) -> Callable[[Request, Exception], Any]:
@@ -590,7 +671,14 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     app.state.ays = ctx
     app.include_router(health_router, prefix=API_PREFIX)
     guarded = [Depends(_require_token)]
-    routers = (tasks_router, versions_router, job_logs_router, nodes_router, groups_router)
+    routers = (
+        tasks_router,
+        versions_router,
+        code_router,
+        job_logs_router,
+        nodes_router,
+        groups_router,
+    )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
     app.add_exception_handler(RequestValidationError, _on_request_invalid)

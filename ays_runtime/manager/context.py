@@ -27,5 +27,7 @@ class ManagerContext:
     kill_run: Callable[[int, str], Awaitable[tuple[bool, str, str]]]
     # A run's output, live from its node or from the job log (manager/output.py).
     run_output: RunOutput
+    # Reconciles now (POST /reconcile); the actions it took, one line each.
+    reconcile: Callable[[], Awaitable[list[str]]] | None = None
     version: str = ""
     started_at: datetime = field(default_factory=utcnow)

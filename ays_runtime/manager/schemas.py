@@ -294,6 +294,22 @@ class NodeGroupUpdate(_Request):
     description: Description | None = None
 
 
+def _none_is_empty(value: Any) -> Any:
+    return [] if value is None else value
+
+
+class TasksDocument(_Request):
+    """Tasks as code: the node groups and tasks a manager should have, each by its name. A
+    task's field left out means its default. `POST /apply` takes it; `GET /export` writes it."""
+
+    node_groups: Annotated[list[dict[str, Any]], BeforeValidator(_none_is_empty)] = Field(
+        default_factory=list, description="each {name, description?}"
+    )
+    tasks: Annotated[list[dict[str, Any]], BeforeValidator(_none_is_empty)] = Field(
+        default_factory=list, description="each the fields of POST /tasks"
+    )
+
+
 # --- responses ------------------------------------------------------------------------------
 
 
@@ -436,6 +452,41 @@ class RunOutputOut(BaseModel):
     )
     exit_code: int | None = None
     message: str = ""
+
+
+class FieldChangeOut(BaseModel):
+    field: str
+    old: Any
+    new: Any
+
+
+class PlanStepOut(BaseModel):
+    kind: Literal["node_group", "task"]
+    name: str
+    action: Literal["create", "update", "delete", "unchanged"]
+    changes: list[FieldChangeOut] = Field(description="an update's changes, field by field")
+
+
+class ApplyResult(BaseModel):
+    applied: bool = Field(description="the changes were made (false: a dry run, or none)")
+    dry_run: bool
+    prune: bool
+    steps: list[PlanStepOut] = Field(
+        description="node groups, then tasks, in the document's order; deletions last"
+    )
+    created: int
+    updated: int
+    deleted: int
+    unchanged: int
+    kept_node_groups: list[str] = Field(
+        description="named by the manager, not by the document: kept (prune deletes them)"
+    )
+    kept_tasks: list[str] = Field(description="likewise")
+
+
+class ReconcileResult(BaseModel):
+    manager_id: str
+    actions: list[str] = Field(description="what this reconcile did, one line each")
 
 
 class Health(BaseModel):

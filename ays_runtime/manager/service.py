@@ -142,6 +142,11 @@ class Manager:
             return outcome.killed, outcome.status, outcome.detail
 
         run_output = RunOutput(sessions, token)
+
+        async def reconcile() -> list[str]:
+            plan = await scheduler.reconcile_now()
+            return [str(action) for action in plan.actions]
+
         ctx = ManagerContext(
             config=cfg,
             sessions=sessions,
@@ -151,6 +156,7 @@ class Manager:
             trigger_now=scheduler.trigger_now,
             kill_run=kill_run,
             run_output=run_output,
+            reconcile=reconcile,
             version=__version__,
         )
         app = create_app(ctx)

@@ -69,7 +69,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _storage_errors(
+def storage_errors(
     action: str,
 ) -> Callable[[Callable[Concatenate[Session, P], R]], Callable[Concatenate[Session, P], R]]:
     """Translate what SQLAlchemy raises past the checks below into our errors."""
@@ -105,7 +105,7 @@ def _commit(session: Session, explain: Callable[[], AysError]) -> None:
 # --- tasks ----------------------------------------------------------------------------------
 
 
-@_storage_errors("create the task")
+@storage_errors("create the task")
 def create_task(session: Session, data: Mapping[str, Any], *, actor: Actor = API_ACTOR) -> Task:
     """Validate `data` (the fields of `TaskCreate`) and store a new task at version 1."""
     spec = validated(TaskCreate, data)
@@ -114,7 +114,7 @@ def create_task(session: Session, data: Mapping[str, Any], *, actor: Actor = API
     return task
 
 
-@_storage_errors("update the task")
+@storage_errors("update the task")
 def update_task(
     session: Session, task_id: int, changes: Mapping[str, Any], *, actor: Actor = API_ACTOR
 ) -> Task:
@@ -128,7 +128,7 @@ def update_task(
     return task
 
 
-@_storage_errors("delete the task")
+@storage_errors("delete the task")
 def delete_task(session: Session, task_id: int, *, actor: Actor = API_ACTOR) -> None:
     """Delete the task; its job logs stay (they age out with the retention), and so does its
     history (a last version records the deletion)."""
@@ -136,7 +136,7 @@ def delete_task(session: Session, task_id: int, *, actor: Actor = API_ACTOR) -> 
     session.commit()
 
 
-@_storage_errors("enable or disable the task")
+@storage_errors("enable or disable the task")
 def set_task_enabled(
     session: Session, task_id: int, enabled: bool, *, actor: Actor = API_ACTOR
 ) -> Task:
@@ -158,7 +158,7 @@ def disable_task(session: Session, task_id: int, *, actor: Actor = API_ACTOR) ->
     return set_task_enabled(session, task_id, False, actor=actor)
 
 
-@_storage_errors("roll the task back")
+@storage_errors("roll the task back")
 def rollback_task(
     session: Session, task_id: int, version: int, *, actor: Actor = API_ACTOR
 ) -> Task:
@@ -181,24 +181,24 @@ def rollback_task(
     return task
 
 
-@_storage_errors("read the task")
+@storage_errors("read the task")
 def get_task(session: Session, task_id: int) -> Task:
     return _task(session, task_id)
 
 
-@_storage_errors("read the task's history")
+@storage_errors("read the task's history")
 def task_versions(session: Session, task_id: int) -> list[TaskVersion]:
     """The task's versions, newest first (see `ays_runtime.manager.versions`)."""
     return versions.versions_of(session, task_id)
 
 
-@_storage_errors("read the task history")
+@storage_errors("read the task history")
 def task_versions_named(session: Session, name: str) -> list[TaskVersion]:
     """Every version that had the name `name`, deleted tasks' included, newest first."""
     return versions.versions_named(session, name)
 
 
-@_storage_errors("list tasks")
+@storage_errors("list tasks")
 def list_tasks(
     session: Session,
     *,
@@ -314,19 +314,25 @@ def _task_id_by_name(session: Session, name: str) -> int | None:
 # --- node groups ----------------------------------------------------------------------------
 
 
-@_storage_errors("create the node group")
+@storage_errors("create the node group")
 def create_node_group(session: Session, data: Mapping[str, Any]) -> NodeGroup:
     spec = validated(NodeGroupCreate, data)
+    group = insert_node_group(session, spec)
+    _commit(session, lambda: ConflictError(f"name: node group {spec.name!r} already exists"))
+    return group
+
+
+def insert_node_group(session: Session, spec: NodeGroupCreate) -> NodeGroup:
+    """Add a node group (not committed); ConflictError when the name is taken."""
     if _group_id(session, spec.name) is not None:
         raise ConflictError(f"name: node group {spec.name!r} already exists")
     now = utcnow()
     group = NodeGroup(name=spec.name, description=spec.description, created_at=now, updated_at=now)
     session.add(group)
-    _commit(session, lambda: ConflictError(f"name: node group {spec.name!r} already exists"))
     return group
 
 
-@_storage_errors("update the node group")
+@storage_errors("update the node group")
 def update_node_group(
     session: Session, name: str, changes: Mapping[str, Any], *, actor: Actor = API_ACTOR
 ) -> NodeGroup:
@@ -364,26 +370,33 @@ def update_node_group(
     return group
 
 
-@_storage_errors("delete the node group")
+@storage_errors("delete the node group")
 def delete_node_group(session: Session, name: str) -> None:
     """Delete an unused group; refused (ConflictError) while tasks still run in it."""
-    group = _group(session, name)
-    used = session.scalar(select(func.count()).select_from(Task).where(Task.node_group == name))
-    if used:
-        raise ConflictError(
-            f"node group {name!r} is used by {used} task(s); "
-            "move them to another group or delete them first"
-        )
-    session.delete(group)
+    remove_node_group(session, _group(session, name))
     _commit(session, lambda: ConflictError(f"node group {name!r} was just given a task"))
 
 
-@_storage_errors("read the node group")
+def remove_node_group(session: Session, group: NodeGroup) -> None:
+    """Delete `group` (not committed); ConflictError while tasks still run in it."""
+    session.flush()
+    used = session.scalar(
+        select(func.count()).select_from(Task).where(Task.node_group == group.name)
+    )
+    if used:
+        raise ConflictError(
+            f"node group {group.name!r} is used by {used} task(s); "
+            "move them to another group or delete them first"
+        )
+    session.delete(group)
+
+
+@storage_errors("read the node group")
 def get_node_group(session: Session, name: str) -> NodeGroup:
     return _group(session, name)
 
 
-@_storage_errors("list node groups")
+@storage_errors("list node groups")
 def list_node_groups(session: Session) -> list[NodeGroup]:
     return list(session.scalars(select(NodeGroup).order_by(NodeGroup.name)))
 
@@ -402,7 +415,7 @@ def _group_id(session: Session, name: str) -> int | None:
 # --- job logs and nodes (read only) ---------------------------------------------------------
 
 
-@_storage_errors("list job logs")
+@storage_errors("list job logs")
 def list_job_logs(
     session: Session,
     *,
@@ -434,7 +447,7 @@ def list_job_logs(
     return _page(session, query, where, JobLog, limit, offset)
 
 
-@_storage_errors("read the job log")
+@storage_errors("read the job log")
 def get_job_log(session: Session, job_log_id: int) -> JobLog:
     log = session.get(JobLog, job_log_id)
     if log is None:
@@ -442,7 +455,7 @@ def get_job_log(session: Session, job_log_id: int) -> JobLog:
     return log
 
 
-@_storage_errors("list nodes")
+@storage_errors("list nodes")
 def list_nodes(
     session: Session,
     *,

@@ -1,0 +1,323 @@
+"""Tasks as code: make the manager's node groups and tasks match a document, and write the
+document that describes them (`export`).
+
+A document (`TasksDocument`) lists node groups and tasks, each identified by its name; a
+field left out of a task means its default, so a document is the whole definition of what it
+names, and what `export` writes (only the fields that differ from their defaults) comes back
+through `apply` unchanged.
+
+`apply_document` first checks the whole document with the API's own validation (every
+problem found is reported, `tasks[2].schedule`-style, as one `InvalidDocument`), then plans,
+per group and task: create, update (field by field), unchanged, and with `prune` delete what
+the document does not name (a node group only when no task of the document runs in it).
+Unless it is a dry run, the plan is then carried out in one transaction, through the task
+service's own steps (each change of a task recording its version, via `apply`): all of it or,
+on any error, nothing. The caller reconciles once afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from ays_runtime.exceptions import ConflictError, InvalidDocument, NotFoundError, ValidationError
+from ays_runtime.manager import tasks, versions
+from ays_runtime.manager.schemas import (
+    PAYLOAD_MODELS,
+    NodeGroupCreate,
+    TaskCreate,
+    TasksDocument,
+    validated,
+)
+from ays_runtime.manager.versions import API_ACTOR, Actor
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import ChangeVia, NodeGroup, Task, TaskType
+
+Kind = Literal["node_group", "task"]
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    field: str
+    old: Any
+    new: Any
+
+
+@dataclass
+class Step:
+    """What the plan does to one node group or task."""
+
+    kind: Kind
+    name: str
+    action: Action
+    changes: list[FieldChange] = field(default_factory=list)  # an update's, field by field
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    # Named by the manager, not by the document, and kept (no prune).
+    kept_groups: list[str]
+    kept_tasks: list[str]
+    applied: bool = False
+
+    @property
+    def changes(self) -> bool:
+        return any(step.action != Action.UNCHANGED for step in self.steps)
+
+    def count(self, action: Action) -> int:
+        return sum(1 for step in self.steps if step.action == action)
+
+
+@dataclass
+class _Checked:
+    groups: list[NodeGroupCreate]
+    tasks: list[TaskCreate]
+    columns: dict[str, dict[str, Any]]  # task name -> its columns as stored
+
+
+# --- apply ----------------------------------------------------------------------------------
+
+
+@tasks.storage_errors("apply the document")
+def apply_document(
+    session: Session,
+    document: Mapping[str, Any],
+    *,
+    prune: bool = False,
+    dry_run: bool = False,
+    actor: Actor = API_ACTOR,
+) -> Plan:
+    """Plan the changes that make the manager match `document` and, unless `dry_run`, make
+    them in one transaction (committed here). Raises InvalidDocument listing every bad field,
+    ConflictError or StorageError (nothing is then changed)."""
+    try:
+        checked = _check(session, document)
+        plan = _plan(session, checked, prune)
+        if dry_run or not plan.changes:
+            session.rollback()
+            return plan
+        _carry_out(session, plan, checked, actor.through(ChangeVia.APPLY))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    plan.applied = True
+    return plan
+
+
+def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
+    doc = validated(TasksDocument, document)
+    errors: list[ValidationError] = []
+    groups: list[NodeGroupCreate] = []
+    seen_groups: dict[str, int] = {}
+    for i, data in enumerate(doc.node_groups):
+        where = f"node_groups[{i}]"
+        if _seen_before(data, seen_groups, i, "node_groups", errors):
+            continue
+        try:
+            groups.append(validated(NodeGroupCreate, data, prefix=where))
+        except ValidationError as err:
+            errors.append(err)
+
+    known_groups = set(seen_groups) | set(session.scalars(select(NodeGroup.name)))
+    specs: list[TaskCreate] = []
+    columns: dict[str, dict[str, Any]] = {}
+    seen_tasks: dict[str, int] = {}
+    for i, data in enumerate(doc.tasks):
+        where = f"tasks[{i}]"
+        if _seen_before(data, seen_tasks, i, "tasks", errors):
+            continue
+        try:
+            spec = validated(TaskCreate, data, prefix=where)
+            columns[spec.name] = _within(where, tasks.task_columns, spec)
+        except ValidationError as err:
+            errors.append(err)
+            continue
+        if spec.node_group not in known_groups:
+            errors.append(
+                ValidationError(
+                    f"{where}.node_group",
+                    spec.node_group,
+                    "a node group of the manager or of the document's node_groups; "
+                    f"the known ones are: {', '.join(sorted(known_groups)) or 'none'}",
+                )
+            )
+            continue
+        specs.append(spec)
+    if errors:
+        raise InvalidDocument(errors)
+    return _Checked(groups, specs, columns)
+
+
+def _within(
+    where: str, check: Callable[[TaskCreate], dict[str, Any]], spec: TaskCreate
+) -> dict[str, Any]:
+    """`check(spec)`, its ValidationError's field put under `where`."""
+    try:
+        return check(spec)
+    except ValidationError as err:
+        raise ValidationError(f"{where}.{err.field}", err.value, err.expected) from None
+
+
+def _seen_before(
+    data: dict[str, Any], seen: dict[str, int], i: int, part: str, errors: list[ValidationError]
+) -> bool:
+    """Whether an earlier entry of `part` has the name of entry `i` (an error when so)."""
+    name = data.get("name")
+    if not isinstance(name, str):
+        return False  # validation names the problem
+    if name in seen:
+        errors.append(
+            ValidationError(
+                f"{part}[{i}].name",
+                name,
+                f"a name used once in the document; {part}[{seen[name]}] has it too",
+            )
+        )
+        return True
+    seen[name] = i
+    return False
+
+
+def _plan(session: Session, checked: _Checked, prune: bool) -> Plan:
+    steps: list[Step] = []
+    stored_groups = {g.name: g for g in session.scalars(select(NodeGroup))}
+    for group in checked.groups:
+        stored = stored_groups.get(group.name)
+        if stored is None:
+            steps.append(Step("node_group", group.name, Action.CREATE))
+        elif stored.description != group.description:
+            change = FieldChange("description", stored.description, group.description)
+            steps.append(Step("node_group", group.name, Action.UPDATE, [change]))
+        else:
+            steps.append(Step("node_group", group.name, Action.UNCHANGED))
+
+    stored_tasks = {t.name: t for t in session.scalars(select(Task).order_by(Task.name))}
+    for spec in checked.tasks:
+        task = stored_tasks.get(spec.name)
+        if task is None:
+            steps.append(Step("task", spec.name, Action.CREATE))
+            continue
+        current = versions.definition(task)
+        wanted = checked.columns[spec.name]
+        diff = [FieldChange(k, current[k], v) for k, v in wanted.items() if current[k] != v]
+        steps.append(Step("task", spec.name, Action.UPDATE if diff else Action.UNCHANGED, diff))
+
+    named_tasks = {spec.name for spec in checked.tasks}
+    extra_tasks = [name for name in stored_tasks if name not in named_tasks]
+    used_groups = {g.name for g in checked.groups} | {s.node_group for s in checked.tasks}
+    extra_groups = sorted(name for name in stored_groups if name not in used_groups)
+    if not prune:
+        return Plan(steps, extra_groups, extra_tasks)
+    steps += [Step("task", name, Action.DELETE) for name in extra_tasks]
+    steps += [Step("node_group", name, Action.DELETE) for name in extra_groups]
+    return Plan(steps, [], [])
+
+
+def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) -> None:
+    groups = {g.name: g for g in checked.groups}
+    specs = {s.name: s for s in checked.tasks}
+    by_kind: dict[Kind, list[Step]] = {"node_group": [], "task": []}
+    for step in plan.steps:
+        by_kind[step.kind].append(step)
+    # Groups first (tasks run in them), deleted groups last (their tasks go before them).
+    for step in by_kind["node_group"]:
+        if step.action == Action.CREATE:
+            tasks.insert_node_group(session, groups[step.name])
+        elif step.action == Action.UPDATE:
+            group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
+            group.description = groups[step.name].description
+            group.updated_at = utcnow()
+    session.flush()
+    for step in by_kind["task"]:
+        if step.action == Action.CREATE:
+            tasks.insert_task(session, specs[step.name], actor)
+        elif step.action == Action.UPDATE:
+            task = _one(session, Task, Task.name == step.name, step)
+            tasks.change_task(session, task, specs[step.name], actor)
+        elif step.action == Action.DELETE:
+            tasks.remove_task(session, _one(session, Task, Task.name == step.name, step), actor)
+    for step in by_kind["node_group"]:
+        if step.action == Action.DELETE:
+            group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
+            tasks.remove_node_group(session, group)
+    session.flush()
+
+
+def _one(session: Session, table: type[Any], where: Any, step: Step) -> Any:
+    row = session.scalar(select(table).where(where))
+    if row is None:
+        raise ConflictError(
+            f"{step.kind.replace('_', ' ')} {step.name!r} was changed meanwhile by someone "
+            "else; apply again"
+        )
+    return row
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+@tasks.storage_errors("export the tasks")
+def export_document(
+    session: Session,
+    *,
+    task_ids: list[int] | None = None,
+    node_groups: list[str] | None = None,
+) -> dict[str, Any]:
+    """The document describing the manager's node groups and tasks (all of them, or the
+    tasks named by id and those of the groups named, with their groups), each task with the
+    fields that differ from their defaults: `apply` takes it back unchanged."""
+    query = select(Task).order_by(Task.name)
+    if task_ids or node_groups:
+        picked = []
+        if task_ids:
+            picked.append(Task.id.in_(task_ids))
+        if node_groups:
+            picked.append(Task.node_group.in_(node_groups))
+        query = query.where(or_(*picked))
+    chosen = list(session.scalars(query))
+    missing_ids = set(task_ids or ()) - {t.id for t in chosen}
+    if missing_ids:
+        raise NotFoundError(f"task {', '.join(map(str, sorted(missing_ids)))} does not exist")
+    group_query = select(NodeGroup).order_by(NodeGroup.name)
+    if task_ids or node_groups:
+        wanted = {t.node_group for t in chosen} | set(node_groups or ())
+        group_query = group_query.where(NodeGroup.name.in_(wanted))
+    groups = list(session.scalars(group_query))
+    missing_groups = set(node_groups or ()) - {g.name for g in groups}
+    if missing_groups:
+        raise NotFoundError(f"node group {', '.join(sorted(missing_groups))} does not exist")
+    return {
+        "node_groups": [
+            _non_default(NodeGroupCreate, {"name": g.name, "description": g.description})
+            for g in groups
+        ],
+        "tasks": [_task_document(t) for t in chosen],
+    }
+
+
+def _task_document(task: Task) -> dict[str, Any]:
+    out = _non_default(TaskCreate, versions.definition(task))
+    payload_model = PAYLOAD_MODELS[TaskType(task.task_type)]
+    out["payload"] = _non_default(payload_model, task.payload)
+    return out
+
+
+def _non_default(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` (a valid instance of `model`, as JSON) without the fields at their default."""
+    instance = model.model_validate(dict(values))
+    return instance.model_dump(mode="json", exclude_defaults=True)
