@@ -38,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 API = "/api/v1"
 OUTPUT_NEXT_HEADER = "X-Ays-Output-Next"
 RUN_STATE_HEADER = "X-Ays-Run-State"
+# Who makes a change through the manager's API (the CLI sends user@host), kept in task history.
+ACTOR_HEADER = "X-Ays-Actor"
 
 
 class _Message(BaseModel):

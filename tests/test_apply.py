@@ -94,6 +94,7 @@ def test_an_update_is_planned_field_by_field_and_a_field_left_out_goes_back_to_i
     changed["node_groups"][1]["description"] = "UAE executors"
     report = changed["tasks"][0]
     report["schedule"] = "0 0 3 * * *"
+    report["payload"]["env"] = {"MODE": "quick", "DEBUG": "1"}
     del report["retry_count"]  # back to the default, 0
 
     result = apply(api, changed, dry_run=True)
@@ -104,6 +105,8 @@ def test_an_update_is_planned_field_by_field_and_a_field_left_out_goes_back_to_i
     ]
     assert steps[("task", "nightly-report")]["changes"] == [
         {"field": "schedule", "old": "0 30 2 * * *", "new": "0 0 3 * * *"},
+        {"field": "payload.env.MODE", "old": "full", "new": "quick"},
+        {"field": "payload.env.DEBUG", "old": None, "new": "1"},
         {"field": "retry_count", "old": 2, "new": 0},
     ]
     assert steps[("task", "ping-billing")]["action"] == "unchanged"
@@ -116,7 +119,7 @@ def test_an_update_is_planned_field_by_field_and_a_field_left_out_goes_back_to_i
     history = api.client.get(f"/tasks/{task['id']}/versions", headers={}).json()["items"]
     assert (history[0]["via"], history[0]["changed_fields"]) == (
         "apply",
-        ["schedule", "retry_count"],
+        ["schedule", "payload", "retry_count"],
     )
 
 

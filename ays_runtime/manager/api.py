@@ -103,12 +103,12 @@ from ays_runtime.manager.schemas import (
     field_error,
 )
 from ays_runtime.manager.versions import Actor
+from ays_runtime.protocol import ACTOR_HEADER
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import ChangeVia, NodeStatus, RunStatus, TaskVersion
 
 API_PREFIX = "/api/v1"
 TOKEN_HEADER = "X-Ays-Token"
-ACTOR_HEADER = "X-Ays-Actor"
 ACTOR_NAME_MAX = 64
 
 log = logging.getLogger("ays.manager.api")

@@ -33,6 +33,7 @@ from ays_runtime.manager.schemas import (
     NodeGroupCreate,
     TaskCreate,
     TasksDocument,
+    every_error,
     validated,
 )
 from ays_runtime.manager.versions import API_ACTOR, Actor
@@ -128,10 +129,10 @@ def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
         where = f"node_groups[{i}]"
         if _seen_before(data, seen_groups, i, "node_groups", errors):
             continue
-        try:
-            groups.append(validated(NodeGroupCreate, data, prefix=where))
-        except ValidationError as err:
-            errors.append(err)
+        group, problems = every_error(NodeGroupCreate, data, prefix=where)
+        errors += problems
+        if group is not None:
+            groups.append(group)
 
     known_groups = set(seen_groups) | set(session.scalars(select(NodeGroup.name)))
     specs: list[TaskCreate] = []
@@ -141,21 +142,24 @@ def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
         where = f"tasks[{i}]"
         if _seen_before(data, seen_tasks, i, "tasks", errors):
             continue
-        try:
-            spec = validated(TaskCreate, data, prefix=where)
-            columns[spec.name] = _within(where, tasks.task_columns, spec)
-        except ValidationError as err:
-            errors.append(err)
-            continue
-        if spec.node_group not in known_groups:
+        group_name = data.get("node_group")
+        if isinstance(group_name, str) and group_name not in known_groups:
             errors.append(
                 ValidationError(
                     f"{where}.node_group",
-                    spec.node_group,
+                    group_name,
                     "a node group of the manager or of the document's node_groups; "
                     f"the known ones are: {', '.join(sorted(known_groups)) or 'none'}",
                 )
             )
+        spec, problems = every_error(TaskCreate, data, prefix=where)
+        if spec is None:
+            errors += problems
+            continue
+        try:
+            columns[spec.name] = _within(where, tasks.task_columns, spec)
+        except ValidationError as err:
+            errors.append(err)
             continue
         specs.append(spec)
     if errors:
@@ -212,9 +216,7 @@ def _plan(session: Session, checked: _Checked, prune: bool) -> Plan:
         if task is None:
             steps.append(Step("task", spec.name, Action.CREATE))
             continue
-        current = versions.definition(task)
-        wanted = checked.columns[spec.name]
-        diff = [FieldChange(k, current[k], v) for k, v in wanted.items() if current[k] != v]
+        diff = _diff(versions.definition(task), checked.columns[spec.name])
         steps.append(Step("task", spec.name, Action.UPDATE if diff else Action.UNCHANGED, diff))
 
     named_tasks = {spec.name for spec in checked.tasks}
@@ -226,6 +228,23 @@ def _plan(session: Session, checked: _Checked, prune: bool) -> Plan:
     steps += [Step("task", name, Action.DELETE) for name in extra_tasks]
     steps += [Step("node_group", name, Action.DELETE) for name in extra_groups]
     return Plan(steps, [], [])
+
+
+def _diff(current: dict[str, Any], wanted: dict[str, Any]) -> list[FieldChange]:
+    """Field by field; within a mapping (the payload, its env), key by key."""
+    out = []
+    for key, new in wanted.items():
+        old = current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = _diff(old, new) + [
+                FieldChange(k, v, None) for k, v in old.items() if k not in new
+            ]
+            out += [FieldChange(f"{key}.{c.field}", c.old, c.new) for c in inner]
+        else:
+            out.append(FieldChange(key, old, new))
+    return out
 
 
 def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) -> None:

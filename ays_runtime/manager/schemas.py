@@ -94,6 +94,16 @@ def validated(model: type[M], data: Any, prefix: str = "") -> M:
         raise field_error(err.errors()[0], prefix, model) from None
 
 
+def every_error(
+    model: type[M], data: Any, prefix: str = ""
+) -> tuple[M | None, list[ValidationError]]:
+    """`model.model_validate(data)` and no error, or None and every problem found."""
+    try:
+        return model.model_validate(data), []
+    except PydanticValidationError as err:
+        return None, [field_error(detail, prefix, model) for detail in err.errors()]
+
+
 # --- request building blocks ----------------------------------------------------------------
 
 
