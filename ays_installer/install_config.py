@@ -25,7 +25,6 @@ from ays_installer.consul_watch import RenderedFile, render_watch_config
 from ays_installer.consul_watch import secrets_in as watch_secrets_in
 from ays_installer.options import (
     EXIT_FAILURE,
-    EnvOption,
     GroupOption,
     IpOption,
     PortOption,
@@ -46,15 +45,17 @@ from ays_installer.render import (
     write_atomic,
 )
 from ays_installer.resources import known_envs
+from ays_installer.version import add_version_option
 from ays_runtime.config import check_ip
 from ays_runtime.exceptions import MissingSecretError
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode=None,  # plain one-line errors: operators grep them, scripts parse them
+    rich_markup_mode=None,  # plain help and one-line errors, as all three programs
     help="Render a role's config file from an env file and install it.",
 )
+add_version_option(app, "installConfig")
 
 
 def _manager_address(value: str | None) -> str | None:
@@ -79,25 +80,31 @@ ManagerOption = Annotated[
         "--manager",
         callback=_manager_address,
         metavar="IP:PORT",
-        help="where the node reaches the manager (default: the env's manager.ip:port)",
+        help="Where the node reaches the manager (default: the env's manager.ip:port).",
     ),
+]
+EnvOption = Annotated[
+    str | None,
+    typer.Option("-e", "--env", metavar="ENV", help="The environment to render, a file in envs/."),
 ]
 RootOption = Annotated[
     Path | None,
     typer.Option(
         "--root",
         file_okay=False,
-        help="stage the files under DIR instead of / (no root privileges needed)",
+        metavar="DIR",
+        help="Stage the files under DIR instead of / (no root privileges needed).",
     ),
 ]
 DryRunOption = Annotated[
-    bool, typer.Option("--dry-run", help="print what would change (secrets masked), write nothing")
+    bool,
+    typer.Option("--dry-run", help="Print what would change (secrets masked) and write nothing."),
 ]
 SkipPreflightOption = Annotated[
     bool,
     typer.Option(
         "--skip-preflight",
-        help="do not check the RocketMQ proxy and topics (staging on a host without network)",
+        help="Do not check the RocketMQ proxy and its topics (staging on a host without network).",
     ),
 ]
 
@@ -112,7 +119,7 @@ def manager(
     dry_run: DryRunOption = False,
     skip_preflight: SkipPreflightOption = False,
 ) -> None:
-    """Render and install the scheduling center's config (manager.yaml)."""
+    """Render and install the scheduling center's config, manager.yaml."""
     install(
         "manager", env, ip=ip, port=port, root=root, dry_run=dry_run, preflight=not skip_preflight
     )
@@ -130,7 +137,7 @@ def node(
     dry_run: DryRunOption = False,
     skip_preflight: SkipPreflightOption = False,
 ) -> None:
-    """Render and install an executor node's config (node.yaml)."""
+    """Render and install an executor node's config, node.yaml."""
     address = _split_address(manager) if manager else None
     install(
         "node",

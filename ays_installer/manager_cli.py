@@ -1,4 +1,8 @@
-"""`aysManager`: the scheduling center's commands."""
+"""`aysManager`: the scheduling center's commands.
+
+Commands that talk to a running manager (`task`, `run`, `apply`, `export`, `node`, `logs`,
+`reconcile`) go through its HTTP API (`ays_installer.api_client`), never to the database.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +10,47 @@ from typing import Annotated
 
 import typer
 
+from ays_installer import apply_cli, run_cli, task_cli
+from ays_installer.api_client import JsonOption, UrlOption
 from ays_installer.options import (
-    EXIT_FAILURE,
     ConfigOption,
     EnvOption,
     IpOption,
     PortOption,
+    RootOption,
     choose_config,
     clean_errors,
     fail,
+    parse_ip,
+    parse_port,
 )
 from ays_installer.service_cli import add_service_commands
+from ays_installer.tables import local_time, print_table
+from ays_installer.version import add_version_option
 from ays_runtime.config import EnvConfig, check_ip, check_port
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Ays scheduling center.")
-db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
-app.add_typer(db_app, name="db")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help and one-line errors, as all three programs
+    help="Ays scheduling center: run it, and manage its tasks and runs.",
+)
+add_version_option(app, "aysManager")
+app.add_typer(task_cli.app, name="task")
+app.add_typer(run_cli.app, name="run")
+db_app = typer.Typer(no_args_is_help=True, help="Manage the database schema.")
+
+Url = Annotated[str | None, UrlOption]
 
 
 @db_app.command("upgrade")
 @clean_errors
-def db_upgrade(env: EnvOption = None, config: ConfigOption = None) -> None:
+def db_upgrade(env: EnvOption = None, config: ConfigOption = None, root: RootOption = None) -> None:
     """Apply the database migrations (the manager also does this at start)."""
     from ays_runtime.storage.database import redacted
     from ays_runtime.storage.migrate import upgrade
 
-    cfg = choose_config(env, config)
+    cfg = choose_config(env, config, root)
     url = cfg.storage_url()
     upgrade(url)
     typer.echo(f"database {redacted(url)}: schema is at the latest revision")
@@ -50,14 +69,17 @@ def with_address(cfg: EnvConfig, ip: str | None, port: int | None) -> EnvConfig:
 def debug(
     env: EnvOption = None,
     config: ConfigOption = None,
+    root: RootOption = None,
     ip: IpOption = None,
     port: PortOption = None,
 ) -> None:
-    """Run the manager in the foreground with debug logging (Ctrl-C stops it cleanly)."""
+    """Run the manager in the foreground, logging debug.
+
+    Ctrl-C stops it cleanly."""
     from ays_runtime.logs import configure_logging
     from ays_runtime.manager.service import run_manager
 
-    cfg = with_address(choose_config(env, config), ip, port)
+    cfg = with_address(choose_config(env, config, root), ip, port)
     configure_logging(debug=True)
     run_manager(cfg)
 
@@ -66,23 +88,58 @@ def debug(
 @clean_errors
 def reconcile(
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="print the actions, change nothing")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what the next reconcile would do, reading the database (the manager "
+            "need not run), and change nothing.",
+        ),
     ] = False,
     env: EnvOption = None,
     config: ConfigOption = None,
-    ip: IpOption = None,
-    port: PortOption = None,
+    root: RootOption = None,
+    url: Url = None,
+    ip: Annotated[
+        str | None,
+        typer.Option(
+            "-p",
+            "--ip",
+            parser=parse_ip,
+            metavar="IP",
+            help="With --dry-run: the address of the manager whose timers are compared.",
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "-P",
+            "--port",
+            parser=parse_port,
+            metavar="PORT",
+            help="With --dry-run: the port of that manager.",
+        ),
+    ] = None,
 ) -> None:
-    """Show what the next reconcile of this manager's timer list would do, one line each."""
+    """Reconcile the timer list now and print what it did.
+
+    The running manager compares its timers with the tasks and prints each action it took;
+    it also does so by itself every few seconds and after every change."""
+    if not dry_run:
+        if ip is not None or port is not None:
+            raise fail("error: -p/-P name the manager of a --dry-run; a reconcile uses --url")
+        with task_cli.connect(env, config, root, url) as api:
+            done = api.post("/reconcile")
+        for action in done["actions"]:
+            typer.echo(action)
+        typer.echo(f"manager {done['manager_id']}: {len(done['actions'])} action(s) done")
+        return
     from sqlalchemy import select
 
     from ays_runtime.scheduler.reconcile import Reconciler
     from ays_runtime.storage.database import make_engine, utcnow
     from ays_runtime.storage.models import TimerRow
 
-    if not dry_run:
-        raise fail("error: only --dry-run is supported: a running manager reconciles by itself")
-    cfg = with_address(choose_config(env, config), ip, port)
+    cfg = with_address(choose_config(env, config, root), ip, port)
     manager_id = f"{cfg.manager.ip}:{cfg.manager.port}"
     engine = make_engine(cfg.storage_url())
     try:
@@ -105,131 +162,131 @@ def reconcile(
     typer.echo(f"manager {manager_id}: {len(plan.actions)} action(s); nothing was changed")
 
 
-node_app = typer.Typer(no_args_is_help=True, help="Executor nodes known to the manager.")
-app.add_typer(node_app, name="node")
-
-
-def _manager_api(cfg: EnvConfig):  # noqa: ANN202 - an httpx.Client
-    """A client for the running manager's API, with the env's access token."""
-    import httpx
-
-    from ays_runtime.auth import auth_headers, resolve_access_token
-
-    token = resolve_access_token(cfg, generate=False)
-    host = f"[{cfg.manager.ip}]" if ":" in cfg.manager.ip else cfg.manager.ip
-    return httpx.Client(
-        base_url=f"http://{host}:{cfg.manager.port}/api/v1", headers=auth_headers(token), timeout=10
-    )
-
-
-def _call(cfg: EnvConfig, method: str, path: str, **kwargs: object) -> object:
-    import httpx
-
-    try:
-        with _manager_api(cfg) as api:
-            response = api.request(method, path, **kwargs)
-    except httpx.HTTPError as err:
-        raise fail(
-            f"error: cannot reach the manager at {cfg.manager.ip}:{cfg.manager.port} ({err}); "
-            "is it running? (aysManager status)",
-            EXIT_FAILURE,
-        ) from None
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error") or response.json().get("detail")
-        except ValueError:
-            message = response.text
-        raise fail(f"error: manager answered {response.status_code}: {message}")
-    return response.json() if response.content else None
+node_app = typer.Typer(no_args_is_help=True, help="Manage the executor nodes the manager knows.")
 
 
 @node_app.command("add")
 @clean_errors
 def node_add(
-    group: Annotated[str, typer.Option("-g", "--group", help="node group the node joins")],
-    node_ip: Annotated[str, typer.Option("--node-ip", help="the node's address")],
-    node_port: Annotated[int, typer.Option("--node-port", help="the node's port")],
+    group: Annotated[
+        str, typer.Option("-g", "--group", metavar="GROUP", help="The node group it joins.")
+    ],
+    node_ip: Annotated[str, typer.Option("--node-ip", metavar="IP", help="The node's address.")],
+    node_port: Annotated[int, typer.Option("--node-port", metavar="PORT", help="The node's port.")],
     env: EnvOption = None,
     config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
 ) -> None:
     """Add a node by hand (it is used once it reports healthy)."""
-    cfg = choose_config(env, config)
     try:
         check_ip(node_ip)
         check_port(node_port)
     except ValueError as err:
         raise fail(f"error: {err}") from None
-    node = _call(
-        cfg, "POST", "/nodes", json={"ip": node_ip, "port": node_port, "node_group": group}
-    )
-    typer.echo(f"added node {node['id']}: {node_ip}:{node_port} in group {group}")  # type: ignore[index]
+    with task_cli.connect(env, config, root, url) as api:
+        node = api.post("/nodes", json={"ip": node_ip, "port": node_port, "node_group": group})
+    typer.echo(f"added node {node['id']}: {node_ip}:{node_port} in group {group}")
 
 
 @node_app.command("list")
 @clean_errors
 def node_list(
-    group: Annotated[str | None, typer.Option("-g", "--group")] = None,
+    group: Annotated[
+        str | None, typer.Option("-g", "--group", metavar="GROUP", help="Only this group's.")
+    ] = None,
+    as_json: Annotated[bool, JsonOption] = False,
     env: EnvOption = None,
     config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
 ) -> None:
-    """List the nodes with their group, status and last heartbeat."""
-    cfg = choose_config(env, config)
+    """List the nodes with their group, status, running jobs and last heartbeat."""
     params = {"node_group": group} if group else {}
-    body = _call(cfg, "GET", "/nodes", params=params)
-    items = body["items"] if isinstance(body, dict) else body
-    typer.echo(f"{'ID':>4}  {'ADDRESS':<22} {'GROUP':<16} {'STATUS':<8} {'SOURCE':<7} LAST SEEN")
-    for n in items:  # type: ignore[union-attr]
-        typer.echo(
-            f"{n['id']:>4}  {n['ip'] + ':' + str(n['port']):<22} {n['node_group']:<16} "
-            f"{n['status']:<8} {n['source']:<7} {n.get('last_seen') or '-'}"
-        )
+    with task_cli.connect(env, config, root, url) as api:
+        items = api.get("/nodes", params={**params, "limit": 1000})["items"]
+    if as_json:
+        task_cli.print_json(items)
+        return
+    print_table(
+        ["ID", "ADDRESS", "GROUP", "STATUS", "SOURCE", "JOBS", "VERSION", "LAST SEEN"],
+        [
+            [
+                n["id"],
+                n["address"],
+                n["node_group"],
+                n["status"],
+                n["source"],
+                n["running_jobs"],
+                n["version"] or None,
+                local_time(n["last_seen"]),
+            ]
+            for n in items
+        ],
+        flexible=["GROUP", "VERSION"],
+    )
 
 
 @node_app.command("remove")
 @clean_errors
 def node_remove(
-    node_id: Annotated[int, typer.Argument(help="the node's id (see: node list)")],
+    node_id: Annotated[int, typer.Argument(metavar="ID", help="The node's id (see: node list).")],
     env: EnvOption = None,
     config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
 ) -> None:
     """Remove a node from the manager's list."""
-    cfg = choose_config(env, config)
-    _call(cfg, "DELETE", f"/nodes/{node_id}")
+    with task_cli.connect(env, config, root, url) as api:
+        api.call("DELETE", f"/nodes/{node_id}")
     typer.echo(f"removed node {node_id}")
 
 
 @app.command()
 @clean_errors
 def logs(
-    task: Annotated[int | None, typer.Option("--task", help="only this task id")] = None,
-    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new runs")] = False,
-    limit: Annotated[int, typer.Option("-n", help="how many recent runs")] = 20,
+    task: Annotated[
+        str | None, typer.Option("--task", metavar="TASK", help="Only this task's runs.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="Keep printing runs as they finish.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option("-n", metavar="N", min=1, max=1000, help="How many recent runs.")
+    ] = 20,
     env: EnvOption = None,
     config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
 ) -> None:
-    """Print recent finished runs (job logs), oldest first; --follow keeps going."""
+    """Print recent finished runs, one line each.
+
+    Oldest first; --follow keeps printing runs as they finish."""
     import time
 
-    cfg = choose_config(env, config)
     params: dict[str, object] = {"limit": limit}
-    if task is not None:
-        params["task_id"] = task
     printed: set[int] = set()
-    while True:
-        page = _call(cfg, "GET", "/job-logs", params=params)
-        for run in sorted(page["items"], key=lambda r: r["id"]):  # type: ignore[index]
-            if run["id"] in printed or run["status"] in ("pending", "dispatched", "running"):
-                continue
-            printed.add(run["id"])
-            output = run["output"].strip().replace("\n", " | ")
-            typer.echo(
-                f"run {run['id']:>6} task {run['task_id']} slot {run['scheduled_at']} "
-                f"attempt {run['attempt']} on {run['node'] or '-'}: {run['status']}"
-                f" exit={run['exit_code']} {run['message']} {output[:120]}".rstrip()
-            )
-        if not follow:
-            return
-        time.sleep(1)
+    with task_cli.connect(env, config, root, url) as api:
+        if task is not None:
+            params["task_id"] = task_cli.find_task(api, task)["id"]
+        while True:
+            page = api.get("/job-logs", params=params)
+            for run in sorted(page["items"], key=lambda r: r["id"]):
+                if run["id"] in printed or run["status"] in ("pending", "dispatched", "running"):
+                    continue
+                printed.add(run["id"])
+                output = run["output"].strip().replace("\n", " | ")
+                typer.echo(
+                    f"run {run['id']:>6} task {run['task_id']} slot {run['scheduled_at']} "
+                    f"attempt {run['attempt']} on {run['node'] or '-'}: {run['status']}"
+                    f" exit={run['exit_code']} {run['message']} {output[:120]}".rstrip()
+                )
+            if not follow:
+                return
+            time.sleep(1)
 
 
 add_service_commands(app, "manager")  # install, serve, start|stop|status|restart|reload
+apply_cli.add_commands(app)  # apply, export
+app.add_typer(node_app, name="node")
+app.add_typer(db_app, name="db")

@@ -10,27 +10,22 @@ from ays_installer.options import (
     GroupOption,
     IpOption,
     PortOption,
+    RootOption,
     choose_config,
     clean_errors,
     fail,
 )
 from ays_installer.service_cli import add_service_commands
+from ays_installer.version import add_version_option
 from ays_runtime.config import EnvConfig
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode=None,  # plain one-line errors, as installConfig: operators grep them
-    help="Ays executor node.",
+    rich_markup_mode=None,  # plain help and one-line errors, as all three programs
+    help="Ays executor node: run it, as a service or in the foreground.",
 )
-
-
-@app.command()
-def version() -> None:
-    """Print the version."""
-    from ays_runtime import __version__
-
-    typer.echo(__version__)
+add_version_option(app, "aysNode")
 
 
 @app.command()
@@ -39,6 +34,7 @@ def debug(
     group: GroupOption = None,
     env: EnvOption = None,
     config: ConfigOption = None,
+    root: RootOption = None,
     ip: IpOption = None,
     port: PortOption = None,
 ) -> None:
@@ -47,7 +43,9 @@ def debug(
     from ays_runtime.logs import configure_logging
     from ays_runtime.node.daemon import run_node
 
-    cfg = with_node_address(choose_config(env, config), group=group, ip=ip, port=port)
+    cfg = with_node_address(
+        choose_config(env, config, root, role="node"), group=group, ip=ip, port=port
+    )
     configure_logging(debug=True)
     raise typer.Exit(run_node(cfg))
 

@@ -1,4 +1,6 @@
-"""What every command shares: choosing the config (-e ENV | --config FILE), clean failure."""
+"""What every command shares: its options (help texts are full sentences; a flag that takes a
+value names it: ENV, FILE, DIR, IP, PORT, GROUP), choosing the config (-e ENV | --config FILE
+| --root DIR), clean failure."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
+from ays_installer.layout import DEFAULT_ENV, Installation
 from ays_installer.resources import load_env
 from ays_runtime.config import EnvConfig, check_ip, check_port, load_config_file
 from ays_runtime.exceptions import AysError
+from ays_runtime.service.layout import Role
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -22,7 +26,10 @@ EXIT_USAGE = 2  # bad input: the message says what to fix
 EXIT_FAILURE = 1
 
 EnvOption = Annotated[
-    str | None, typer.Option("-e", "--env", help="environment name (a file in envs/)")
+    str | None,
+    typer.Option(
+        "-e", "--env", metavar="ENV", help="The environment, a file in envs/ (default: dev)."
+    ),
 ]
 # The manager's rule for node group names (a Consul tag, part of a RocketMQ topic).
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -53,17 +60,41 @@ def check_group(value: str | None) -> str | None:
 
 IpOption = Annotated[
     str | None,
-    typer.Option("-p", "--ip", parser=parse_ip, help="address to listen on and advertise"),
+    typer.Option(
+        "-p", "--ip", parser=parse_ip, metavar="IP", help="The address to listen on and advertise."
+    ),
 ]
 PortOption = Annotated[
-    int | None, typer.Option("-P", "--port", parser=parse_port, help="TCP port to listen on")
+    int | None,
+    typer.Option(
+        "-P", "--port", parser=parse_port, metavar="PORT", help="The TCP port to listen on."
+    ),
 ]
 GroupOption = Annotated[
-    str | None, typer.Option("-g", "--group", callback=check_group, help="node group to join")
+    str | None,
+    typer.Option(
+        "-g", "--group", callback=check_group, metavar="GROUP", help="The node group to join."
+    ),
 ]
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="a config file rendered by installConfig", dir_okay=False),
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        dir_okay=False,
+        help="The config file to read (default: the one installConfig rendered for -e ENV, "
+        "under --root DIR when given).",
+    ),
+]
+RootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--root",
+        metavar="DIR",
+        file_okay=False,
+        help="A staged install under DIR (installConfig --root DIR): read its config. Its "
+        "services run under own supervision, never systemctl, and need no root privileges.",
+    ),
 ]
 
 
@@ -86,13 +117,24 @@ def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def choose_config(env: str | None, config: Path | None, default_env: str = "dev") -> EnvConfig:
-    """Load `--config FILE`, or env `-e NAME`, or the embedded default `dev`."""
+def choose_config(
+    env: str | None,
+    config: Path | None,
+    root: Path | None = None,
+    role: Role = "manager",
+) -> EnvConfig:
+    """The config a command reads: `--config FILE`; else the one installConfig rendered for
+    the role (`<conf_dir>/<role>.yaml` of env -e ENV, under `--root DIR`), as the service
+    commands find it; else, with no --root and nothing rendered, the env file itself
+    (envs/ENV.yaml, default dev)."""
     if env and config:
         raise fail("error: give either -e ENV or --config FILE, not both")
     if config is not None:
         return load_config_file(config)
-    return load_env(env or default_env)
+    installed = Installation.locate(role, env, None, root)
+    if root is not None or installed.config_path.is_file():
+        return installed.load_config()
+    return load_env(env or DEFAULT_ENV)
 
 
 def echo_err(message: str) -> None:

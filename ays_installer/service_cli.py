@@ -35,6 +35,7 @@ from ays_installer.options import (
     GroupOption,
     IpOption,
     PortOption,
+    RootOption,
     fail,
 )
 from ays_runtime.exceptions import AysError, ConfigError
@@ -43,17 +44,14 @@ from ays_runtime.service.layout import Role
 P = ParamSpec("P")
 R = TypeVar("R")
 
-RootOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--root",
-        file_okay=False,
-        help="a install staged under DIR (own supervision, never systemctl; no root needed)",
-    ),
-]
 TimeoutOption = Annotated[
     float,
-    typer.Option("--timeout", min=1, help="seconds to wait for the stop before SIGKILL"),
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        min=1,
+        help="How long to wait for the stop before SIGKILL.",
+    ),
 ]
 
 
@@ -100,7 +98,10 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
             env: EnvOption = None,
             root: RootOption = None,
         ) -> None:
-            """Install the scheduling center as a service (systemd unit, init script, user)."""
+            """Install the scheduling center as a service.
+
+            Renders the systemd unit and the init script, creates the user and the
+            directories, and enables the service; installConfig manager comes first."""
             from ays_installer.services import Wanted
             from ays_installer.services import install as run_install
 
@@ -119,7 +120,10 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
             env: EnvOption = None,
             root: RootOption = None,
         ) -> None:
-            """Install this executor node as a service (systemd unit, init script, user)."""
+            """Install this executor node as a service.
+
+            Renders the systemd unit and the init script, creates the user and the
+            directories, and enables the service; installConfig node comes first."""
             from ays_installer.services import Wanted
             from ays_installer.services import install as run_install
 
@@ -134,14 +138,17 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
             bool,
             typer.Option(
                 "--purge",
-                help="also remove the config (and the manager's Consul watch), data, logs and user",
+                help="Also remove the config (and the manager's Consul watch), the data, the "
+                "logs and the user.",
             ),
         ] = False,
         env: EnvOption = None,
         config: ConfigOption = None,
         root: RootOption = None,
     ) -> None:
-        """Stop and remove the service; the config, data and logs stay unless --purge."""
+        """Stop and remove the service.
+
+        The config, the data and the logs stay, unless --purge."""
         from ays_installer.services import uninstall as run_uninstall
 
         inst = located(env, config, root)
@@ -151,10 +158,10 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
     @app.command()
     @lsb_errors
     def serve(env: EnvOption = None, config: ConfigOption = None, root: RootOption = None) -> None:
-        """Run in the foreground as the service does (what the unit and `start` run).
+        """Run in the foreground as the service does.
 
-        Info logging to stderr and the log file, a pidfile, SIGHUP reloads without
-        interruption, SIGTERM stops."""
+        This is what the unit and `start` run: info logging to stderr and the log file, a
+        pidfile; SIGHUP reloads without interruption, SIGTERM stops."""
         from ays_runtime.service.runner import run_service
 
         inst = located(env, config, root)
@@ -163,7 +170,9 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
     @app.command()
     @lsb_errors
     def start(env: EnvOption = None, config: ConfigOption = None, root: RootOption = None) -> None:
-        """Start the service (systemctl, or own supervision) and wait until it serves."""
+        """Start the service and wait until it serves.
+
+        Through systemctl where systemd runs the installed unit, else under own supervision."""
         raise typer.Exit(lifecycle(env, config, root).start())
 
     @app.command()
@@ -185,24 +194,31 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
         config: ConfigOption = None,
         root: RootOption = None,
     ) -> None:
-        """Stop, then start (reload does it without interrupting service)."""
+        """Stop, then start the service.
+
+        Reload does it without interrupting service."""
         raise typer.Exit(lifecycle(env, config, root).restart(timeout))
 
     @app.command()
     @lsb_errors
     def reload(
         wait: Annotated[
-            bool, typer.Option("--wait/--no-wait", help="wait for the new process to take over")
+            bool,
+            typer.Option("--wait/--no-wait", help="Wait for the new process to take over."),
         ] = True,
         pid: Annotated[
             int | None,
-            typer.Option("--pid", help="reload this process (the unit's ExecReload: $MAINPID)"),
+            typer.Option(
+                "--pid",
+                metavar="PID",
+                help="Reload this process (the unit's ExecReload passes $MAINPID).",
+            ),
         ] = None,
         env: EnvOption = None,
         config: ConfigOption = None,
         root: RootOption = None,
     ) -> None:
-        """Restart without interrupting service (also after an upgrade).
+        """Restart without interrupting service, also after an upgrade.
 
         The program as it is on disk now takes over the listening socket; the old process
         finishes its work and exits. Fails, leaving the old process serving, when the new
@@ -211,7 +227,9 @@ def add_service_commands(app: typer.Typer, role: Role) -> None:
 
     @app.command()
     def status(env: EnvOption = None, config: ConfigOption = None, root: RootOption = None) -> None:
-        """State, pid, uptime, memory, CPU, address, health and version.
+        """Show the service's state, pid, health and version.
+
+        Also its uptime, memory, CPU and address.
 
         Exit code (LSB): 0 running, 1 dead but the pidfile is left, 3 not running,
         4 unknown."""

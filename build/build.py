@@ -261,7 +261,7 @@ def smoke_test(bundle: Path, work: Path, built: Source) -> str:
     link.unlink(missing_ok=True)
     link.symlink_to(bundle / package.PROGRAM)
     done = subprocess.run(
-        [str(link), "version"],
+        [str(link), "--version"],
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -271,10 +271,10 @@ def smoke_test(bundle: Path, work: Path, built: Source) -> str:
     printed = done.stdout.strip()
     if done.returncode != 0 or built.version not in printed:
         raise BuildError(
-            f"the frozen program does not start: `aysNode version` exited {done.returncode}, "
+            f"the frozen program does not start: `aysNode --version` exited {done.returncode}, "
             f"printed {printed!r} (expected {built.version}):\n{done.stderr[-2000:]}"
         )
-    return printed
+    return ", ".join(printed.splitlines())
 
 
 # --- the whole build --------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def build(args: argparse.Namespace) -> int:
 
     steps.begin("smoke test: the frozen program starts with an empty environment")
     for base, bundle, label in zip(bases, bundles, labels, strict=True):
-        say(f"      {label}aysNode version -> {smoke_test(bundle, base, built)}")
+        say(f"      {label}aysNode --version -> {smoke_test(bundle, base, built)}")
     steps.end()
 
     outputs: list[dict[str, Path]] = []

@@ -1,0 +1,749 @@
+"""`aysManager task ...`: tasks through the manager's API.
+
+    task list | show | add | edit | enable | disable | trigger | delete | history | rollback
+
+A task is named by its name (or its id). Exit codes: see `ays_installer.api_client`;
+`trigger --wait` exits with the run's own (see `ays_installer.run_cli.run_exit_code`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ays_installer.api_client import (
+    EXIT_NOT_FOUND,
+    JsonOption,
+    ManagerApi,
+    UrlOption,
+    find_target,
+)
+from ays_installer.options import ConfigOption, EnvOption, RootOption, fail
+from ays_installer.tables import fields, local_time, print_table
+from ays_runtime.storage.models import BlockStrategy, MisfirePolicy, RetryBackoff, RouteStrategy
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Create, change, run and inspect tasks.",
+)
+
+Url = Annotated[str | None, UrlOption]
+Json = Annotated[bool, JsonOption]
+TaskRef = Annotated[str, typer.Argument(metavar="TASK", help="The task's name (or id).")]
+
+# The definition's options, shared by add and edit (edit changes only those given).
+Description = Annotated[
+    str | None, typer.Option("--description", metavar="TEXT", help="Free text about the task.")
+]
+Group = Annotated[
+    str | None,
+    typer.Option("-g", "--group", metavar="GROUP", help="The node group whose nodes run it."),
+]
+Schedule = Annotated[
+    str | None,
+    typer.Option(
+        "-s",
+        "--schedule",
+        metavar="CRON",
+        help="When it runs: 6-field cron with seconds first ('0 30 2 * * *'), 5-field cron, "
+        "'@every 10s', or @hourly, @daily, @weekly, @monthly, @yearly.",
+    ),
+]
+Timezone = Annotated[
+    str | None,
+    typer.Option(
+        "--timezone", metavar="ZONE", help="The IANA time zone of the schedule (default: UTC)."
+    ),
+]
+Command = Annotated[
+    str | None,
+    typer.Option("-c", "--command", metavar="COMMAND", help="A shell task: this command line."),
+]
+JobEnv = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--job-env",
+        metavar="NAME=VALUE",
+        help="An environment variable of the shell command (repeat for more).",
+    ),
+]
+Workdir = Annotated[
+    str | None,
+    typer.Option("--workdir", metavar="DIR", help="The directory the shell command runs in."),
+]
+HttpUrl = Annotated[
+    str | None, typer.Option("--http-url", metavar="URL", help="An HTTP task: call this URL.")
+]
+HttpMethod = Annotated[
+    str | None,
+    typer.Option("--http-method", metavar="METHOD", help="The HTTP method (default: GET)."),
+]
+HttpHeader = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--http-header",
+        metavar="'NAME: VALUE'",
+        help="A header of the HTTP call (repeat for more).",
+    ),
+]
+HttpBody = Annotated[
+    str | None, typer.Option("--http-body", metavar="TEXT", help="The body of the HTTP call.")
+]
+ExpectedStatus = Annotated[
+    int | None,
+    typer.Option(
+        "--expected-status",
+        metavar="CODE",
+        help="The HTTP status that means success (default: any 2xx).",
+    ),
+]
+Params = Annotated[
+    str | None,
+    typer.Option(
+        "--params", metavar="TEXT", help="Handed to every run (its environment's AYS_PARAMS)."
+    ),
+]
+Timeout = Annotated[
+    int | None,
+    typer.Option("--timeout", metavar="SECONDS", help="How long a run may take (0: no limit)."),
+]
+Retries = Annotated[
+    int | None,
+    typer.Option("--retries", metavar="N", help="How often a failed run is retried."),
+]
+Backoff = Annotated[
+    RetryBackoff | None,
+    typer.Option("--retry-backoff", help="How the wait between retries grows."),
+]
+RetryInterval = Annotated[
+    float | None,
+    typer.Option("--retry-interval", metavar="SECONDS", help="The wait before the first retry."),
+]
+Route = Annotated[
+    RouteStrategy | None,
+    typer.Option("--route", help="Which node(s) of the group run a fire."),
+]
+Block = Annotated[
+    BlockStrategy | None,
+    typer.Option("--block", help="What a node does when the previous run still goes on."),
+]
+Misfire = Annotated[
+    MisfirePolicy | None,
+    typer.Option("--misfire", help="What happens to fires missed while no manager ran."),
+]
+Enabled = Annotated[
+    bool | None,
+    typer.Option(
+        "--enabled/--disabled", help="Whether it fires on its schedule (default: enabled)."
+    ),
+]
+
+
+def connect(env: str | None, config: Any, root: Any, url: str | None) -> ManagerApi:
+    return ManagerApi(find_target(env, config, root, url))
+
+
+def find_task(api: ManagerApi, ref: str) -> dict[str, Any]:
+    """The task named `ref` (or, when no task has that name, numbered `ref`); exit 3 when
+    there is none."""
+    task = lookup_task(api, ref)
+    if task is None:
+        raise fail(f"error: no task is named {ref!r} (see: aysManager task list)", EXIT_NOT_FOUND)
+    return task
+
+
+def lookup_task(api: ManagerApi, ref: str) -> dict[str, Any] | None:
+    offset = 0
+    while True:
+        page = api.get("/tasks", params={"name": ref, "limit": 1000, "offset": offset})
+        for task in page["items"]:
+            if task["name"] == ref:
+                return dict(task)
+        offset += len(page["items"])
+        if not page["items"] or offset >= page["total"]:
+            break
+    if ref.isdigit():
+        task = api.find(f"/tasks/{ref}")
+        return dict(task) if task is not None else None
+    return None
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def what_it_runs(task: dict[str, Any]) -> str:
+    payload = task["payload"]
+    if task["task_type"] == "http":
+        return f"{payload.get('method', 'GET')} {payload.get('url', '')}"
+    return str(payload.get("command", ""))
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+@app.command("list")
+def list_tasks(
+    group: Annotated[
+        str | None, typer.Option("-g", "--group", metavar="GROUP", help="Only this node group's.")
+    ] = None,
+    enabled: Annotated[
+        bool | None,
+        typer.Option("--enabled/--disabled", help="Only the enabled (or disabled) ones."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", metavar="TEXT", help="Only names holding TEXT.")
+    ] = None,
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """List the tasks.
+
+    Each with its id, name, group, schedule, type, state, version and what it runs."""
+    params: dict[str, Any] = {"limit": 1000}
+    for key, value in (("node_group", group), ("enabled", enabled), ("name", name)):
+        if value is not None:
+            params[key] = str(value).lower() if isinstance(value, bool) else value
+    items: list[dict[str, Any]] = []
+    with connect(env, config, root, url) as api:
+        while True:
+            page = api.get("/tasks", params={**params, "offset": len(items)})
+            items += page["items"]
+            if not page["items"] or len(items) >= page["total"]:
+                break
+    if as_json:
+        print_json(items)
+        return
+    print_table(
+        ["ID", "NAME", "GROUP", "SCHEDULE", "TYPE", "ENABLED", "VERSION", "RUNS"],
+        [
+            [
+                t["id"],
+                t["name"],
+                t["node_group"],
+                t["schedule"],
+                t["task_type"],
+                t["enabled"],
+                t["version"],
+                what_it_runs(t),
+            ]
+            for t in items
+        ],
+        flexible=["NAME", "SCHEDULE", "RUNS", "GROUP"],
+    )
+
+
+@app.command("show")
+def show_task(
+    task: TaskRef,
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Show a task's whole definition and its latest runs."""
+    with connect(env, config, root, url) as api:
+        found = find_task(api, task)
+        runs = api.get("/job-logs", params={"task_id": found["id"], "limit": 5})["items"]
+    if as_json:
+        print_json(found)
+        return
+    fields(
+        [
+            ("id", found["id"]),
+            ("name", found["name"]),
+            ("description", found["description"]),
+            ("node group", found["node_group"]),
+            ("schedule", f"{found['schedule']} ({found['timezone']})"),
+            ("enabled", found["enabled"]),
+            ("type", found["task_type"]),
+            *((f"  {k}", _value(v)) for k, v in found["payload"].items()),
+            ("params", found["params"]),
+            ("timeout", f"{found['timeout_s']}s" if found["timeout_s"] else "none"),
+            (
+                "retries",
+                f"{found['retry_count']} ({found['retry_backoff']}, first after "
+                f"{found['retry_interval_s']:g}s)",
+            ),
+            ("route", found["route_strategy"]),
+            ("block", found["block_strategy"]),
+            ("misfire", found["misfire_policy"]),
+            ("version", found["version"]),
+            ("created", local_time(found["created_at"])),
+            ("updated", local_time(found["updated_at"])),
+        ]
+    )
+    if runs:
+        from ays_installer.run_cli import run_rows
+
+        typer.echo("\nlatest runs:")
+        run_rows(runs, {found["id"]: found["name"]})
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+# --- changing ---------------------------------------------------------------------------------
+
+
+def pairs(values: list[str] | None, separator: str, option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition(separator)
+        if not sep or not key.strip():
+            shown = "NAME=VALUE" if separator == "=" else "'NAME: VALUE'"
+            raise fail(f"error: {option} {item!r} is not {shown}")
+        out[key.strip()] = value.strip() if separator == ":" else value
+    return out
+
+
+def definition_changes(
+    current: dict[str, Any] | None,
+    *,
+    description: str | None,
+    group: str | None,
+    schedule: str | None,
+    timezone: str | None,
+    command: str | None,
+    job_env: list[str] | None,
+    workdir: str | None,
+    http_url: str | None,
+    http_method: str | None,
+    http_header: list[str] | None,
+    http_body: str | None,
+    expected_status: int | None,
+    params: str | None,
+    timeout: int | None,
+    retries: int | None,
+    retry_backoff: RetryBackoff | None,
+    retry_interval: float | None,
+    route: RouteStrategy | None,
+    block: BlockStrategy | None,
+    misfire: MisfirePolicy | None,
+    enabled: bool | None,
+) -> dict[str, Any]:
+    """The API fields the options give; the payload merged into `current`'s (edit) when the
+    task keeps its type."""
+    changes: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "description": description,
+            "node_group": group,
+            "schedule": schedule,
+            "timezone": timezone,
+            "params": params,
+            "timeout_s": timeout,
+            "retry_count": retries,
+            "retry_backoff": retry_backoff.value if retry_backoff else None,
+            "retry_interval_s": retry_interval,
+            "route_strategy": route.value if route else None,
+            "block_strategy": block.value if block else None,
+            "misfire_policy": misfire.value if misfire else None,
+            "enabled": enabled,
+        }.items()
+        if value is not None
+    }
+    shell = {
+        key: value
+        for key, value in {
+            "command": command,
+            "env": pairs(job_env, "=", "--job-env") if job_env else None,
+            "workdir": workdir,
+        }.items()
+        if value is not None
+    }
+    http = {
+        key: value
+        for key, value in {
+            "url": http_url,
+            "method": http_method,
+            "headers": pairs(http_header, ":", "--http-header") if http_header else None,
+            "body": http_body,
+            "expected_status": expected_status,
+        }.items()
+        if value is not None
+    }
+    if shell and http:
+        raise fail("error: a task is a shell task or an HTTP task: give -c or --http-url, not both")
+    current_type = current["task_type"] if current else None
+    for kind, given, leader in (("shell", shell, "command"), ("http", http, "url")):
+        if not given:
+            continue
+        if current_type == kind:
+            changes["payload"] = {**current["payload"], **given} if current else given
+        elif leader in given:
+            changes["task_type"] = kind
+            changes["payload"] = given
+        else:
+            flag = "-c COMMAND" if kind == "shell" else "--http-url URL"
+            what = f"task {current['name']!r} is a {current_type} task" if current else "a task"
+            raise fail(f"error: {what}: give {flag} too to make it a {kind} task")
+    return changes
+
+
+@app.command("add")
+def add_task(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The new task's unique name.")],
+    group: Group = None,
+    schedule: Schedule = None,
+    command: Command = None,
+    http_url: HttpUrl = None,
+    description: Description = None,
+    timezone: Timezone = None,
+    job_env: JobEnv = None,
+    workdir: Workdir = None,
+    http_method: HttpMethod = None,
+    http_header: HttpHeader = None,
+    http_body: HttpBody = None,
+    expected_status: ExpectedStatus = None,
+    params: Params = None,
+    timeout: Timeout = None,
+    retries: Retries = None,
+    retry_backoff: Backoff = None,
+    retry_interval: RetryInterval = None,
+    route: Route = None,
+    block: Block = None,
+    misfire: Misfire = None,
+    enabled: Enabled = None,
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Create a task.
+
+    It needs -g GROUP, -s CRON, and -c COMMAND (a shell task) or --http-url URL (an HTTP
+    task); the other fields take their defaults unless given."""
+    missing = [flag for flag, value in (("-g GROUP", group), ("-s CRON", schedule)) if not value]
+    if not (command or http_url):
+        missing.append("-c COMMAND (a shell task) or --http-url URL (an HTTP task)")
+    if missing:
+        raise fail(f"error: a new task needs {', '.join(missing)}")
+    body = {
+        "name": name,
+        **definition_changes(
+            None,
+            description=description,
+            group=group,
+            schedule=schedule,
+            timezone=timezone,
+            command=command,
+            job_env=job_env,
+            workdir=workdir,
+            http_url=http_url,
+            http_method=http_method,
+            http_header=http_header,
+            http_body=http_body,
+            expected_status=expected_status,
+            params=params,
+            timeout=timeout,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            retry_interval=retry_interval,
+            route=route,
+            block=block,
+            misfire=misfire,
+            enabled=enabled,
+        ),
+    }
+    with connect(env, config, root, url) as api:
+        task = api.post("/tasks", json=body)
+    if as_json:
+        print_json(task)
+        return
+    state = "" if task["enabled"] else " (disabled)"
+    typer.echo(
+        f"created task {task['name']!r} (id {task['id']}): {task['schedule']} "
+        f"{task['timezone']} in node group {task['node_group']}{state}"
+    )
+
+
+@app.command("edit")
+def edit_task(
+    task: TaskRef,
+    new_name: Annotated[
+        str | None, typer.Option("--name", metavar="NAME", help="A new name for the task.")
+    ] = None,
+    group: Group = None,
+    schedule: Schedule = None,
+    command: Command = None,
+    http_url: HttpUrl = None,
+    description: Description = None,
+    timezone: Timezone = None,
+    job_env: JobEnv = None,
+    workdir: Workdir = None,
+    http_method: HttpMethod = None,
+    http_header: HttpHeader = None,
+    http_body: HttpBody = None,
+    expected_status: ExpectedStatus = None,
+    params: Params = None,
+    timeout: Timeout = None,
+    retries: Retries = None,
+    retry_backoff: Backoff = None,
+    retry_interval: RetryInterval = None,
+    route: Route = None,
+    block: Block = None,
+    misfire: Misfire = None,
+    enabled: Enabled = None,
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Change a task's fields.
+
+    The fields given change, the others keep their values; the task gets a new version."""
+    with connect(env, config, root, url) as api:
+        current = find_task(api, task)
+        changes = definition_changes(
+            current,
+            description=description,
+            group=group,
+            schedule=schedule,
+            timezone=timezone,
+            command=command,
+            job_env=job_env,
+            workdir=workdir,
+            http_url=http_url,
+            http_method=http_method,
+            http_header=http_header,
+            http_body=http_body,
+            expected_status=expected_status,
+            params=params,
+            timeout=timeout,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            retry_interval=retry_interval,
+            route=route,
+            block=block,
+            misfire=misfire,
+            enabled=enabled,
+        )
+        if new_name is not None:
+            changes["name"] = new_name
+        if not changes:
+            raise fail("error: nothing to change: give the fields to change (see --help)")
+        updated = api.call("PATCH", f"/tasks/{current['id']}", json=changes)
+    if as_json:
+        print_json(updated)
+    elif updated["version"] == current["version"]:
+        typer.echo(f"task {updated['name']!r} already had these values; nothing changed")
+    else:
+        changed = [k for k in TASK_FIELDS if current.get(k) != updated.get(k)]
+        typer.echo(
+            f"task {updated['name']!r} is now at version {updated['version']} "
+            f"(changed: {', '.join(changed)})"
+        )
+
+
+TASK_FIELDS = (
+    "name",
+    "description",
+    "node_group",
+    "schedule",
+    "timezone",
+    "task_type",
+    "payload",
+    "params",
+    "timeout_s",
+    "retry_count",
+    "retry_backoff",
+    "retry_interval_s",
+    "route_strategy",
+    "block_strategy",
+    "misfire_policy",
+    "enabled",
+)
+
+
+def _switch(task: str, on: bool, env: Any, config: Any, root: Any, url: str | None) -> None:
+    with connect(env, config, root, url) as api:
+        found = find_task(api, task)
+        action = "enable" if on else "disable"
+        updated = api.post(f"/tasks/{found['id']}/{action}")
+    if updated["version"] == found["version"]:
+        typer.echo(f"task {found['name']!r} was {action}d already")
+    else:
+        typer.echo(f"task {found['name']!r} {action}d (version {updated['version']})")
+
+
+@app.command("enable")
+def enable_task(
+    task: TaskRef,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Let the task fire on its schedule again."""
+    _switch(task, True, env, config, root, url)
+
+
+@app.command("disable")
+def disable_task(
+    task: TaskRef,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Stop the task firing on its schedule.
+
+    Runs going on are not stopped, and trigger still fires it."""
+    _switch(task, False, env, config, root, url)
+
+
+@app.command("delete")
+def delete_task(
+    task: TaskRef,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Delete a task.
+
+    Its runs stay, and so does its history (task history NAME)."""
+    with connect(env, config, root, url) as api:
+        found = find_task(api, task)
+        api.call("DELETE", f"/tasks/{found['id']}")
+    typer.echo(f"deleted task {found['name']!r} (id {found['id']})")
+
+
+@app.command("trigger")
+def trigger_task(
+    task: TaskRef,
+    params: Annotated[
+        str | None,
+        typer.Option(
+            "--params", metavar="TEXT", help="Replace the task's params for this run only."
+        ),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait for the run (and its retries) to end, print its output and exit with "
+            "its exit code.",
+        ),
+    ] = False,
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Fire the task now, outside its schedule.
+
+    A disabled task fires too. With --wait, the run's output goes to stdout, its progress
+    to stderr, and the command exits with the run's exit code (see README)."""
+    from ays_installer.run_cli import report_end, run_exit_code, wait_for_run
+
+    body = {"params": params} if params is not None else None
+    with connect(env, config, root, url) as api:
+        found = find_task(api, task)
+        fired = api.post(f"/tasks/{found['id']}/trigger", json=body)
+        run_id = fired["job_log_id"]
+        if not wait:
+            if as_json:
+                print_json(fired)
+            else:
+                typer.echo(f"fired task {found['name']!r}: run {run_id}")
+            return
+        typer.echo(f"fired task {found['name']!r}: run {run_id}; waiting for it", err=True)
+        run = wait_for_run(api, run_id)
+    if as_json:
+        print_json(run)
+    else:
+        report_end(run)
+    raise typer.Exit(run_exit_code(run))
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+@app.command("history")
+def task_history(
+    task: TaskRef,
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """List a task's versions, newest first.
+
+    Each with when, who and through what (api, console, apply, rollback) it was made and
+    the fields it changed. A deleted task's history is found by its name."""
+    with connect(env, config, root, url) as api:
+        found = lookup_task(api, task)
+        if found is not None:
+            rows = api.get(f"/tasks/{found['id']}/versions")["items"]
+        else:
+            rows = api.get("/task-versions", params={"name": task})["items"]
+            if not rows:
+                raise fail(
+                    f"error: no task is named {task!r}, and none was (see: aysManager task list)",
+                    EXIT_NOT_FOUND,
+                )
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        ["VERSION", "WHEN", "CHANGE", "VIA", "WHO", "FIELDS"],
+        [
+            [
+                r["version"] if r["task_id"] is not None else f"{r['version']} (deleted task)",
+                local_time(r["changed_at"]),
+                r["change"],
+                r["via"],
+                r["changed_by"],
+                ", ".join(r["changed_fields"]) if r["change"] != "created" else "(all)",
+            ]
+            for r in rows
+        ],
+        flexible=["WHO", "FIELDS"],
+    )
+
+
+@app.command("rollback")
+def rollback_task(
+    task: TaskRef,
+    to: Annotated[
+        int,
+        typer.Option(
+            "--to", metavar="VERSION", min=1, help="The version whose definition comes back."
+        ),
+    ],
+    as_json: Json = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Give a task an earlier version's definition again.
+
+    The rollback is itself a new version; nothing changes when the task has that
+    definition already."""
+    with connect(env, config, root, url) as api:
+        found = find_task(api, task)
+        updated = api.post(f"/tasks/{found['id']}/rollback", json={"version": to})
+    if as_json:
+        print_json(updated)
+    elif updated["version"] == found["version"]:
+        typer.echo(f"task {found['name']!r} has version {to}'s definition already; nothing changed")
+    else:
+        changed = [k for k in TASK_FIELDS if found.get(k) != updated.get(k)]
+        typer.echo(
+            f"task {updated['name']!r} rolled back to version {to}'s definition: now version "
+            f"{updated['version']} (changed: {', '.join(changed)})"
+        )
