@@ -15,18 +15,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from ays_installer.api_client import EXIT_NOT_FOUND, JsonOption, ManagerApi, UrlOption
 from ays_installer.options import ConfigOption, EnvOption, RootOption, fail
 from ays_installer.tables import fields, local_time, print_table
 from ays_installer.task_cli import connect, lookup_task, print_json
-from ays_runtime.storage.models import RunStatus
+from ays_runtime.retry import Backoff
+from ays_runtime.vocabulary import RunStatus
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -41,9 +45,13 @@ EXIT_RUN_FAILED = 1
 EXIT_TIMED_OUT = 124
 EXIT_KILLED = 137
 EXIT_NODE_LOST = 75
+FINAL = {s.value for s in RunStatus if s.is_final}
 RETRIED = {RunStatus.FAILED.value, RunStatus.TIMED_OUT.value, RunStatus.NODE_LOST.value}
 WAIT_FIRST = 0.2  # seconds between polls while waiting for a run, growing to WAIT_MOST
 WAIT_MOST = 2.0
+# A followed stream says something every 15 s (keep-alive); silence this long means it broke.
+STREAM_READ_TIMEOUT = 60.0
+RECONNECT_FOR = 30.0  # seconds a broken stream is tried again (a manager reload) before giving up
 AGO = re.compile(r"^(\d+)([smhd])$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -68,7 +76,7 @@ def run_exit_code(run: dict[str, Any]) -> int:
 def wait_for_run(api: ManagerApi, run_id: int) -> dict[str, Any]:
     """Poll the run until it ends; a failed run with a retry goes on with the retry. Each
     change of state is told on stderr. Ctrl-C stops waiting (exit 130), not the run."""
-    delay = WAIT_FIRST
+    backoff = Backoff(first=WAIT_FIRST, cap=WAIT_MOST, jitter=0.2)
     seen = ""
     try:
         while True:
@@ -77,7 +85,8 @@ def wait_for_run(api: ManagerApi, run_id: int) -> dict[str, Any]:
             if state != seen and not RunStatus(run["status"]).is_final:
                 where = f" on {run['node']}" if run["node"] else ""
                 typer.echo(f"run {run_id}: {run['status']}{where}", err=True)
-                seen, delay = state, WAIT_FIRST
+                seen = state
+                backoff.reset()
             if RunStatus(run["status"]).is_final:
                 retry = _next_attempt(api, run) if run["status"] in RETRIED else None
                 if retry is None:
@@ -86,10 +95,10 @@ def wait_for_run(api: ManagerApi, run_id: int) -> dict[str, Any]:
                     f"run {run_id}: {run['status']}; retry {retry['attempt']} is run {retry['id']}",
                     err=True,
                 )
-                run_id, seen, delay = retry["id"], "", WAIT_FIRST
+                run_id, seen = retry["id"], ""
+                backoff.reset()
                 continue
-            time.sleep(delay)
-            delay = min(delay * 1.5, WAIT_MOST)
+            time.sleep(backoff.next())
     except KeyboardInterrupt:
         typer.echo(
             f"\nstopped waiting; run {run_id} goes on (aysManager run show {run_id})", err=True
@@ -286,6 +295,102 @@ def show_run(
     if found["output"]:
         typer.echo("output:")
         typer.echo(found["output"], nl=not found["output"].endswith("\n"))
+
+
+@app.command("logs")
+def run_logs(
+    run: RunId,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "-f",
+            "--follow",
+            help="Keep printing the output as the job writes it, until the run ends; then "
+            "exit with the run's exit code.",
+        ),
+    ] = False,
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: Url = None,
+) -> None:
+    """Print a run's output.
+
+    Live from its node while it runs (and after, while the node keeps it), else the end of
+    it as stored in the job log. With --follow the run's state changes go to stderr."""
+    with connect(env, config, root, url) as api:
+        if not follow:
+            chunk = api.get(f"/job-logs/{run}/output")
+            if chunk["text"]:
+                typer.echo(chunk["text"], nl=not chunk["text"].endswith("\n"))
+            return
+        end = follow_output(api, run)
+    raise typer.Exit(run_exit_code(end))
+
+
+def follow_output(api: ManagerApi, run_id: int) -> dict[str, Any]:
+    """Print the run's output as it comes (GET .../output/stream, server-sent events) until
+    the run ends; its `end` event (status, exit_code, message). A stream that breaks (the
+    manager reloads) is opened again from where it was, for up to RECONNECT_FOR seconds."""
+    offset = 0
+    backoff = Backoff(first=0.5, cap=5.0)
+    broken_since: float | None = None
+    timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT)
+    try:
+        while True:
+            try:
+                with api.client.stream(
+                    "GET",
+                    f"/job-logs/{run_id}/output/stream",
+                    params={"offset": offset},
+                    timeout=timeout,
+                ) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise api.refused(response)
+                    broken_since = None
+                    for kind, data in server_sent_events(response.iter_lines()):
+                        if kind == "output":
+                            typer.echo(data["text"], nl=False)
+                            offset = data["next"]
+                        elif kind == "status" and data["status"] not in FINAL:
+                            where = f" on {data['node']}" if data["node"] else ""
+                            typer.echo(f"run {run_id}: {data['status']}{where}", err=True)
+                        elif kind == "end":
+                            end = {**data, "id": run_id}
+                            typer.echo(f"run {run_id}: {_ending({**_EMPTY_RUN, **end})}", err=True)
+                            return end
+            except (httpx.TransportError, httpx.RemoteProtocolError) as err:
+                now = time.monotonic()
+                broken_since = broken_since or now
+                if now - broken_since > RECONNECT_FOR:
+                    raise api.unreachable(err) from None
+            time.sleep(backoff.next())
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; run {run_id} goes on", err=True)
+        raise typer.Exit(130) from None
+
+
+_EMPTY_RUN: dict[str, Any] = {"node": "", "started_at": None, "ended_at": None}
+
+
+def server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a text/event-stream; comments (keep-alives) skipped."""
+    kind, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, json.loads("\n".join(data))
+            kind, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
 
 
 @app.command("kill")

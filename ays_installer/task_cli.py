@@ -22,7 +22,7 @@ from ays_installer.api_client import (
 )
 from ays_installer.options import ConfigOption, EnvOption, RootOption, fail
 from ays_installer.tables import fields, local_time, print_table
-from ays_runtime.storage.models import BlockStrategy, MisfirePolicy, RetryBackoff, RouteStrategy
+from ays_runtime.vocabulary import BlockStrategy, MisfirePolicy, RetryBackoff, RouteStrategy
 
 app = typer.Typer(
     no_args_is_help=True,

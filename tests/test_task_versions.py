@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from ays_runtime.manager import tasks
 from ays_runtime.manager.versions import Actor
 from ays_runtime.storage.migrate import alembic_config, upgrade
-from ays_runtime.storage.models import ChangeVia, TaskVersion
+from ays_runtime.storage.models import TaskVersion
+from ays_runtime.vocabulary import ChangeVia
 from tests.test_manager_api import Api, new_group, new_task, served_api
 
 

@@ -105,7 +105,8 @@ from ays_runtime.manager.schemas import (
 from ays_runtime.manager.versions import Actor
 from ays_runtime.protocol import ACTOR_HEADER
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import ChangeVia, NodeStatus, RunStatus, TaskVersion
+from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
+from ays_runtime.vocabulary import ChangeVia
 
 API_PREFIX = "/api/v1"
 TOKEN_HEADER = "X-Ays-Token"

@@ -38,7 +38,8 @@ from ays_runtime.manager.schemas import (
 )
 from ays_runtime.manager.versions import API_ACTOR, Actor
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import ChangeVia, NodeGroup, Task, TaskType
+from ays_runtime.storage.models import NodeGroup, Task, TaskType
+from ays_runtime.vocabulary import ChangeVia
 
 Kind = Literal["node_group", "task"]
 

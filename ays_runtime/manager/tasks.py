@@ -51,16 +51,15 @@ from ays_runtime.manager.versions import API_ACTOR, Actor
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import (
-    ChangeVia,
     JobLog,
     Node,
     NodeGroup,
     NodeStatus,
     RunStatus,
     Task,
-    TaskChange,
     TaskVersion,
 )
+from ays_runtime.vocabulary import ChangeVia, TaskChange
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100

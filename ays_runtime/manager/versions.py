@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from ays_runtime.exceptions import NotFoundError
 from ays_runtime.manager.schemas import TaskCreate
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import ChangeVia, Task, TaskChange, TaskVersion
+from ays_runtime.storage.models import Task, TaskVersion
+from ays_runtime.vocabulary import ChangeVia, TaskChange
 
 WHO_MAX = 128  # TaskVersion.changed_by
 

@@ -1,0 +1,94 @@
+"""The fixed vocabulary of Ays: every choice a task makes and every state a run, a node or a
+task change goes through, as an enum. The tables (`ays_runtime.storage.models`) store their
+values; this module depends on nothing, so the command line loads it without the database
+layer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskType(enum.StrEnum):
+    SHELL = "shell"
+    HTTP = "http"
+
+
+class RouteStrategy(enum.StrEnum):
+    FIRST = "first"
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    CONSISTENT_HASH = "consistent_hash"
+    LEAST_BUSY = "least_busy"
+    FAILOVER = "failover"
+    BROADCAST = "broadcast"
+
+
+class BlockStrategy(enum.StrEnum):
+    SERIAL = "serial"  # queue the new run behind the running one
+    DISCARD_NEW = "discard_new"
+    COVER_OLD = "cover_old"  # kill the running one, start the new one
+
+
+class MisfirePolicy(enum.StrEnum):
+    SKIP = "skip"
+    FIRE_ONCE_NOW = "fire_once_now"
+
+
+class RetryBackoff(enum.StrEnum):
+    FIXED = "fixed"
+    EXPONENTIAL = "exponential"
+
+
+class NodeStatus(enum.StrEnum):
+    UNKNOWN = "unknown"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class NodeSource(enum.StrEnum):
+    MANUAL = "manual"
+    SELF = "self"
+
+
+class RunStatus(enum.StrEnum):
+    """The life of one job-log row."""
+
+    PENDING = "pending"  # claimed the slot, not yet handed to a node
+    DISPATCHED = "dispatched"  # a node has it
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    KILLED = "killed"
+    NODE_LOST = "node_lost"
+    SKIPPED = "skipped"  # misfire policy or block strategy chose not to run it
+    DISCARDED = "discarded"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in {RunStatus.PENDING, RunStatus.DISPATCHED, RunStatus.RUNNING}
+
+
+class TriggerKind(enum.StrEnum):
+    CRON = "cron"
+    MANUAL = "manual"
+    MISFIRE = "misfire"
+    RETRY = "retry"
+
+
+class ChangeVia(enum.StrEnum):
+    """Through what a task was changed (kept with each of its versions)."""
+
+    API = "api"
+    CONSOLE = "console"
+    APPLY = "apply"  # tasks as code: POST /api/v1/apply, `aysManager apply`
+    ROLLBACK = "rollback"
+    MIGRATION = "migration"  # the definition a task had when its history began
+
+
+class TaskChange(enum.StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    BASELINE = "baseline"  # recorded by migration 0004 for a task that existed before it
