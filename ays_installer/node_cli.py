@@ -38,8 +38,9 @@ def debug(
     ip: IpOption = None,
     port: PortOption = None,
 ) -> None:
-    """Run the node in the foreground with debug logging (Ctrl-C stops it: running jobs
-    get the drain time to end; a second Ctrl-C kills them)."""
+    """Run the node in the foreground, logging debug.
+
+    Ctrl-C stops it: running jobs get the drain time to end; a second Ctrl-C kills them."""
     from ays_runtime.logs import configure_logging
     from ays_runtime.node.daemon import run_node
 
