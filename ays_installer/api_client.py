@@ -22,7 +22,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -43,14 +43,20 @@ URL_VAR = "AYS_URL"
 TIMEOUT = 30.0  # a kill waits for the node to end the job
 
 
-UrlOption = typer.Option(
-    "--url",
-    envvar=URL_VAR,
-    metavar="URL",
-    help="The manager's address, e.g. http://10.0.0.1:18080 (default: the config's); the "
-    f"token then comes from {TOKEN_VAR}, or the config.",
-)
-JsonOption = typer.Option("--json", help="Print JSON (for scripts) instead of a table.")
+# The options of every command that talks to the manager (with -e, --config, --root).
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        envvar=URL_VAR,
+        metavar="URL",
+        help="The manager's address, e.g. http://10.0.0.1:18080 (default: the config's); "
+        f"the token then comes from {TOKEN_VAR}, or the config.",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")
+]
 
 
 @dataclass(frozen=True)

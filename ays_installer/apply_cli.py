@@ -26,9 +26,6 @@ from ays_installer.api_client import EXIT_USAGE, JsonOption, UrlOption
 from ays_installer.options import ConfigOption, EnvOption, RootOption, fail
 from ays_installer.task_cli import connect, find_task, print_json
 
-Url = Annotated[str | None, UrlOption]
-Json = Annotated[bool, JsonOption]
-
 HEADER = (
     "# Ays tasks as code: `aysManager apply -f FILE` makes a manager match this file.\n"
     "# Tasks and node groups are named; a field left out takes its default.\n"
@@ -90,6 +87,10 @@ class TasksFile:
         self.root: yaml.MappingNode = root
         self.data: dict[str, Any] = data
         self._check_keys_once(root)
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError) as err:
+            raise fail(f"{label}: a value JSON cannot hold ({err}); write it as text") from None
 
     @classmethod
     def read(cls, path: str) -> TasksFile:
@@ -183,11 +184,11 @@ def apply(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and change nothing.")
     ] = False,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Make the manager match a tasks file.
 
@@ -270,7 +271,7 @@ def export(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Write the tasks file of the manager's tasks.
 

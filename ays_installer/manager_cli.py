@@ -40,8 +40,6 @@ app.add_typer(task_cli.app, name="task")
 app.add_typer(run_cli.app, name="run")
 db_app = typer.Typer(no_args_is_help=True, help="Manage the database schema.")
 
-Url = Annotated[str | None, UrlOption]
-
 
 @db_app.command("upgrade")
 @clean_errors
@@ -98,7 +96,7 @@ def reconcile(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
     ip: Annotated[
         str | None,
         typer.Option(
@@ -176,7 +174,7 @@ def node_add(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Add a node by hand (it is used once it reports healthy)."""
     try:
@@ -195,11 +193,11 @@ def node_list(
     group: Annotated[
         str | None, typer.Option("-g", "--group", metavar="GROUP", help="Only this group's.")
     ] = None,
-    as_json: Annotated[bool, JsonOption] = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """List the nodes with their group, status, running jobs and last heartbeat."""
     params = {"node_group": group} if group else {}
@@ -234,7 +232,7 @@ def node_remove(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Remove a node from the manager's list."""
     with task_cli.connect(env, config, root, url) as api:
@@ -257,7 +255,7 @@ def logs(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Print recent finished runs, one line each.
 

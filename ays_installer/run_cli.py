@@ -37,8 +37,6 @@ app = typer.Typer(
     help="List runs, read their output, follow or kill them.",
 )
 
-Url = Annotated[str | None, UrlOption]
-Json = Annotated[bool, JsonOption]
 RunId = Annotated[int, typer.Argument(metavar="RUN", help="The run's id (see: run list).")]
 
 EXIT_RUN_FAILED = 1
@@ -218,11 +216,11 @@ def list_runs(
         int,
         typer.Option("-n", "--limit", metavar="N", min=1, max=1000, help="How many runs."),
     ] = 20,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """List runs, newest first.
 
@@ -257,11 +255,11 @@ def list_runs(
 @app.command("show")
 def show_run(
     run: RunId,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Show one run.
 
@@ -312,7 +310,7 @@ def run_logs(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Print a run's output.
 
@@ -403,7 +401,7 @@ def kill_run(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """End a run wherever it is.
 

@@ -9,6 +9,7 @@ A task is named by its name (or its id). Exit codes: see `ays_installer.api_clie
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -29,8 +30,6 @@ app = typer.Typer(
     help="Create, change, run and inspect tasks.",
 )
 
-Url = Annotated[str | None, UrlOption]
-Json = Annotated[bool, JsonOption]
 TaskRef = Annotated[str, typer.Argument(metavar="TASK", help="The task's name (or id).")]
 
 # The definition's options, shared by add and edit (edit changes only those given).
@@ -196,11 +195,11 @@ def list_tasks(
     name: Annotated[
         str | None, typer.Option("--name", metavar="TEXT", help="Only names holding TEXT.")
     ] = None,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """List the tasks.
 
@@ -241,11 +240,11 @@ def list_tasks(
 @app.command("show")
 def show_task(
     task: TaskRef,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Show a task's whole definition and its latest runs."""
     with connect(env, config, root, url) as api:
@@ -304,52 +303,36 @@ def pairs(values: list[str] | None, separator: str, option: str) -> dict[str, st
     return out
 
 
-def definition_changes(
-    current: dict[str, Any] | None,
-    *,
-    description: str | None,
-    group: str | None,
-    schedule: str | None,
-    timezone: str | None,
-    command: str | None,
-    job_env: list[str] | None,
-    workdir: str | None,
-    http_url: str | None,
-    http_method: str | None,
-    http_header: list[str] | None,
-    http_body: str | None,
-    expected_status: int | None,
-    params: str | None,
-    timeout: int | None,
-    retries: int | None,
-    retry_backoff: RetryBackoff | None,
-    retry_interval: float | None,
-    route: RouteStrategy | None,
-    block: BlockStrategy | None,
-    misfire: MisfirePolicy | None,
-    enabled: bool | None,
-) -> dict[str, Any]:
-    """The API fields the options give; the payload merged into `current`'s (edit) when the
-    task keeps its type."""
+# Option (parameter name) -> the API's field, for the options that map one to one.
+FIELD_OF_OPTION = {
+    "description": "description",
+    "group": "node_group",
+    "schedule": "schedule",
+    "timezone": "timezone",
+    "params": "params",
+    "timeout": "timeout_s",
+    "retries": "retry_count",
+    "retry_backoff": "retry_backoff",
+    "retry_interval": "retry_interval_s",
+    "route": "route_strategy",
+    "block": "block_strategy",
+    "misfire": "misfire_policy",
+    "enabled": "enabled",
+}
+
+
+def definition_changes(current: dict[str, Any] | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The API fields the options `given` (the command's parameters) set; the payload merged
+    into `current`'s (edit) when the task keeps its type."""
     changes: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "description": description,
-            "node_group": group,
-            "schedule": schedule,
-            "timezone": timezone,
-            "params": params,
-            "timeout_s": timeout,
-            "retry_count": retries,
-            "retry_backoff": retry_backoff.value if retry_backoff else None,
-            "retry_interval_s": retry_interval,
-            "route_strategy": route.value if route else None,
-            "block_strategy": block.value if block else None,
-            "misfire_policy": misfire.value if misfire else None,
-            "enabled": enabled,
-        }.items()
-        if value is not None
+        field: given[option].value if isinstance(given[option], Enum) else given[option]
+        for option, field in FIELD_OF_OPTION.items()
+        if given.get(option) is not None
     }
+    command, job_env, workdir = given.get("command"), given.get("job_env"), given.get("workdir")
+    http_url, http_header = given.get("http_url"), given.get("http_header")
+    http_method, http_body = given.get("http_method"), given.get("http_body")
+    expected_status = given.get("expected_status")
     shell = {
         key: value
         for key, value in {
@@ -372,24 +355,28 @@ def definition_changes(
     }
     if shell and http:
         raise fail("error: a task is a shell task or an HTTP task: give -c or --http-url, not both")
-    current_type = current["task_type"] if current else None
-    for kind, given, leader in (("shell", shell, "command"), ("http", http, "url")):
-        if not given:
+    article = {"shell": "a shell", "http": "an HTTP"}
+    for kind, payload, leader in (("shell", shell, "command"), ("http", http, "url")):
+        if not payload:
             continue
-        if current_type == kind:
-            changes["payload"] = {**current["payload"], **given} if current else given
-        elif leader in given:
+        if current is not None and current["task_type"] == kind:
+            changes["payload"] = {**current["payload"], **payload}
+        elif leader in payload:
             changes["task_type"] = kind
-            changes["payload"] = given
+            changes["payload"] = payload
         else:
             flag = "-c COMMAND" if kind == "shell" else "--http-url URL"
-            what = f"task {current['name']!r} is a {current_type} task" if current else "a task"
-            raise fail(f"error: {what}: give {flag} too to make it a {kind} task")
+            what = f"task {current['name']!r} is " if current else "this is not "
+            other = article.get(current["task_type"], "another") if current else article[kind]
+            raise fail(
+                f"error: {what}{other} task: give {flag} too to make it {article[kind]} task"
+            )
     return changes
 
 
 @app.command("add")
 def add_task(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="NAME", help="The new task's unique name.")],
     group: Group = None,
     schedule: Schedule = None,
@@ -412,11 +399,11 @@ def add_task(
     block: Block = None,
     misfire: Misfire = None,
     enabled: Enabled = None,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Create a task.
 
@@ -429,30 +416,7 @@ def add_task(
         raise fail(f"error: a new task needs {', '.join(missing)}")
     body = {
         "name": name,
-        **definition_changes(
-            None,
-            description=description,
-            group=group,
-            schedule=schedule,
-            timezone=timezone,
-            command=command,
-            job_env=job_env,
-            workdir=workdir,
-            http_url=http_url,
-            http_method=http_method,
-            http_header=http_header,
-            http_body=http_body,
-            expected_status=expected_status,
-            params=params,
-            timeout=timeout,
-            retries=retries,
-            retry_backoff=retry_backoff,
-            retry_interval=retry_interval,
-            route=route,
-            block=block,
-            misfire=misfire,
-            enabled=enabled,
-        ),
+        **definition_changes(None, ctx.params),
     }
     with connect(env, config, root, url) as api:
         task = api.post("/tasks", json=body)
@@ -468,6 +432,7 @@ def add_task(
 
 @app.command("edit")
 def edit_task(
+    ctx: typer.Context,
     task: TaskRef,
     new_name: Annotated[
         str | None, typer.Option("--name", metavar="NAME", help="A new name for the task.")
@@ -493,41 +458,18 @@ def edit_task(
     block: Block = None,
     misfire: Misfire = None,
     enabled: Enabled = None,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Change a task's fields.
 
     The fields given change, the others keep their values; the task gets a new version."""
     with connect(env, config, root, url) as api:
         current = find_task(api, task)
-        changes = definition_changes(
-            current,
-            description=description,
-            group=group,
-            schedule=schedule,
-            timezone=timezone,
-            command=command,
-            job_env=job_env,
-            workdir=workdir,
-            http_url=http_url,
-            http_method=http_method,
-            http_header=http_header,
-            http_body=http_body,
-            expected_status=expected_status,
-            params=params,
-            timeout=timeout,
-            retries=retries,
-            retry_backoff=retry_backoff,
-            retry_interval=retry_interval,
-            route=route,
-            block=block,
-            misfire=misfire,
-            enabled=enabled,
-        )
+        changes = definition_changes(current, ctx.params)
         if new_name is not None:
             changes["name"] = new_name
         if not changes:
@@ -582,7 +524,7 @@ def enable_task(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Let the task fire on its schedule again."""
     _switch(task, True, env, config, root, url)
@@ -594,7 +536,7 @@ def disable_task(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Stop the task firing on its schedule.
 
@@ -608,7 +550,7 @@ def delete_task(
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Delete a task.
 
@@ -636,11 +578,11 @@ def trigger_task(
             "its exit code.",
         ),
     ] = False,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Fire the task now, outside its schedule.
 
@@ -674,11 +616,11 @@ def trigger_task(
 @app.command("history")
 def task_history(
     task: TaskRef,
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """List a task's versions, newest first.
 
@@ -724,11 +666,11 @@ def rollback_task(
             "--to", metavar="VERSION", min=1, help="The version whose definition comes back."
         ),
     ],
-    as_json: Json = False,
+    as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
-    url: Url = None,
+    url: UrlOption = None,
 ) -> None:
     """Give a task an earlier version's definition again.
 

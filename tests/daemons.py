@@ -8,8 +8,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
@@ -137,6 +140,54 @@ def client(port: int, token: str = TOKEN) -> httpx.Client:
         headers={"Authorization": f"Bearer {token}"},
         timeout=10,
     )
+
+
+@dataclass
+class Cluster:
+    """A manager on SQLite in `tmp` and, when asked, one node of group g1."""
+
+    tmp: Path
+    config: Path
+    manager_port: int
+    node_port: int
+    manager: Daemon
+    node: Daemon | None = None
+
+    def api(self) -> httpx.Client:
+        return client(self.manager_port)
+
+
+C = TypeVar("C", bound=Cluster)
+
+
+@contextmanager
+def cluster(tmp: Path, kind: type[C], with_node: bool = True) -> Iterator[C]:
+    """Start a manager (and a node of group g1, online) for the block; kill them after.
+    `kind` is Cluster, or a subclass of it with helpers of a test module's own."""
+    from ays_runtime.storage.migrate import upgrade
+
+    url = f"sqlite:///{tmp / 'ays.db'}"
+    upgrade(url)
+    manager_port, node_port = free_port(), free_port()
+    config = write_config(tmp / "ays.yaml", url, manager_port, tmp)
+    ays = kind(tmp, config, manager_port, node_port, manager(config, tmp / "m.log", manager_port))
+    try:
+        ays.manager.start()
+        if with_node:
+            with ays.api() as api:
+                assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
+            ays.node = node(config, tmp / "node.log", "g1", node_port).start()
+
+            def online() -> bool:
+                with ays.api() as api:
+                    return api.get("/nodes", params={"status": "online"}).json()["total"] == 1
+
+            wait_for(online, 45, "the node online")
+        yield ays
+    finally:
+        if ays.node is not None:
+            ays.node.kill()
+        ays.manager.kill()
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -16,14 +16,12 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ays_runtime.storage.migrate import upgrade
-from tests.daemons import TOKEN, Daemon, client, free_port, manager, node, wait_for, write_config
+from tests.daemons import TOKEN, Cluster, client, cluster, free_port, wait_for
 
 AYS_MANAGER = str(Path(sys.executable).parent / "aysManager")
 FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
@@ -46,14 +44,8 @@ def cli(*args: str, stdin: str | None = None, **extra: str) -> subprocess.Comple
     )
 
 
-@dataclass
-class Ays:
-    tmp: Path
-    config: Path
-    manager_port: int
-    node_port: int
-    manager: Daemon
-    node: Daemon | None = None
+class Ays(Cluster):
+    """The module's manager and node, with the CLI to call."""
 
     def run(
         self, *args: str, stdin: str | None = None, **extra: str
@@ -95,28 +87,8 @@ class Ays:
 
 @pytest.fixture(scope="module")
 def ays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ays]:
-    tmp = tmp_path_factory.mktemp("cli")
-    url = f"sqlite:///{tmp / 'ays.db'}"
-    upgrade(url)
-    manager_port, node_port = free_port(), free_port()
-    config = write_config(tmp / "manager.yaml", url, manager_port, tmp)
-    ays = Ays(tmp, config, manager_port, node_port, manager(config, tmp / "m.log", manager_port))
-    try:
-        ays.manager.start()
-        with client(manager_port) as api:
-            assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
-        ays.node = node(config, tmp / "node.log", "g1", node_port).start()
-
-        def online() -> bool:
-            with client(manager_port) as api:
-                return api.get("/nodes", params={"status": "online"}).json()["total"] == 1
-
-        wait_for(online, 45, "the node online")
-        yield ays
-    finally:
-        if ays.node is not None:
-            ays.node.kill()
-        ays.manager.kill()
+    with cluster(tmp_path_factory.mktemp("cli"), Ays) as running:
+        yield running
 
 
 class Lines:

@@ -12,24 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ays_runtime.storage.migrate import upgrade
-from tests.daemons import free_port, manager, write_config
+from tests.daemons import cluster
 from tests.test_cli import Ays
 
 
 @pytest.fixture(scope="module")
 def ays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ays]:
-    tmp = tmp_path_factory.mktemp("apply")
-    url = f"sqlite:///{tmp / 'ays.db'}"
-    upgrade(url)
-    port = free_port()
-    config = write_config(tmp / "manager.yaml", url, port, tmp)
-    ays = Ays(tmp, config, port, 0, manager(config, tmp / "m.log", port))
-    try:
-        ays.manager.start()
-        yield ays
-    finally:
-        ays.manager.kill()
+    with cluster(tmp_path_factory.mktemp("apply"), Ays, with_node=False) as running:
+        yield running
 
 
 def tasks_file(tmp: Path, text: str) -> Path:

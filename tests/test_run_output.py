@@ -10,58 +10,24 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from ays_runtime.storage.migrate import upgrade
-from tests.daemons import Daemon, client, free_port, manager, node, wait_for, write_config
+from tests.daemons import Cluster, cluster, node, wait_for
 
 FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
 
 
-@dataclass
-class Ays:
-    tmp: Path
-    config: Path
-    manager_port: int
-    node_port: int
-    manager: Daemon
-    node: Daemon | None
-
-    def api(self) -> httpx.Client:
-        return client(self.manager_port)
+Ays = Cluster
 
 
 @pytest.fixture(scope="module")
 def ays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ays]:
-    tmp = tmp_path_factory.mktemp("output")
-    url = f"sqlite:///{tmp / 'ays.db'}"
-    upgrade(url)
-    manager_port, node_port = free_port(), free_port()
-    config = write_config(tmp / "ays.yaml", url, manager_port, tmp)
-    ays = Ays(
-        tmp, config, manager_port, node_port, manager(config, tmp / "m.log", manager_port), None
-    )
-    try:
-        ays.manager.start()
-        with ays.api() as api:
-            assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
-        ays.node = node(config, tmp / "node.log", "g1", node_port).start()
-
-        def online() -> bool:
-            with ays.api() as api:
-                return api.get("/nodes", params={"status": "online"}).json()["total"] == 1
-
-        wait_for(online, 45, "the node online")
-        yield ays
-    finally:
-        if ays.node is not None:
-            ays.node.kill()
-        ays.manager.kill()
+    with cluster(tmp_path_factory.mktemp("output"), Cluster) as running:
+        yield running
 
 
 def start(ays: Ays, command: str, **fields: Any) -> int:
