@@ -1,10 +1,16 @@
-"""The shared access token: where it comes from, and how a presented one is checked."""
+"""The shared access token: where it comes from, and how a presented one is checked.
+
+`authenticate` is the one check of a caller: the HTTP guard (ays_runtime/web/guard.py) runs
+it on the headers of every request to a guarded route, before the body is read.
+"""
 
 from __future__ import annotations
 
 import hmac
 import os
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from ays_runtime.config import EnvConfig
@@ -47,6 +53,24 @@ def resolve_access_token(config: EnvConfig, generate: bool) -> str:
     return token
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as `authenticate` found out (routes read it as
+    `request.state.caller`). `name` is for logs and never holds a secret."""
+
+    kind: str  # "access_token": the env's shared token
+    name: str
+
+
+async def authenticate(headers: Mapping[str, str], access_token: str) -> Caller | None:
+    """The caller presenting these request headers, or None when they present no valid
+    credential. Reads only the headers (`Authorization: Bearer ...` or `X-Ays-Token`)."""
+    presented = presented_token(headers.get("authorization"), headers.get("x-ays-token"))
+    if token_matches(presented, access_token):
+        return Caller("access_token", "access token")
+    return None
+
+
 def presented_token(authorization: str | None, x_ays_token: str | None) -> str:
     """The token a caller presented, from `Authorization: Bearer ...` or `X-Ays-Token`."""
     if authorization and authorization.lower().startswith("bearer "):
@@ -56,7 +80,9 @@ def presented_token(authorization: str | None, x_ays_token: str | None) -> str:
 
 def token_matches(presented: str, expected: str) -> bool:
     """Constant-time comparison; an empty expected token never matches."""
-    return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
+    return bool(expected) and hmac.compare_digest(
+        presented.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def auth_headers(token: str) -> dict[str, str]:

@@ -117,6 +117,18 @@ class ManagerSettings(_Section):
         description="seconds a peer manager may be silent before this one adopts its pending "
         "runs (claimed but never sent, retries waiting)",
     )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=65_536,
+        description="largest request body the manager's API takes (bytes); a larger one is "
+        "refused with 413 before it is read. Result batches have their own limit",
+    )
+    max_result_body_bytes: int = Field(
+        16_777_216,
+        ge=1_048_576,
+        description="largest body of a node's results (POST /job-logs/results and "
+        "/job-logs/{id}/result), in bytes; a node sends a batch that is refused one by one",
+    )
 
     @field_validator("ip")
     @classmethod
@@ -135,6 +147,13 @@ class NodeSettings(_Section):
     max_concurrent_jobs: int = Field(8, ge=1, description="jobs run at once; more wait")
     output_cap_bytes: int = Field(1_048_576, ge=1024, description="output kept per run")
     kill_grace: float = Field(5.0, ge=0, description="seconds between SIGTERM and SIGKILL")
+    max_body_bytes: int = Field(
+        16_777_216,
+        ge=1_048_576,
+        description="largest request body the node's API takes (bytes; a batch of runs); a "
+        "larger one is refused with 413 before it is read, and the manager sends its runs "
+        "one by one",
+    )
 
     @field_validator("ip")
     @classmethod

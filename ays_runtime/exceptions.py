@@ -43,7 +43,10 @@ class ValidationError(AysError):
         self.field = field
         self.value = value
         self.expected = expected
-        super().__init__(f"{field}: {value!r} is not valid: {expected}")
+        shown = repr(value)
+        if len(shown) > 200:  # a 1 MB value is not echoed back whole
+            shown = f"{shown[:160]}... ({len(shown)} characters)"
+        super().__init__(f"{field}: {shown} is not valid: {expected}")
 
 
 class ScheduleError(ValidationError):

@@ -21,8 +21,11 @@ Manager API used by nodes:
                                      finished run is accepted and ignored)
   POST /api/v1/job-logs/results      ResultBatch -> 200 ResultBatchAnswer: one answer per
                                      result, each the status code the single route would
-                                     have given (200 stored or duplicate, 404, 422); a node
-                                     sends the results it has ready together
+                                     have given (200 stored or duplicate, 404, 422; 503 the
+                                     database failed, send it again); each result is checked
+                                     on its own, so one bad result never refuses the others;
+                                     a node sends the results it has ready together (a batch
+                                     refused as too large, 413, one by one)
 
 A job is identified everywhere by its job-log id: a node that is handed an id it has already
 run or is running answers 202 with duplicate=true and does not run it again.
@@ -30,54 +33,58 @@ run or is running answers 202 with duplicate=true and does not run it again.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
+
+from ays_runtime.config import check_ip
+from ays_runtime.web.fields import Id, Int32, NonNegativeInt32, StorableText, UtcIn
 
 API = "/api/v1"
+# A result batch holds at most this many results (a node sends up to 100 at a time).
+MAX_RESULTS_PER_BATCH = 1000
 OUTPUT_NEXT_HEADER = "X-Ays-Output-Next"
 RUN_STATE_HEADER = "X-Ays-Run-State"
 # Who makes a change through the manager's API (the CLI sends user@host), kept in task history.
 ACTOR_HEADER = "X-Ays-Actor"
 
 
-class _Message(BaseModel):
+class _Message(StorableText):
     model_config = ConfigDict(extra="ignore")
 
 
 class RunRequest(_Message):
-    job_log_id: int
-    task_id: int
-    task_name: str = ""
-    task_type: str
+    job_log_id: Id
+    task_id: Id
+    task_name: str = Field("", max_length=128)
+    task_type: str = Field(max_length=16)
     payload: dict[str, Any]
-    timeout_s: float = 0
-    params: str = ""
-    attempt: int = 0
-    shard_index: int = 0
-    shard_total: int = 1
-    scheduled_at: datetime
-    block_strategy: str = "serial"
+    timeout_s: float = Field(0, ge=0, le=2**31 - 1, allow_inf_nan=False)
+    params: str = Field("", max_length=1024)
+    attempt: NonNegativeInt32 = 0
+    shard_index: NonNegativeInt32 = 0
+    shard_total: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1
+    scheduled_at: UtcIn
+    block_strategy: str = Field("serial", max_length=32)
     # False for failover routing: a full node answers 429 instead of queueing the job.
     queue_if_busy: bool = True
     # Where to report the result: the manager's base URL, e.g. http://127.0.0.1:18080
-    report_to: str
+    report_to: str = Field(max_length=2048)
 
 
 class RunAccepted(_Message):
-    job_log_id: int
+    job_log_id: Id
     duplicate: bool = False
 
 
 class RunBatch(_Message):
-    runs: list[RunRequest]
+    runs: list[RunRequest] = Field(max_length=10_000)
 
 
 class RunAnswer(_Message):
     """What became of one run of a batch: 202 taken (perhaps a duplicate), else refused."""
 
-    job_log_id: int
+    job_log_id: Id
     status_code: int
     duplicate: bool = False
     detail: str = ""
@@ -88,23 +95,28 @@ class RunBatchAnswer(_Message):
 
 
 class JobResultReport(_Message):
-    job_log_id: int
-    node: str  # ip:port of the node that ran it
-    status: str  # a final RunStatus value
-    exit_code: int | None = None
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
-    output: str = ""  # the excerpt (bounded by the env's job_log.excerpt_bytes)
+    job_log_id: Id
+    node: str = Field(max_length=64)  # ip:port of the node that ran it
+    status: str = Field(max_length=16)  # a final RunStatus value
+    exit_code: Int32 | None = None
+    started_at: UtcIn | None = None
+    ended_at: UtcIn | None = None
+    # The excerpt (bounded by the env's job_log.excerpt_bytes; longer is cut to its end).
+    output: str = Field("", max_length=1_048_576)
     output_truncated: bool = False
-    message: str = ""
+    message: str = Field("", max_length=65_536)  # stored cut to 1024 characters
 
 
 class ResultBatch(_Message):
-    results: list[JobResultReport]
+    results: list[dict[str, Any]] = Field(
+        max_length=MAX_RESULTS_PER_BATCH,
+        description="each a JobResultReport (as POST /job-logs/{id}/result takes), checked on "
+        "its own: a bad one gets its own answer (422), the others are stored",
+    )
 
 
 class ResultAnswer(_Message):
-    job_log_id: int
+    job_log_id: int | None = Field(description="None for a result without a usable id")
     status_code: int
     stored: bool = False
     detail: str = ""
@@ -115,12 +127,12 @@ class ResultBatchAnswer(_Message):
 
 
 class Heartbeat(_Message):
-    ip: str
+    ip: Annotated[str, Field(max_length=45), AfterValidator(check_ip)]
     port: int = Field(ge=1, le=65535)
-    node_group: str
-    version: str = ""
-    running_jobs: int = 0
-    max_concurrent_jobs: int = 0
+    node_group: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    version: str = Field("", max_length=32)
+    running_jobs: NonNegativeInt32 = 0
+    max_concurrent_jobs: NonNegativeInt32 = 0
 
 
 class NodeHealth(_Message):

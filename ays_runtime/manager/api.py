@@ -30,8 +30,12 @@
 
 The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret.
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
-`X-Ays-Token: <token>`. Errors are JSON `{"error": ...}`; validation errors (422) also carry
-`field` and `value`, and `errors` lists every problem found.
+`X-Ays-Token: <token>`, checked by the guard in front of the app (ays_runtime/web/guard.py)
+before any body is read; the routes that need none are declared in `PUBLIC`. Bodies are
+bounded (`manager.max_body_bytes`; results `manager.max_result_body_bytes`): 413 past it.
+Errors are JSON `{"error": ...}`; validation errors (422) also carry `field` and `value`, and
+`errors` lists every problem found. Every integer a route takes is bounded and every date-time
+it answers carries its time zone (ays_runtime/web/fields.py).
 
 Every change of a task is recorded in its history as made by "token" via "api"; a caller may
 name itself with `X-Ays-Actor: <name>` (the CLI sends user@host), recorded as
@@ -46,22 +50,21 @@ periodic reconcile tick catches up.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict
-from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ays_runtime import __version__
-from ays_runtime.auth import presented_token, token_matches
+from ays_runtime.auth import Caller, authenticate
 from ays_runtime.exceptions import (
     ConfigError,
     ConflictError,
@@ -107,10 +110,21 @@ from ays_runtime.protocol import ACTOR_HEADER
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
 from ays_runtime.vocabulary import ChangeVia
+from ays_runtime.web.fields import Id, Position, UtcIn
+from ays_runtime.web.guard import TOKEN_HEADER, BodyLimit, BodyLimits, Guard, PublicRoutes, document
+from ays_runtime.web.refusals import RefusalLog
 
 API_PREFIX = "/api/v1"
-TOKEN_HEADER = "X-Ays-Token"
 ACTOR_NAME_MAX = 64
+# The only routes a caller without a token reaches; every other path is guarded. A console
+# that signs its users in with a session of its own adds its prefix here.
+PUBLIC = PublicRoutes(
+    paths=frozenset(
+        {f"{API_PREFIX}/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    )
+)
+# Where a node's results arrive (manager/node_api.py): they get manager.max_result_body_bytes.
+RESULT_ROUTES = (f"{API_PREFIX}/job-logs/results", f"{API_PREFIX}/job-logs/{{job_log_id}}/result")
 
 log = logging.getLogger("ays.manager.api")
 
@@ -126,38 +140,6 @@ def _context(request: Request) -> ManagerContext:
 
 
 Ctx = Annotated[ManagerContext, Depends(_context)]
-
-# Declared so that the OpenAPI document states both ways to send the token; the check
-# itself reads the headers through `ays_runtime.auth`, as the node API does.
-_bearer = HTTPBearer(auto_error=False, description="the env's access_token")
-_token_header = APIKeyHeader(
-    name=TOKEN_HEADER, auto_error=False, description="the env's access_token"
-)
-
-
-def _require_token(
-    request: Request,
-    _bearer_scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    _header_scheme: Annotated[str | None, Depends(_token_header)],
-) -> None:
-    presented = presented_token(
-        request.headers.get("authorization"), request.headers.get(TOKEN_HEADER)
-    )
-    if token_matches(presented, _context(request).access_token):
-        return
-    client = request.client.host if request.client else "unknown"
-    log.warning(
-        "manager: refused %s %s from %s: bad or missing access token",
-        request.method,
-        request.url.path,
-        client,
-    )
-    raise HTTPException(
-        401,
-        "bad or missing access token: send 'Authorization: Bearer <token>' or "
-        f"'{TOKEN_HEADER}: <token>' with the access_token of this environment",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
 
 
 def _actor(request: Request) -> Actor:
@@ -191,12 +173,13 @@ async def _tasks_changed(ctx: ManagerContext) -> None:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "bad or missing access token"},
     422: {"model": ErrorOut, "description": "a field has a bad value (named in the body)"},
+    503: {"model": ErrorOut, "description": "the database could not be reached"},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
 _CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorOut}}
 
 Limit = Annotated[int, Query(ge=1, le=tasks.MAX_PAGE, description="page size")]
-Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+Offset = Annotated[Position, Query(description="rows to skip")]
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -204,7 +187,7 @@ Offset = Annotated[int, Query(ge=0, description="rows to skip")]
 health_router = APIRouter(tags=["health"])
 
 
-@health_router.get("/health", response_model=Health)
+@health_router.get("/health", response_model=Health, responses={503: _ERRORS[503]})
 def health(ctx: Ctx) -> Health:
     """Liveness; needs no token."""
     uptime = (utcnow() - ctx.started_at).total_seconds()
@@ -243,14 +226,14 @@ async def create_task(body: TaskCreate, ctx: Ctx, who: Who) -> TaskOut:
 
 
 @tasks_router.get("/{task_id}", response_model=TaskOut, responses=_NOT_FOUND)
-def get_task(task_id: int, ctx: Ctx) -> TaskOut:
+def get_task(task_id: Id, ctx: Ctx) -> TaskOut:
     with ctx.sessions() as session:
         return TaskOut.model_validate(tasks.get_task(session, task_id))
 
 
 @tasks_router.put("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
 @tasks_router.patch("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
-async def update_task(task_id: int, body: TaskUpdate, ctx: Ctx, who: Who) -> TaskOut:
+async def update_task(task_id: Id, body: TaskUpdate, ctx: Ctx, who: Who) -> TaskOut:
     """Change any subset of the task's fields; the others keep their values."""
     changes = body.model_dump(mode="json", exclude_unset=True)
     out = await _in_session(
@@ -261,7 +244,7 @@ async def update_task(task_id: int, body: TaskUpdate, ctx: Ctx, who: Who) -> Tas
 
 
 @tasks_router.delete("/{task_id}", status_code=204, responses=_NOT_FOUND)
-async def delete_task(task_id: int, ctx: Ctx, who: Who) -> Response:
+async def delete_task(task_id: Id, ctx: Ctx, who: Who) -> Response:
     """Delete the task; its history stays readable by name (GET /task-versions?name=)."""
     await _in_session(ctx, lambda s: tasks.delete_task(s, task_id, actor=who))
     await _tasks_changed(ctx)
@@ -269,7 +252,7 @@ async def delete_task(task_id: int, ctx: Ctx, who: Who) -> Response:
 
 
 @tasks_router.post("/{task_id}/enable", response_model=TaskOut, responses=_NOT_FOUND)
-async def enable_task(task_id: int, ctx: Ctx, who: Who) -> TaskOut:
+async def enable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
     out = await _in_session(
         ctx, lambda s: TaskOut.model_validate(tasks.enable_task(s, task_id, actor=who))
     )
@@ -278,7 +261,7 @@ async def enable_task(task_id: int, ctx: Ctx, who: Who) -> TaskOut:
 
 
 @tasks_router.post("/{task_id}/disable", response_model=TaskOut, responses=_NOT_FOUND)
-async def disable_task(task_id: int, ctx: Ctx, who: Who) -> TaskOut:
+async def disable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
     out = await _in_session(
         ctx, lambda s: TaskOut.model_validate(tasks.disable_task(s, task_id, actor=who))
     )
@@ -290,7 +273,7 @@ async def disable_task(task_id: int, ctx: Ctx, who: Who) -> TaskOut:
     "/{task_id}/trigger", response_model=TriggerResponse, status_code=202, responses=_NOT_FOUND
 )
 async def trigger_task(
-    task_id: int, ctx: Ctx, body: TriggerRequest | None = None
+    task_id: Id, ctx: Ctx, body: TriggerRequest | None = None
 ) -> TriggerResponse:
     """Fire the task now, outside its schedule (enabled or not); `params` overrides the
     task's params for this run only."""
@@ -318,7 +301,7 @@ def _version_list(rows: list[TaskVersion]) -> TaskVersionList:
 
 
 @tasks_router.get("/{task_id}/versions", response_model=TaskVersionList, responses=_NOT_FOUND)
-def task_versions(task_id: int, ctx: Ctx) -> TaskVersionList:
+def task_versions(task_id: Id, ctx: Ctx) -> TaskVersionList:
     """The task's history, newest first: each version's definition, what it changed, who
     changed it, through what and when."""
     with ctx.sessions() as session:
@@ -328,7 +311,7 @@ def task_versions(task_id: int, ctx: Ctx) -> TaskVersionList:
 @tasks_router.post(
     "/{task_id}/rollback", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT}
 )
-async def rollback_task(task_id: int, body: RollbackRequest, ctx: Ctx, who: Who) -> TaskOut:
+async def rollback_task(task_id: Id, body: RollbackRequest, ctx: Ctx, who: Who) -> TaskOut:
     """Write the definition of an earlier version back, as a new version (via rollback).
     Nothing changes when the task has that definition already."""
     out = await _in_session(
@@ -403,7 +386,7 @@ async def apply_tasks(
 @code_router.get("/export", response_model=TasksDocument, responses=_NOT_FOUND)
 def export_tasks(
     ctx: Ctx,
-    task_id: Annotated[list[int] | None, Query(description="only these tasks")] = None,
+    task_id: Annotated[list[Id] | None, Query(description="only these tasks")] = None,
     node_group: Annotated[list[str] | None, Query(description="only these groups")] = None,
 ) -> TasksDocument:
     """The document of the manager's node groups and tasks (or of the tasks and groups
@@ -431,11 +414,15 @@ job_logs_router = APIRouter(prefix="/job-logs", tags=["job logs"], responses=_ER
 @job_logs_router.get("", response_model=JobLogPage)
 def list_job_logs(
     ctx: Ctx,
-    task_id: int | None = None,
+    task_id: Id | None = None,
     status: RunStatus | None = None,
     node: Annotated[str | None, Query(description="ip:port of the node")] = None,
-    since: Annotated[datetime | None, Query(description="created at or after (UTC)")] = None,
-    until: Annotated[datetime | None, Query(description="created before (UTC)")] = None,
+    since: Annotated[
+        UtcIn | None, Query(description="created at or after (UTC when no offset is given)")
+    ] = None,
+    until: Annotated[
+        UtcIn | None, Query(description="created before (UTC when no offset is given)")
+    ] = None,
     limit: Limit = tasks.DEFAULT_PAGE,
     offset: Offset = 0,
 ) -> JobLogPage:
@@ -455,16 +442,16 @@ def list_job_logs(
 
 
 @job_logs_router.get("/{job_log_id}", response_model=JobLogOut, responses=_NOT_FOUND)
-def get_job_log(job_log_id: int, ctx: Ctx) -> JobLogOut:
+def get_job_log(job_log_id: Id, ctx: Ctx) -> JobLogOut:
     with ctx.sessions() as session:
         return JobLogOut.model_validate(tasks.get_job_log(session, job_log_id))
 
 
 @job_logs_router.get("/{job_log_id}/output", response_model=RunOutputOut, responses=_NOT_FOUND)
 async def job_log_output(
-    job_log_id: int,
+    job_log_id: Id,
     ctx: Ctx,
-    offset: Annotated[int, Query(ge=0, description="output position to read from")] = 0,
+    offset: Annotated[Position, Query(description="output position to read from")] = 0,
 ) -> RunOutputOut:
     """The run's output from `offset` on: live from its node while it runs (and after, while
     the node keeps it), else the excerpt stored in the job log. Ask again from `next`."""
@@ -486,10 +473,10 @@ async def job_log_output(
     },
 )
 async def job_log_output_stream(
-    job_log_id: int,
+    job_log_id: Id,
     request: Request,
     ctx: Ctx,
-    offset: Annotated[int, Query(ge=0, description="output position to start from")] = 0,
+    offset: Annotated[Position, Query(description="output position to start from")] = 0,
 ) -> StreamingResponse:
     """Follow the run's output live (server-sent events) until it ends."""
     await ctx.run_output.read(job_log_id, offset)  # a 404 before the stream starts
@@ -513,7 +500,7 @@ async def job_log_output_stream(
     status_code=202,
     responses={**_NOT_FOUND, **_CONFLICT},
 )
-async def kill_job_log(job_log_id: int, ctx: Ctx, body: KillRequest | None = None) -> KillResponse:
+async def kill_job_log(job_log_id: Id, ctx: Ctx, body: KillRequest | None = None) -> KillResponse:
     """End the run wherever it is: a pending run (or a retry waiting its backoff) at once; a
     dispatched or running one on its node, which kills its whole process group and reports it
     killed; one no node holds is marked killed. 409 when it had ended already."""
@@ -610,6 +597,11 @@ def _validation_body(errors: list[ValidationError]) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
+    """The bad value as it is shown back: long text is cut (the body may be a megabyte)."""
+    if isinstance(value, str | bytes) and len(value) > 200:
+        return f"{value[:160]!s}... ({len(value)} characters)"
+    if isinstance(value, dict | list) and len(repr(value)) > 200:
+        return f"{repr(value)[:160]}... ({len(repr(value))} characters)"
     try:
         return jsonable_encoder(value)
     except (TypeError, ValueError):
@@ -640,9 +632,18 @@ async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=503)
 
 
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    # The driver's words only: SQLAlchemy's text carries the statement and its parameters.
+    reason = getattr(exc, "orig", None) or type(exc).__name__
+    return await _on_storage_error(request, StorageError(f"the database failed: {reason}"))
+
+
 async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    detail = exc.detail
+    if exc.status_code == 400:  # FastAPI's only one: a body json.loads could not read
+        detail = "body: not JSON text (UTF-8); send a JSON object as application/json"
+    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -670,8 +671,8 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         f"Send the env's access token as `Authorization: Bearer <token>` or `{TOKEN_HEADER}`.",
     )
     app.state.ays = ctx
+    app.state.refusals = RefusalLog(f"manager {ctx.manager_id}", log)
     app.include_router(health_router, prefix=API_PREFIX)
-    guarded = [Depends(_require_token)]
     routers = (
         tasks_router,
         versions_router,
@@ -681,12 +682,31 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         groups_router,
     )
     for router in routers:
-        app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
+        app.include_router(router, prefix=API_PREFIX)
+    settings = ctx.config.manager
+    results = BodyLimit(settings.max_result_body_bytes, "manager.max_result_body_bytes")
+    token = ctx.access_token
+
+    async def caller(headers: Mapping[str, str]) -> Caller | None:
+        return await authenticate(headers, token)
+
+    app.add_middleware(
+        Guard,
+        public=PUBLIC,
+        authenticate=caller,
+        limits=BodyLimits(
+            BodyLimit(settings.max_body_bytes, "manager.max_body_bytes"),
+            dict.fromkeys(RESULT_ROUTES, results),
+        ),
+        refusals=app.state.refusals,
+    )
+    document(app, PUBLIC)
     app.add_exception_handler(RequestValidationError, _on_request_invalid)
     app.add_exception_handler(ValidationError, _on_invalid)
     app.add_exception_handler(NotFoundError, _plain(404))
     app.add_exception_handler(ConflictError, _plain(409))
     app.add_exception_handler(StorageError, _on_storage_error)
+    app.add_exception_handler(SQLAlchemyError, _on_database_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
     return app

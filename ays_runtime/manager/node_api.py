@@ -1,20 +1,27 @@
-"""Manager routes about nodes: heartbeats and results from nodes, manual add and remove."""
+"""Manager routes about nodes: heartbeats and results from nodes, manual add and remove.
+
+The guard in front of the app (ays_runtime/web/guard.py) has checked the token before any of
+these runs. A batch of results is checked result by result: a bad one is answered 422 on its
+own (the node drops it), the others are stored.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import pydantic
+from fastapi import APIRouter, HTTPException, Request, Response
+from pydantic import ConfigDict, Field, field_validator
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from ays_runtime.auth import presented_token, token_matches
 from ays_runtime.exceptions import RegistryError
 from ays_runtime.manager.runs import RunTracker
+from ays_runtime.manager.schemas import ErrorOut, field_error
 from ays_runtime.protocol import (
     API,
     Heartbeat,
@@ -27,17 +34,19 @@ from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.registry.builtin import BuiltinRegistry
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeSource, NodeStatus, RunStatus
+from ays_runtime.web.fields import Id, StorableText
+from ays_runtime.web.refusals import RefusalLog
 
 log = logging.getLogger("ays.api")
 
 _FINAL_STATUSES = {s.value for s in RunStatus if s.is_final}
 
 
-class NodeAdd(BaseModel):
+class NodeAdd(StorableText):
     model_config = ConfigDict(extra="forbid")
-    ip: str
+    ip: str = Field(max_length=45)
     port: int = Field(ge=1, le=65535)
-    node_group: str = Field(min_length=1, max_length=64)
+    node_group: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     @field_validator("ip")
     @classmethod
@@ -48,42 +57,22 @@ class NodeAdd(BaseModel):
             raise ValueError(f"{v!r} is not an IP address") from None
 
 
-def token_guard(expected: str, who: str):  # noqa: ANN201 - a FastAPI dependency
-    """A dependency refusing callers without the access token (and logging who)."""
-
-    def guard(request: Request) -> None:
-        presented = presented_token(
-            request.headers.get("authorization"), request.headers.get("x-ays-token")
-        )
-        if not token_matches(presented, expected):
-            client = request.client.host if request.client else "?"
-            log.warning(
-                "%s: refused %s %s from %s: bad or missing access token",
-                who,
-                request.method,
-                request.url.path,
-                client,
-            )
-            raise HTTPException(401, "bad or missing access token")
-
-    return guard
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut} for code in codes}
 
 
 def node_router(
     engine_sessions,  # noqa: ANN001 - sessionmaker
     tracker: RunTracker,
     registry: BuiltinRegistry | None,
-    access_token: str,
     manager_id: str,
     node_list: NodeRegistry | None = None,
 ) -> APIRouter:
     """`node_list`: the registry whose own node list (Consul KV) manual adds and removes are
     written to, before the database row (nothing is written when it refuses)."""
-    router = APIRouter(
-        prefix=API, dependencies=[Depends(token_guard(access_token, f"manager {manager_id}"))]
-    )
+    router = APIRouter(prefix=API, responses=_errors(401, 422, 503))
 
-    @router.post("/nodes/heartbeat", tags=["nodes"])
+    @router.post("/nodes/heartbeat", tags=["nodes"], responses=_errors(409))
     async def heartbeat(beat: Heartbeat) -> dict[str, str]:
         if registry is None:
             raise HTTPException(409, "this environment's registry is not builtin: no heartbeats")
@@ -97,54 +86,85 @@ def node_router(
             found = s.scalars(select(JobLog.id).where(JobLog.id.in_(job_log_ids)))
             return set(job_log_ids) - set(found)
 
-    async def store(reports: list[JobResultReport]) -> list[ResultAnswer]:
-        """Store each valid report (together: one transaction); an answer per report."""
-        valid = [r for r in reports if r.status in _FINAL_STATUSES]
-        outcomes = await asyncio.gather(*(tracker.record_result(r) for r in valid))
-        stored = {id(r): done for r, done in zip(valid, outcomes, strict=True)}
+    async def store(
+        items: list[dict[str, Any]], refusals: RefusalLog, source: str
+    ) -> list[ResultAnswer]:
+        """Check each result on its own, store the valid ones (together: one transaction);
+        an answer per result, in order."""
+        answers: list[ResultAnswer | None] = [None] * len(items)
+        valid: list[tuple[int, JobResultReport]] = []
+        for i, item in enumerate(items):
+            try:
+                report = JobResultReport.model_validate(item)
+            except pydantic.ValidationError as err:
+                detail = str(field_error(err.errors()[0], model=JobResultReport))
+                answers[i] = ResultAnswer(
+                    job_log_id=_result_id(item), status_code=422, detail=detail
+                )
+                refusals.refused(source, 422, "a result", detail)
+                continue
+            if report.status not in _FINAL_STATUSES:
+                detail = f"status: {report.status!r} is not a final run status"
+                answers[i] = ResultAnswer(
+                    job_log_id=report.job_log_id, status_code=422, detail=detail
+                )
+                refusals.refused(source, 422, f"the result of run {report.job_log_id}", detail)
+                continue
+            valid.append((i, report))
+        outcomes = await asyncio.gather(
+            *(tracker.record_result(r) for _, r in valid), return_exceptions=True
+        )
         # Only a report that changed nothing needs the second look: a duplicate is fine, an
         # unknown id is a 404 so the node stops resending it.
-        unchanged = [r.job_log_id for r in valid if not stored[id(r)]]
-        unknown = await run_in_threadpool(missing, unchanged)
-        answers = []
-        for report in reports:
-            job_log_id = report.job_log_id
-            if report.status not in _FINAL_STATUSES:
-                answers.append(
-                    ResultAnswer(
-                        job_log_id=job_log_id,
-                        status_code=422,
-                        detail=f"status: {report.status!r} is not a final run status",
-                    )
+        unchanged = [
+            r.job_log_id for (_, r), done in zip(valid, outcomes, strict=True) if done is False
+        ]
+        try:
+            unknown = await run_in_threadpool(missing, unchanged)
+        except SQLAlchemyError as err:
+            unknown, outcomes = set(), [err] * len(outcomes)
+        for (i, report), outcome in zip(valid, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error(
+                    "manager %s: storing the result of run %d failed: %s; the node sends it again",
+                    manager_id,
+                    report.job_log_id,
+                    outcome,
                 )
-            elif job_log_id in unknown:
-                answers.append(
-                    ResultAnswer(
-                        job_log_id=job_log_id,
-                        status_code=404,
-                        detail=f"job log {job_log_id} does not exist",
-                    )
+                answers[i] = ResultAnswer(
+                    job_log_id=report.job_log_id,
+                    status_code=503,
+                    detail="the database failed; send it again",
+                )
+            elif report.job_log_id in unknown:
+                answers[i] = ResultAnswer(
+                    job_log_id=report.job_log_id,
+                    status_code=404,
+                    detail=f"job log {report.job_log_id} does not exist",
                 )
             else:
-                answers.append(
-                    ResultAnswer(job_log_id=job_log_id, status_code=200, stored=stored[id(report)])
+                answers[i] = ResultAnswer(
+                    job_log_id=report.job_log_id, status_code=200, stored=outcome
                 )
-        return answers
+        return [answer for answer in answers if answer is not None]
 
-    @router.post("/job-logs/{job_log_id}/result", tags=["job-logs"])
-    async def result(job_log_id: int, report: JobResultReport) -> dict[str, bool]:
+    @router.post("/job-logs/{job_log_id}/result", tags=["job-logs"], responses=_errors(404))
+    async def result(job_log_id: Id, report: JobResultReport, request: Request) -> dict[str, bool]:
         if report.job_log_id != job_log_id:
             raise HTTPException(
                 422, f"job_log_id: body says {report.job_log_id}, path {job_log_id}"
             )
-        (answer,) = await store([report])
+        (answer,) = await store(
+            [report.model_dump(mode="json")], request.app.state.refusals, _source(request)
+        )
         if answer.status_code != 200:
             raise HTTPException(answer.status_code, answer.detail)
         return {"stored": answer.stored}
 
     @router.post("/job-logs/results", tags=["job-logs"])
-    async def results(batch: ResultBatch) -> ResultBatchAnswer:
-        return ResultBatchAnswer(results=await store(batch.results))
+    async def results(batch: ResultBatch, request: Request) -> ResultBatchAnswer:
+        answers = await store(batch.results, request.app.state.refusals, _source(request))
+        return ResultBatchAnswer(results=answers)
 
     async def write_node_list(what: str, call: object, *args: object) -> None:
         try:
@@ -152,7 +172,7 @@ def node_router(
         except RegistryError as err:
             raise HTTPException(503, f"{what}: the registry's node list: {err}") from None
 
-    @router.post("/nodes", status_code=201, tags=["nodes"])
+    @router.post("/nodes", status_code=201, tags=["nodes"], responses=_errors(409))
     async def add_node(body: NodeAdd) -> dict[str, object]:
         def add(listed: bool, check_only: bool = False) -> dict[str, object]:
             """`listed`: the node list has the node now, so the registry's watch may have
@@ -208,8 +228,8 @@ def node_router(
         except IntegrityError:  # the watch inserted the row between our read and write
             return await run_in_threadpool(add, True)
 
-    @router.delete("/nodes/{node_id}", status_code=204, tags=["nodes"])
-    async def remove_node(node_id: int) -> Response:
+    @router.delete("/nodes/{node_id}", status_code=204, tags=["nodes"], responses=_errors(404))
+    async def remove_node(node_id: Id) -> Response:
         def remove() -> int:
             with engine_sessions() as s, s.begin():
                 return s.execute(delete(Node).where(Node.id == node_id)).rowcount
@@ -232,3 +252,16 @@ def node_router(
         return Response(status_code=204)
 
     return router
+
+
+def _result_id(item: object) -> int | None:
+    """The job-log id of a result that failed its check, if it has a usable one."""
+    value = item.get("job_log_id") if isinstance(item, dict) else None
+    try:
+        return pydantic.TypeAdapter(Id).validate_python(value)
+    except pydantic.ValidationError:
+        return None
+
+
+def _source(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

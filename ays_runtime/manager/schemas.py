@@ -7,14 +7,15 @@ OpenAPI document states the rules. Checks that need more than one field or the d
 report an error as `ValidationError(field, value, expected)` through `field_error`, so a caller
 always reads `<field>: <bad value> is not valid: <expected>`.
 
-All datetimes are naive UTC, as stored.
+Datetimes are stored naive UTC; responses send them with their `Z` (`UtcOut`). Integers a
+request carries are bounded (ays_runtime/web/fields.py), and a task that could never run is
+refused here, naming the field: the shell rules are the executor's own (node/limits.py).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ays_runtime.exceptions import ValidationError
+from ays_runtime.node import limits
 from ays_runtime.storage.models import (
     BlockStrategy,
     MisfirePolicy,
@@ -38,11 +40,18 @@ from ays_runtime.storage.models import (
     RouteStrategy,
     TaskType,
 )
+from ays_runtime.web.fields import INT32_MAX, StorableText, UtcOut
 
 # Where FastAPI says a request error sits; dropped from the field path we report.
 _REQUEST_PARTS = {"body", "query", "path", "header", "cookie"}
 # A node group name becomes a Consul service tag and part of a RocketMQ topic name.
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")  # RFC 9110 token
+MAX_HTTP_HEADERS = 100
+MAX_HEADER_VALUE = 8192
+MAX_URL = 8192
+MAX_HTTP_BODY = 262_144  # characters; the whole request is bounded by manager.max_body_bytes
+MAX_RETRY_INTERVAL = 604_800.0  # a week
 M = TypeVar("M", bound=BaseModel)
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -107,7 +116,7 @@ def every_error(
 # --- request building blocks ----------------------------------------------------------------
 
 
-class _Request(BaseModel):
+class _Request(StorableText):
     """A request body: unknown fields are an error that lists the fields there are."""
 
     model_config = ConfigDict(extra="forbid")
@@ -155,10 +164,34 @@ def _group_name(value: str) -> str:
 
 
 def _http_url(value: str) -> str:
-    parts = urlsplit(value)
+    if any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise ValueError("a URL without spaces or control characters (percent-encode them)")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        parts = urlsplit("")
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError("an http:// or https:// URL with a host, e.g. https://example.com/hook")
     return value
+
+
+def _http_headers(headers: dict[str, str]) -> dict[str, str]:
+    if len(headers) > MAX_HTTP_HEADERS:
+        raise ValueError(f"at most {MAX_HTTP_HEADERS} headers")
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not a header name (letters, digits, !#$%&'*+-.^_`|~)")
+        if any(c in value for c in "\r\n\0") or len(value) > MAX_HEADER_VALUE:
+            raise ValueError(
+                f"{name}: a header value is one line of at most {MAX_HEADER_VALUE} characters, "
+                "without a NUL"
+            )
+    return headers
+
+
+def _workdir(value: str | None) -> str | None:
+    return None if value is None else limits.check_workdir(value)
 
 
 def _upper(value: Any) -> Any:
@@ -194,32 +227,60 @@ TimezoneName = Annotated[
     str, Field(min_length=1, max_length=64, description="IANA time zone the cron runs in")
 ]
 Params = Annotated[
-    str, Field(max_length=1024, description="handed to the job (env AYS_PARAMS / body)")
+    str,
+    Field(max_length=1024, description="handed to the job (env AYS_PARAMS / body); no NUL"),
+    AfterValidator(limits.check_text),
 ]
-TimeoutS = Annotated[int, Field(ge=0, description="seconds a run may take; 0 = no timeout")]
+TimeoutS = Annotated[
+    int, Field(ge=0, le=INT32_MAX, description="seconds a run may take; 0 = no timeout")
+]
 RetryCount = Annotated[int, Field(ge=0, le=100, description="retries after a failed run")]
 RetryInterval = Annotated[
-    float, Field(gt=0, allow_inf_nan=False, description="seconds before the first retry")
+    float,
+    Field(
+        gt=0,
+        le=MAX_RETRY_INTERVAL,
+        allow_inf_nan=False,
+        description="seconds before the first retry (at most a week)",
+    ),
 ]
 
 
 class ShellPayload(_Request):
-    """What a shell task runs: `command` through /bin/sh, in its own process group."""
+    """What a shell task runs: `command` through /bin/sh, in its own process group. What exec
+    cannot take is refused: a NUL byte, a command over 128 KiB, a bad variable name."""
 
-    command: Annotated[str, Field(min_length=1), AfterValidator(_not_blank)] = Field(
-        description="shell command line"
+    command: Annotated[
+        str,
+        Field(min_length=1, max_length=limits.MAX_ARG_BYTES),
+        AfterValidator(_not_blank),
+        AfterValidator(limits.check_command),
+    ] = Field(description="shell command line (at most 131071 bytes of UTF-8)")
+    env: Annotated[dict[str, str], AfterValidator(limits.check_env)] = Field(
+        default_factory=dict,
+        description="extra environment: names of letters, digits and _, values without NUL",
     )
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
-    workdir: str | None = Field(None, description="working directory (default: the node's)")
+    workdir: Annotated[
+        str | None, Field(max_length=limits.PATH_MAX_BYTES), AfterValidator(_workdir)
+    ] = Field(None, description="absolute working directory (default: the node user's home)")
+
+    @model_validator(mode="after")
+    def _fits_exec(self) -> ShellPayload:
+        limits.check_exec_size(self.command, self.env)
+        return self
 
 
 class HttpPayload(_Request):
     """What an http task calls."""
 
-    url: Annotated[str, AfterValidator(_http_url)] = Field(description="http(s) URL to call")
+    url: Annotated[str, Field(max_length=MAX_URL), AfterValidator(_http_url)] = Field(
+        description="http(s) URL to call"
+    )
     method: Annotated[HttpMethod, BeforeValidator(_upper)] = "GET"
-    headers: dict[str, str] = Field(default_factory=dict)
-    body: str = ""
+    headers: Annotated[dict[str, str], AfterValidator(_http_headers)] = Field(
+        default_factory=dict, description="at most 100, each value one line"
+    )
+    body: str = Field("", max_length=MAX_HTTP_BODY)
     expected_status: int | None = Field(
         None, ge=100, le=599, description="the status that means success (default: any 2xx)"
     )
@@ -283,7 +344,9 @@ class TriggerRequest(_Request):
 
 
 class RollbackRequest(_Request):
-    version: int = Field(ge=1, description="the version whose definition is written back")
+    version: int = Field(
+        ge=1, le=INT32_MAX, description="the version whose definition is written back"
+    )
 
 
 class KillRequest(_Request):
@@ -346,8 +409,8 @@ class TaskOut(_Response):
     misfire_policy: str
     enabled: bool
     version: int = Field(description="bumped on every change")
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcOut
+    updated_at: UtcOut
 
 
 class TaskPage(BaseModel):
@@ -362,7 +425,7 @@ class TaskVersionOut(BaseModel):
     change: str = Field(description="created, updated, deleted, or baseline (history began)")
     changed_by: str = Field(description="who: 'token', or the name a caller gave with it")
     via: str = Field(description="api, console, apply, rollback, or migration")
-    changed_at: datetime
+    changed_at: UtcOut
     changed_fields: list[str] = Field(description="the fields this version changed")
     definition: dict[str, Any] = Field(description="the task's definition at this version")
 
@@ -375,7 +438,7 @@ class TaskVersionList(BaseModel):
 class JobLogOut(_Response):
     id: int
     task_id: int
-    scheduled_at: datetime
+    scheduled_at: UtcOut
     trigger: str
     attempt: int
     shard_index: int
@@ -385,10 +448,10 @@ class JobLogOut(_Response):
     manager_id: str
     node: str
     status: str
-    created_at: datetime
-    started_at: datetime | None
-    ended_at: datetime | None
-    due_at: datetime | None = Field(
+    created_at: UtcOut
+    started_at: UtcOut | None
+    ended_at: UtcOut | None
+    due_at: UtcOut | None = Field(
         None, description="a pending retry: dispatched once this has passed (its backoff)"
     )
     exit_code: int | None
@@ -411,9 +474,9 @@ class NodeOut(_Response):
     source: str
     version: str
     running_jobs: int
-    last_seen: datetime | None
-    created_at: datetime
-    updated_at: datetime
+    last_seen: UtcOut | None
+    created_at: UtcOut
+    updated_at: UtcOut
 
 
 class NodePage(BaseModel):
@@ -425,8 +488,8 @@ class NodeGroupOut(_Response):
     id: int
     name: str
     description: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcOut
+    updated_at: UtcOut
 
 
 class NodeGroupList(BaseModel):

@@ -167,7 +167,6 @@ class Manager:
                 sessions,
                 tracker,
                 registry if isinstance(registry, BuiltinRegistry) else None,
-                token,
                 self.manager_id,
                 node_list=None if isinstance(registry, BuiltinRegistry) else registry,
             )
@@ -175,7 +174,7 @@ class Manager:
         if cfg.registry.backend == "consul":
             from ays_runtime.manager.registry_api import consul_watch_router
 
-            app.include_router(consul_watch_router(registry, token, self.manager_id))  # type: ignore[arg-type]
+            app.include_router(consul_watch_router(registry, self.manager_id))  # type: ignore[arg-type]
         closer = ConnectionCloser(app)
         server = QuietServer(
             uvicorn.Config(closer, log_config=None, access_log=False, timeout_graceful_shutdown=5)

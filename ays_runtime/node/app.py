@@ -1,21 +1,26 @@
 """The node's HTTP API (built-in transport): the routes listed in `ays_runtime.protocol`.
 
-Every route but health needs the access token (`Authorization: Bearer ...` or `X-Ays-Token`);
-a refusal is a 401 and one log line naming the caller, never the token. The routes only
-translate HTTP to calls on the daemon (`NodeDaemon.accept`, `kill`, `output`, `health`).
+Every route but health (and the OpenAPI document) needs the access token (`Authorization:
+Bearer ...` or `X-Ays-Token`), checked by the guard in front of the app before any body is
+read (ays_runtime/web/guard.py); bodies are bounded by `node.max_body_bytes` (413 past it).
+Refusals are logged once per caller per minute, never with the token. Errors are JSON
+`{"detail": "..."}`. The routes only translate HTTP to calls on the daemon
+(`NodeDaemon.accept`, `kill`, `output`, `health`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ays_runtime import __version__
-from ays_runtime.auth import presented_token, token_matches
+from ays_runtime.auth import Caller, authenticate
 from ays_runtime.protocol import (
     API,
     OUTPUT_NEXT_HEADER,
@@ -27,6 +32,9 @@ from ays_runtime.protocol import (
     RunBatchAnswer,
     RunRequest,
 )
+from ays_runtime.web.fields import Id, Position, StorableText
+from ays_runtime.web.guard import BodyLimit, BodyLimits, Guard, PublicRoutes, document
+from ays_runtime.web.refusals import RefusalLog
 
 if TYPE_CHECKING:
     from ays_runtime.node.daemon import NodeDaemon
@@ -43,42 +51,58 @@ class JobRefused(Exception):
         self.status_code = status_code
 
 
-class KillRequest(BaseModel):
-    reason: str = "killed on request"
+class KillRequest(StorableText):
+    reason: str = Field("killed on request", max_length=1024)
 
 
 class Killed(BaseModel):
     killed: bool
 
 
+class NodeError(BaseModel):
+    detail: str
+
+
+# The only routes a caller without a token reaches (Consul's health check is one).
+PUBLIC = PublicRoutes(paths=frozenset({f"{API}/health", "/openapi.json"}))
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": NodeError} for code in codes}
+
+
+async def _on_request_invalid(_request: Request, exc: Exception) -> JSONResponse:
+    """A validation error as one line naming the field (`detail`), like the node's others."""
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"][1:]) or "body"
+        problems.append(f"{where}: {error['msg']}")
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
 def create_app(node: NodeDaemon) -> FastAPI:
     """The node API, answering for `node`."""
 
-    def require_token(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_ays_token: Annotated[str | None, Header()] = None,
-    ) -> None:
-        if token_matches(presented_token(authorization, x_ays_token), node.token):
-            return
-        client = f"{request.client.host}:{request.client.port}" if request.client else "?"
-        log.warning(
-            "%s: refused %s %s from %s: bad or missing access token",
-            node.who,
-            request.method,
-            request.url.path,
-            client,
-        )
-        raise HTTPException(
-            status_code=401,
-            detail="bad or missing access token: send Authorization: Bearer <access token>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
     app = FastAPI(title="Ays node", version=__version__, docs_url=None, redoc_url=None)
-    guarded = APIRouter(prefix=API, dependencies=[Depends(require_token)])
+    guarded = APIRouter(prefix=API, responses=_errors(401, 422))
+    refusals = RefusalLog(node.who, log)
 
-    @guarded.post("/jobs", status_code=202, response_model=RunAccepted)
+    async def caller(headers: Mapping[str, str]) -> Caller | None:
+        return await authenticate(headers, node.token)
+
+    app.add_middleware(
+        Guard,
+        public=PUBLIC,
+        authenticate=caller,
+        limits=BodyLimits(BodyLimit(node.config.node.max_body_bytes, "node.max_body_bytes")),
+        refusals=refusals,
+        error_key="detail",
+    )
+    app.add_exception_handler(RequestValidationError, _on_request_invalid)
+    document(app, PUBLIC, error_key="detail")
+
+    @guarded.post("/jobs", status_code=202, response_model=RunAccepted, responses=_errors(429, 503))
     async def run_job(request: RunRequest) -> RunAccepted | JSONResponse:
         try:
             return node.accept(request)
@@ -106,15 +130,28 @@ def create_app(node: NodeDaemon) -> FastAPI:
         return RunBatchAnswer(runs=answers)
 
     @guarded.post("/jobs/{job_log_id}/kill", response_model=Killed)
-    async def kill_job(job_log_id: int, body: KillRequest | None = None) -> Killed:
+    async def kill_job(job_log_id: Id, body: KillRequest | None = None) -> Killed:
         reason = body.reason if body is not None else KillRequest().reason
         return Killed(killed=await node.kill(job_log_id, reason))
 
-    @guarded.get("/jobs/{job_log_id}/output", response_class=Response)
+    @guarded.get(
+        "/jobs/{job_log_id}/output",
+        response_class=Response,
+        responses={
+            **_errors(404),
+            200: {
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/octet-stream": {"schema": {"type": "string"}},
+                },
+                "description": "the output (text/plain), or with offset the bytes after it",
+            },
+        },
+    )
     async def job_output(
-        job_log_id: int,
+        job_log_id: Id,
         offset: Annotated[
-            int | None, Query(ge=0, description="stream position to read from (follow mode)")
+            Position | None, Query(description="stream position to read from (follow mode)")
         ] = None,
     ) -> Response:
         """The run's captured output. With `offset`, only what follows that stream position,

@@ -54,7 +54,6 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import signal
 import ssl
 import time
@@ -68,6 +67,7 @@ import psutil
 
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ValidationError
+from ays_runtime.node import limits
 from ays_runtime.node.output import OutputBuffer, PipeReader
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus, TaskType
@@ -87,7 +87,6 @@ POLL_INTERVAL = 0.05
 # SIGKILL cannot be refused, but a process in uninterruptible sleep (a dead NFS mount) dies
 # only when the kernel lets it: wait this long, then report and move on.
 SIGKILL_WAIT = 5.0
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -553,18 +552,25 @@ def _check(name: str, value: object, ok: bool, expected: str) -> None:
 
 
 def _shell_job(spec: JobSpec) -> tuple[str, dict[str, str], str]:
-    """(command, environment, workdir) of a shell job, or _Invalid naming the field."""
+    """(command, environment, workdir) of a shell job, or _Invalid naming the field (the
+    rules of `limits`, which the manager applies when the task is saved)."""
     payload = spec.payload
     command = payload.get("command")
     if not isinstance(command, str) or not command.strip():
         raise _Invalid("payload.command is missing or empty: give the shell command to run")
-    if "\0" in command:
-        raise _Invalid("payload.command contains a NUL byte")
+    task_env = _task_env(payload.get("env"))
+    try:
+        limits.check_command(command)
+        limits.check_exec_size(command, task_env)
+    except ValueError as err:
+        raise _Invalid(f"payload.command: {err}") from None
     env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
     env.setdefault("PATH", DEFAULT_PATH)
     env.setdefault("LANG", DEFAULT_LANG)
     env.setdefault("HOME", os.path.expanduser("~"))
-    env.update(_task_env(payload.get("env")))
+    env.update(task_env)
+    if "\0" in spec.params:
+        raise _Invalid("params: must not contain a NUL byte (it is passed as AYS_PARAMS)")
     env.update(
         AYS_JOB_ID=str(spec.job_id),
         AYS_TASK_ID=str(spec.task_id),
@@ -581,6 +587,11 @@ def _shell_job(spec: JobSpec) -> tuple[str, dict[str, str], str]:
         workdir = env["HOME"] if os.path.isdir(env["HOME"]) else "/"
     elif not os.path.isabs(workdir):
         raise _Invalid(f"workdir {workdir} is not an absolute path")
+    else:
+        try:
+            limits.check_workdir(workdir)
+        except ValueError as err:
+            raise _Invalid(f"payload.workdir: {err}") from None
     return command, env, workdir
 
 
@@ -591,14 +602,15 @@ def _task_env(value: Any) -> dict[str, str]:
         raise _Invalid(f"payload.env must be a mapping of names to values, got {value!r}")
     env = {}
     for name, raw in value.items():
-        if not isinstance(name, str) or not _ENV_NAME.match(name):
+        if not isinstance(name, str) or not limits.ENV_NAME.match(name):
             raise _Invalid(f"payload.env: {name!r} is not a variable name (letters, digits, _)")
         if isinstance(raw, bool) or not isinstance(raw, str | int | float):
             raise _Invalid(f"payload.env.{name}: value must be a string, got {raw!r}")
-        text = str(raw)
-        if "\0" in text:
-            raise _Invalid(f"payload.env.{name}: value contains a NUL byte")
-        env[name] = text
+        env[name] = str(raw)
+    try:
+        limits.check_env(env)
+    except ValueError as err:
+        raise _Invalid(f"payload.env.{err}") from None
     return env
 
 

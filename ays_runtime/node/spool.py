@@ -413,7 +413,8 @@ class HttpResultSink(ResultSink):
             )
         except httpx.HTTPError as err:
             return [(Delivery.RETRY, _network_error(err))] * len(reports)
-        if response.status_code in (404, 405):  # a manager of an older version
+        # 404/405: a manager of an older version; 413: too large together, each fits alone.
+        if response.status_code in (404, 405, 413):
             return [await self.deliver(report, report_to) for report in reports]
         if response.status_code != 200:
             return [_outcome(response.status_code, _first_line(response.text))] * len(reports)

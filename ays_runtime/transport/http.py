@@ -125,7 +125,8 @@ class BuiltinTransport(Transport):
             self._count(node.address, -len(jobs))
             await asyncio.gather(*(self.tracker.dispatch_failed(job, reason) for job in jobs))
             return
-        if response.status_code in (404, 405):  # an older node: no batch route
+        # 404/405: an older node, without the batch route; 413: too large together.
+        if response.status_code in (404, 405, 413):
             self._count(node.address, -len(jobs))
             await asyncio.gather(*(self._send(job, [node]) for job in jobs))
             return
