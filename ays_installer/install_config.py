@@ -48,6 +48,7 @@ from ays_installer.resources import known_envs
 from ays_installer.version import add_version_option
 from ays_runtime.config import check_ip
 from ays_runtime.exceptions import MissingSecretError
+from ays_runtime.service.layout import DIR_MODE
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -204,7 +205,7 @@ def _apply(prepared: Prepared, files: list[RenderedFile], *, staged: bool) -> No
     for directory in prepared.dirs:
         if not directory.is_dir():
             try:
-                directory.mkdir(mode=0o755, parents=True)
+                directory.mkdir(mode=DIR_MODE, parents=True)
             except OSError as err:
                 raise _io_failure("cannot create", directory, err) from None
             typer.echo(f"created {directory}")

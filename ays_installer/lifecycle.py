@@ -43,7 +43,7 @@ from ays_runtime.service.handover import (
     read_answer_blocking,
     stop_process,
 )
-from ays_runtime.service.layout import ServiceFiles
+from ays_runtime.service.layout import ServiceFiles, service_umask
 from ays_runtime.service.pidfile import Pidfile, process_alive, still_running
 from ays_runtime.service.runner import ReloadRecord
 
@@ -112,7 +112,8 @@ class Lifecycle:
         program = str(self.inst.program) if self.inst.program.exists() else program_path()
         argv = [program, "serve", "--config", str(self.inst.config_path)]
         log_file = self.files.log_file
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        service_umask()  # the log (and what the service writes) as under systemd: 0640
+        log_file.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         identity = self._identity()
         with open(log_file, "ab") as log:
             if identity is not None:

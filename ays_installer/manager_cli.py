@@ -45,10 +45,12 @@ db_app = typer.Typer(no_args_is_help=True, help="Manage the database schema.")
 @clean_errors
 def db_upgrade(env: EnvOption = None, config: ConfigOption = None, root: RootOption = None) -> None:
     """Apply the database migrations (the manager also does this at start)."""
+    from ays_runtime.service.layout import service_umask
     from ays_runtime.storage.database import redacted
     from ays_runtime.storage.migrate import upgrade
 
     cfg = choose_config(env, config, root)
+    service_umask()  # a new SQLite file gets the service's mode
     url = cfg.storage_url()
     upgrade(url)
     typer.echo(f"database {redacted(url)}: schema is at the latest revision")
@@ -76,8 +78,10 @@ def debug(
     Ctrl-C stops it cleanly."""
     from ays_runtime.logs import configure_logging
     from ays_runtime.manager.service import run_manager
+    from ays_runtime.service.layout import service_umask
 
     cfg = with_address(choose_config(env, config, root), ip, port)
+    service_umask()
     configure_logging(debug=True)
     run_manager(cfg)
 
@@ -132,14 +136,24 @@ def reconcile(
         typer.echo(f"manager {done['manager_id']}: {len(done['actions'])} action(s) done")
         return
     from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
 
+    from ays_runtime.exceptions import StorageError
     from ays_runtime.scheduler.reconcile import Reconciler
-    from ays_runtime.storage.database import make_engine, utcnow
+    from ays_runtime.storage.database import make_engine, redacted, utcnow
+    from ays_runtime.storage.migrate import current_revision
     from ays_runtime.storage.models import TimerRow
 
     cfg = with_address(choose_config(env, config, root), ip, port)
     manager_id = f"{cfg.manager.ip}:{cfg.manager.port}"
-    engine = make_engine(cfg.storage_url())
+    url = cfg.storage_url()
+    # One line naming the database and the fix when it cannot be reached or is not migrated.
+    if current_revision(url) is None:
+        raise StorageError(
+            f"database {redacted(url)} has no Ays schema yet: run aysManager db upgrade "
+            "(or start the manager, which migrates it)"
+        )
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             # The running manager's memory matches its rows unless they drift; the dry run
@@ -153,6 +167,11 @@ def reconcile(
                 )
             }
         plan = Reconciler(engine, manager_id, cfg.manager.misfire_grace).plan(memory, utcnow())
+    except SQLAlchemyError as err:
+        raise StorageError(
+            f"database {redacted(url)}: reading the tasks and timers failed: "
+            f"{getattr(err, 'orig', None) or err}"
+        ) from None
     finally:
         engine.dispose()
     for action in plan.actions:

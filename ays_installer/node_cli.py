@@ -43,10 +43,12 @@ def debug(
     Ctrl-C stops it: running jobs get the drain time to end; a second Ctrl-C kills them."""
     from ays_runtime.logs import configure_logging
     from ays_runtime.node.daemon import run_node
+    from ays_runtime.service.layout import service_umask
 
     cfg = with_node_address(
         choose_config(env, config, root, role="node"), group=group, ip=ip, port=port
     )
+    service_umask()
     configure_logging(debug=True)
     raise typer.Exit(run_node(cfg))
 

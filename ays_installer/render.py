@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import jinja2
 import pydantic
@@ -200,8 +201,9 @@ def masked_diff(old: str, new: str, path: Path, secrets: Iterable[str] = ()) -> 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
     """`text` with every secret value, every secret setting's value and URL passwords masked."""
-    # A secret shows in the file as written by yaml_value: quoted, with escapes.
-    forms = {form for s in secrets if s for form in (s, yaml_value(s)[1:-1])}
+    # A secret shows in the file as written by yaml_value (quoted, with escapes), or
+    # percent-encoded inside a URL.
+    forms = {form for s in secrets if s for form in (s, yaml_value(s)[1:-1], quote(s, safe=""))}
     for secret in sorted(forms, key=len, reverse=True):
         text = text.replace(secret, MASK)
     text = _SECRET_SETTING_LINE.sub(rf"\g<1>{MASK}", text)

@@ -48,11 +48,10 @@ from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError, ServiceError
 from ays_runtime.node.daemon import DRAIN_TIMEOUT, FLUSH_TIMEOUT, KILL_WAIT, SERVER_STOP_TIMEOUT
 from ays_runtime.service import systemd
-from ays_runtime.service.layout import SERVICE_NAMES, ServiceFiles
+from ays_runtime.service.layout import DIR_MODE, SERVICE_NAMES, ServiceFiles
 
 UNIT_MODE = 0o644
 SCRIPT_MODE = 0o755
-DIR_MODE = 0o750
 # systemd's stop timeout: the manager's shutdown is time-boxed well within a minute; the
 # node's drain, kill, result flush and server stop must fit in it.
 STOP_TIMEOUT = {

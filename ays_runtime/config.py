@@ -2,9 +2,12 @@
 
 An env file (`envs/NAME.yaml`) describes one environment. Strings may hold `${VAR}`
 placeholders, read from the process environment when the file is loaded; a missing variable
-is a `MissingSecretError` naming it and the field it sits in. `installConfig` renders a
-role's config from the same model (resolved, absolute paths), and the daemons load either an
-env file (`-e ENV`) or a rendered file (`--config FILE`) into this same `EnvConfig`.
+is a `MissingSecretError` naming it and the field it sits in. A placeholder in the user or
+password part of `storage.url` is percent-encoded as it is filled in, so a password may hold
+`@ : /` as it is. An error about a field filled from a placeholder names the variable.
+`installConfig` renders a role's config from the same model (resolved, absolute paths), and
+the daemons load either an env file (`-e ENV`) or a rendered file (`--config FILE`) into this
+same `EnvConfig`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import pydantic
 import yaml
@@ -22,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from ays_runtime.exceptions import ConfigError, MissingSecretError
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# The settings whose values are URLs: a placeholder in their user:password@ is percent-encoded.
+_URL_SETTINGS = frozenset({"storage.url"})
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
 # Env names become file names and service names: keep them plain.
 ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -40,12 +47,46 @@ class StorageSettings(_Section):
     @field_validator("url")
     @classmethod
     def _known_dialect(cls, v: SecretStr) -> SecretStr:
-        scheme = v.get_secret_value().split(":", 1)[0]
+        url = v.get_secret_value()
+        scheme = url.split(":", 1)[0]
         if scheme not in {"sqlite", "mysql+pymysql", "mariadb+pymysql"}:
             raise ValueError(
                 f"unsupported database scheme {scheme!r}: use sqlite:/// or mysql+pymysql://"
             )
+        if scheme != "sqlite":
+            _check_server_url(url)
         return v
+
+
+def _check_server_url(url: str) -> None:
+    """A database server URL SQLAlchemy reads as written; the message never quotes it (it
+    holds the password)."""
+    from sqlalchemy.engine import make_url  # SQLAlchemy's own reading, as the engine will do
+
+    fix = (
+        "a user or password holding @ : / must be percent-encoded (%40 %3A %2F) when written "
+        "in the URL; one given as ${AYS_DB_PASSWORD} is encoded by Ays"
+    )
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError(f"cannot be read as a database URL: {fix}") from None
+    if not parsed.host or "@" in parsed.host:
+        raise ValueError(f"cannot be read as a database URL (no host after the @): {fix}")
+
+
+def check_header_text(value: str) -> str:
+    """A credential sent as an HTTP header value: printable ASCII without spaces."""
+    bad = next((c for c in value if not "!" <= c <= "~"), None)
+    if bad is not None:
+        kind = "a space" if bad == " " else "non-ASCII" if ord(bad) > 127 else "a control char"
+        raise ValueError(
+            f"holds {kind} (character {ord(bad):#x}); it is sent in an HTTP header, so it may "
+            "only hold printable ASCII without spaces, e.g. the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return value
 
 
 class BuiltinRegistrySettings(_Section):
@@ -62,6 +103,14 @@ class ConsulRegistrySettings(_Section):
     port: int = Field(8500, ge=1, le=65535)
     scheme: Literal["http", "https"] = "http"
     token: SecretStr | None = Field(None, description="ACL token (sent as a header, never logged)")
+
+    @field_validator("token")
+    @classmethod
+    def _header_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            check_header_text(v.get_secret_value())
+        return v
+
     kv_prefix: str = Field("ays", pattern=r"^[A-Za-z0-9,\-_./]+$", description="KV root of Ays")
     datacenter: str | None = None
     service_name: str = Field("aysnode", pattern=r"^[A-Za-z0-9-]+$")
@@ -194,6 +243,12 @@ class EnvConfig(_Section):
     node: NodeSettings = NodeSettings()
     job_log: JobLogSettings = JobLogSettings()
 
+    @field_validator("access_token")
+    @classmethod
+    def _header_token(cls, v: SecretStr) -> SecretStr:
+        check_header_text(v.get_secret_value())
+        return v
+
     @field_validator("env")
     @classmethod
     def _env_name(cls, v: str) -> str:
@@ -224,7 +279,8 @@ def check_port(value: int) -> int:
 
 
 def expand_placeholders(data: Any, source: str, path: str = "", environ: Any = None) -> Any:
-    """Replace `${VAR}` in every string of `data` from `environ` (default: os.environ)."""
+    """Replace `${VAR}` in every string of `data` from `environ` (default: os.environ); in the
+    user:password@ part of a URL setting, the value is percent-encoded."""
     env = os.environ if environ is None else environ
     if isinstance(data, dict):
         return {
@@ -234,6 +290,7 @@ def expand_placeholders(data: Any, source: str, path: str = "", environ: Any = N
     if isinstance(data, list):
         return [expand_placeholders(v, source, f"{path}[{i}]", env) for i, v in enumerate(data)]
     if isinstance(data, str):
+        userinfo = _URL_USERINFO.match(data) if path in _URL_SETTINGS else None
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
@@ -242,21 +299,54 @@ def expand_placeholders(data: Any, source: str, path: str = "", environ: Any = N
                     f"{source}: field {path}: environment variable {name} is not set; "
                     f"export {name}=... before running this command"
                 )
-            return env[name]
+            value: str = env[name]
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # os.environ keeps undecodable bytes as surrogates
+                raise ConfigError(
+                    f"{source}: field {path}: environment variable {name} is not UTF-8 text; "
+                    f"set it again (export {name}=...)"
+                ) from None
+            if userinfo is not None and match.end() <= userinfo.end(1):
+                return quote(value, safe="")
+            return value
 
         return _PLACEHOLDER.sub(sub, data)
     return data
 
 
-def _format_validation_error(source: str, err: pydantic.ValidationError) -> str:
+def placeholder_sources(data: Any, path: str = "") -> dict[str, list[str]]:
+    """Where `${VAR}` placeholders sit in `data`: dotted field path -> the variables."""
+    found: dict[str, list[str]] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found |= placeholder_sources(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found |= placeholder_sources(value, f"{path}[{i}]")
+    elif isinstance(data, str) and (names := _PLACEHOLDER.findall(data)):
+        found[path] = names
+    return found
+
+
+def _format_validation_error(
+    source: str, err: pydantic.ValidationError, sources: dict[str, list[str]]
+) -> str:
     lines = [f"{source}: invalid configuration:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        loc = ".".join(
+            str(p)
+            for p in e["loc"]
+            if not str(p).startswith("function-") and p not in {"builtin", "consul", "rocketmq"}
+        )
         # Secrets must not be echoed back, even when wrong.
         shown = (
             "" if "url" in loc or "token" in loc or "key" in loc else f" (got {e.get('input')!r})"
         )
-        lines.append(f"  {loc or '<top>'}: {e['msg']}{shown}")
+        names = sources.get(loc)
+        origin = f" (from {', '.join('$' + n for n in names)})" if names else ""
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '<top>'}{origin}: {message}{shown}")
     return "\n".join(lines)
 
 
@@ -268,16 +358,26 @@ def parse_config(data: Any, source: str) -> EnvConfig:
     try:
         return EnvConfig.model_validate(expand_placeholders(data, source))
     except pydantic.ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+        message = _format_validation_error(source, err, placeholder_sources(data))
+        raise ConfigError(message) from None
 
 
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"{path}: line {line}, column {column}: byte {raw[err.start]:#04x} is not UTF-8; "
+            "save the file as UTF-8"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -50,7 +50,7 @@ ACTOR_HEADER = "X-Ays-Actor"
 
 
 class _Message(StorableText):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class RunRequest(_Message):

@@ -59,16 +59,26 @@ def write_config(
 class Daemon:
     """One `aysManager debug` or `aysNode debug` process, its output kept in a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, health_url: str) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        health_url: str,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self.health_url = health_url
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Daemon:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.extra_env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -107,15 +117,20 @@ class Daemon:
             self._log.close()
 
 
-def manager(config: Path, log_path: Path, port: int) -> Daemon:
+def manager(
+    config: Path, log_path: Path, port: int, extra_env: dict[str, str] | None = None
+) -> Daemon:
     return Daemon(
         [str(BIN / "aysManager"), "debug", "--config", str(config)],
         log_path,
         f"http://127.0.0.1:{port}/api/v1/health",
+        extra_env,
     )
 
 
-def node(config: Path, log_path: Path, group: str, port: int) -> Daemon:
+def node(
+    config: Path, log_path: Path, group: str, port: int, extra_env: dict[str, str] | None = None
+) -> Daemon:
     return Daemon(
         [
             str(BIN / "aysNode"),
@@ -131,6 +146,7 @@ def node(config: Path, log_path: Path, group: str, port: int) -> Daemon:
         ],
         log_path,
         f"http://127.0.0.1:{port}/api/v1/health",
+        extra_env,
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from sqlalchemy.engine import make_url
 
 from ays_installer.resources import known_envs, load_env
 from ays_runtime.config import (
@@ -17,6 +18,7 @@ from ays_runtime.config import (
     parse_config,
 )
 from ays_runtime.exceptions import ConfigError, MissingSecretError
+from ays_runtime.storage.database import redacted
 
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tok-5b1e0c9d",
@@ -127,7 +129,7 @@ def test_a_bad_database_url_is_refused_without_echoing_it() -> None:
     url = "postgres://ays:hunter2-secret@db/ays"
     with pytest.raises(ConfigError) as caught:
         parse_config(minimal(storage={"url": url}), "envs/test.yaml")
-    assert "storage.url: Value error, unsupported database scheme 'postgres'" in str(caught.value)
+    assert "storage.url: unsupported database scheme 'postgres'" in str(caught.value)
     assert "hunter2-secret" not in str(caught.value)
 
 
@@ -209,3 +211,79 @@ def test_secrets_compare_by_value_so_a_reloaded_config_equals_the_original(
     secrets_set: dict[str, str],
 ) -> None:
     assert load_env("uat") == load_env("uat")
+
+
+# --- bad config: a clear error, never a traceback or a leak (issue 17) ----------------------
+
+
+@pytest.mark.parametrize("password", ["Sec@Pass99", "p@ss:w/rd", "a%40b", "x y#z?q"])
+def test_a_db_password_given_by_a_placeholder_is_url_encoded_and_read_back_whole(
+    monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    monkeypatch.setenv("AYS_DB_PASSWORD", password)
+    url = "mysql+pymysql://ays:${AYS_DB_PASSWORD}@db.example.internal:3306/ays"
+    config = parse_config(minimal(storage={"url": url}), "envs/test.yaml")
+    parsed = make_url(config.storage_url())
+    assert (parsed.username, parsed.password, parsed.host, parsed.port, parsed.database) == (
+        "ays",
+        password,
+        "db.example.internal",
+        3306,
+        "ays",
+    )
+    assert password not in redacted(config.storage_url())
+
+
+@pytest.mark.parametrize("password", ["Sec@Pass99", "p@ss:w/rd"])
+def test_a_url_written_with_a_raw_password_is_refused_without_showing_any_of_it(
+    password: str,
+) -> None:
+    url = f"mysql+pymysql://ays:{password}@db.example.internal:3306/ays"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(storage={"url": url}), "envs/test.yaml")
+    message = str(caught.value)
+    assert "storage.url: cannot be read as a database URL" in message
+    assert "percent-encoded" in message and "${AYS_DB_PASSWORD}" in message
+    for part in (password, password[2:], password[-4:], "Pass99", "w/rd"):
+        assert part not in message
+
+
+@pytest.mark.parametrize(
+    ("token", "kind"),
+    [("tok\nen", "a control char"), ("tök", "non-ASCII"), ("tok en", "a space"), ("t\x7f", "")],
+)
+def test_a_token_that_cannot_be_an_http_header_value_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, token: str, kind: str
+) -> None:
+    monkeypatch.setenv("AYS_ACCESS_TOKEN", token)
+    monkeypatch.setenv("AYS_CONSUL_TOKEN", token)
+    data = minimal(
+        access_token="${AYS_ACCESS_TOKEN}",
+        registry={"backend": "consul", "token": "${AYS_CONSUL_TOKEN}"},
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "envs/test.yaml")
+    message = str(caught.value)
+    assert "access_token (from $AYS_ACCESS_TOKEN): holds" in message
+    assert "registry.token (from $AYS_CONSUL_TOKEN): holds" in message
+    assert kind in message and "HTTP header" in message
+    assert token not in message
+
+
+def test_an_env_variable_that_is_not_utf8_is_named() -> None:
+    with pytest.raises(ConfigError, match="environment variable AYS_DB_PASSWORD is not UTF-8"):
+        expand_placeholders(
+            {"storage": {"url": "mysql+pymysql://ays:${AYS_DB_PASSWORD}@db/ays"}},
+            "envs/test.yaml",
+            environ={"AYS_DB_PASSWORD": "caf\udce9"},  # os.environ's form of the byte 0xe9
+        )
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "uat.yaml"
+    path.write_bytes(b"env: uat\nstorage:\n  url: sqlite:///caf\xe9.db\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config_file(path)
+    assert str(caught.value) == (
+        f"{path}: line 3, column 21: byte 0xe9 is not UTF-8; save the file as UTF-8"
+    )

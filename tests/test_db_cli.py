@@ -87,3 +87,51 @@ def test_db_upgrade_against_a_server_that_does_not_answer_fails_cleanly(tmp_path
     assert "database mysql+pymysql://ays:***@127.0.0.1:1/ays: cannot connect" in result.stderr
     assert "S3cret-x" not in output
     assert "Traceback" not in output
+
+
+def reconcile_dry_run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(AYS_MANAGER), "reconcile", "--dry-run", "--config", str(config)],
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_reconcile_dry_run_with_an_unreachable_database_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    result = reconcile_dry_run(
+        write_config(tmp_path, "mysql+pymysql://ays:S3cret-x@127.0.0.1:1/ays")
+    )
+
+    assert result.returncode != 0
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: database mysql+pymysql://ays:***@127.0.0.1:1/ays: cannot connect"
+    )
+    assert "start it, or fix host/port in storage.url" in line
+    assert "S3cret-x" not in result.stderr
+
+
+def test_reconcile_dry_run_on_a_database_never_migrated_says_how_to_migrate_it(
+    tmp_path: Path,
+) -> None:
+    result = reconcile_dry_run(write_config(tmp_path, f"sqlite:///{tmp_path / 'new.db'}"))
+
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert "has no Ays schema yet: run aysManager db upgrade" in line
+
+
+def test_reconcile_dry_run_on_a_migrated_database_lists_the_actions(tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'ays.db'}")
+    assert db_upgrade(config).returncode == 0
+
+    result = reconcile_dry_run(config)
+
+    assert result.returncode == 0, result.stderr
+    assert "0 action(s); nothing was changed" in result.stdout

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from ays_installer import render
@@ -172,7 +173,9 @@ def test_uat_renders_with_the_secrets_read_from_the_environment(run: Run, stage:
     assert not [line for line in settings if "${" in line], "every placeholder is resolved"
     config = load_config_file(stage / "etc/ays/manager.yaml")
     assert config.access_token.get_secret_value() == SECRETS["AYS_ACCESS_TOKEN"]
-    assert f":{SECRETS['AYS_DB_PASSWORD']}@mysql.uat" in config.storage_url()
+    # Percent-encoded in the URL (the password holds '#', ':' and quotes), read back whole.
+    url = make_url(config.storage_url())
+    assert (url.password, url.host) == (SECRETS["AYS_DB_PASSWORD"], "mysql.uat.example.internal")
     assert config.registry.token.get_secret_value() == SECRETS["AYS_CONSUL_TOKEN"]  # type: ignore[union-attr]
     assert config.transport.secret_key.get_secret_value() == SECRETS["AYS_ROCKETMQ_SECRET"]  # type: ignore[union-attr]
     for value in SECRETS.values():
@@ -320,6 +323,39 @@ def test_a_missing_secret_variable_is_an_error_naming_it(run: Run, stage: Path) 
     for value in SECRETS.values():
         assert value not in done.err
     assert not stage.exists()
+
+
+@pytest.mark.parametrize("token", ["tok\nen-4f1c9e27", "tök-4f1c9e27", "tok en-4f1c9e27"])
+def test_a_token_that_cannot_be_an_http_header_value_is_refused_naming_the_variable(
+    run: Run, stage: Path, token: str
+) -> None:
+    done = run(
+        "node", "-e", "uat", "--root", str(stage), env={**SECRETS, "AYS_ACCESS_TOKEN": token}
+    )
+
+    assert_refused(done, "uat.yaml", "access_token (from $AYS_ACCESS_TOKEN)", "HTTP header")
+    assert "4f1c9e27" not in done.err
+    assert not stage.exists()
+
+
+@pytest.mark.parametrize("password", ["Sec@Pass99", "p@ss:w/rd"])
+def test_a_db_password_with_at_colon_and_slash_renders_and_loads_back(
+    run: Run, stage: Path, password: str
+) -> None:
+    env = {**SECRETS, "AYS_DB_PASSWORD": password}
+    done = run("manager", "-e", "uat", "--root", str(stage), "--skip-preflight", env=env)
+
+    assert done.code == 0, done
+    assert password not in done.out + done.err and "Traceback" not in done.err
+    url = make_url(load_config_file(stage / "etc/ays/manager.yaml").storage_url())
+    assert (url.password, url.host) == (password, "mysql.uat.example.internal")
+    env = {**env, "AYS_DB_PASSWORD": password + "-rotated"}
+    shown = run(
+        "manager", "-e", "uat", "--root", str(stage), "--skip-preflight", "--dry-run", env=env
+    )
+    assert shown.code == 0 and "storage" not in shown.err, shown
+    for secret in (password, password + "-rotated", "Pass99", "w%2Frd"):
+        assert secret not in shown.out
 
 
 def test_under_sudo_a_missing_secret_says_how_to_pass_it_through(stage: Path) -> None:

@@ -111,7 +111,15 @@ from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
 from ays_runtime.vocabulary import ChangeVia
 from ays_runtime.web.fields import Id, Position, UtcIn
-from ays_runtime.web.guard import TOKEN_HEADER, BodyLimit, BodyLimits, Guard, PublicRoutes, document
+from ays_runtime.web.guard import (
+    TOKEN_HEADER,
+    BodyLimit,
+    BodyLimits,
+    Guard,
+    PublicRoutes,
+    allowed_methods,
+    document,
+)
 from ays_runtime.web.refusals import RefusalLog
 
 API_PREFIX = "/api/v1"
@@ -225,14 +233,14 @@ async def create_task(body: TaskCreate, ctx: Ctx, who: Who) -> TaskOut:
     return out
 
 
-@tasks_router.get("/{task_id}", response_model=TaskOut, responses=_NOT_FOUND)
+@tasks_router.get("/{task_id:int}", response_model=TaskOut, responses=_NOT_FOUND)
 def get_task(task_id: Id, ctx: Ctx) -> TaskOut:
     with ctx.sessions() as session:
         return TaskOut.model_validate(tasks.get_task(session, task_id))
 
 
-@tasks_router.put("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
-@tasks_router.patch("/{task_id}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
+@tasks_router.put("/{task_id:int}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
+@tasks_router.patch("/{task_id:int}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
 async def update_task(task_id: Id, body: TaskUpdate, ctx: Ctx, who: Who) -> TaskOut:
     """Change any subset of the task's fields; the others keep their values."""
     changes = body.model_dump(mode="json", exclude_unset=True)
@@ -243,7 +251,7 @@ async def update_task(task_id: Id, body: TaskUpdate, ctx: Ctx, who: Who) -> Task
     return out
 
 
-@tasks_router.delete("/{task_id}", status_code=204, responses=_NOT_FOUND)
+@tasks_router.delete("/{task_id:int}", status_code=204, responses=_NOT_FOUND)
 async def delete_task(task_id: Id, ctx: Ctx, who: Who) -> Response:
     """Delete the task; its history stays readable by name (GET /task-versions?name=)."""
     await _in_session(ctx, lambda s: tasks.delete_task(s, task_id, actor=who))
@@ -251,7 +259,7 @@ async def delete_task(task_id: Id, ctx: Ctx, who: Who) -> Response:
     return Response(status_code=204)
 
 
-@tasks_router.post("/{task_id}/enable", response_model=TaskOut, responses=_NOT_FOUND)
+@tasks_router.post("/{task_id:int}/enable", response_model=TaskOut, responses=_NOT_FOUND)
 async def enable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
     out = await _in_session(
         ctx, lambda s: TaskOut.model_validate(tasks.enable_task(s, task_id, actor=who))
@@ -260,7 +268,7 @@ async def enable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
     return out
 
 
-@tasks_router.post("/{task_id}/disable", response_model=TaskOut, responses=_NOT_FOUND)
+@tasks_router.post("/{task_id:int}/disable", response_model=TaskOut, responses=_NOT_FOUND)
 async def disable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
     out = await _in_session(
         ctx, lambda s: TaskOut.model_validate(tasks.disable_task(s, task_id, actor=who))
@@ -270,7 +278,7 @@ async def disable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
 
 
 @tasks_router.post(
-    "/{task_id}/trigger", response_model=TriggerResponse, status_code=202, responses=_NOT_FOUND
+    "/{task_id:int}/trigger", response_model=TriggerResponse, status_code=202, responses=_NOT_FOUND
 )
 async def trigger_task(
     task_id: Id, ctx: Ctx, body: TriggerRequest | None = None
@@ -300,7 +308,7 @@ def _version_list(rows: list[TaskVersion]) -> TaskVersionList:
     return TaskVersionList(items=items, total=len(items))
 
 
-@tasks_router.get("/{task_id}/versions", response_model=TaskVersionList, responses=_NOT_FOUND)
+@tasks_router.get("/{task_id:int}/versions", response_model=TaskVersionList, responses=_NOT_FOUND)
 def task_versions(task_id: Id, ctx: Ctx) -> TaskVersionList:
     """The task's history, newest first: each version's definition, what it changed, who
     changed it, through what and when."""
@@ -309,7 +317,7 @@ def task_versions(task_id: Id, ctx: Ctx) -> TaskVersionList:
 
 
 @tasks_router.post(
-    "/{task_id}/rollback", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT}
+    "/{task_id:int}/rollback", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT}
 )
 async def rollback_task(task_id: Id, body: RollbackRequest, ctx: Ctx, who: Who) -> TaskOut:
     """Write the definition of an earlier version back, as a new version (via rollback).
@@ -441,13 +449,13 @@ def list_job_logs(
         return JobLogPage(items=[JobLogOut.model_validate(j) for j in items], total=total)
 
 
-@job_logs_router.get("/{job_log_id}", response_model=JobLogOut, responses=_NOT_FOUND)
+@job_logs_router.get("/{job_log_id:int}", response_model=JobLogOut, responses=_NOT_FOUND)
 def get_job_log(job_log_id: Id, ctx: Ctx) -> JobLogOut:
     with ctx.sessions() as session:
         return JobLogOut.model_validate(tasks.get_job_log(session, job_log_id))
 
 
-@job_logs_router.get("/{job_log_id}/output", response_model=RunOutputOut, responses=_NOT_FOUND)
+@job_logs_router.get("/{job_log_id:int}/output", response_model=RunOutputOut, responses=_NOT_FOUND)
 async def job_log_output(
     job_log_id: Id,
     ctx: Ctx,
@@ -460,7 +468,7 @@ async def job_log_output(
 
 
 @job_logs_router.get(
-    "/{job_log_id}/output/stream",
+    "/{job_log_id:int}/output/stream",
     response_class=StreamingResponse,
     responses={
         **_NOT_FOUND,
@@ -495,7 +503,7 @@ async def job_log_output_stream(
 
 
 @job_logs_router.post(
-    "/{job_log_id}/kill",
+    "/{job_log_id:int}/kill",
     response_model=KillResponse,
     status_code=202,
     responses={**_NOT_FOUND, **_CONFLICT},
@@ -638,12 +646,14 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     return await _on_storage_error(request, StorageError(f"the database failed: {reason}"))
 
 
-async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    detail = exc.detail
+    detail, headers = exc.detail, exc.headers
     if exc.status_code == 400:  # FastAPI's only one: a body json.loads could not read
         detail = "body: not JSON text (UTF-8); send a JSON object as application/json"
-    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -43,7 +43,7 @@ _FINAL_STATUSES = {s.value for s in RunStatus if s.is_final}
 
 
 class NodeAdd(StorableText):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     ip: str = Field(max_length=45)
     port: int = Field(ge=1, le=65535)
     node_group: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
@@ -148,7 +148,7 @@ def node_router(
                 )
         return [answer for answer in answers if answer is not None]
 
-    @router.post("/job-logs/{job_log_id}/result", tags=["job-logs"], responses=_errors(404))
+    @router.post("/job-logs/{job_log_id:int}/result", tags=["job-logs"], responses=_errors(404))
     async def result(job_log_id: Id, report: JobResultReport, request: Request) -> dict[str, bool]:
         if report.job_log_id != job_log_id:
             raise HTTPException(
@@ -228,7 +228,7 @@ def node_router(
         except IntegrityError:  # the watch inserted the row between our read and write
             return await run_in_threadpool(add, True)
 
-    @router.delete("/nodes/{node_id}", status_code=204, tags=["nodes"], responses=_errors(404))
+    @router.delete("/nodes/{node_id:int}", status_code=204, tags=["nodes"], responses=_errors(404))
     async def remove_node(node_id: Id) -> Response:
         def remove() -> int:
             with engine_sessions() as s, s.begin():

@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    Strict,
     model_validator,
 )
 from pydantic import ValidationError as PydanticValidationError
@@ -119,7 +120,7 @@ def every_error(
 class _Request(StorableText):
     """A request body: unknown fields are an error that lists the fields there are."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -301,7 +302,7 @@ class TaskCreate(_Request):
     node_group: GroupRef
     schedule: ScheduleText
     timezone: TimezoneName = "UTC"
-    task_type: TaskType = TaskType.SHELL
+    task_type: Annotated[TaskType, Strict(False)] = TaskType.SHELL
     payload: dict[str, Any] = Field(
         description="shell: {command, env?, workdir?}; "
         "http: {url, method?, headers?, body?, expected_status?}",
@@ -310,11 +311,11 @@ class TaskCreate(_Request):
     params: Params = ""
     timeout_s: TimeoutS = 0
     retry_count: RetryCount = 0
-    retry_backoff: RetryBackoff = RetryBackoff.FIXED
+    retry_backoff: Annotated[RetryBackoff, Strict(False)] = RetryBackoff.FIXED
     retry_interval_s: RetryInterval = 10.0
-    route_strategy: RouteStrategy = RouteStrategy.FIRST
-    block_strategy: BlockStrategy = BlockStrategy.SERIAL
-    misfire_policy: MisfirePolicy = MisfirePolicy.SKIP
+    route_strategy: Annotated[RouteStrategy, Strict(False)] = RouteStrategy.FIRST
+    block_strategy: Annotated[BlockStrategy, Strict(False)] = BlockStrategy.SERIAL
+    misfire_policy: Annotated[MisfirePolicy, Strict(False)] = MisfirePolicy.SKIP
     enabled: bool = True
 
 
@@ -326,16 +327,16 @@ class TaskUpdate(_Request):
     node_group: GroupRef | None = None
     schedule: ScheduleText | None = None
     timezone: TimezoneName | None = None
-    task_type: TaskType | None = None
+    task_type: Annotated[TaskType, Strict(False)] | None = None
     payload: dict[str, Any] | None = None
     params: Params | None = None
     timeout_s: TimeoutS | None = None
     retry_count: RetryCount | None = None
-    retry_backoff: RetryBackoff | None = None
+    retry_backoff: Annotated[RetryBackoff, Strict(False)] | None = None
     retry_interval_s: RetryInterval | None = None
-    route_strategy: RouteStrategy | None = None
-    block_strategy: BlockStrategy | None = None
-    misfire_policy: MisfirePolicy | None = None
+    route_strategy: Annotated[RouteStrategy, Strict(False)] | None = None
+    block_strategy: Annotated[BlockStrategy, Strict(False)] | None = None
+    misfire_policy: Annotated[MisfirePolicy, Strict(False)] | None = None
     enabled: bool | None = None
 
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ays_runtime import __version__
 from ays_runtime.auth import Caller, authenticate
@@ -33,7 +34,14 @@ from ays_runtime.protocol import (
     RunRequest,
 )
 from ays_runtime.web.fields import Id, Position, StorableText
-from ays_runtime.web.guard import BodyLimit, BodyLimits, Guard, PublicRoutes, document
+from ays_runtime.web.guard import (
+    BodyLimit,
+    BodyLimits,
+    Guard,
+    PublicRoutes,
+    allowed_methods,
+    document,
+)
 from ays_runtime.web.refusals import RefusalLog
 
 if TYPE_CHECKING:
@@ -52,6 +60,7 @@ class JobRefused(Exception):
 
 
 class KillRequest(StorableText):
+    model_config = ConfigDict(strict=True)
     reason: str = Field("killed on request", max_length=1024)
 
 
@@ -81,11 +90,20 @@ async def _on_request_invalid(_request: Request, exc: Exception) -> JSONResponse
     return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
 
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
 def create_app(node: NodeDaemon) -> FastAPI:
     """The node API, answering for `node`."""
 
     app = FastAPI(title="Ays node", version=__version__, docs_url=None, redoc_url=None)
-    guarded = APIRouter(prefix=API, responses=_errors(401, 422))
+    # 404 also for a path whose id is not a number: no route has it.
+    guarded = APIRouter(prefix=API, responses=_errors(401, 404, 422))
     refusals = RefusalLog(node.who, log)
 
     async def caller(headers: Mapping[str, str]) -> Caller | None:
@@ -100,6 +118,7 @@ def create_app(node: NodeDaemon) -> FastAPI:
         error_key="detail",
     )
     app.add_exception_handler(RequestValidationError, _on_request_invalid)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
     document(app, PUBLIC, error_key="detail")
 
     @guarded.post("/jobs", status_code=202, response_model=RunAccepted, responses=_errors(429, 503))
@@ -129,13 +148,13 @@ def create_app(node: NodeDaemon) -> FastAPI:
             )
         return RunBatchAnswer(runs=answers)
 
-    @guarded.post("/jobs/{job_log_id}/kill", response_model=Killed)
+    @guarded.post("/jobs/{job_log_id:int}/kill", response_model=Killed)
     async def kill_job(job_log_id: Id, body: KillRequest | None = None) -> Killed:
         reason = body.reason if body is not None else KillRequest().reason
         return Killed(killed=await node.kill(job_log_id, reason))
 
     @guarded.get(
-        "/jobs/{job_log_id}/output",
+        "/jobs/{job_log_id:int}/output",
         response_class=Response,
         responses={
             **_errors(404),

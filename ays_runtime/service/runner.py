@@ -46,7 +46,7 @@ from ays_runtime.service.handover import (
     spawn_successor,
     stop_accepting,
 )
-from ays_runtime.service.layout import Role, ServiceFiles
+from ays_runtime.service.layout import Role, ServiceFiles, service_umask
 from ays_runtime.service.pidfile import Pidfile
 
 log = logging.getLogger("ays.service")
@@ -357,6 +357,7 @@ def run_service(role: Role, config: EnvConfig) -> int:
     """Run `role` as a service in the foreground (what `serve` does); the exit code."""
     files = ServiceFiles(role, config)
     inheritance = Inheritance.from_environ()
+    service_umask()
     try:
         service_logging(files.log_file)
     except OSError as err:

@@ -3,7 +3,7 @@
     Id         1 .. 2**53-1         an id (task, job log, node)
     Position   0 .. 2**53-1         an offset, a page position, a byte position
     Int32      -2**31 .. 2**31-1    a number stored in an INTEGER column
-    UtcIn      a date-time from 1970 to 9999, with or without an offset: naive UTC inside
+    UtcIn      an ISO 8601 date-time, with or without an offset (none: UTC): naive UTC inside
     UtcOut     a stored (naive UTC) date-time, sent with its `Z`
 
 Python's int has no bound; SQLite's and MySQL's integers have, and a JSON reader in a browser
@@ -13,15 +13,26 @@ driver (a test checks every integer of both OpenAPI documents).
 
 `StorableText` is the base of every request body and manager-node message: a string holding
 a lone surrogate (JSON allows `"\\ud800"`; no database stores it) is refused naming its field.
+Those models are strict besides (`ConfigDict(strict=True)`): a JSON value of the wrong type
+(`"5"` for 5, `0` for false) is refused as the OpenAPI document says, not converted; enums
+and date-times, which arrive as text, are marked `Strict(False)`.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import annotated_types
-from pydantic import AfterValidator, BaseModel, ModelWrapValidatorHandler, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ModelWrapValidatorHandler,
+    Strict,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
@@ -33,24 +44,32 @@ Id = Annotated[int, annotated_types.Interval(ge=1, le=SAFE_INT_MAX)]
 Position = Annotated[int, annotated_types.Interval(ge=0, le=SAFE_INT_MAX)]
 Int32 = Annotated[int, annotated_types.Interval(ge=INT32_MIN, le=INT32_MAX)]
 NonNegativeInt32 = Annotated[int, annotated_types.Interval(ge=0, le=INT32_MAX)]
+_ISO_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+
+
+def _iso_text(value: Any) -> Any:
+    """Text that spells a date and a time (pydantic alone would also take 0.5 as a time)."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _ISO_DATE_TIME.match(value)):
+        return value
+    raise ValueError("an ISO 8601 date-time, e.g. 2026-05-01T08:00:00Z")
 
 
 def _naive_utc(moment: datetime) -> datetime:
-    if moment.tzinfo is not None:
-        try:
-            moment = moment.astimezone(UTC).replace(tzinfo=None)
-        except OverflowError:
-            raise ValueError("a date-time between 1970 and 9999") from None
-    if not 1970 <= moment.year <= 9999:
-        raise ValueError("a date-time between 1970 and 9999")
-    return moment
+    if moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # beyond year 1 or 9999 in UTC: the nearest time there is
+        return datetime.min if moment.year < 5000 else datetime.max
 
 
 def _with_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-UtcIn = Annotated[datetime, AfterValidator(_naive_utc)]
+# Strict(False): request models are strict (no "1" for 1, no 0 for false), but a date-time
+# arrives as text in JSON and in a query alike.
+UtcIn = Annotated[datetime, Strict(False), BeforeValidator(_iso_text), AfterValidator(_naive_utc)]
 UtcOut = Annotated[datetime, AfterValidator(_with_utc)]
 
 

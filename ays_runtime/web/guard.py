@@ -27,6 +27,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ays_runtime.auth import Caller
@@ -238,6 +240,17 @@ def _error_text(body: bytes, key: str) -> str:
         first = text[0]
         text = f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', '')}"
     return str(text)[:300] if text else ""
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header of a 405: every method a route of the app takes at this path
+    (Starlette names only the methods of the first route whose path matched)."""
+    probe = {**request.scope, "method": "\0"}  # no route takes it: a path match is partial
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.matches(probe)[0] is Match.PARTIAL:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 # --- the OpenAPI document -------------------------------------------------------------------
