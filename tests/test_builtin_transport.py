@@ -30,8 +30,9 @@ from tests.test_scheduler import MANAGER
 
 
 class StandInNode:
-    """Answers like a node: `current` takes batches, `old` has only POST /jobs, `broken`
-    answers 500 to everything. Records (path, body) of every request."""
+    """Answers like a node: `current` takes batches, `old` has only POST /jobs, `small`
+    refuses every batch as too large (413), `broken` answers 500 to everything. Records
+    (path, body) of every request."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -57,6 +58,8 @@ class StandInNode:
         if path == "/api/v1/jobs/batch":
             if self.kind == "old":
                 return 404, {"detail": "Not Found"}
+            if self.kind == "small":
+                return 413, {"detail": "the request body is larger than this route takes"}
             runs = [{"job_log_id": r["job_log_id"], "status_code": 202} for r in body["runs"]]
             return 200, {"runs": runs}
         return 202, {"job_log_id": body["job_log_id"], "duplicate": False}
@@ -125,10 +128,11 @@ def test_a_burst_goes_to_each_node_in_one_request(
     assert nodes[0::2] == [nodes[0]] * 5 and nodes[1::2] == [nodes[1]] * 5  # round robin
 
 
-def test_a_node_of_an_older_version_gets_the_runs_one_by_one(
-    engine: Engine, stand_ins: list[StandInNode]
+@pytest.mark.parametrize("kind", ["old", "small"], ids=["older-node", "batch-too-large"])
+def test_a_node_of_an_older_version_or_refusing_the_batch_as_too_large_gets_runs_one_by_one(
+    engine: Engine, stand_ins: list[StandInNode], kind: str
 ) -> None:
-    stand_ins.append(StandInNode("old"))
+    stand_ins.append(StandInNode(kind))
     jobs = claimed_runs(engine, 4)
     dispatch(engine, stand_ins, jobs)
     assert stand_ins[0].paths() == ["/api/v1/jobs/batch"] + ["/api/v1/jobs"] * 4

@@ -63,8 +63,9 @@ class FakeManager:
     """Records what nodes send to the manager API; `result_status` is its answer to result
     reports (200 takes them; anything else refuses them and counts the refusal). It answers
     the batch route POST /api/v1/job-logs/results as the manager does (a status per result),
-    or, with `batch_route` False, 404 as a manager of an older version would. `result_posts`
-    lists the size of every request that carried results."""
+    or, with `batch_route` False, 404 as a manager of an older version would, or with
+    `batch_status` 413 refuses every batch as too large. `result_posts` lists the size of every
+    request that carried results."""
 
     _RESULT = re.compile(r"^/api/v1/job-logs/(\d+)/result$")
 
@@ -75,6 +76,7 @@ class FakeManager:
         self.refused: dict[int, int] = {}
         self.result_status = 200
         self.batch_route = True
+        self.batch_status = 200
         self.result_posts: list[int] = []
         self._cond = threading.Condition()
         self._server = JsonServer(self._answer)
@@ -134,6 +136,8 @@ class FakeManager:
             return self._record(path, body, auth), {}
         if not self.batch_route:
             return 404, {"detail": "Not Found"}
+        if self.batch_status != 200:
+            return self.batch_status, {"error": "the request body is larger than this route takes"}
         self.result_posts.append(len(body["results"]))
         answers = []
         for report in body["results"]:
@@ -402,14 +406,19 @@ def test_a_batch_of_runs_gets_one_answer_per_run_as_post_jobs_would_give(
     assert unauthorised.status_code == 401
 
 
-@pytest.mark.parametrize("batch_route", [True, False], ids=["batched", "older-manager"])
-def test_results_finishing_together_travel_together_or_one_by_one_to_an_older_manager(
+@pytest.mark.parametrize(
+    ("batch_route", "batch_status"),
+    [(True, 200), (False, 200), (True, 413)],
+    ids=["batched", "older-manager", "batch-too-large"],
+)
+def test_results_finishing_together_travel_together_or_one_by_one_when_a_batch_is_not_taken(
     tmp_path: Path,
     manager: FakeManager,
     start_node: Callable[..., NodeProcess],
     batch_route: bool,
+    batch_status: int,
 ) -> None:
-    manager.batch_route = batch_route
+    manager.batch_route, manager.batch_status = batch_route, batch_status
     node = start_node(max_concurrent_jobs=8)
     go = tmp_path / "go"
     ids = list(range(30, 38))
@@ -421,7 +430,7 @@ def test_results_finishing_together_travel_together_or_one_by_one_to_an_older_ma
     for i in ids:
         assert manager.result(i)["output"] == f"run {i}\n"
     assert sum(manager.result_posts) == len(ids)  # each result once
-    if batch_route:
+    if batch_route and batch_status == 200:
         assert len(manager.result_posts) < len(ids), manager.result_posts
         assert max(manager.result_posts) > 1
     else:
