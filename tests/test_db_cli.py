@@ -33,15 +33,23 @@ def write_config(folder: Path, storage_url: str) -> Path:
     return path
 
 
-def db_upgrade(config: Path) -> subprocess.CompletedProcess[str]:
+def manager_command(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(AYS_MANAGER), "db", "upgrade", "--config", str(config)],
+        [str(AYS_MANAGER), *args, "--config", str(config)],
         cwd=config.parent,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def db_upgrade(config: Path) -> subprocess.CompletedProcess[str]:
+    return manager_command(config, "db", "upgrade")
+
+
+def reconcile_dry_run(config: Path) -> subprocess.CompletedProcess[str]:
+    return manager_command(config, "reconcile", "--dry-run")
 
 
 def test_db_upgrade_migrates_a_new_sqlite_database_and_names_it(tmp_path: Path) -> None:
@@ -87,17 +95,6 @@ def test_db_upgrade_against_a_server_that_does_not_answer_fails_cleanly(tmp_path
     assert "database mysql+pymysql://ays:***@127.0.0.1:1/ays: cannot connect" in result.stderr
     assert "S3cret-x" not in output
     assert "Traceback" not in output
-
-
-def reconcile_dry_run(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(AYS_MANAGER), "reconcile", "--dry-run", "--config", str(config)],
-        cwd=config.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_reconcile_dry_run_with_an_unreachable_database_says_so_in_one_line(

@@ -115,10 +115,9 @@ from ays_runtime.web.guard import (
     TOKEN_HEADER,
     BodyLimit,
     BodyLimits,
-    Guard,
     PublicRoutes,
     allowed_methods,
-    document,
+    protect,
 )
 from ays_runtime.web.refusals import RefusalLog
 
@@ -681,7 +680,6 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         f"Send the env's access token as `Authorization: Bearer <token>` or `{TOKEN_HEADER}`.",
     )
     app.state.ays = ctx
-    app.state.refusals = RefusalLog(f"manager {ctx.manager_id}", log)
     app.include_router(health_router, prefix=API_PREFIX)
     routers = (
         tasks_router,
@@ -700,17 +698,16 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     async def caller(headers: Mapping[str, str]) -> Caller | None:
         return await authenticate(headers, token)
 
-    app.add_middleware(
-        Guard,
+    protect(
+        app,
         public=PUBLIC,
         authenticate=caller,
         limits=BodyLimits(
             BodyLimit(settings.max_body_bytes, "manager.max_body_bytes"),
             dict.fromkeys(RESULT_ROUTES, results),
         ),
-        refusals=app.state.refusals,
+        refusals=RefusalLog(f"manager {ctx.manager_id}", log),
     )
-    document(app, PUBLIC)
     app.add_exception_handler(RequestValidationError, _on_request_invalid)
     app.add_exception_handler(ValidationError, _on_invalid)
     app.add_exception_handler(NotFoundError, _plain(404))

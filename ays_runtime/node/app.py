@@ -34,14 +34,7 @@ from ays_runtime.protocol import (
     RunRequest,
 )
 from ays_runtime.web.fields import Id, Position, StorableText
-from ays_runtime.web.guard import (
-    BodyLimit,
-    BodyLimits,
-    Guard,
-    PublicRoutes,
-    allowed_methods,
-    document,
-)
+from ays_runtime.web.guard import BodyLimit, BodyLimits, PublicRoutes, allowed_methods, protect
 from ays_runtime.web.refusals import RefusalLog
 
 if TYPE_CHECKING:
@@ -104,22 +97,20 @@ def create_app(node: NodeDaemon) -> FastAPI:
     app = FastAPI(title="Ays node", version=__version__, docs_url=None, redoc_url=None)
     # 404 also for a path whose id is not a number: no route has it.
     guarded = APIRouter(prefix=API, responses=_errors(401, 404, 422))
-    refusals = RefusalLog(node.who, log)
 
     async def caller(headers: Mapping[str, str]) -> Caller | None:
         return await authenticate(headers, node.token)
 
-    app.add_middleware(
-        Guard,
+    protect(
+        app,
         public=PUBLIC,
         authenticate=caller,
         limits=BodyLimits(BodyLimit(node.config.node.max_body_bytes, "node.max_body_bytes")),
-        refusals=refusals,
+        refusals=RefusalLog(node.who, log),
         error_key="detail",
     )
     app.add_exception_handler(RequestValidationError, _on_request_invalid)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    document(app, PUBLIC, error_key="detail")
 
     @guarded.post("/jobs", status_code=202, response_model=RunAccepted, responses=_errors(429, 503))
     async def run_job(request: RunRequest) -> RunAccepted | JSONResponse:

@@ -13,8 +13,9 @@ For every HTTP request, before the app (and so before FastAPI reads or parses a 
 A refusal whose body was not read says `Connection: close`, so the server drops the rest of
 it instead of reading it (a 100 MB body without a token costs a header's worth of memory).
 
-`document(app, guard)` makes the app's OpenAPI document say all this: the security of every
-guarded operation, the 401/413/400 answers, and integer bounds written as integers.
+`protect(app, ...)` puts the guard in front of an app and makes its OpenAPI document say all
+this (`document`): the security of every guarded operation, the 401/413/400 answers, and
+integer bounds written as integers.
 """
 
 from __future__ import annotations
@@ -181,6 +182,28 @@ class Guard:
             raw.append((b"connection", b"close"))  # the unread body is dropped, not read
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+def protect(
+    app: FastAPI,
+    *,
+    public: PublicRoutes,
+    authenticate: Authenticate,
+    limits: BodyLimits,
+    refusals: RefusalLog,
+    error_key: str = "error",
+) -> None:
+    """Put the guard in front of `app` and describe it in the app's OpenAPI document."""
+    app.add_middleware(
+        Guard,
+        public=public,
+        authenticate=authenticate,
+        limits=limits,
+        refusals=refusals,
+        error_key=error_key,
+    )
+    app.state.refusals = refusals
+    document(app, public, error_key)
 
 
 def _content_length(headers: Headers) -> int | None:
