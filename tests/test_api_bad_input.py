@@ -257,6 +257,13 @@ def test_a_100_mb_body_without_a_token_is_refused_before_it_is_read(sqlite_stack
         assert response.status_code == 401, response.text
     grown = rss(sqlite_stack.manager) - before
     assert grown < 64 << 20, f"the manager grew by {grown >> 20} MB"
+    # Nor is a body parsed before the token is checked: a malformed one is a 401 too.
+    response = httpx.post(
+        f"http://127.0.0.1:{sqlite_stack.manager_port}/api/v1/job-logs/results",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 401, response.text
 
 
 def test_with_a_token_a_body_over_the_limit_is_a_413_naming_the_setting(
