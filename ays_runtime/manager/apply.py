@@ -126,7 +126,7 @@ def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
     errors: list[ValidationError] = []
     groups: list[NodeGroupCreate] = []
     seen_groups: dict[str, int] = {}
-    for i, data in enumerate(doc.node_groups):
+    for i, data in enumerate(doc.node_groups or ()):
         where = f"node_groups[{i}]"
         if _seen_before(data, seen_groups, i, "node_groups", errors):
             continue
@@ -139,7 +139,7 @@ def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
     specs: list[TaskCreate] = []
     columns: dict[str, dict[str, Any]] = {}
     seen_tasks: dict[str, int] = {}
-    for i, data in enumerate(doc.tasks):
+    for i, data in enumerate(doc.tasks or ()):
         where = f"tasks[{i}]"
         if _seen_before(data, seen_tasks, i, "tasks", errors):
             continue

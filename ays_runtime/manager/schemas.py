@@ -376,10 +376,11 @@ class TasksDocument(_Request):
     """Tasks as code: the node groups and tasks a manager should have, each by its name. A
     task's field left out means its default. `POST /apply` takes it; `GET /export` writes it."""
 
-    node_groups: Annotated[list[dict[str, Any]], BeforeValidator(_none_is_empty)] = Field(
+    # null (a YAML key with nothing under it) means none: the document says so too.
+    node_groups: Annotated[list[dict[str, Any]] | None, BeforeValidator(_none_is_empty)] = Field(
         default_factory=list, description="each {name, description?}"
     )
-    tasks: Annotated[list[dict[str, Any]], BeforeValidator(_none_is_empty)] = Field(
+    tasks: Annotated[list[dict[str, Any]] | None, BeforeValidator(_none_is_empty)] = Field(
         default_factory=list, description="each the fields of POST /tasks"
     )
 
