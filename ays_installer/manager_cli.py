@@ -203,6 +203,8 @@ def node_add(
         raise fail(f"error: {err}") from None
     with task_cli.connect(env, config, root, url) as api:
         node = api.post("/nodes", json={"ip": node_ip, "port": node_port, "node_group": group})
+    if node.get("group_created"):
+        typer.echo(f"created node group {group}")
     typer.echo(f"added node {node['id']}: {node_ip}:{node_port} in group {group}")
 
 

@@ -418,6 +418,35 @@ def test_the_manager_follows_the_node_list_edited_in_kv(
     assert f"node {ays.address('b')} left the node list" in ays.manager.log()
 
 
+def test_a_node_listed_in_kv_or_added_by_hand_in_an_unknown_group_creates_the_group(
+    make_cluster: Callable[..., Cluster], database_url: str, kv: consul.Consul
+) -> None:
+    ays = make_cluster(database_url)
+    ghost = free_port()
+    edit_nodelist(
+        kv,
+        lambda entries: entries.append(
+            {"ip": "127.0.0.1", "port": ghost, "node_group": "from_kv", "source": "self"}
+        ),
+    )
+
+    def group(name: str) -> dict[str, Any] | None:
+        with ays.api() as api:
+            answer = api.get(f"/node-groups/{name}")
+        return answer.json() if answer.status_code == 200 else None
+
+    made = wait_for(lambda: group("from_kv"), 15, "the group of the node listed in KV")
+    assert made["auto_created"] is True
+    assert made["description"] == f"created when node 127.0.0.1:{ghost} joined it"
+    with ays.api() as api:
+        added = api.post("/nodes", json={"ip": "127.0.0.1", "port": 19005, "node_group": "by_add"})
+    assert added.status_code == 201, added.text
+    assert added.json()["group_created"] is True
+    assert (group("by_add") or {}).get("auto_created") is True
+    assert (group("g1") or {}).get("auto_created") is False
+    assert "registry: node group from_kv created" in ays.manager.log()
+
+
 def test_manual_add_and_remove_through_the_api_and_the_cli_write_the_kv_node_list(
     make_cluster: Callable[..., Cluster], sqlite_url: str, kv: consul.Consul
 ) -> None:

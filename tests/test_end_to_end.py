@@ -443,3 +443,61 @@ def test_the_pending_runs_of_a_manager_gone_silent_are_adopted_and_run_and_no_ot
         )
     finally:
         engine.dispose()
+
+
+def test_a_node_joining_a_group_that_does_not_exist_creates_it_and_tasks_can_then_use_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """As xxl-job's executors register their app name: no POST /node-groups first."""
+    manager_port, node_port = free_port(), free_port()
+    config = write_config(tmp_path / "ays.yaml", database_url, manager_port, tmp_path)
+    the_manager = manager(config, tmp_path / "manager.log", manager_port).start()
+    the_node = node(config, tmp_path / "node.log", "joined_group", node_port)
+    try:
+        with client(manager_port) as api:
+            early = api.post("/tasks", json=_hello("joined_group"))
+            assert early.status_code == 422, early.text
+            assert early.json()["field"] == "node_group"
+            assert "no node has joined it yet" in early.json()["error"]
+            assert "start a node with -g joined_group" in early.json()["error"]
+
+            the_node.start()
+            group = wait_for(
+                lambda: (
+                    api.get("/node-groups/joined_group").json().get("auto_created") is True
+                    and api.get("/node-groups/joined_group").json()
+                ),
+                30,
+                "the group created by the node's heartbeat",
+            )
+            assert group["description"] == f"created when node 127.0.0.1:{node_port} joined it"
+            made = api.post("/node-groups", json={"name": "by_hand"}).json()
+            assert made["auto_created"] is False
+
+            task = api.post("/tasks", json=_hello("joined_group"))
+            assert task.status_code == 201, task.text
+            fired = api.post(f"/tasks/{task.json()['id']}/trigger", json={}).json()
+            run = wait_for(
+                lambda: (
+                    (r := api.get(f"/job-logs/{fired['job_log_id']}").json())["status"] in FINAL
+                    and r
+                ),
+                30,
+                "the run finished",
+            )
+        assert run["status"] == "succeeded", run
+        assert "node group joined_group created" in the_manager.log()
+    finally:
+        if the_node.proc is not None:
+            the_node.stop()
+        the_manager.stop()
+
+
+def _hello(group: str) -> dict[str, Any]:
+    return {
+        "name": f"hello-{group}",
+        "node_group": group,
+        "schedule": "0 0 0 1 1 *",
+        "task_type": "shell",
+        "payload": {"command": "echo hello"},
+    }

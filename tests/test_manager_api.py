@@ -292,7 +292,11 @@ def test_the_messages_say_what_is_expected(api: Api) -> None:
     def error(**overrides: Any) -> str:
         return api.client.post("/tasks", json=task_body(**overrides)).json()["error"]
 
-    assert "create it first with POST /api/v1/node-groups" in error(node_group="nowhere")
+    assert error(node_group="nowhere") == (
+        "node_group: 'nowhere' is not valid: no such node group: no node has joined it yet; "
+        "start a node with -g nowhere (the group is created when it joins), or create the "
+        "group with POST /api/v1/node-groups"
+    )
     assert "'first', 'round_robin'" in error(route_strategy="fastest")
     assert "the fields are name, description" in error(colour="blue")
     assert "IANA time zone" in error(timezone="Mars/Olympus")

@@ -53,7 +53,9 @@ def stored_then_read(sessions: sessionmaker[Session], row: Base) -> Base:
 
 
 def group(name: str = "node_group_ksa") -> NodeGroup:
-    return NodeGroup(name=name, description="KSA executors", created_at=T0, updated_at=T0)
+    return NodeGroup(
+        name=name, description="KSA executors", auto_created=True, created_at=T0, updated_at=T0
+    )
 
 
 def task(name: str = "nightly-report", node_group: str = "node_group_ksa", **fields: Any) -> Task:

@@ -30,7 +30,7 @@ from ays_runtime.protocol import (
     ResultBatch,
     ResultBatchAnswer,
 )
-from ays_runtime.registry.base import NodeRegistry
+from ays_runtime.registry.base import NodeRegistry, ensure_node_groups
 from ays_runtime.registry.builtin import BuiltinRegistry
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeSource, NodeStatus, RunStatus
@@ -178,17 +178,21 @@ def node_router(
             made the row already: then that row is the answer."""
             now = utcnow()
             with engine_sessions() as s, s.begin():
-                if s.scalar(select(NodeGroup.id).where(NodeGroup.name == body.node_group)) is None:
-                    raise HTTPException(
-                        422,
-                        f"node_group: {body.node_group!r} is not a known node group; "
-                        "create it first with POST /api/v1/node-groups",
-                    )
                 node = s.scalar(select(Node).where(Node.ip == body.ip, Node.port == body.port))
                 if node is not None and not listed:
                     raise HTTPException(409, f"node {body.ip}:{body.port} is already registered")
                 if check_only:
                     return {}
+                # A node added by hand joins its group as a node that registers itself does.
+                address = f"{body.ip}:{body.port}"
+                created = ensure_node_groups(s.connection(), {body.node_group: address})
+                if created:
+                    log.info(
+                        "manager %s: node group %s created: node %s was added to it",
+                        manager_id,
+                        body.node_group,
+                        address,
+                    )
                 if node is None:
                     node = Node(
                         ip=body.ip,
@@ -210,6 +214,7 @@ def node_router(
                     "node_group": node.node_group,
                     "status": node.status,
                     "source": node.source,
+                    "group_created": bool(created),
                 }
 
         if node_list is None:

@@ -490,6 +490,9 @@ class NodeGroupOut(_Response):
     id: int
     name: str
     description: str
+    auto_created: bool = Field(
+        description="created when a node joined it, not by POST /api/v1/node-groups"
+    )
     created_at: UtcOut
     updated_at: UtcOut
 

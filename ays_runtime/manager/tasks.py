@@ -285,7 +285,9 @@ def _checked_columns(session: Session, spec: TaskCreate, task_id: int | None) ->
         raise ValidationError(
             "node_group",
             spec.node_group,
-            "no such node group; create it first with POST /api/v1/node-groups",
+            f"no such node group: no node has joined it yet; start a node with -g "
+            f"{spec.node_group} (the group is created when it joins), or create the group "
+            "with POST /api/v1/node-groups",
         )
     other = _task_id_by_name(session, spec.name)
     if other is not None and other != task_id:

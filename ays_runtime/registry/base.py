@@ -1,10 +1,16 @@
-"""The contract of a registry backend, manager side."""
+"""The contract of a registry backend, manager side, and the rule every way a node joins
+keeps: a node joining a group that does not exist creates it (`ensure_node_groups`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+
+from sqlalchemy import Connection, select
+
+from ays_runtime.storage.database import insert_ignoring_duplicates, utcnow
+from ays_runtime.storage.models import NodeGroup
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,35 @@ class NodeRef:
 
 
 NodeLostCallback = Callable[[str], Awaitable[None]]
+
+
+def ensure_node_groups(conn: Connection, joined: Mapping[str, str]) -> list[str]:
+    """Create each group of `joined` (group name -> the address of a node that joined it)
+    that is not a node group yet, recorded as auto-created; return the names created.
+
+    Inside the caller's transaction. A group that exists (however it was made) is left
+    alone; two managers creating the same group at once both succeed (the insert skips an
+    existing name), so a node joining is never refused for it. Costs one indexed SELECT when
+    every group exists."""
+    names = sorted(joined)
+    if not names:
+        return []
+    existing = set(conn.scalars(select(NodeGroup.name).where(NodeGroup.name.in_(names))))
+    missing = [name for name in names if name not in existing]
+    if missing:
+        now = utcnow()
+        rows = [
+            {
+                "name": name,
+                "description": f"created when node {joined[name]} joined it",
+                "auto_created": True,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for name in missing
+        ]
+        insert_ignoring_duplicates(conn, NodeGroup, rows, keep="name")
+    return missing
 
 
 class NodeRegistry(ABC):

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.config import BuiltinRegistrySettings
 from ays_runtime.protocol import Heartbeat
-from ays_runtime.registry.base import NodeRef, NodeRegistry
+from ays_runtime.registry.base import NodeRef, NodeRegistry, ensure_node_groups
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Node, NodeSource, NodeStatus
 
@@ -56,7 +56,8 @@ class BuiltinRegistry(NodeRegistry):
     # -- heartbeats (called by the API) ---------------------------------------------------
 
     def record_heartbeat(self, beat: Heartbeat) -> bool:
-        """Upsert the node as online; True when it was not online before."""
+        """Upsert the node as online (creating its node group if there is none); True when
+        it was not online before."""
         now = utcnow()
         values = {
             "node_group": beat.node_group,
@@ -67,6 +68,7 @@ class BuiltinRegistry(NodeRegistry):
             "updated_at": now,
         }
         with self.engine.begin() as conn:
+            created = ensure_node_groups(conn, {beat.node_group: f"{beat.ip}:{beat.port}"})
             row = conn.execute(
                 select(Node.id, Node.status).where(Node.ip == beat.ip, Node.port == beat.port)
             ).first()
@@ -84,6 +86,14 @@ class BuiltinRegistry(NodeRegistry):
             else:
                 conn.execute(update(Node).where(Node.id == row.id).values(**values))
                 came_online = row.status != NodeStatus.ONLINE.value
+        for group in created:
+            log.info(
+                "manager %s: node group %s created: node %s:%d joined it",
+                self.manager_id,
+                group,
+                beat.ip,
+                beat.port,
+            )
         if came_online:
             log.info(
                 "manager %s: node %s:%d (%s) is online",

@@ -60,7 +60,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ays_runtime.config import ConsulRegistrySettings, check_ip
 from ays_runtime.exceptions import RegistryError, TransientRegistryError
-from ays_runtime.registry.base import NodeRef, NodeRegistry
+from ays_runtime.registry.base import NodeRef, NodeRegistry, ensure_node_groups
 from ays_runtime.retry import Backoff
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Node, NodeSource, NodeStatus
@@ -783,6 +783,8 @@ class ConsulRegistry(NodeRegistry):
                     )
                 ).all()
             }
+            joined = {e.node_group: e.address for e in listed.values()}
+            created = ensure_node_groups(conn, joined)
             still_online: list[int] = []
             for address, entry in listed.items():
                 instance = instances.get(address)
@@ -839,6 +841,13 @@ class ConsulRegistry(NodeRegistry):
                     .where(Node.id.in_(still_online), Node.status == online)
                     .values(last_seen=now)
                 )
+        for group in created:
+            log.info(
+                "%s: registry: node group %s created: node %s joined it",
+                self.who,
+                group,
+                joined[group],
+            )
         return came, lost
 
     @staticmethod

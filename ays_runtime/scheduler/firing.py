@@ -21,10 +21,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import insert_ignoring_duplicates, utcnow
 from ays_runtime.storage.models import JobLog, RunStatus, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
 
@@ -47,20 +46,6 @@ class Fire:
     shard_index: int = 0
     shard_total: int = 1
     due_at: datetime | None = None  # a retry: not dispatched before its backoff has passed
-
-
-def insert_ignoring_duplicates(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """INSERT rows into ays_job_log; a row whose slot key exists is silently skipped."""
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        conn.execute(sqlite.insert(JobLog).on_conflict_do_nothing(), rows)
-    elif dialect in ("mysql", "mariadb"):
-        stmt = mysql.insert(JobLog)
-        # Assigning a column to itself is MySQL's "do nothing" for a duplicate key; unlike
-        # INSERT IGNORE it does not also swallow other errors (bad values, truncation).
-        conn.execute(stmt.on_duplicate_key_update(claim=stmt.table.c.claim), rows)
-    else:  # pragma: no cover - config validation admits only the two
-        raise NotImplementedError(dialect)
 
 
 def claim_slots(
@@ -106,7 +91,7 @@ def claim_in(
         )
     if not rows:
         return []
-    insert_ignoring_duplicates(conn, rows)
+    insert_ignoring_duplicates(conn, JobLog, rows, keep="claim")
     won = conn.execute(select(*_CLAIMED_COLUMNS).where(JobLog.claim == token)).all()
     return [
         make_dispatch(

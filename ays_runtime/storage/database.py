@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,6 +79,24 @@ def _use_wal(cur: sqlite3.Cursor, wait_s: float) -> None:
             if "locked" not in str(err) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def insert_ignoring_duplicates(
+    conn: Connection, model: Any, rows: list[dict[str, Any]], *, keep: str
+) -> None:
+    """INSERT `rows` into `model`'s table; a row whose unique key exists is silently skipped.
+
+    `keep` names a column of the table: MySQL's "do nothing" on a duplicate key is assigning
+    a column to itself (unlike INSERT IGNORE, it does not also swallow bad values or
+    truncation)."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        conn.execute(sqlite.insert(model).on_conflict_do_nothing(), rows)
+    elif dialect in ("mysql", "mariadb"):
+        stmt = mysql.insert(model)
+        conn.execute(stmt.on_duplicate_key_update({keep: stmt.table.c[keep]}), rows)
+    else:  # pragma: no cover - config validation admits only the two
+        raise NotImplementedError(dialect)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
