@@ -167,7 +167,7 @@ def install(
 ) -> None:
     """Everything is checked and rendered before the first directory or file is touched."""
     if env is None:
-        known = ", ".join(known_envs()) or "(none)"
+        known = ", ".join(known_envs(root)) or "(none)"
         raise fail(f"error: name the environment with -e ENV: known environments are {known}")
     try:
         prepared = prepare(

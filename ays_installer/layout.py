@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ays_installer.resources import env_file, known_envs
+from ays_installer.resources import env_file
 from ays_runtime.config import (
     EnvConfig,
     ManagerSettings,
@@ -46,11 +46,7 @@ def staged(root: Path | None, path: str | Path) -> Path:
 def default_config_path(role: Role, env: str | None, root: Path | None) -> Path:
     """Where installConfig ROLE -e ENV [--root DIR] writes the role's config. Only the env
     file's conf_dir is read (no ${VAR} is expanded: no secret is needed to find a file)."""
-    name = env or DEFAULT_ENV
-    path = env_file(name)
-    if not path.is_file():
-        known = ", ".join(known_envs()) or "(none)"
-        raise ConfigError(f"unknown environment {name!r}: known environments are {known}")
+    path = env_file(env or DEFAULT_ENV, root)
     data = read_yaml(path)
     section = data.get(role) if isinstance(data, dict) else None
     model = ManagerSettings if role == "manager" else NodeSettings

@@ -32,7 +32,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from ays_installer.resources import env_file, load_env, templates_dir
+from ays_installer.resources import env_file, envs_dir, load_env, templates_dir
 from ays_runtime.config import (
     _PLACEHOLDER,  # the one definition of what a ${VAR} placeholder looks like
     EnvConfig,
@@ -87,8 +87,8 @@ def prepare(
     address (and group); `root` prefixes every directory of both roles, so a staged install
     is self-contained; a node's `manager_address` says where it reaches the manager.
     Raises ConfigError naming the file, field and what was expected."""
-    config = load_env(env)
-    source = env_file(env)
+    source = env_file(env, root)
+    config = load_env(str(source))
     given = {"ip": ip, "port": port, "group": group if role == "node" else None}
     own = {name: value for name, value in given.items() if value is not None}
     sections: dict[str, BaseModel] = {}
@@ -128,7 +128,7 @@ def render_config(prepared: Prepared) -> str:
     context = {
         "role": prepared.role,
         "env": config.env,
-        "source": f"envs/{prepared.source.name}",
+        "source": _shown_source(prepared.source),
         "top": {s.name: s for s in settings if not s.is_section},
         "sections": {s.name: _settings(getattr(config, s.name)) for s in settings if s.is_section},
     }
@@ -144,6 +144,15 @@ def render_config(prepared: Prepared) -> str:
         raise ConfigError(f"{template_path}: line {line}: {err.message}") from None
     _check_loads_back(text, prepared, template_path)
     return text
+
+
+def _shown_source(path: Path) -> str:
+    """The env file as the rendered file's header names it: the bundled ones by their
+    place in a checkout or tarball, an operator's own by its full path."""
+    bundled = envs_dir().resolve()
+    if path.resolve().parent == bundled:
+        return f"envs/{path.name}"
+    return str(path.absolute())
 
 
 def write_atomic(path: Path, text: str, mode: int, *, gid: int | None = None) -> bool:

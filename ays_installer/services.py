@@ -42,7 +42,7 @@ import typer
 from ays_installer.consul_watch import WATCH_FILE, is_rendered_watch
 from ays_installer.layout import Installation, installconfig_command
 from ays_installer.render import write_atomic
-from ays_installer.resources import templates_dir
+from ays_installer.resources import env_name, templates_dir
 from ays_runtime import __version__
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError, ServiceError
@@ -134,7 +134,7 @@ def _rendered_config(inst: Installation, wanted: Wanted) -> EnvConfig:
         differences.append(f"-g {wanted.group} but node.group is {config.node.group}")
     if inst.role == "node" and not config.node.group:
         differences.append("node.group is not set")
-    if wanted.env is not None and wanted.env != config.env:
+    if wanted.env is not None and env_name(Path(wanted.env)) != config.env:
         differences.append(f"-e {wanted.env} but it was rendered for env {config.env}")
     if differences:
         raise ConfigError(

@@ -165,7 +165,12 @@ def test_an_unknown_environment_lists_the_known_ones() -> None:
 
 
 def test_an_env_name_that_is_not_a_plain_name_is_unknown() -> None:
-    with pytest.raises(ConfigError, match="unknown environment '../envs/dev'"):
+    with pytest.raises(ConfigError, match="unknown environment 'Dev!'"):
+        load_env("Dev!")
+
+
+def test_an_env_path_that_is_no_file_is_named_with_the_known_environments() -> None:
+    with pytest.raises(ConfigError, match=r"^-e \.\./envs/dev: no such env file; .* known env"):
         load_env("../envs/dev")
 
 

@@ -88,11 +88,13 @@ def stage(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An editable copy of templates/ and envs/, used through AYS_RESOURCES."""
+    """An editable copy of templates/ and envs/, used through AYS_RESOURCES (from a working
+    directory without envs/ of its own, which would come first)."""
     copy = tmp_path / "resources"
     for part in ("templates", "envs"):
         shutil.copytree(resource_root() / part, copy / part)
     monkeypatch.setenv("AYS_RESOURCES", str(copy))
+    monkeypatch.chdir(tmp_path)
     yield copy
 
 

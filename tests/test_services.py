@@ -442,12 +442,12 @@ def test_install_start_reload_upgrade_stop_uninstall_without_a_failed_request(
     old_pids = {role: stage.pid(role) for role in ("manager", "node")}
 
     with client(stage.manager_port) as api:
-        assert api.post("/node-groups", json={"name": GROUP}).status_code == 201
         wait_for(
             lambda: any(n["status"] == "online" for n in api.get("/nodes").json()["items"]),
             30,
             "the node to join",
         )
+        assert api.get(f"/node-groups/{GROUP}").json()["auto_created"] is True
         every_second = api.post(
             "/tasks",
             json={
