@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import stat
 from pathlib import Path
 from typing import Annotated
@@ -177,9 +178,26 @@ def install(
         if "SUDO_USER" in os.environ:
             raise MissingSecretError(
                 f"{err} (sudo drops environment variables: pass them with "
-                f"sudo --preserve-env=NAME,... installConfig ...)"
+                f"sudo --preserve-env={','.join(err.names)} installConfig ...)",
+                err.names,
             ) from None
         raise
+    if role == "node" and not prepared.config.node.group:
+        node_settings = prepared.config.node
+        again = ["installConfig", "node", "-e", env, "-g", "GROUP"]
+        again += ["-p", node_settings.ip, "-P", str(node_settings.port)]
+        if manager is not None:
+            host = f"[{manager[0]}]" if ":" in manager[0] else manager[0]
+            again += ["-m", f"{host}:{manager[1]}"]
+        if root is not None:
+            again += ["--root", str(root)]
+        again += ["--dry-run"] if dry_run else []
+        again += [] if preflight else ["--skip-preflight"]
+        raise fail(
+            f"error: {prepared.source} sets no node.group: give the node group this executor "
+            f"joins with -g; run: {shlex.join(again)} (GROUP: e.g. node_group_ksa; a group "
+            "that does not exist yet is created when the node joins)"
+        )
     if root is None and os.geteuid() != 0:
         raise fail(
             f"installConfig: writing to {prepared.section.conf_dir} needs root; "

@@ -118,7 +118,8 @@ class Installation:
     def load_config(self) -> EnvConfig:
         """The rendered config; ConfigError naming the installConfig command when missing."""
         if not self.config_path.is_file():
-            command = installconfig_command(self.role, "ENV", self.root)
+            extra = "-g GROUP -p IP -P PORT" if self.role == "node" else "-p IP -P PORT"
+            command = installconfig_command(self.role, "ENV", self.root, extra)
             raise ConfigError(
                 f"{self.config_path}: no such file; render the {self.role}'s config first "
                 f"({command}), or name it with --config FILE"

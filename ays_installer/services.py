@@ -42,7 +42,7 @@ import typer
 from ays_installer.consul_watch import WATCH_FILE, is_rendered_watch
 from ays_installer.layout import Installation, installconfig_command
 from ays_installer.render import write_atomic
-from ays_installer.resources import env_name, templates_dir
+from ays_installer.resources import env_name, known_envs, templates_dir
 from ays_runtime import __version__
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError, ServiceError
@@ -112,16 +112,28 @@ def install(inst: Installation, wanted: Wanted) -> None:
 
 
 def _rendered_config(inst: Installation, wanted: Wanted) -> EnvConfig:
-    extra = ""
-    if wanted.ip or wanted.port:
-        extra = f"-p {wanted.ip or 'IP'} -P {wanted.port or 'PORT'}"
-    if inst.role == "node" and wanted.group:
-        extra = f"-g {wanted.group} {extra}".strip()
-    command = installconfig_command(inst.role, wanted.env, inst.root, extra)
+    def command(env: str | None, rendered: EnvConfig | None = None) -> str:
+        """The installConfig command that renders what the command line asks for: every
+        option it needs, from the command line, else the `rendered` config, else a
+        placeholder (ENV, GROUP, IP, PORT) that only the operator can fill in."""
+        section = None
+        if rendered is not None:
+            section = rendered.manager if inst.role == "manager" else rendered.node
+        ip = wanted.ip or (section.ip if section else "IP")
+        port = wanted.port or (section.port if section else "PORT")
+        extra = f"-p {ip} -P {port}"
+        if inst.role == "node":
+            group = wanted.group or (rendered.node.group if rendered else None)
+            extra = f"-g {group or 'GROUP'} {extra}"
+        line = installconfig_command(inst.role, env or "ENV", inst.root, extra)
+        if env is None:
+            line += f" (ENV: one of {', '.join(known_envs(inst.root))})"
+        return line
+
     if not inst.config_path.is_file():
         raise ConfigError(
             f"{inst.config_path}: no such file: the {inst.role}'s config is rendered by "
-            f"installConfig; run first: {command}"
+            f"installConfig; run first: {command(wanted.env)}"
         )
     config = inst.load_config()
     section = config.manager if inst.role == "manager" else config.node
@@ -130,15 +142,16 @@ def _rendered_config(inst: Installation, wanted: Wanted) -> EnvConfig:
         differences.append(f"-p {wanted.ip} but {inst.role}.ip is {section.ip}")
     if wanted.port is not None and wanted.port != section.port:
         differences.append(f"-P {wanted.port} but {inst.role}.port is {section.port}")
-    if inst.role == "node" and wanted.group is not None and wanted.group != config.node.group:
+    if inst.role == "node" and wanted.group and config.node.group not in (None, wanted.group):
         differences.append(f"-g {wanted.group} but node.group is {config.node.group}")
     if inst.role == "node" and not config.node.group:
         differences.append("node.group is not set")
     if wanted.env is not None and env_name(Path(wanted.env)) != config.env:
         differences.append(f"-e {wanted.env} but it was rendered for env {config.env}")
     if differences:
+        again = command(wanted.env or config.env, config)
         raise ConfigError(
-            f"{inst.config_path}: {'; '.join(differences)}; render it again with: {command}"
+            f"{inst.config_path}: {'; '.join(differences)}; render it again with: {again}"
         )
     return config
 

@@ -280,25 +280,40 @@ def check_port(value: int) -> int:
 
 def expand_placeholders(data: Any, source: str, path: str = "", environ: Any = None) -> Any:
     """Replace `${VAR}` in every string of `data` from `environ` (default: os.environ); in the
-    user:password@ part of a URL setting, the value is percent-encoded."""
+    user:password@ part of a URL setting, the value is percent-encoded. Raises
+    MissingSecretError naming every variable that is not set, each with its field, so that
+    one run tells an operator all there is to export."""
     env = os.environ if environ is None else environ
+    missing: list[tuple[str, str]] = []  # (field, variable)
+    expanded = _expand(data, source, path, env, missing)
+    if missing:
+        names = tuple(dict.fromkeys(name for _, name in missing))
+        fields = "; ".join(
+            f"field {field}: environment variable {name} is not set" for field, name in missing
+        )
+        exports = " ".join(f"{name}=..." for name in names)
+        raise MissingSecretError(
+            f"{source}: {fields}; export {exports} before running this command", names
+        )
+    return expanded
+
+
+def _expand(data: Any, source: str, path: str, env: Any, missing: list[tuple[str, str]]) -> Any:
     if isinstance(data, dict):
         return {
-            k: expand_placeholders(v, source, f"{path}.{k}" if path else str(k), env)
+            k: _expand(v, source, f"{path}.{k}" if path else str(k), env, missing)
             for k, v in data.items()
         }
     if isinstance(data, list):
-        return [expand_placeholders(v, source, f"{path}[{i}]", env) for i, v in enumerate(data)]
+        return [_expand(v, source, f"{path}[{i}]", env, missing) for i, v in enumerate(data)]
     if isinstance(data, str):
         userinfo = _URL_USERINFO.match(data) if path in _URL_SETTINGS else None
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
-                raise MissingSecretError(
-                    f"{source}: field {path}: environment variable {name} is not set; "
-                    f"export {name}=... before running this command"
-                )
+                missing.append((path, name))
+                return ""
             value: str = env[name]
             try:
                 value.encode("utf-8")

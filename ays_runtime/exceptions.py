@@ -33,7 +33,12 @@ class ConfigError(AysError):
 
 
 class MissingSecretError(ConfigError):
-    """A `${VAR}` placeholder names an environment variable that is not set."""
+    """`${VAR}` placeholders name environment variables that are not set: every one of them
+    is in the message, and their names in `names`."""
+
+    def __init__(self, message: str, names: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.names = names
 
 
 class ValidationError(AysError):

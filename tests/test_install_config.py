@@ -188,7 +188,7 @@ def test_the_rendered_file_loads_without_the_secrets_environment(
     stage: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     CliRunner(env=SECRETS).invoke(
-        app, ["node", "-e", "prod", "--root", str(stage), "--skip-preflight"]
+        app, ["node", "-e", "prod", "-g", "g1", "--root", str(stage), "--skip-preflight"]
     )
     for name in SECRETS:
         monkeypatch.delenv(name, raising=False)
@@ -487,7 +487,7 @@ def test_a_template_that_leaves_out_a_section_is_refused(stage: Path, resources:
 def test_a_secret_holding_a_placeholder_is_refused_without_showing_it(stage: Path) -> None:
     env = {**SECRETS, "AYS_CONSUL_TOKEN": "abc${HOME}def"}
 
-    done = CliRunner(env=env).invoke(app, ["node", "-e", "uat", "--root", str(stage)])
+    done = CliRunner(env=env).invoke(app, ["node", "-e", "uat", "-g", "g1", "--root", str(stage)])
 
     assert done.exit_code == 2
     assert "field registry.token" in done.stderr
@@ -603,3 +603,38 @@ def test_a_bad_manager_address_is_refused_showing_the_value(
 
     assert done.code == 2 and "-m" in done.err
     assert not stage.exists()
+
+
+def test_every_missing_secret_is_named_in_one_run(run: Run, stage: Path) -> None:
+    done = run("manager", "-e", "uat", "--root", str(stage))
+
+    assert_refused(
+        done,
+        "field access_token: environment variable AYS_ACCESS_TOKEN is not set",
+        "field storage.url: environment variable AYS_DB_PASSWORD is not set",
+        "field registry.token: environment variable AYS_CONSUL_TOKEN is not set",
+        "field transport.secret_key: environment variable AYS_ROCKETMQ_SECRET is not set",
+        "export AYS_ACCESS_TOKEN=... AYS_DB_PASSWORD=... AYS_CONSUL_TOKEN=... "
+        "AYS_ROCKETMQ_SECRET=... before running this command",
+    )
+    assert not stage.exists()
+
+
+def test_a_node_without_a_group_is_refused_with_the_full_command_which_then_works(
+    run: Run, stage: Path
+) -> None:
+    given = ["-e", "uat", "-p", "10.0.0.5", "--root", str(stage), "--skip-preflight"]
+
+    done = run("node", *given, env=SECRETS)
+
+    assert_refused(done, "sets no node.group", "GROUP: e.g. node_group_ksa")
+    command = done.err.split("run: ", 1)[1].split(" (GROUP:", 1)[0]
+    assert command == (
+        f"installConfig node -e uat -g GROUP -p 10.0.0.5 -P 18181 --root {stage} --skip-preflight"
+    )
+    assert not stage.exists()
+    suggested = command.replace("GROUP", "node_group_ksa").split()[1:]
+    again = run(*suggested, env=SECRETS)
+    assert again.code == 0, again
+    node = load_config_file(stage / "etc/ays/node.yaml").node
+    assert (node.group, node.ip, node.port) == ("node_group_ksa", "10.0.0.5", 18181)

@@ -338,7 +338,10 @@ def test_install_refuses_when_the_config_is_missing_and_names_the_installconfig_
     assert result.returncode == 6, result.stdout + result.stderr
     message = result.stderr
     assert f"{tmp_path}/etc/ays/manager.yaml: no such file" in message
-    assert f"installConfig manager -e dev -p 10.0.0.5 -P 18080 --root {tmp_path}" in message
+    assert (
+        f"installConfig manager -e ENV -p 10.0.0.5 -P 18080 --root {tmp_path} "
+        "(ENV: one of dev, prod, uat)" in message
+    )
     assert not (tmp_path / "opt").exists() and not (tmp_path / "etc/systemd").exists()
 
 
