@@ -25,7 +25,9 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -62,6 +64,7 @@ EXIT_NOT_RUNNING = 7
 
 STOP_TIMEOUT = 90.0  # as the units' TimeoutStopSec: a node's drain must fit
 LOG_TAIL = 15  # lines of the log shown when a start fails
+JOIN_WAIT = 30.0  # a started node has this long to join its registry before start returns
 
 
 def say(message: str) -> None:
@@ -101,6 +104,32 @@ class Lifecycle:
     # --- start ---------------------------------------------------------------------------
 
     def start(self) -> int:
+        code = self._start()
+        if code == EXIT_OK and self.inst.role == "node":
+            self._report_join()
+        return code
+
+    def _report_join(self) -> None:
+        """A node that serves joins its registry next: wait for that (up to JOIN_WAIT) so
+        that what follows (a task for its group) finds it, and say how it went. The node
+        keeps trying either way; `status` shows it."""
+        deadline = time.monotonic() + JOIN_WAIT
+        while True:
+            registration = _health(self.files).get("registration")
+            if not isinstance(registration, dict):
+                return  # no answer, or a node too old to say
+            if registration.get("state") == "joined":
+                say(f"{self.service}: {_registration(registration)}")
+                return
+            if time.monotonic() > deadline:
+                warn(
+                    f"{self.service}: not joined after {JOIN_WAIT:g}s: "
+                    f"{_registration(registration)}; it keeps trying (see: status)"
+                )
+                return
+            time.sleep(0.2)
+
+    def _start(self) -> int:
         if self.under_systemd():
             return self._systemctl("start")
         pid = self.pidfile.running()
@@ -313,6 +342,8 @@ class Lifecycle:
         answer = health.get("_answer", "no answer")
         say(f"  health:    {answer}")
         say(f"  version:   {health.get('version', 'unknown (no health answer)')}")
+        for line in _registry_lines(self.inst.role, self.config, health):
+            say(f"  {line}")
         latest = ReloadRecord.read(self.files.reload_record)
         if latest is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.at))
@@ -388,7 +419,7 @@ def _process_lines(pid: int, ip: str, port: int) -> list[str]:
         return [f"pid:       {pid} (gone just now)"]
     except psutil.AccessDenied:
         return [f"pid:       {pid} (details need root)"]
-    uptime = _duration(time.time() - started)
+    uptime = duration(time.time() - started)
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     address = f"{ip}:{port}"
     if address in listening or f"[{ip}]:{port}" in listening:
@@ -406,21 +437,23 @@ def _process_lines(pid: int, ip: str, port: int) -> list[str]:
     ]
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    parts = [f"{days}d"] if days else []
-    if days or hours:
-        parts.append(f"{hours}h")
-    if days or hours or minutes:
-        parts.append(f"{minutes}m")
-    parts.append(f"{seconds}s")
-    return " ".join(parts)
+def duration(seconds: float) -> str:
+    """`13 s`, `4 min 13 s`, `2 h 4 min`, `3 d 2 h`: the two largest units, whole."""
+    seconds = max(0, int(seconds))
+    units = [("d", 86400), ("h", 3600), ("min", 60), ("s", 1)]
+    parts: list[str] = []
+    for name, size in units:
+        count, seconds = divmod(seconds, size)
+        if count or parts or name == "s":
+            parts.append(f"{count} {name}")
+    return " ".join(parts[:2])
 
 
-def _health(files: ServiceFiles) -> dict[str, object]:
+# Health fields shown on lines of their own (or not at all) rather than in the summary.
+_HEALTH_DETAILS = {"version", "uptime_s", "registration", "manager_id", "address"}
+
+
+def _health(files: ServiceFiles) -> dict[str, Any]:
     """The health endpoint's answer (no token needed), with `_answer` summing it up."""
     ip, port = files.address
     host = f"[{ip}]" if ":" in ip else ip
@@ -435,8 +468,93 @@ def _health(files: ServiceFiles) -> dict[str, object]:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    summary = ", ".join(f"{k}={v}" for k, v in body.items() if k != "version")
-    return {**body, "_answer": f"HTTP {response.status_code} {summary}".strip()}
+    summary = ", ".join(
+        f"{k.replace('_', ' ')} {v}" for k, v in body.items() if k not in _HEALTH_DETAILS
+    )
+    return {**body, "_answer": f"HTTP {response.status_code}: {summary}".strip()}
+
+
+def _registry_lines(role: str, config: EnvConfig, health: dict[str, Any]) -> list[str]:
+    """What the registry knows: for a node, its registration as it sees it and the manager's
+    view of it; for a manager, its view of the nodes."""
+    lines = []
+    if role == "node":
+        registration = health.get("registration")
+        if isinstance(registration, dict):
+            lines.append(f"registry:  {_registration(registration)}")
+        elif health.get("version"):
+            lines.append("registry:  not shown by this node (an older version)")
+    label = "manager:  " if role == "node" else "nodes:    "
+    lines.append(f"{label} {_manager_view(role, config)}")
+    return lines
+
+
+def _registration(reg: dict[str, Any]) -> str:
+    """One line from the node's health `registration`."""
+    if reg.get("registry") == "consul":
+        where, ok = f"consul {reg.get('target')}", "registration confirmed"
+    else:
+        where, ok = f"builtin, heartbeats to {reg.get('target')}", "last beat taken"
+    state = reg.get("state", "?")
+    last_ok = _ago(reg.get("last_ok_at"))
+    if state == "failing":
+        since = _ago(reg.get("failing_since")).removesuffix(" ago") or "a while"
+        line = f"{where}: FAILING for {since}: {reg.get('last_error')}"
+        return f"{line}; {ok} {last_ok}" if last_ok else f"{line}; never joined"
+    if state == "joined":
+        return f"{where}: joined, {ok} {last_ok}"
+    return f"{where}: {state}"
+
+
+def _ago(stamp: object) -> str:
+    if not isinstance(stamp, str):
+        return ""
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return ""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return f"{duration((datetime.now(UTC) - moment).total_seconds())} ago"
+
+
+def _manager_view(role: str, config: EnvConfig) -> str:
+    """What the manager's API says: about this node, or (for a manager) about every node."""
+    from ays_runtime.auth import auth_headers, resolve_access_token
+    from ays_runtime.exceptions import ConfigError
+
+    host = f"[{config.manager.ip}]" if ":" in config.manager.ip else config.manager.ip
+    base = f"http://{host}:{config.manager.port}"
+    try:
+        token = resolve_access_token(config, generate=False)
+    except ConfigError as err:
+        return f"cannot ask {base} (no access token: {err})"
+    try:
+        response = httpx.get(
+            f"{base}{API}/nodes", params={"limit": 1000}, headers=auth_headers(token), timeout=5
+        )
+    except httpx.HTTPError as err:
+        return f"no answer from {base} ({type(err).__name__}: {err})"
+    if response.status_code != 200:
+        return f"{base} answered HTTP {response.status_code} to GET {API}/nodes"
+    nodes = response.json().get("items", [])
+    if role == "node":
+        me = f"{config.node.ip}:{config.node.port}"
+        row = next((n for n in nodes if f"{n['ip']}:{n['port']}" == me), None)
+        if row is None:
+            return f"{base} does not know this node ({me}) yet"
+        seen = _ago(row.get("last_seen"))
+        seen_text = f", last seen {seen}" if seen else ""
+        return f"{base} lists it {row['status']} in group {row['node_group']}{seen_text}"
+    groups: dict[str, list[int]] = {}
+    for n in nodes:
+        counts = groups.setdefault(n["node_group"], [0, 0])
+        counts[0] += n["status"] == "online"
+        counts[1] += 1
+    online = sum(c[0] for c in groups.values())
+    per_group = ", ".join(f"{g} {c[0]}/{c[1]}" for g, c in sorted(groups.items()))
+    shown = f"{online} of {len(nodes)} online ({config.registry.backend} registry)"
+    return f"{shown}; by group: {per_group}" if per_group else shown
 
 
 def _systemctl_show(service: str, *names: str) -> dict[str, str]:

@@ -6,7 +6,8 @@ Commands that talk to a running manager (`task`, `run`, `apply`, `export`, `node
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +15,7 @@ from ays_installer import apply_cli, run_cli, task_cli
 from ays_installer.api_client import JsonOption, UrlOption
 from ays_installer.options import (
     ConfigOption,
+    DebugLoggerOption,
     EnvOption,
     IpOption,
     PortOption,
@@ -72,6 +74,7 @@ def debug(
     root: RootOption = None,
     ip: IpOption = None,
     port: PortOption = None,
+    debug_logger: DebugLoggerOption = None,
 ) -> None:
     """Run the manager in the foreground, logging debug.
 
@@ -82,7 +85,7 @@ def debug(
 
     cfg = with_address(choose_config(env, config, root), ip, port)
     service_umask()
-    configure_logging(debug=True)
+    configure_logging(debug=True, debug_loggers=debug_logger or ())
     run_manager(cfg)
 
 
@@ -268,11 +271,21 @@ def logs(
         str | None, typer.Option("--task", metavar="TASK", help="Only this task's runs.")
     ] = None,
     follow: Annotated[
-        bool, typer.Option("-f", "--follow", help="Keep printing runs as they finish.")
+        bool,
+        typer.Option("-f", "--follow", help="Keep printing runs as they finish (Ctrl-C stops)."),
     ] = False,
     limit: Annotated[
         int, typer.Option("-n", metavar="N", min=1, max=1000, help="How many recent runs.")
     ] = 20,
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            "--since",
+            metavar="TIME",
+            formats=["%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"],
+            help="Only runs created at or after this time (UTC), e.g. 2026-11-25T10:00:00.",
+        ),
+    ] = None,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
@@ -280,29 +293,50 @@ def logs(
 ) -> None:
     """Print recent finished runs, one line each.
 
-    Oldest first; --follow keeps printing runs as they finish."""
+    Oldest first; --follow keeps printing runs as they finish. A line gives the run's ids,
+    slot, attempt and node, its status and exit code, then the run's message after
+    "message:" and the start of its output after "output:"."""
     import time
 
     params: dict[str, object] = {"limit": limit}
+    if since is not None:
+        params["since"] = since.isoformat()
     printed: set[int] = set()
     with task_cli.connect(env, config, root, url) as api:
         if task is not None:
             params["task_id"] = task_cli.find_task(api, task)["id"]
-        while True:
-            page = api.get("/job-logs", params=params)
-            for run in sorted(page["items"], key=lambda r: r["id"]):
-                if run["id"] in printed or run["status"] in ("pending", "dispatched", "running"):
-                    continue
-                printed.add(run["id"])
-                output = run["output"].strip().replace("\n", " | ")
-                typer.echo(
-                    f"run {run['id']:>6} task {run['task_id']} slot {run['scheduled_at']} "
-                    f"attempt {run['attempt']} on {run['node'] or '-'}: {run['status']}"
-                    f" exit={run['exit_code']} {run['message']} {output[:120]}".rstrip()
-                )
-            if not follow:
-                return
-            time.sleep(1)
+        try:
+            while True:
+                page = api.get("/job-logs", params=params)
+                for run in sorted(page["items"], key=lambda r: r["id"]):
+                    if run["id"] in printed or run["status"] in (
+                        "pending",
+                        "dispatched",
+                        "running",
+                    ):
+                        continue
+                    printed.add(run["id"])
+                    typer.echo(run_line(run))
+                if not follow:
+                    return
+                time.sleep(1)
+        except KeyboardInterrupt:  # the way to end --follow: no traceback
+            return
+
+
+def run_line(run: dict[str, Any]) -> str:
+    """One finished run as `logs` prints it."""
+    exit_code = "-" if run["exit_code"] is None else run["exit_code"]
+    line = (
+        f"run {run['id']:>6} task {run['task_id']} slot {run['scheduled_at']} "
+        f"attempt {run['attempt']} on {run['node'] or '-'}: {run['status']} exit={exit_code}"
+    )
+    if run["message"]:
+        line += f"; message: {run['message']}"
+    output = run["output"].strip().replace("\n", " | ")
+    if output:
+        line += f"; output: {output[:120]}"
+    return line
 
 
 add_service_commands(app, "manager")  # install, serve, start|stop|status|restart|reload

@@ -6,6 +6,7 @@ import typer
 
 from ays_installer.options import (
     ConfigOption,
+    DebugLoggerOption,
     EnvOption,
     GroupOption,
     IpOption,
@@ -37,6 +38,7 @@ def debug(
     root: RootOption = None,
     ip: IpOption = None,
     port: PortOption = None,
+    debug_logger: DebugLoggerOption = None,
 ) -> None:
     """Run the node in the foreground, logging debug.
 
@@ -49,7 +51,7 @@ def debug(
         choose_config(env, config, root, role="node"), group=group, ip=ip, port=port
     )
     service_umask()
-    configure_logging(debug=True)
+    configure_logging(debug=True, debug_loggers=debug_logger or ())
     raise typer.Exit(run_node(cfg))
 
 

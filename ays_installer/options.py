@@ -76,6 +76,15 @@ GroupOption = Annotated[
         "-g", "--group", callback=check_group, metavar="GROUP", help="The node group to join."
     ),
 ]
+DebugLoggerOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--debug-logger",
+        metavar="NAME",
+        help="also show this library's DEBUG lines (e.g. grpc, httpx, sqlalchemy.engine; "
+        "all: every library); repeatable. Without it libraries log at INFO and above",
+    ),
+]
 ConfigOption = Annotated[
     Path | None,
     typer.Option(

@@ -48,10 +48,14 @@ def envs_dir() -> Path:
 
 
 def env_dirs(root: Path | None = None) -> list[Path]:
-    """Where `-e NAME` looks, first match wins (see the module docstring)."""
+    """Where `-e NAME` looks, first match wins (see the module docstring). A ./envs/ that is
+    the bundled folder itself (a checkout's top, a tarball's `envs` link) counts as bundled:
+    it comes last, after the operator's /etc/ays/envs/."""
     system = Path(SYSTEM_ENVS) if root is None else Path(root) / SYSTEM_ENVS.lstrip("/")
+    bundled = envs_dir()
+    own = [folder for folder in (Path.cwd() / "envs", system) if not _same(folder, bundled)]
     found: list[Path] = []
-    for folder in (Path.cwd() / "envs", system, envs_dir()):
+    for folder in (*own, bundled):
         if not any(_same(folder, seen) for seen in found):
             found.append(folder)
     return found

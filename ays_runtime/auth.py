@@ -7,6 +7,7 @@ it on the headers of every request to a guarded route, before the body is read.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
+
+log = logging.getLogger("ays.auth")
 
 TOKEN_FILE = "access_token"
 
@@ -49,7 +52,12 @@ def resolve_access_token(config: EnvConfig, generate: bool) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(token + "\n")
     os.replace(tmp, path)
-    print(f"manager: generated the dev access token; it is stored in {path} (mode 0600)")
+    log.info(
+        "manager %s:%d: generated the dev access token; it is stored in %s (mode 0600)",
+        config.manager.ip,
+        config.manager.port,
+        path,
+    )
     return token
 
 

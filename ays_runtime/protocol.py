@@ -135,6 +135,17 @@ class Heartbeat(_Message):
     max_concurrent_jobs: NonNegativeInt32 = 0
 
 
+class Registration(_Message):
+    """A node's place in the registry as the node sees it (`NodeMembership.status()`)."""
+
+    registry: str  # the registry backend: builtin or consul
+    target: str  # where it registers: the manager's heartbeat URL, or the Consul agent
+    state: str  # joining (no answer yet), joined, failing (the last try failed), left
+    last_ok_at: datetime | None = None  # the last beat taken, or registration confirmed (UTC)
+    failing_since: datetime | None = None  # the first failure of the current outage (UTC)
+    last_error: str = ""  # why the last try failed ("" when it did not)
+
+
 class NodeHealth(_Message):
     status: str = "ok"
     address: str
@@ -142,3 +153,5 @@ class NodeHealth(_Message):
     version: str
     running_jobs: int
     draining: bool = False
+    uptime_s: float = 0.0
+    registration: Registration | None = None

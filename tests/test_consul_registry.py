@@ -357,6 +357,10 @@ def test_two_nodes_starting_at_once_are_each_listed_once_and_registered(
         row = rows[ays.address(name)]
         assert (row["status"], row["source"], row["node_group"]) == ("online", "self", "g1")
         assert row["last_seen"]
+        registration = httpx.get(ays.nodes[name].health_url).json()["registration"]
+        assert registration["registry"] == "consul", registration
+        assert registration["target"] == f"consul http://127.0.0.1:{ays.emu.port}"
+        assert registration["state"] == "joined" and registration["last_ok_at"], registration
 
 
 def test_a_killed_node_is_offline_within_the_check_interval_its_runs_node_lost_and_it_returns(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections import Counter
@@ -128,6 +129,9 @@ def test_the_dev_manager_generates_its_token_once_and_keeps_it_private(
     token = token_file.read_text().strip()
     assert len(token) >= 32 and token not in daemon.log()
     assert str(token_file) in daemon.log()
+    for line in daemon.log().splitlines():  # every line, the first one included, is dated
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line), line
+    assert f"manager 127.0.0.1:{port}: generated the dev access token" in daemon.log()
     daemon = manager(config, tmp_path / "m2.log", port).start()
     try:
         with client(port, token) as api:

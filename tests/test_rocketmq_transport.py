@@ -215,6 +215,8 @@ def test_fires_during_a_30s_proxy_outage_each_run_once_after_it_returns(
     ran = Counter(marks.read_text().split())
     assert set(ran) == ids and set(ran.values()) == {1}, "each fire ran once"
     assert cluster.manager.log().count("cannot publish to RocketMQ") == 1, "logged once"
+    for daemon in (cluster.manager, *cluster.nodes.values()):
+        assert "exception calling callback" not in daemon.log(), "in rocketmq_client.log"
 
 
 def test_a_node_stops_cleanly_and_its_consumers_leave_the_proxy(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from typer.testing import CliRunner
 
 from ays_installer import manager_cli
 from ays_installer.consul_watch import WATCH_FILE
+from ays_installer.lifecycle import duration
 from ays_runtime.service import systemd
 from ays_runtime.service.pidfile import Pidfile, process_alive
 from ays_runtime.storage.models import JobLog, TriggerKind
@@ -703,3 +705,65 @@ def test_a_frozen_bundle_is_installed_as_a_release_linked_by_the_programs_name(
     assert len(releases) == 2 and releases[-1].endswith("20260103000000")  # this and the last
     assert os.readlink(inst.program) == f"releases/{releases[-1]}/ays"
     assert ok(run(inst.program)) == "frozen aysManager\n"  # the multicall name is kept
+
+
+@pytest.mark.slow
+def test_node_status_shows_its_registration_and_the_managers_view_and_says_when_beats_fail(
+    stage: Stage,
+) -> None:
+    install(stage, "manager")
+    install(stage, "node")
+    ok(lifecycle(stage, "manager", "start"))
+    ok(lifecycle(stage, "node", "start"))
+    beats_to = f"http://127.0.0.1:{stage.manager_port}/api/v1/nodes/heartbeat"
+    manager_url = f"http://127.0.0.1:{stage.manager_port}"
+    try:
+        text = wait_for(
+            lambda: "lists it online" in (t := status_of(stage, "node")[1]) and t,
+            30,
+            "the node joined, as its status says",
+        )
+        assert re.search(
+            rf"registry:  builtin, heartbeats to {beats_to}: joined, last beat taken \d+ s ago",
+            text,
+        ), text
+        assert re.search(
+            rf"manager:   {manager_url} lists it online in group {GROUP}, last seen \d+ s ago",
+            text,
+        ), text
+        assert re.search(r"uptime:    \d+ s \(since ", text), text
+        assert "uptime_s" not in text and "registration" not in text
+        code, text = status_of(stage, "manager")
+        assert code == 0, text
+        assert f"nodes:     1 of 1 online (builtin registry); by group: {GROUP} 1/1" in text
+
+        ok(lifecycle(stage, "manager", "stop"))
+        text = wait_for(
+            lambda: "FAILING" in (t := status_of(stage, "node")[1]) and t,
+            30,
+            "the node's status to show its failing heartbeats",
+        )
+        assert re.search(
+            rf"registry:  builtin, heartbeats to {beats_to}: FAILING for \d+ s: ConnectError",
+            text,
+        ), text
+        assert "; last beat taken" in text
+        assert f"manager:   no answer from {manager_url} (ConnectError" in text
+        assert status_of(stage, "node")[0] == 0  # the node itself runs: LSB "running"
+    finally:
+        lifecycle(stage, "node", "stop")
+        lifecycle(stage, "manager", "stop")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (13.030858, "13 s"),
+        (0, "0 s"),
+        (253, "4 min 13 s"),
+        (7440, "2 h 4 min"),
+        (266400, "3 d 2 h"),
+    ],
+)
+def test_durations_read_as_whole_units(seconds: float, shown: str) -> None:
+    assert duration(seconds) == shown

@@ -53,6 +53,7 @@ class RunKiller:
         self.registry = registry
         self.tracker = tracker
         self._headers = auth_headers(access_token)
+        self.who = f"manager {tracker.manager_id}"
 
     async def kill(self, job_log_id: int, reason: str) -> KillOutcome:
         row = await asyncio.to_thread(self._load, job_log_id)
@@ -66,20 +67,24 @@ class RunKiller:
             ended = await self.tracker.end_killed(job_log_id, message)
             await self._ask_nodes(job_log_id, self._holders("", group), reason)
             if ended:
-                log.info("run %d killed before it was dispatched: %s", job_log_id, reason)
+                log.info(
+                    "%s: run %d killed before it was dispatched: %s", self.who, job_log_id, reason
+                )
                 return KillOutcome(
                     job_log_id, True, RunStatus.KILLED.value, "ended before it was dispatched"
                 )
             return await self._settled(job_log_id)
         killed_on = await self._ask_nodes(job_log_id, self._holders(node, group), reason)
         if killed_on:
-            log.info("run %d killed on node %s: %s", job_log_id, killed_on, reason)
+            log.info("%s: run %d killed on node %s: %s", self.who, job_log_id, killed_on, reason)
             return KillOutcome(
                 job_log_id, True, RunStatus.KILLED.value, f"killed on node {killed_on}"
             )
         await asyncio.sleep(RESULT_IN_FLIGHT)
         if await self.tracker.end_killed(job_log_id, f"{message} (no node held it)"):
-            log.warning("run %d: no node held it; marked killed: %s", job_log_id, reason)
+            log.warning(
+                "%s: run %d: no node held it; marked killed: %s", self.who, job_log_id, reason
+            )
             return KillOutcome(
                 job_log_id, True, RunStatus.KILLED.value, "no node held it: marked killed"
             )
@@ -109,18 +114,26 @@ class RunKiller:
             (address for address, killed in zip(addresses, answers, strict=True) if killed), ""
         )
 
-    @staticmethod
-    async def _ask(client: httpx.AsyncClient, address: str, job_log_id: int, reason: str) -> bool:
+    async def _ask(
+        self, client: httpx.AsyncClient, address: str, job_log_id: int, reason: str
+    ) -> bool:
         ip, _, port = address.rpartition(":")
         url = f"{NodeRef(ip, int(port), '').url}{API}/jobs/{job_log_id}/kill"
         try:
             response = await client.post(url, json={"reason": reason})
         except httpx.HTTPError as err:
-            log.warning("run %d: cannot reach node %s to kill it: %r", job_log_id, address, err)
+            log.warning(
+                "%s: run %d: cannot reach node %s to kill it: %r",
+                self.who,
+                job_log_id,
+                address,
+                err,
+            )
             return False
         if response.status_code != 200:
             log.warning(
-                "run %d: node %s answered the kill with HTTP %d",
+                "%s: run %d: node %s answered the kill with HTTP %d",
+                self.who,
                 job_log_id,
                 address,
                 response.status_code,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -56,7 +57,14 @@ from ays_runtime.node.spool import (
     ResultSpool,
     SpooledResult,
 )
-from ays_runtime.protocol import Heartbeat, JobResultReport, NodeHealth, RunAccepted, RunRequest
+from ays_runtime.protocol import (
+    Heartbeat,
+    JobResultReport,
+    NodeHealth,
+    Registration,
+    RunAccepted,
+    RunRequest,
+)
 from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus
@@ -127,6 +135,7 @@ class NodeDaemon:
         self.ready = asyncio.Event()  # the node serves
         self._handing_over = False
         self._closer: ConnectionCloser | None = None
+        self._started_at = time.monotonic()
 
     # --- the API's side ------------------------------------------------------------------------
 
@@ -198,12 +207,17 @@ class NodeDaemon:
         return chunk[0], chunk[1], state
 
     def health(self) -> NodeHealth:
+        registration = None
+        if self._membership is not None:
+            registration = Registration(**dataclasses.asdict(self._membership.status()))
         return NodeHealth(
             address=self.address,
             node_group=self.group,
             version=__version__,
             running_jobs=self._executor.running,
             draining=self._stopping,
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+            registration=registration,
         )
 
     def heartbeat(self) -> Heartbeat:

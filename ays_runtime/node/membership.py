@@ -21,7 +21,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -44,13 +46,67 @@ def manager_url(config: EnvConfig) -> str:
     return f"http://{http_host(config.manager.ip)}:{config.manager.port}"
 
 
+@dataclass(frozen=True)
+class MembershipStatus:
+    """A node's registration as it stands (the node's health route and `aysNode status`
+    show it). Times are aware UTC."""
+
+    registry: Literal["builtin", "consul"]
+    target: str  # the manager's heartbeat URL, or the Consul agent
+    state: Literal["joining", "joined", "failing", "left"]
+    last_ok_at: datetime | None  # the last beat the manager took / registration confirmed
+    failing_since: datetime | None  # when the current run of failures began
+    last_error: str  # why the last try failed; "" when it succeeded
+
+
+class Attempts:
+    """The outcome of a membership's tries so far, as `MembershipStatus` reports it."""
+
+    def __init__(self) -> None:
+        self.last_ok_at: datetime | None = None
+        self.failing_since: datetime | None = None
+        self.last_error = ""
+        self.left = False
+
+    def succeeded(self) -> None:
+        self.last_ok_at = datetime.now(UTC)
+        self.failing_since = None
+        self.last_error = ""
+
+    def failed(self, why: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = datetime.now(UTC)
+        self.last_error = why
+
+    def status(self, registry: Literal["builtin", "consul"], target: str) -> MembershipStatus:
+        state: Literal["joining", "joined", "failing", "left"]
+        if self.left:
+            state = "left"
+        elif self.last_error:
+            state = "failing"
+        elif self.last_ok_at is not None:
+            state = "joined"
+        else:
+            state = "joining"
+        return MembershipStatus(
+            registry, target, state, self.last_ok_at, self.failing_since, self.last_error
+        )
+
+
 class NodeMembership(Protocol):
     """What the daemon does with a membership: run it in the background from startup, and
-    `leave()` once at a clean stop (after the runs are drained and reported)."""
+    `leave()` once at a clean stop (after the runs are drained and reported).
+
+    `status()` answers at once, from memory, how the registration stands: `joining` until
+    the first try is answered, `joined` while the last try succeeded (the manager took the
+    beat; Consul has the service), `failing` while it does not (with the first failure's
+    time and the last error), `left` after `leave()`."""
 
     async def run(self) -> None: ...
 
     async def leave(self) -> None: ...
+
+    def status(self) -> MembershipStatus: ...
 
 
 class Membership:
@@ -78,6 +134,7 @@ class Membership:
         self._timeout = httpx.Timeout(min(5.0, max(interval, 1.0)))
         self.joined = False  # the manager has taken at least one beat
         self._down_since: float | None = None
+        self._attempts = Attempts()
 
     @classmethod
     def for_config(
@@ -111,12 +168,17 @@ class Membership:
 
     async def leave(self) -> None:
         """Nothing to undo: the manager marks a node that stops beating offline."""
+        self._attempts.left = True
+
+    def status(self) -> MembershipStatus:
+        return self._attempts.status("builtin", self.url)
 
     async def beat_once(self) -> bool:
         """Send one heartbeat; True when the manager took it."""
         heartbeat = self._beat()
         why = await self._post(heartbeat)
         if why:
+            self._attempts.failed(why)
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning(
@@ -129,6 +191,7 @@ class Membership:
             else:
                 log.debug("%s: heartbeat failed again: %s", self.who, why)
             return False
+        self._attempts.succeeded()
         if self._down_since is not None:
             away = time.monotonic() - self._down_since
             self._down_since = None
@@ -202,6 +265,10 @@ class ConsulMembership:
         self._left = False
         self._lock = threading.Lock()  # a registration never lands after the deregistration
         self._down_since: float | None = None
+        self._attempts = Attempts()
+
+    def status(self) -> MembershipStatus:
+        return self._attempts.status("consul", self.where)
 
     async def run(self) -> None:
         backoff = Backoff(first=1.0, cap=30.0)
@@ -209,6 +276,7 @@ class ConsulMembership:
             try:
                 await asyncio.to_thread(self._join)
             except RegistryError as err:
+                self._attempts.failed(str(err))
                 delay = backoff.next()
                 if self._down_since is None:
                     self._down_since = time.monotonic()
@@ -224,6 +292,7 @@ class ConsulMembership:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
+            self._attempts.succeeded()
             if self._down_since is not None:
                 away = time.monotonic() - self._down_since
                 self._down_since = None
@@ -286,7 +355,7 @@ class ConsulMembership:
     def _leave(self) -> None:
         backend = self._backend
         with self._lock, backend.ConsulClient(self.settings) as client:
-            self._left = True
+            self._left = self._attempts.left = True
             # Whether or not this process registered it: a killed predecessor may have.
             client.deregister_service(self.service_id)
             log.info("%s: deregistered service %s", self.who, self.service_id)

@@ -159,7 +159,7 @@ class RocketMQNodeTransport(JobSource, ResultSink):
         # The result sink may be used before start() (results spooled by an earlier run).
         async with self._starting:
             if not self._started:
-                await asyncio.to_thread(mq.load_client, self.log_dir)
+                await asyncio.to_thread(mq.load_client, self.log_dir, self.who)
                 await self._publisher.start()
                 self._started = True
 

@@ -100,7 +100,7 @@ class RocketMQTransport(Transport):
     # --- the Transport contract -----------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(mq.load_client, self.log_dir)
+        await asyncio.to_thread(mq.load_client, self.log_dir, self.who)
         self._publisher = mq.Publisher(self.settings, self.who)
         await self._publisher.start()
         self._results = mq.Receiver(

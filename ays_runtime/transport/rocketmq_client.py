@@ -60,6 +60,10 @@ TOPIC_MAX = 127
 # an outage has forgotten the client's settings, which this client only resends every 5 min.
 REBUILD_AFTER = 2
 
+# The client's heartbeat callbacks re-raise a failed call, so concurrent.futures logs a
+# traceback every 10 s while the proxy is away: a gap longer than this ends an "outage".
+CALLBACK_OUTAGE_GAP = 60.0
+
 _load_lock = threading.Lock()
 _routed_to: Path | None = None
 
@@ -122,12 +126,14 @@ def mqadmin_command(settings: RocketMQTransportSettings, topic: str) -> str:
 # --- the client itself --------------------------------------------------------------------------
 
 
-def load_client(log_dir: str | Path) -> None:
+def load_client(log_dir: str | Path, who: str = "rocketmq client") -> None:
     """Import rocketmq-python-client with its log file in `log_dir` (created if needed).
 
     The client configures its logger at import time with a file under the home directory;
     the import runs with HOME pointing into `log_dir`, then the handler is replaced by one
     writing `log_dir/rocketmq_client.log` and the import's empty scratch file is removed.
+    The tracebacks of the client's failing callbacks go there too (`CallbackFailures`),
+    with one line per outage in Ays's log, said by `who`.
     """
     global _routed_to
     directory = Path(log_dir)
@@ -162,7 +168,45 @@ def load_client(log_dir: str | Path) -> None:
         if _routed_to != directory:
             _route_client_log(directory)
             _routed_to = directory
+        _callback_failures.who = who
+        _callback_failures.client_log = directory / CLIENT_LOG
+        futures_log = logging.getLogger("concurrent.futures")
+        if _callback_failures not in futures_log.filters:
+            futures_log.addFilter(_callback_failures)
         _remove_scratch(scratch)
+
+
+class CallbackFailures(logging.Filter):
+    """On the `concurrent.futures` logger: its "exception calling callback" records whose
+    exception is gRPC's (the client's heartbeat callbacks re-raise them) are passed to the
+    client's log instead of Ays's; Ays's log says once per outage that they happen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.who = "rocketmq client"
+        self.client_log = Path(CLIENT_LOG)
+        self._last: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if err is None or not type(err).__module__.startswith("grpc"):
+            return True
+        logging.getLogger(CLIENT_LOGGER).handle(record)
+        now = time.monotonic()
+        if self._last is None or now - self._last > CALLBACK_OUTAGE_GAP:
+            code = err.code() if hasattr(err, "code") else type(err).__name__
+            log.warning(
+                "%s: the RocketMQ client's calls to the proxy fail (%s); their tracebacks go "
+                "to %s until it answers",
+                self.who,
+                getattr(code, "name", code),
+                self.client_log,
+            )
+        self._last = now
+        return False
+
+
+_callback_failures = CallbackFailures()
 
 
 def _route_client_log(directory: Path) -> None:
