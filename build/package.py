@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import stat
 import string
 import sys
@@ -42,6 +43,9 @@ RESOURCES = "_internal/ays_installer/_resources"
 EMBEDDED_ENV = "dev"  # the embedded default, in every tarball
 INSTALL_TEMPLATE = Path(__file__).resolve().parent / "INSTALL.in"
 GZIP_LEVEL = 6  # 9 is 0.3% smaller and three times slower
+# A ${VAR} secret placeholder of an env file (as ays_runtime.config reads them; the build
+# tools do not import the package they build).
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,21 @@ def _sha256sums(members: list[Member]) -> bytes:
     return "".join(lines).encode()
 
 
-def _install_text(env: str) -> bytes:
+def _install_text(env: str, env_file: Path) -> bytes:
+    """INSTALL for `env`, naming the secrets its env file reads from the environment."""
     template = string.Template(INSTALL_TEMPLATE.read_text(encoding="utf-8"))
-    return template.substitute(env=env, top=f"{env}_ays", tarball=tarball_name(env)).encode()
+    names = list(dict.fromkeys(PLACEHOLDER.findall(env_file.read_text(encoding="utf-8"))))
+    if names:
+        secret_line = "export " + " ".join(f"{name}=..." for name in names)
+    else:
+        secret_line = f"# (envs/{env}.yaml reads no secret from the environment)"
+    return template.substitute(
+        env=env,
+        top=f"{env}_ays",
+        tarball=tarball_name(env),
+        secret_names=",".join(names) or "NAME,...",
+        secret_line=secret_line,
+    ).encode()
 
 
 def plan(bundle: Path, env: str, version_text: str) -> list[Member]:
@@ -111,7 +127,9 @@ def plan(bundle: Path, env: str, version_text: str) -> list[Member]:
     members += [
         Member("envs", "symlink", 0o777, target=f"{RESOURCES}/envs"),
         Member("templates", "symlink", 0o777, target=f"{RESOURCES}/templates"),
-        Member("INSTALL", "file", data=_install_text(env)),
+        Member(
+            "INSTALL", "file", data=_install_text(env, bundle / RESOURCES / "envs" / f"{env}.yaml")
+        ),
         Member("VERSION", "file", data=version_text.encode()),
     ]
     members.append(Member("SHA256SUMS", "file", data=_sha256sums(members)))

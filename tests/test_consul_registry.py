@@ -359,7 +359,7 @@ def test_two_nodes_starting_at_once_are_each_listed_once_and_registered(
         assert row["last_seen"]
         registration = httpx.get(ays.nodes[name].health_url).json()["registration"]
         assert registration["registry"] == "consul", registration
-        assert registration["target"] == f"consul http://127.0.0.1:{ays.emu.port}"
+        assert registration["target"] == f"http://127.0.0.1:{ays.emu.port}"
         assert registration["state"] == "joined" and registration["last_ok_at"], registration
 
 

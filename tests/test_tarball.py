@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from tests.daemons import free_port, wait_for
 from tests.emulators.consul import ConsulEmulator
 from tests.emulators.rocketmq import RocketMQEmulator
+from tests.test_env_search import check_the_search_order
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +130,11 @@ def test_the_tarball_holds_the_three_programs_the_env_templates_install_version_
     assert (top / "templates" / "config" / "manager.yaml.j2").is_file()
     install = (top / "INSTALL").read_text()
     assert "./installConfig manager -e uat -p 172.21.16.81 -P 18080" in install
-    assert "./aysNode install -g node_group_ksa" in install
+    assert "./aysNode install -e uat -g node_group_ksa -p 172.21.16.121 -P 18181" in install
+    assert (
+        "export AYS_ACCESS_TOKEN=... AYS_DB_PASSWORD=... AYS_CONSUL_TOKEN=... "
+        "AYS_ROCKETMQ_SECRET=..." in install
+    )
     version = (top / "VERSION").read_text()
     assert re.match(r"ays \d+\.\d+\.\d+\+g[0-9a-f]{7}", version) and "env uat" in version
     checked = subprocess.run(
@@ -485,3 +492,154 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# --- INSTALL, run as written (addresses, ports and --root staged) ---------------------------
+
+
+def install_commands(install: str, heading: str, until: str) -> list[str]:
+    """The command lines (indented four spaces) of INSTALL between two headings, without
+    their trailing comments."""
+    section = install.split(heading, 1)[1].split(until, 1)[0]
+    return [
+        re.sub(r"\s{2,}#.*$", "", line[4:])
+        for line in section.splitlines()
+        if line.startswith("    ") and line.strip()
+    ]
+
+
+def staged_commands(lines: list[str], replace: dict[str, str], root: Path | None) -> str:
+    """A bash script of `lines` with the test's addresses and ports, and `--root` after each
+    of the three programs' commands when `root` is given (what an operator's / would be)."""
+    script = ["set -euo pipefail"]
+    for line in lines:
+        for old, new in replace.items():
+            line = line.replace(old, new)
+        if root is not None and line.startswith(("./installConfig", "./aysManager", "./aysNode")):
+            line += f" --root {root}"
+        script.append(line)
+    return "\n".join(script) + "\n"
+
+
+def test_installs_dev_walk_through_runs_as_written_to_a_successful_job(
+    unpacked: Unpacked, tmp_path: Path
+) -> None:
+    install = (unpacked.top / "INSTALL").read_text()
+    lines = install_commands(install, "1. A first job", "2. The uat environment")
+    assert lines[0].startswith("./installConfig manager -e dev --root /tmp/ays-dev")
+    stage, mport, nport = tmp_path / "ays-dev", free_port(), free_port()
+    script = staged_commands(
+        lines, {"/tmp/ays-dev": str(stage), "18080": str(mport), "18181": str(nport)}, None
+    )
+    proc = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=unpacked.top,
+        env=unpacked.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    said: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the follow shows a run: then Ctrl-C it, as INSTALL says
+            said.append(line.rstrip("\n"))
+            if line.startswith("run "):
+                follower = next(
+                    p
+                    for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "--follow" in p.cmdline()
+                )
+                follower.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        subprocess.run(
+            [str(unpacked.top / "aysNode"), "stop", "--root", str(stage)],
+            env=unpacked.env(),
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [str(unpacked.top / "aysManager"), "stop", "--root", str(stage)],
+            env=unpacked.env(),
+            capture_output=True,
+            timeout=120,
+        )
+    text = "\n".join(said)
+    assert code == 0, text
+    assert re.search(r"aysnode: builtin, heartbeats to .*: joined", text), text
+    assert "lists it online in group default" in text, text
+    first_run = next(line for line in said if line.startswith("run "))
+    assert ": succeeded exit=0;" in first_run and "output: hello from " in first_run, text
+    assert "aysnode stopped" in text and "aysmanager stopped" in text, text
+
+
+def test_installs_uat_walk_through_installs_a_manager_and_a_node_that_joins_it(
+    unpacked: Unpacked, tmp_path: Path, mysql_url: str
+) -> None:
+    """INSTALL's uat commands against the emulators and the test's MariaDB: the operator's
+    edited uat.yaml in the staged /etc/ays/envs/ (found before the bundled one)."""
+    install = (unpacked.top / "INSTALL").read_text()
+    lines = install_commands(install, "2. The uat environment", "\nUpgrade\n")
+    assert not [line for line in lines if "--root" in line]
+    runnable = [line for line in lines if not line.startswith("export ")]
+    assert len(runnable) == len(lines) - 1
+    stage, mport, nport = tmp_path / "root", free_port(), free_port()
+    db = make_url(mysql_url)
+    consul = ConsulEmulator(token=SECRETS["AYS_CONSUL_TOKEN"]).start()
+    topics = ["ays_uat_node_group_ksa", "ays_uat_node_group_ksa_bcast", "ays_uat_result"]
+    try:
+        with RocketMQEmulator(topics=topics) as rocketmq:
+            env = yaml.safe_load((unpacked.top / "envs" / "uat.yaml").read_text())
+            env["storage"]["url"] = (
+                f"mysql+pymysql://{db.username}:${{AYS_DB_PASSWORD}}@{db.host}:{db.port}/"
+                f"{db.database}"
+            )
+            env["registry"].update(host="127.0.0.1", port=consul.port, check_interval=1)
+            env["transport"]["endpoints"] = [rocketmq.endpoint]
+            own = stage / "etc" / "ays" / "envs" / "uat.yaml"
+            own.parent.mkdir(parents=True)
+            own.write_text(yaml.safe_dump(env))
+            script = staged_commands(
+                runnable,
+                {
+                    "172.21.16.81": "127.0.0.1",
+                    "172.21.16.121": "127.0.0.1",
+                    "18080": str(mport),
+                    "18181": str(nport),
+                },
+                stage,
+            )
+            secrets = {**SECRETS, "AYS_DB_PASSWORD": db.password or ""}
+            try:
+                done = subprocess.run(
+                    ["bash", "-c", script],
+                    cwd=unpacked.top,
+                    env=unpacked.env(**secrets),
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                assert done.returncode == 0, done.stdout + done.stderr
+                said = done.stdout
+                assert "installed aysmanager" in said and "installed aysnode" in said, said
+                assert re.search(rf"aysnode: consul http://127.0.0.1:{consul.port}: joined", said)
+                status = unpacked.run("aysManager", "status", "--root", str(stage), **secrets)
+                assert "nodes:     1 of 1 online (consul registry)" in status.stdout, status
+                assert (stage / "opt/ays/aysnode/aysNode").is_symlink()
+            finally:
+                for program in ("aysNode", "aysManager"):
+                    unpacked.run(program, "stop", "--root", str(stage), **secrets)
+    finally:
+        consul.stop()
+
+
+def test_the_frozen_installconfig_finds_an_env_in_envs_then_etc_ays_envs_then_the_bundle(
+    unpacked: Unpacked, tmp_path: Path
+) -> None:
+    check_the_search_order(unpacked.top / "installConfig", tmp_path)

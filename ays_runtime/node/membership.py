@@ -268,7 +268,7 @@ class ConsulMembership:
         self._attempts = Attempts()
 
     def status(self) -> MembershipStatus:
-        return self._attempts.status("consul", self.where)
+        return self._attempts.status("consul", self.where.removeprefix("consul "))
 
     async def run(self) -> None:
         backoff = Backoff(first=1.0, cap=30.0)
