@@ -345,6 +345,9 @@ def test_install_refuses_when_the_config_is_missing_and_names_the_installconfig_
         "(ENV: one of dev, prod, uat)" in message
     )
     assert not (tmp_path / "opt").exists() and not (tmp_path / "etc/systemd").exists()
+    proposed = message.split("run first: ", 1)[1].split(" (ENV:", 1)[0].split()
+    ok(run(str(BIN / proposed[0]), *[a.replace("ENV", "dev") for a in proposed[1:]]))
+    ok(run(MANAGER, "install", "-p", "10.0.0.5", "-P", "18080", "--root", tmp_path))
 
 
 def test_install_refuses_an_address_the_rendered_config_does_not_have(stage: Stage) -> None:
@@ -352,7 +355,23 @@ def test_install_refuses_an_address_the_rendered_config_does_not_have(stage: Sta
     assert result.returncode == 6
     assert "-g other but node.group is g1" in result.stderr
     assert f"-P 1 but node.port is {stage.node_port}" in result.stderr
-    assert "render it again with: installConfig node -e dev -g other" in result.stderr
+    proposed = result.stderr.split("render it again with: ", 1)[1].split()
+    assert proposed == [
+        "installConfig",
+        "node",
+        "-e",
+        "dev",
+        "-g",
+        "other",
+        "-p",
+        "127.0.0.1",
+        "-P",
+        "1",
+        "--root",
+        str(stage.root),
+    ]
+    ok(run(str(BIN / proposed[0]), *proposed[1:]))
+    ok(run(NODE, "install", "-g", "other", "-p", "127.0.0.1", "-P", "1", "--root", stage.root))
 
 
 def test_installing_twice_changes_nothing(stage: Stage) -> None:
