@@ -79,11 +79,13 @@ def cluster(tmp_path: Path, sqlite_url: str) -> Iterator[Cluster]:
         for daemon in ays.nodes.values():
             daemon.kill()
         ays.manager.kill()
-        _kill_marked(tmp_path.name)
+        _kill_marked(str(tmp_path))
 
 
 def _kill_marked(marker: str) -> None:
-    """Jobs of a SIGKILLed node outlive it (nothing was left to kill them): clean them up."""
+    """Jobs of a SIGKILLed node outlive it (nothing was left to kill them): clean them up.
+    The marker is the test's full tmp path: its base name alone is the same in another
+    pytest session running at once, whose processes it would kill."""
     for proc in psutil.process_iter(["cmdline"]):
         if any(marker in part for part in proc.info["cmdline"] or []):
             proc.kill()
@@ -168,7 +170,7 @@ def test_a_timeout_kills_the_job_and_every_process_it_spawned(cluster: Cluster) 
 def test_a_node_killed_mid_run_fails_the_run_as_node_lost_and_it_is_retried_on_the_other(
     cluster: Cluster,
 ) -> None:
-    marker = cluster.tmp.name
+    marker = str(cluster.tmp)
     task = add_task(cluster, f"sleep 4 # {marker}", retry_count=1, retry_interval_s=0.5)
     trigger(cluster, task)
     running = wait_for(

@@ -69,7 +69,7 @@ def cluster(tmp_path: Path, sqlite_url: str, emu: RocketMQEmulator) -> Iterator[
         for daemon in ays.nodes.values():
             daemon.kill()
         ays.manager.kill()
-        _kill_marked(tmp_path.name)
+        _kill_marked(str(tmp_path))
 
 
 def rocketmq_config(tmp_path: Path, storage_url: str, manager_port: int, endpoint: str) -> Path:
