@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import NodeGroup
 from tests.test_manager_api import Api, served_api
 
 DOCUMENT: dict[str, Any] = {
@@ -245,3 +247,23 @@ def test_an_export_can_be_limited_to_tasks_or_groups(api: Api) -> None:
 def test_reconcile_on_request_is_refused_by_a_manager_that_cannot(api: Api) -> None:
     response = api.client.post("/reconcile")
     assert response.status_code == 503
+
+
+def test_a_group_its_nodes_created_is_not_pruned(api: Api) -> None:
+    apply(api, DOCUMENT)
+    with api.sessions() as session, session.begin():
+        session.add(
+            NodeGroup(
+                name="joined_by_a_node",
+                description="created when node 10.0.0.5:18181 joined it",
+                auto_created=True,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+
+    pruned = apply(api, DOCUMENT, prune=True)
+
+    assert ("node_group", "joined_by_a_node", "delete") not in actions(pruned)
+    names = [g["name"] for g in api.client.get("/node-groups").json()["items"]]
+    assert "joined_by_a_node" in names

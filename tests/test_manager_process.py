@@ -212,4 +212,3 @@ def test_a_bad_listen_address_is_refused_with_the_value_shown(
     )
     assert result.returncode == 2
     assert bad[1] in result.stderr
-

@@ -223,7 +223,13 @@ def _plan(session: Session, checked: _Checked, prune: bool) -> Plan:
     named_tasks = {spec.name for spec in checked.tasks}
     extra_tasks = [name for name in stored_tasks if name not in named_tasks]
     used_groups = {g.name for g in checked.groups} | {s.node_group for s in checked.tasks}
-    extra_groups = sorted(name for name in stored_groups if name not in used_groups)
+    # A group its nodes created is theirs: a prune leaves it (their next beat would bring it
+    # back anyway).
+    extra_groups = sorted(
+        name
+        for name, group in stored_groups.items()
+        if name not in used_groups and not group.auto_created
+    )
     if not prune:
         return Plan(steps, extra_groups, extra_tasks)
     steps += [Step("task", name, Action.DELETE) for name in extra_tasks]
