@@ -81,8 +81,8 @@ DebugLoggerOption = Annotated[
     typer.Option(
         "--debug-logger",
         metavar="NAME",
-        help="also show this library's DEBUG lines (e.g. grpc, httpx, sqlalchemy.engine; "
-        "all: every library); repeatable. Without it libraries log at INFO and above",
+        help="Also show this library's DEBUG lines (e.g. grpc, httpx, sqlalchemy.engine; "
+        "all: every library); repeatable. Without it, libraries log at INFO and above.",
     ),
 ]
 ConfigOption = Annotated[

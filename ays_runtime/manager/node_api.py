@@ -214,11 +214,18 @@ def node_router(
                     "node_group": node.node_group,
                     "status": node.status,
                     "source": node.source,
-                    "group_created": bool(created),
                 }
 
+        def group_exists() -> bool:
+            with engine_sessions() as s:
+                found = s.scalar(select(NodeGroup.id).where(NodeGroup.name == body.node_group))
+                return found is not None
+
+        # Asked before anything is written: with Consul, the registry's watch may create the
+        # group from the node-list entry before this request's own write does.
+        group_existed = await run_in_threadpool(group_exists)
         if node_list is None:
-            return await run_in_threadpool(add, False)
+            return {**await run_in_threadpool(add, False), "group_created": not group_existed}
         await run_in_threadpool(add, False, True)
         await write_node_list(
             f"add node {body.ip}:{body.port}",
@@ -228,9 +235,10 @@ def node_router(
             body.node_group,
         )
         try:
-            return await run_in_threadpool(add, True)
+            added = await run_in_threadpool(add, True)
         except IntegrityError:  # the watch inserted the row between our read and write
-            return await run_in_threadpool(add, True)
+            added = await run_in_threadpool(add, True)
+        return {**added, "group_created": not group_existed}
 
     @router.delete("/nodes/{node_id:int}", status_code=204, tags=["nodes"], responses=_errors(404))
     async def remove_node(node_id: Id) -> Response:
