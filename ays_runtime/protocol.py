@@ -33,6 +33,7 @@ run or is running answers 202 with duplicate=true and does not run it again.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, ConfigDict, Field
