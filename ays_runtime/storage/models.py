@@ -125,6 +125,26 @@ class TaskVersion(Base):
     changed_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class AuditEntry(Base):
+    """One change an operator made (`ays_runtime.audit`): who, through what, from where,
+    when, what (`action`, `target_type`, `target`), and the definition before and after.
+    No foreign key: the trail outlives what it names."""
+
+    __tablename__ = "ays_audit"
+    __table_args__ = (Index("ix_ays_audit_target", "target_type", "target"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    who: Mapped[str] = mapped_column(String(128))
+    via: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(64))  # the caller's address; "" when none
+    action: Mapped[str] = mapped_column(String(32))
+    target_type: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(255))  # a name, or "id 42" / "ip:port"
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
 class TimerRow(Base):
     """One installed timer: which task version a manager's in-memory timer list holds.
 
