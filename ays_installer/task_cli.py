@@ -277,7 +277,9 @@ def show_task(
             (
                 "retries",
                 f"{found['retry_count']} ({found['retry_backoff']}, first after "
-                f"{found['retry_interval_s']:g}s)",
+                f"{found['retry_interval_s']:g}s"
+                + ("; a lost run's at once" if found.get("allow_concurrent_retry") else "")
+                + ")",
             ),
             ("route", found["route_strategy"]),
             ("block", found["block_strategy"]),

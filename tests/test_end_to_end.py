@@ -192,6 +192,13 @@ def test_a_lost_run_of_a_task_allowing_concurrent_retries_is_retried_on_the_othe
     assert retried["scheduled_at"] == lost["scheduled_at"]
 
 
+def psutil_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _job_processes(marker: str, pgids: set[int]) -> list[psutil.Process]:
     """Live processes whose command line holds `marker` or whose process group is one of
     `pgids` (a job's, found while it ran: its sleeps carry no marker)."""
@@ -231,10 +238,14 @@ def test_a_node_killed_mid_run_ends_its_jobs_when_it_restarts_and_no_retry_runs_
         "the job's shell and its child",
     )
     pgids = {os.getpgid(p.pid) for p in procs}
+    (shell,) = [p for p in procs if p.pid in pgids]  # the job's shell leads its group
     victim = next(n for n in ("a", "b") if cluster.address(n) == running["node"])
     cluster.nodes[victim].kill()  # SIGKILL
 
     # The fault: the job outlives its node (the parent-death signal ends its shell only).
+    wait_for(
+        lambda: not psutil_alive(shell), 60, "the job's shell ended by its parent-death signal"
+    )
     lost = wait_for(
         lambda: [r for r in runs(cluster, task) if r["status"] == "node_lost"], 60, "node_lost"
     )[0]
