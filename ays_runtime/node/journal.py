@@ -90,9 +90,8 @@ class JournalEntry:
         )
 
     def owner_lives(self) -> bool:
-        """Whether the node process that started the run is still alive (not this one)."""
-        if self.owner_pid == os.getpid():
-            return False  # an earlier process whose pid this one got
+        """Whether the node process that started the run is still alive (its pid with the
+        recorded start time; a later process that got its pid is not it)."""
         start = _start_time(self.owner_pid)
         return start is not None and abs(start - self.owner_start_time) <= START_TIME_SLACK
 
