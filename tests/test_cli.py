@@ -161,6 +161,17 @@ def test_a_task_is_added_listed_shown_edited_disabled_enabled_and_deleted(ays: A
     assert gone.stderr == f"error: no task is named {name!r} (see: aysManager task list)\n"
 
 
+def test_a_task_allows_concurrent_retries_only_when_told(ays: Ays) -> None:
+    name = ays.task("true", "--retries", "1", "--allow-concurrent-retry")
+    assert ays.json("task", "show", name)["allow_concurrent_retry"] is True
+    assert "a lost run's at once" in ays.ok("task", "show", name)
+    assert "changed: allow_concurrent_retry" in ays.ok(
+        "task", "edit", name, "--no-allow-concurrent-retry"
+    )
+    assert ays.json("task", "show", name)["allow_concurrent_retry"] is False
+    assert ays.json("task", "show", ays.task("true"))["allow_concurrent_retry"] is False
+
+
 def test_a_bad_field_is_refused_with_exit_2_naming_it_and_a_duplicate_name_with_exit_1(
     ays: Ays,
 ) -> None:

@@ -90,6 +90,9 @@ class Task(Base):
     retry_backoff: Mapped[str] = mapped_column(String(16), default=RetryBackoff.FIXED.value)
     # Double, not Float: MySQL's FLOAT is single precision.
     retry_interval_s: Mapped[float] = mapped_column(Double, default=10.0)
+    # A run whose node was lost may still be running there: its retry waits until the node
+    # reports it ended (or until a bound), unless this is set.
+    allow_concurrent_retry: Mapped[bool] = mapped_column(Boolean, default=False)
     route_strategy: Mapped[str] = mapped_column(String(32), default=RouteStrategy.FIRST.value)
     block_strategy: Mapped[str] = mapped_column(String(32), default=BlockStrategy.SERIAL.value)
     misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.SKIP.value)
