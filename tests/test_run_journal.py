@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -142,3 +143,24 @@ def test_an_entry_whose_node_process_still_lives_is_left_to_it(
 
     assert journal.load() == []
     assert journal.path(7).exists()
+
+
+def test_an_entry_written_ahead_of_the_spawn_ends_the_runs_processes_and_no_other(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    # The node died after spawning the job's shell but before journaling its pid: the entry
+    # written ahead names the run, and the run's processes are found by their environment.
+    journal = RunJournal(tmp_path / "running")
+    journal.load()
+    ahead = JournalEntry.ahead(7, 3, "http://127.0.0.1:1", "2026-12-04T20:00:00")
+    journal.record(replace(ahead, owner_pid=GONE_PID, owner_start_time=1.0))
+    ours, theirs = f"{tmp_path}/ours", f"{tmp_path}/theirs"
+    start(spawned, f"sh -c 'sleep 300; :' {ours} & sleep 301; : {ours}")
+    start(spawned, f"sleep 300; : {theirs}", job_id=8)  # another run, started after the entry
+    wait_for(lambda: len(marked(ours)) >= 2 and marked(theirs), 30, "both runs' processes")
+
+    (reaped,) = journal.reap(journal.load(), kill_grace=1)
+
+    assert reaped.survivors >= 3  # the shell, its child shell and their sleeps
+    wait_for(lambda: not marked(ours), 30, "the run's processes ended")
+    assert marked(theirs)

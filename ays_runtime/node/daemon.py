@@ -339,15 +339,16 @@ class NodeDaemon:
             self._journaled.discard(job_log_id)
             await asyncio.to_thread(self._journal.remove, job_log_id)
 
-    async def _spawned(self, spec: JobSpec, pid: int) -> None:
-        """Journal a shell job's process group as soon as its shell is spawned."""
-        entry = JournalEntry.of(
-            spec.job_id,
-            spec.task_id,
-            pid,
-            self._report_to.get(spec.job_id, ""),
-            utcnow().isoformat(),
-        )
+    async def _spawned(self, spec: JobSpec, pid: int | None) -> None:
+        """Journal a shell job ahead of its spawn (pid None), then its process group as soon
+        as its shell is spawned."""
+        report_to, started_at = self._report_to.get(spec.job_id, ""), utcnow().isoformat()
+        if pid is None:
+            entry: JournalEntry | None = JournalEntry.ahead(
+                spec.job_id, spec.task_id, report_to, started_at
+            )
+        else:
+            entry = JournalEntry.of(spec.job_id, spec.task_id, pid, report_to, started_at)
         if entry is not None:
             await asyncio.to_thread(self._journal.record, entry)
             self._journaled.add(spec.job_id)

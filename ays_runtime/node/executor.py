@@ -46,8 +46,11 @@ The contract
   `payload.expected_status` (an int or a list of ints; default any 2xx) decides success. The
   output is the status line and the response body. Without a task timeout, each network
   step may take 30 s.
-- A job does not outlive its node. `on_spawn(spec, pid)`, when given, is awaited as soon as a
-  shell job's shell is spawned (the node journals the process group, see `journal`); on
+- A job does not outlive its node. `on_spawn(spec, pid)`, when given, is awaited twice for a
+  shell job: with pid None just before its shell is spawned (the node journals the run
+  ahead, so a node killed at any moment after the spawn leaves an entry behind), and with
+  the shell's pid as soon as it is spawned (the node journals the process group, see
+  `journal`); on
   Linux the shell also gets a parent-death signal (SIGTERM when the thread that spawned it
   ends: the event loop's thread, which in the node is the main thread, so this is when the
   node's process dies). Its children do not inherit that signal: the node's journal ends
@@ -180,7 +183,7 @@ class Executor:
         keep_output_bytes: int = KEEP_OUTPUT_BYTES,
         pipe_grace: float = PIPE_GRACE,
         speaker: str = "executor",
-        on_spawn: Callable[[JobSpec, int], Awaitable[None]] | None = None,
+        on_spawn: Callable[[JobSpec, int | None], Awaitable[None]] | None = None,
     ) -> None:
         _check("max_concurrent", max_concurrent, max_concurrent >= 1, "an integer >= 1")
         _check("output_cap_bytes", output_cap_bytes, output_cap_bytes >= 256, "at least 256")
@@ -209,7 +212,7 @@ class Executor:
         cls,
         config: EnvConfig,
         speaker: str = "executor",
-        on_spawn: Callable[[JobSpec, int], Awaitable[None]] | None = None,
+        on_spawn: Callable[[JobSpec, int | None], Awaitable[None]] | None = None,
     ) -> Executor:
         """An executor set up by the env file's `node` and `job_log` sections."""
         return cls(
@@ -219,6 +222,15 @@ class Executor:
             kill_grace=config.node.kill_grace,
             speaker=speaker,
             on_spawn=on_spawn,
+        )
+
+    def _unjournaled(self, spec: JobSpec, err: OSError) -> None:
+        log.error(
+            "%s: job %d: cannot journal it (it runs on, but a crash of the node would leave "
+            "it running): %s",
+            self.speaker,
+            spec.job_id,
+            err.strerror or err,
         )
 
     # --- the public surface -------------------------------------------------------------------
@@ -430,6 +442,11 @@ class Executor:
             raise _Invalid(f"workdir {workdir} does not exist")
         if not os.path.isdir(workdir):
             raise _Invalid(f"workdir {workdir} is not a directory")
+        if self.on_spawn is not None:
+            try:
+                await self.on_spawn(spec, None)
+            except OSError as err:  # the job runs on, as it would have without a journal
+                self._unjournaled(spec, err)
         read_fd, write_fd = os.pipe()  # our own pipe: closing it is ours to decide
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -457,14 +474,8 @@ class Executor:
             if self.on_spawn is not None:
                 try:
                     await self.on_spawn(spec, proc.pid)
-                except OSError as err:  # the job runs on, as it would have without a journal
-                    log.error(
-                        "%s: job %d: cannot journal its process group %d: %s",
-                        self.speaker,
-                        spec.job_id,
-                        pgid,
-                        err.strerror or err,
-                    )
+                except OSError as err:
+                    self._unjournaled(spec, err)
             timeout = spec.timeout_s if spec.timeout_s > 0 else None
             done, _ = await asyncio.wait(
                 {exited, killed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED

@@ -7,10 +7,13 @@ timeout, nothing reports it, and the manager may retry the slot elsewhere.
         {"job_log_id", "task_id", "pid", "pgid", "start_time", "report_to", "started_at",
          "owner_pid", "owner_start_time"}
 
-An entry is written (temp file, fsync, rename, fsync the directory) as soon as the job's
-shell is spawned, and removed once the run's result is in the result spool: from then on the
-spool speaks for the run. `start_time` is the kernel's start time of the shell (psutil's
-`create_time`): a pid is recycled, a (pid, start time) pair is not.
+An entry is written (temp file, fsync, rename, fsync the directory) twice: ahead of the
+spawn, without a pid (`pid` 0, `start_time` the wall clock just before: a node killed right
+after the spawn, before its second write, still leaves the run's entry behind), and as soon
+as the job's shell is spawned, with its pid. It is removed once the run's result is in the
+result spool: from then on the spool speaks for the run. `start_time` is the kernel's start
+time of the shell (psutil's `create_time`): a pid is recycled, a (pid, start time) pair is
+not.
 
 At start, before it serves, the node reads the journal and ends what survived of each run
 whose owner (the node process that started it) is dead (`reap`): SIGTERM (and SIGCONT) to
@@ -24,6 +27,8 @@ share a data dir. A survivor is
 - any process of the job's process group, when the shell lives; when the shell is gone, a
   member only if it started after the shell and its environment names the run (AYS_JOB_ID,
   AYS_TASK_ID), so that a group of someone else's under a recycled id is never hit.
+- for an entry written ahead (no pid), any process started after it whose environment names
+  the run.
 A process that left the group with setsid and lost its parent cannot be found this way (as
 for the executor: the one way out); under systemd the unit's control group covers it.
 
@@ -37,6 +42,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +56,7 @@ RUNNING_DIR = "running"
 # psutil's create_time comes from /proc in clock ticks (1/100 s) plus the boot time, which
 # psutil reads once: the same process reads back within this.
 START_TIME_SLACK = 0.05
+AHEAD_SLACK = 2.0
 SIGKILL_WAIT = 5.0  # as the executor's: a process in uninterruptible sleep dies when it can
 
 
@@ -83,6 +90,26 @@ class JournalEntry:
             pid,
             pid,
             start_time,
+            report_to,
+            started_at,
+            owner,
+            _start_time(owner) or 0.0,
+        )
+
+    @classmethod
+    def ahead(cls, job_log_id: int, task_id: int, report_to: str, started_at: str) -> JournalEntry:
+        """The entry of a job about to be spawned: no pid yet; its processes are those started
+        from now on whose environment names the run."""
+        owner = os.getpid()
+        # psutil's create_time counts from the boot time in whole seconds (/proc/stat's btime):
+        # against the wall clock it may be up to a second off. The environment names the run.
+        since = time.time() - AHEAD_SLACK
+        return cls(
+            job_log_id,
+            task_id,
+            0,
+            0,
+            since,
             report_to,
             started_at,
             owner,
@@ -190,6 +217,8 @@ class RunJournal:
 
 def survivors(entry: JournalEntry) -> list[psutil.Process]:
     """The live processes of the run `entry` journaled; never a process of someone else's."""
+    if entry.pid == 0:  # written ahead of the spawn: the run's own processes, wherever they are
+        return [p for p in psutil.process_iter() if _live_and_names_run(p, entry)]
     try:
         leader = psutil.Process(entry.pid)
         leader_lives = abs(leader.create_time() - entry.start_time) <= START_TIME_SLACK
@@ -215,6 +244,13 @@ def survivors(entry: JournalEntry) -> list[psutil.Process]:
         except (OSError, psutil.Error):
             continue  # gone meanwhile, or not ours to read
     return found
+
+
+def _live_and_names_run(proc: psutil.Process, entry: JournalEntry) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE and _names_run(proc, entry)
+    except (OSError, psutil.Error):
+        return False  # gone meanwhile, or not ours to read
 
 
 def _start_time(pid: int) -> float | None:
