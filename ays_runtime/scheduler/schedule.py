@@ -89,6 +89,15 @@ class CronSchedule(Schedule):
         # thousands of times ("the slot after 12:00:01?"): remember the last answer.
         self._last: tuple[datetime, datetime] | None = None
 
+    @property
+    def fields(self) -> str:
+        """The six cron fields croniter reads (seconds first, shorthands spelled out)."""
+        return self._fields
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return self._tz
+
     def next_after(self, after: datetime) -> datetime:
         last = self._last
         if last is not None and last[0] == after:
