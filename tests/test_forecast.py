@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager.forecast import forecast, tasks_at
 from ays_runtime.storage.models import NodeGroup, Task
 
@@ -105,5 +106,5 @@ def test_the_tasks_due_in_one_second_are_paged(sessions: sessionmaker[Session]) 
 
 
 def test_a_window_longer_than_a_week_is_refused(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session, pytest.raises(ValueError, match="hours"):
+    with sessions() as session, pytest.raises(ValidationError, match="hours: 169"):
         forecast(session, hours=169)

@@ -29,8 +29,9 @@ many minutes of the window), every_minute, first_at, last_at, summary (one sente
 expressions [ExpressionShare(schedule, timezone, tasks)], tasks [TaskRef(id, name, schedule,
 timezone)] (the first `tasks_per_pileup` by id) and tasks_total.
 
-`tasks_at(at)` pages through every enabled task due in the second `at` falls in: what a
-heatmap cell is made of, when a pile-up has more tasks than it lists.
+`tasks_at(at)` pages through every enabled task due in the second `at` (naive UTC) falls in:
+what a heatmap cell is made of, when a pile-up has more tasks than it lists. ValidationError
+naming `at` outside 1970-9000 (schedule.check_slot_moment).
 
 How it stays fast for 10k tasks: the tasks are grouped by (schedule, time zone) and each
 group's slots computed once; a cron schedule's minutes are found by croniter at minute
@@ -52,11 +53,12 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ays_runtime.exceptions import ScheduleError
+from ays_runtime.exceptions import ScheduleError, ValidationError
 from ays_runtime.scheduler.schedule import (
     CronSchedule,
     EverySchedule,
     Schedule,
+    check_slot_moment,
     parse_schedule,
     parse_timezone,
 )
@@ -141,8 +143,9 @@ def forecast(
 ) -> Forecast:
     """The slots due from the minute `start` falls in (default now), `hours` long."""
     if not 1 <= hours <= MAX_HOURS:
-        raise ValueError(f"hours: {hours} is not 1 to {MAX_HOURS}")
+        raise ValidationError("hours", hours, f"a whole number of hours from 1 to {MAX_HOURS}")
     begin = (start or utcnow()).replace(second=0, microsecond=0)
+    check_slot_moment("start", begin)
     seconds = hours * 3600
     groups, refs, invalid = _groups(session)
     cells = array("q", bytes(8 * seconds))
@@ -176,6 +179,7 @@ def forecast(
 
 def tasks_at(session: Session, at: datetime, *, limit: int = 100, offset: int = 0) -> TasksAt:
     """Every enabled task with a slot in the second `at` falls in, by id, one page of them."""
+    check_slot_moment("at", at)
     second = at.replace(microsecond=0)
     groups, refs, _ = _groups(session)
     due: list[int] = []

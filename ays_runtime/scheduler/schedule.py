@@ -44,6 +44,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _EPOCH = datetime(1970, 1, 1)
 MIN_EVERY = timedelta(milliseconds=100)
+# The moments a caller may ask slots about (a slot view's range, a forecast cell): croniter and
+# datetime arithmetic overflow near the years 1 and 9999.
+EARLIEST_SLOT = datetime(1970, 1, 1)
+LATEST_SLOT = datetime(9000, 1, 1)
 # The six cron fields in order, with the values each can take (day of week: 0 is Sunday).
 _CRON_FIELDS = (
     ("second", 0, 59),
@@ -216,3 +220,14 @@ def _check_steps(expression: str, fields: str) -> None:
                     f"the {name} field's step must be 1 to {high - low} ({name} runs "
                     f"{low}-{high}); '{item}' steps by {int(step)}",
                 )
+
+
+def check_slot_moment(field: str, moment: datetime) -> None:
+    """Refuse (ScheduleError naming `field`) a naive UTC moment outside the years slots are
+    computed for."""
+    if not EARLIEST_SLOT <= moment <= LATEST_SLOT:
+        raise ScheduleError(
+            field,
+            f"{moment.isoformat()}Z",
+            f"a date-time from {EARLIEST_SLOT:%Y-%m-%d} to {LATEST_SLOT:%Y-%m-%d} (UTC)",
+        )
