@@ -45,10 +45,11 @@ from __future__ import annotations
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -283,9 +284,58 @@ def _plan(group: _Group, begin: datetime, seconds: int) -> _Plan:
 
 def _cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
     """The minutes of the window (from `begin`, naive UTC) whose minute, hour, day, month
-    and weekday match `fields` in the time zone."""
+    and weekday match the five cron `fields` in the time zone, in order.
+
+    Matched day by day from croniter's expansion of the fields (cron's rule: when both day
+    fields are restricted, either may match); fields with `L` or `#` are walked by croniter
+    instead, and so is a window in which the zone's offset changes (DST: croniter's handling
+    of the skipped and repeated hours is the scheduler's)."""
     if fields == "* * * * *":
         return list(range(minutes))
+    try:
+        expanded, nth = croniter.expand(fields)
+    except (CroniterError, ValueError):
+        return _cron_minutes_walked(fields, timezone, begin, minutes)
+    plain = all(isinstance(v, int) or v == "*" for values in expanded for v in values)
+    if nth or not plain:
+        return _cron_minutes_walked(fields, timezone, begin, minutes)
+    mins, hours, doms, months, dows = (
+        None if values == ["*"] else frozenset(values) for values in expanded
+    )
+    tz = parse_timezone(timezone)
+    end = begin + timedelta(minutes=minutes)
+    day = begin.replace(tzinfo=UTC).astimezone(tz).date()
+    last_day = end.replace(tzinfo=UTC).astimezone(tz).date()
+    if _offset_changes(tz, day, last_day):
+        return _cron_minutes_walked(fields, timezone, begin, minutes)
+    minute_list = sorted(mins) if mins is not None else range(60)
+    hour_list = sorted(hours) if hours is not None else range(24)
+    found: list[int] = []
+    while day <= last_day:
+        dom_ok = doms is None or day.day in doms
+        dow_ok = dows is None or (day.weekday() + 1) % 7 in dows
+        day_ok = (dom_ok or dow_ok) if doms is not None and dows is not None else dom_ok and dow_ok
+        if day_ok and (months is None or day.month in months):
+            for hour in hour_list:
+                local = datetime(day.year, day.month, day.day, hour)
+                offset = local.replace(tzinfo=tz).utcoffset() or timedelta(0)
+                first = (local - offset - begin) // timedelta(minutes=1)
+                found.extend(first + m for m in minute_list if 0 <= first + m < minutes)
+        day += timedelta(days=1)
+    return sorted(set(found))
+
+
+def _offset_changes(tz: ZoneInfo, first: date, last: date) -> bool:
+    """Whether the zone's UTC offset differs between the midnights from `first` to `last`+1."""
+    offsets = {
+        datetime.combine(first + timedelta(days=d), time(), tz).utcoffset()
+        for d in range((last - first).days + 2)
+    }
+    return len(offsets) > 1
+
+
+def _cron_minutes_walked(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
+    """`_cron_minutes` by croniter's own iteration (slower: a minute step costs ~40 us)."""
     tz = parse_timezone(timezone)
     local = begin.replace(tzinfo=UTC).astimezone(tz) - timedelta(seconds=1)
     it = croniter("0 " + fields, local, second_at_beginning=True)
@@ -344,24 +394,23 @@ def _pileups(
     if truncated:
         over.sort(key=lambda i: -cells[i])
         over = sorted(over[:MAX_PILEUP_SECONDS])
-    # Which schedules can have a slot in a given second of the minute.
-    by_second: dict[int, list[int]] = defaultdict(list)
-    anywhere: list[int] = []
+    anywhere = [g for g, plan in enumerate(plans) if not isinstance(plan, _CronPlan)]
+    over_set = set(over)
+    behind: dict[int, list[int]] = defaultdict(list)
     for index, plan in enumerate(plans):
         if isinstance(plan, _CronPlan):
-            for s in plan.seconds:
-                by_second[s].append(index)
-        else:
-            anywhere.append(index)
+            for m in plan.minutes:
+                for s in plan.seconds:
+                    if m * 60 + s in over_set:
+                        behind[m * 60 + s].append(index)
     folded: dict[tuple[int, tuple[int, ...]], _Found] = {}
     for i in over:
-        candidates = by_second.get(i % 60, [])
-        behind = tuple(sorted(g for g in (*candidates, *anywhere) if plans[g].count_at(i)))
-        key = (i % 60, behind)
+        groups = tuple(sorted([*behind[i], *(g for g in anywhere if plans[g].count_at(i))]))
+        key = (i % 60, groups)
         entry = folded.get(key)
         moment = begin + timedelta(seconds=i)
         if entry is None:
-            folded[key] = _Found(i % 60, cells[i], behind, [moment])
+            folded[key] = _Found(i % 60, cells[i], groups, [moment])
         else:
             entry.fires = max(entry.fires, cells[i])
             entry.at.append(moment)

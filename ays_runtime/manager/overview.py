@@ -233,7 +233,7 @@ def _timeline(session: Session, now: datetime) -> Timeline:
     )
     histograms: dict[int, dict[int, tuple[int, float]]] = {}
     for text, b, n, worst in session.execute(stmt):
-        at = datetime.strptime(text, "%Y-%m-%d %H:%M")
+        at = datetime.fromisoformat(text)  # `YYYY-MM-DD HH:MM`; strptime is 20 times slower
         index = int((at - start).total_seconds()) // 60
         if 0 <= index < TIMELINE_MINUTES:
             histograms.setdefault(index, {})[int(b)] = (n, max(float(worst or 0.0), 0.0))
