@@ -186,8 +186,9 @@ def seed(engine: Engine, n_tasks: int, n_rows: int, days: int, now: datetime) ->
 
     columns = list(job_row(rng, 0, now, nodes, late_tail=False))
     mark = "?" if engine.dialect.name == "sqlite" else "%s"
+    quote = engine.dialect.identifier_preparer.quote  # `trigger` is a reserved word in MySQL
     statement = (
-        f"INSERT INTO ays_job_log ({', '.join(columns)}) "
+        f"INSERT INTO ays_job_log ({', '.join(map(quote, columns))}) "
         f"VALUES ({', '.join([mark] * len(columns))})"
     )
 

@@ -9,12 +9,8 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import ValidationError
-from ays_runtime.manager.forecast import (
-    _cron_minutes,
-    _cron_minutes_walked,
-    forecast,
-    tasks_at,
-)
+from ays_runtime.manager.forecast import forecast, tasks_at
+from ays_runtime.scheduler.schedule import cron_minutes, cron_minutes_walked
 from ays_runtime.storage.models import NodeGroup, Task
 
 START = datetime(2026, 12, 4, 12, 0, 30)  # the window starts at 12:00:00
@@ -134,6 +130,6 @@ def test_the_minutes_matched_from_the_expanded_fields_are_those_croniter_walks_t
     fields: str, zone: str, begin: datetime
 ) -> None:
     minutes = 7 * 24 * 60  # the week around Europe's change to summer time included
-    assert _cron_minutes(fields, zone, begin, minutes) == _cron_minutes_walked(
+    assert cron_minutes(fields, zone, begin, minutes) == cron_minutes_walked(
         fields, zone, begin, minutes
     )

@@ -45,11 +45,8 @@ from __future__ import annotations
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta
 
-from croniter import CroniterError, croniter
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -60,8 +57,9 @@ from ays_runtime.scheduler.schedule import (
     EverySchedule,
     Schedule,
     check_slot_moment,
+    cron_minutes,
+    cron_seconds,
     parse_schedule,
-    parse_timezone,
 )
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Task
@@ -277,92 +275,9 @@ def _plan(group: _Group, begin: datetime, seconds: int) -> _Plan:
     assert isinstance(schedule, CronSchedule)
     second_field, minute_fields = schedule.fields.split(" ", 1)
     return _CronPlan(
-        _cron_minutes(minute_fields, group.timezone, begin, seconds // 60),
-        _cron_seconds(second_field),
+        cron_minutes(minute_fields, group.timezone, begin, seconds // 60),
+        cron_seconds(second_field),
     )
-
-
-def _cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
-    """The minutes of the window (from `begin`, naive UTC) whose minute, hour, day, month
-    and weekday match the five cron `fields` in the time zone, in order.
-
-    Matched day by day from croniter's expansion of the fields (cron's rule: when both day
-    fields are restricted, either may match); fields with `L` or `#` are walked by croniter
-    instead, and so is a window in which the zone's offset changes (DST: croniter's handling
-    of the skipped and repeated hours is the scheduler's)."""
-    if fields == "* * * * *":
-        return list(range(minutes))
-    try:
-        expanded, nth = croniter.expand(fields)
-    except (CroniterError, ValueError):
-        return _cron_minutes_walked(fields, timezone, begin, minutes)
-    plain = all(isinstance(v, int) or v == "*" for values in expanded for v in values)
-    if nth or not plain:
-        return _cron_minutes_walked(fields, timezone, begin, minutes)
-    mins, hours, doms, months, dows = (
-        None if values == ["*"] else frozenset(values) for values in expanded
-    )
-    tz = parse_timezone(timezone)
-    end = begin + timedelta(minutes=minutes)
-    day = begin.replace(tzinfo=UTC).astimezone(tz).date()
-    last_day = end.replace(tzinfo=UTC).astimezone(tz).date()
-    if _offset_changes(tz, day, last_day):
-        return _cron_minutes_walked(fields, timezone, begin, minutes)
-    minute_list = sorted(mins) if mins is not None else range(60)
-    hour_list = sorted(hours) if hours is not None else range(24)
-    found: list[int] = []
-    while day <= last_day:
-        dom_ok = doms is None or day.day in doms
-        dow_ok = dows is None or (day.weekday() + 1) % 7 in dows
-        day_ok = (dom_ok or dow_ok) if doms is not None and dows is not None else dom_ok and dow_ok
-        if day_ok and (months is None or day.month in months):
-            for hour in hour_list:
-                local = datetime(day.year, day.month, day.day, hour)
-                offset = local.replace(tzinfo=tz).utcoffset() or timedelta(0)
-                first = (local - offset - begin) // timedelta(minutes=1)
-                found.extend(first + m for m in minute_list if 0 <= first + m < minutes)
-        day += timedelta(days=1)
-    return sorted(set(found))
-
-
-def _offset_changes(tz: ZoneInfo, first: date, last: date) -> bool:
-    """Whether the zone's UTC offset differs between the midnights from `first` to `last`+1."""
-    offsets = {
-        datetime.combine(first + timedelta(days=d), time(), tz).utcoffset()
-        for d in range((last - first).days + 2)
-    }
-    return len(offsets) > 1
-
-
-def _cron_minutes_walked(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
-    """`_cron_minutes` by croniter's own iteration (slower: a minute step costs ~40 us)."""
-    tz = parse_timezone(timezone)
-    local = begin.replace(tzinfo=UTC).astimezone(tz) - timedelta(seconds=1)
-    it = croniter("0 " + fields, local, second_at_beginning=True)
-    found: list[int] = []
-    for _ in range(minutes):
-        moment: datetime = it.get_next(datetime)
-        index = int((moment.astimezone(UTC).replace(tzinfo=None) - begin).total_seconds()) // 60
-        if index >= minutes:
-            break
-        if not found or index > found[-1]:
-            found.append(index)
-    return found
-
-
-@lru_cache(maxsize=1024)
-def _cron_seconds(second_field: str) -> tuple[int, ...]:
-    """The seconds of a minute a cron seconds field matches."""
-    base = datetime(2000, 1, 1)
-    it = croniter(
-        f"{second_field} * * * * *", base - timedelta(seconds=1), second_at_beginning=True
-    )
-    seconds: list[int] = []
-    while True:
-        moment: datetime = it.get_next(datetime)
-        if moment >= base + timedelta(minutes=1):
-            return tuple(seconds)
-        seconds.append(moment.second)
 
 
 # --- pile-ups -------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ from ays_runtime.vocabulary import RunStatus, TriggerKind
 from ays_runtime.web.fields import UtcOut
 
 MAX_SLOTS = 10_000
-_TINY = timedelta(microseconds=1)
 _NOT_RUN = {RunStatus.SKIPPED.value, RunStatus.DISCARDED.value}
 
 
@@ -177,19 +176,14 @@ def slot_ledger(
 def _slot_times(
     expression: str, timezone: str, start: datetime, end: datetime, max_slots: int
 ) -> list[datetime]:
-    schedule = parse_schedule(expression, timezone)
-    times: list[datetime] = []
-    at = schedule.next_after(start - _TINY)
-    while at < end:
-        if len(times) == max_slots:
-            raise ValidationError(
-                "to",
-                end.isoformat(),
-                f"a range of at most {max_slots} slots of {expression!r}; the last of them "
-                f"is at {times[-1].isoformat()}Z",
-            )
-        times.append(at)
-        at = schedule.next_after(at)
+    times = parse_schedule(expression, timezone).slots_between(start, end, max_slots)
+    if len(times) > max_slots:
+        raise ValidationError(
+            "to",
+            end.isoformat(),
+            f"a range of at most {max_slots} slots of {expression!r}; the last of them "
+            f"is at {times[max_slots - 1].isoformat()}Z",
+        )
     return times
 
 
