@@ -34,10 +34,14 @@ what a heatmap cell is made of, when a pile-up has more tasks than it lists. Val
 naming `at` outside 1970-9000 (schedule.check_slot_moment).
 
 How it stays fast for 10k tasks: the tasks are grouped by (schedule, time zone) and each
-group's slots computed once; a cron schedule's minutes are found by croniter at minute
-steps (every-minute schedules not at all) and its seconds from its seconds field once; an
-`@every` rate is arithmetic. Work grows with the distinct schedules and the window, not
-with the tasks.
+group's slots computed once; a cron schedule's minutes are matched day by day from
+croniter's expansion of its fields (schedule.cron_minutes; croniter walks only `L`, `#` and
+windows with a DST change) and its seconds from its seconds field once; an `@every` rate is
+arithmetic. Work grows with the distinct schedules and the window, not with the tasks: about
+0.3-0.5 s for 10k tasks on ~1,000 distinct schedules (bench/console_bench.py).
+
+`forecast` raises ValidationError naming `hours` outside 1..MAX_HOURS and `start` outside
+1970-9000.
 """
 
 from __future__ import annotations
