@@ -221,6 +221,12 @@ class JobLogSettings(_Section):
     purge_batch: int = Field(1000, ge=1, description="rows deleted per purge statement")
 
 
+class AuditSettings(_Section):
+    retention_days: float = Field(
+        365.0, gt=0, description="audit-trail entries older than this are purged"
+    )
+
+
 RegistrySettings = Annotated[
     BuiltinRegistrySettings | ConsulRegistrySettings, Field(discriminator="backend")
 ]
@@ -242,6 +248,7 @@ class EnvConfig(_Section):
     manager: ManagerSettings = ManagerSettings()
     node: NodeSettings = NodeSettings()
     job_log: JobLogSettings = JobLogSettings()
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("access_token")
     @classmethod
