@@ -41,25 +41,22 @@ database ays_t_bench_<hex> is created and dropped at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import random
-import secrets
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, insert, text
-from sqlalchemy.engine import make_url
+from scheduler_bench import database  # a fresh migrated database on either backend
+from sqlalchemy import Engine, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.config import EnvConfig
@@ -68,7 +65,6 @@ from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.output import RunOutput
 from ays_runtime.storage.database import make_engine, redacted, session_factory, utcnow
-from ays_runtime.storage.migrate import upgrade
 from ays_runtime.storage.models import Manager, Node, NodeGroup, Task
 
 DEFAULT_MYSQL_URL = "mysql+pymysql://ays_test:ays_test@127.0.0.1:3306/ays_test"
@@ -394,31 +390,6 @@ def time_entry(entry: Entry, loads: int) -> dict[str, float]:
 
 
 # --- running it -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def database(backend: str, mysql_url: str) -> Iterator[str]:
-    """A fresh migrated database: a SQLite file in a temp dir, or ays_t_bench_<hex>."""
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="ays-console-bench-") as tmp:
-            url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-            upgrade(url)
-            yield url
-        return
-    server = make_url(mysql_url)
-    server = server.set(database=None, query={**server.query, "charset": "utf8mb4"})
-    admin = create_engine(server)
-    name = f"ays_t_bench_{secrets.token_hex(4)}"
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    try:
-        url = make_url(mysql_url).set(database=name).render_as_string(hide_password=False)
-        upgrade(url)
-        yield url
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()
 
 
 def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -393,38 +393,19 @@ def _going(session: Session, limit: int) -> Going:
         pending=counts.get(RunStatus.PENDING, 0),
         dispatched=counts.get(RunStatus.DISPATCHED, 0),
         running=counts.get(RunStatus.RUNNING, 0),
-        runs=[
-            GoingRun(
-                id=r.id,
-                task_id=r.task_id,
-                task_name=names.get(r.task_id),
-                status=r.status,
-                node=r.node,
-                scheduled_at=r.scheduled_at,
-                started_at=r.started_at,
-            )
-            for r in rows
-        ],
+        runs=[GoingRun.model_validate(_with_name(r, names)) for r in rows],
     )
 
 
 def _recent_failures(session: Session, limit: int) -> list[RecentFailure]:
     rows = _newest(session, FAILED, limit)
     names = _task_names(session, {r.task_id for r in rows})
-    return [
-        RecentFailure(
-            id=r.id,
-            task_id=r.task_id,
-            task_name=names.get(r.task_id),
-            status=r.status,
-            scheduled_at=r.scheduled_at,
-            created_at=r.created_at,
-            ended_at=r.ended_at,
-            node=r.node,
-            message=r.message,
-        )
-        for r in rows
-    ]
+    return [RecentFailure.model_validate(_with_name(r, names)) for r in rows]
+
+
+def _with_name(row: Any, names: dict[int, str]) -> dict[str, Any]:
+    """A job-log row's columns and its task's name (None: the task was deleted)."""
+    return {**row._mapping, "task_name": names.get(row.task_id)}
 
 
 def _newest(session: Session, statuses: tuple[RunStatus, ...], limit: int) -> list[Any]:
