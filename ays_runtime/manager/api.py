@@ -29,6 +29,8 @@
     DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
     GET    /api/v1/audit                       ?target_type ?target ?who ?action ?since ?until
                                                ?limit ?offset: the audit trail (ays_runtime.audit)
+    GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
+                                               the console's figures (manager/insight_api.py)
 
 The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret.
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
@@ -78,7 +80,7 @@ from ays_runtime.exceptions import (
     StorageError,
     ValidationError,
 )
-from ays_runtime.manager import apply, tasks, versions
+from ays_runtime.manager import apply, insight_api, tasks, versions
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.schemas import (
     ApplyResult,
@@ -701,6 +703,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         nodes_router,
         groups_router,
         audit_api.router,
+        insight_api.router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
