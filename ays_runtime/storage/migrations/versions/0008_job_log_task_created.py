@@ -5,7 +5,7 @@ without this index the database sorts every run of the task on each page (86,400
 an every-second task). The slot key's index starts with task_id too, but orders by
 scheduled_at.
 
-Revision ID: 0008_i14b_job_log_task_created
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-04
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0008_i14b_job_log_task_created"
+revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
