@@ -28,7 +28,9 @@
     PUT    /api/v1/node-groups/{name}          new description and/or name
     DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
 
-The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret.
+The OpenAPI document (/openapi.json) and its viewer (/docs, from the vendored swagger-ui) are
+public: they hold no secret. The web console (ays_runtime/console) is mounted at / on the same
+app: its pages need a console session (the guard asks its `SessionGate`), never a token.
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
 `X-Ays-Token: <token>`, checked by the guard in front of the app (ays_runtime/web/guard.py)
 before any body is read; the routes that need none are declared in `PUBLIC`. Bodies are
@@ -65,6 +67,7 @@ from starlette.exceptions import HTTPException
 
 from ays_runtime import __version__
 from ays_runtime.auth import Caller, authenticate
+from ays_runtime.console import app as console
 from ays_runtime.exceptions import (
     ConfigError,
     ConflictError,
@@ -123,12 +126,15 @@ from ays_runtime.web.refusals import RefusalLog
 
 API_PREFIX = "/api/v1"
 ACTOR_NAME_MAX = 64
-# The only routes a caller without a token reaches; every other path is guarded. A console
-# that signs its users in with a session of its own adds its prefix here.
+# The only routes a caller without a token or console session reaches; every other path is
+# guarded: the API by the token, the console's pages by its session. Of the console, only the
+# sign-in page and its static assets are public.
 PUBLIC = PublicRoutes(
     paths=frozenset(
-        {f"{API_PREFIX}/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-    )
+        {f"{API_PREFIX}/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+        | console.PUBLIC_PATHS
+    ),
+    prefixes=console.PUBLIC_PREFIXES,
 )
 # Where a node's results arrive (manager/node_api.py): they get manager.max_result_body_bytes.
 RESULT_ROUTES = (f"{API_PREFIX}/job-logs/results", f"{API_PREFIX}/job-logs/{{job_log_id}}/result")
@@ -674,6 +680,8 @@ def create_app(ctx: ManagerContext) -> FastAPI:
             "(in dev the manager generates one on first start)"
         )
     app = FastAPI(
+        docs_url=None,  # served by the console from local assets (no CDN)
+        redoc_url=None,
         title="Ays manager",
         version=ctx.version or __version__,
         description="Tasks, job logs, nodes and node groups of the Ays scheduling center. "
@@ -698,9 +706,11 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     async def caller(headers: Mapping[str, str]) -> Caller | None:
         return await authenticate(headers, token)
 
+    gate = console.mount(app, ctx)
     protect(
         app,
         public=PUBLIC,
+        sessions=gate,
         authenticate=caller,
         limits=BodyLimits(
             BodyLimit(settings.max_body_bytes, "manager.max_body_bytes"),
@@ -716,4 +726,5 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     app.add_exception_handler(SQLAlchemyError, _on_database_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    console.html_errors(app, gate)
     return app
