@@ -284,7 +284,8 @@ async def _form_page(
         groups=groups,
         choices=CHOICES,
         cloned_from=cloned_from,
-        preview=_preview(values["schedule"], values["timezone"]),
+        # a bad schedule's error is shown once, beside its field
+        preview=_preview("" if "schedule" in errors else values["schedule"], values["timezone"]),
     )
 
 
