@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.console.session import COOKIE, SessionGate
 from ays_runtime.manager.api import PUBLIC
-from tests.test_manager_api import TOKEN, Api, new_group, served_api
+from tests.test_manager_api import TOKEN, Api, new_group, new_task, served_api
 
 PAGES = [
     "/",
@@ -255,3 +255,44 @@ def test_docs_load_swagger_ui_from_the_managers_own_assets(console: Api) -> None
             assert url.startswith("/static/vendor/swagger-ui-dist-"), url
             assert client.get(url).status_code == 200, url
         assert "cdn" not in docs.text.lower()
+
+
+def test_the_task_pages_bulk_disable_clone_delete_after_asking_and_trigger_with_params(
+    console: Api,
+) -> None:
+    new_group(console)
+    first = new_task(console, name="alpha", params="--full")
+    second = new_task(console, name="beta")
+    with signed_in(console) as (client, csrf):
+        listed = client.get("/tasks", params={"q": "alp"}, headers={"HX-Request": "true"})
+        assert "alpha" in listed.text and "beta" not in listed.text
+        assert "<html" not in listed.text  # the fragment alone
+        bulk = client.post(
+            "/tasks/bulk",
+            data={"csrf_token": csrf, "action": "disable", "task_id": [first["id"], second["id"]]},
+        )
+        assert bulk.status_code == 303
+        assert console.client.get("/tasks", params={"enabled": False}).json()["total"] == 2
+        clone = client.get(f"/tasks/{first['id']}/clone")
+        assert 'value="alpha-copy"' in clone.text and 'value="--full"' in clone.text
+        created = client.post(
+            "/tasks/new",
+            data=task_form(csrf, name="alpha-copy", command="echo report", params="--full"),
+        )
+        assert created.status_code == 303
+        trigger = client.post(
+            f"/tasks/{first['id']}/trigger",
+            data={"csrf_token": csrf, "override": "on", "params": "--dry-run"},
+        )
+        assert trigger.status_code == 303 and trigger.headers["location"].startswith("/runs/")
+        assert console.hooks.triggered[-1] == (first["id"], "--dry-run")
+        run = client.get(trigger.headers["location"])
+        assert run.status_code == 200 and "--dry-run" in run.text
+        asking = client.get(f"/tasks/{second['id']}/delete")
+        assert asking.status_code == 200 and "Delete beta" in asking.text
+        assert console.client.get(f"/tasks/{second['id']}").status_code == 200
+        deleted = client.post(f"/tasks/{second['id']}/delete", data={"csrf_token": csrf})
+        assert deleted.status_code == 303
+        assert console.client.get(f"/tasks/{second['id']}").status_code == 404
+        missing = client.get(f"/tasks/{second['id']}")
+        assert missing.status_code == 404 and "<html" in missing.text

@@ -80,6 +80,8 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
     context.set_default_timeout(30_000)
     page = context.new_page()
     requests = Recorder(page)
+    console_lines: list[str] = []
+    page.on("console", lambda message: console_lines.append(f"{message.type}: {message.text}"))
 
     # Signed out, a page sends the browser to the sign-in page; a wrong token is refused.
     page.goto("/tasks")
@@ -131,7 +133,11 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
 
     # Kill it: the run ends killed, its output stays readable.
     page.locator("#kill").click()
-    expect(page.locator("#run-status")).to_have_text("killed", timeout=90_000)
+    try:
+        expect(page.locator("#run-status")).to_have_text("killed", timeout=90_000)
+    except AssertionError:
+        print("\n".join(console_lines), "\n".join(requests.urls[-30:]), page.url, sep="\n")
+        raise
     expect(output).to_contain_text("line 1")
     shot(page, "run-killed")
 
@@ -140,6 +146,18 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
     page.get_by_role("button", name="Disable").click()
     expect(page.locator("#task-state")).to_have_text("disabled")
     shot(page, "task")
+
+    # A node added by hand, then removed, through the API's own routes.
+    page.goto("/nodes")
+    page.get_by_label("IP", exact=True).fill("127.0.0.2")
+    page.get_by_label("Port", exact=True).fill("18999")
+    page.get_by_label("Group", exact=True).fill("g2")
+    page.get_by_role("button", name="Add node").click()
+    expect(page.locator(".notice")).to_contain_text("added 127.0.0.2:18999")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Remove node 127.0.0.2:18999").click()
+    expect(page.locator(".notice")).to_contain_text("removed")
+    expect(page.get_by_role("button", name="Remove node 127.0.0.2:18999")).to_have_count(0)
 
     # The other pages, for the README; each loads without an error.
     for path, name in [

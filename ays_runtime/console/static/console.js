@@ -49,6 +49,8 @@
       source.close();
       if (state) state.textContent = "The run has ended: " + data.status + ".";
       pre.removeAttribute("data-stream");
+      var kill = document.getElementById("kill-form");
+      if (kill) kill.hidden = true;
       if (window.htmx && pre.dataset.summary) {
         window.htmx.ajax("GET", pre.dataset.summary, { target: "#summary", swap: "outerHTML" });
       }
@@ -118,5 +120,9 @@
   });
   document.addEventListener("htmx:afterSwap", function (e) {
     init(e.target);
+    // A run's summary stops polling once the run has ended: nothing is left to kill.
+    var summary = document.getElementById("summary");
+    var kill = document.getElementById("kill-form");
+    if (summary && kill && !summary.hasAttribute("hx-get")) kill.hidden = true;
   });
 })();
