@@ -159,6 +159,25 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
     expect(page.locator(".notice")).to_contain_text("removed")
     expect(page.get_by_role("button", name="Remove node 127.0.0.2:18999")).to_have_count(0)
 
+    # Tasks for the forecast to show: a pile-up of 120 at :00:00 of every hour, and more.
+    shapes = [("hourly", "0 0 * * * *", 120), ("five-min", "0 */5 * * * *", 30)]
+    shapes.append(("two-hours", "30 15 */2 * * *", 50))
+    document = {
+        "node_groups": [{"name": "g2"}],
+        "tasks": [
+            {
+                "name": f"{name}-{i}",
+                "node_group": "g2",
+                "schedule": cron,
+                "payload": {"command": "true"},
+            }
+            for name, cron, count in shapes
+            for i in range(count)
+        ],
+    }
+    with ays.api() as api:
+        assert api.post("/apply", json=document).status_code == 200
+
     # The other pages, for the README; each loads without an error.
     for path, name in [
         ("/tasks", "tasks"),
@@ -172,6 +191,12 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
         assert answer is not None and answer.status == 200, path
         page.wait_for_load_state("networkidle")
         shot(page, name)
+        if name == "forecast":  # the pile-up's cells sit in the :00 column; one lists its tasks
+            pileup = page.locator(".heatmap .cell.l5").first
+            assert pileup.get_attribute("data-at", timeout=5000).endswith(":00")  # type: ignore[union-attr]
+            pileup.click()
+            expect(page.locator("#cell")).to_contain_text("150 task(s) due at")
+            expect(page.locator("#cell")).to_contain_text("hourly-0")
     phone = context.new_page()
     phone.set_viewport_size(PHONE)
     phone_requests = Recorder(phone)

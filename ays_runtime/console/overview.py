@@ -78,23 +78,24 @@ async def forecast_page(request: Request, threshold: str = "100") -> HTMLRespons
     limit = int(threshold) if threshold.isdigit() and int(threshold) > 0 else 100
     planned = await in_session(request, lambda s: forecast.forecast(s, threshold=limit))
     top = max(planned.fires) if planned.fires else 0
+    # One row per clock hour, one column per minute of the hour: the window's first and last
+    # hours are partial (their cells outside it are left empty).
     start = planned.start
+    count = len(planned.fires)
+    first_hour = start.replace(minute=0)
     hours = []
-    for h in range(len(planned.fires) // 60):
-        cells = []
+    for h in range(-(-(count + start.minute) // 60)):
+        cells: list[dict[str, Any] | None] = []
         for m in range(60):
-            i = h * 60 + m
-            at = start + timedelta(minutes=i)
+            at = first_hour + timedelta(hours=h, minutes=m)
+            i = int((at - start).total_seconds()) // 60
+            if not 0 <= i < count:
+                cells.append(None)
+                continue
             n = planned.fires[i]
-            cells.append(
-                {
-                    "at": at,
-                    "fires": n,
-                    "peak": planned.peak_second[i],
-                    "level": 0 if n == 0 or top == 0 else 1 + min(4, (5 * n) // (top + 1)),
-                }
-            )
-        hours.append({"at": start + timedelta(hours=h), "cells": cells})
+            level = 0 if n == 0 or top == 0 else 1 + min(4, (5 * n) // (top + 1))
+            cells.append({"at": at, "fires": n, "peak": planned.peak_second[i], "level": level})
+        hours.append({"at": first_hour + timedelta(hours=h), "cells": cells})
     return page(request, "overview/forecast.html", f=planned, hours=hours, top=top)
 
 
