@@ -8,7 +8,9 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager.forecast import forecast, tasks_at
+from ays_runtime.scheduler.schedule import cron_minutes, cron_minutes_walked
 from ays_runtime.storage.models import NodeGroup, Task
 
 START = datetime(2026, 12, 4, 12, 0, 30)  # the window starts at 12:00:00
@@ -105,5 +107,29 @@ def test_the_tasks_due_in_one_second_are_paged(sessions: sessionmaker[Session]) 
 
 
 def test_a_window_longer_than_a_week_is_refused(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session, pytest.raises(ValueError, match="hours"):
+    with sessions() as session, pytest.raises(ValidationError, match="hours: 169"):
         forecast(session, hours=169)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "0 9 * * 1-5",
+        "*/7 1-3 1,15 * *",
+        "15 */2 * * 0",
+        "0 0 1 * 5",  # both day fields: either matches
+        "30 2 * * *",
+        "0 0 29 2 *",
+        "0 12 L * *",  # walked by croniter
+        "0 8 * * 1#1",  # walked by croniter
+    ],
+)
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata", "Europe/Berlin", "America/New_York"])
+@pytest.mark.parametrize("begin", [datetime(2026, 12, 4, 12, 0), datetime(2026, 3, 27, 0, 0)])
+def test_the_minutes_matched_from_the_expanded_fields_are_those_croniter_walks_to(
+    fields: str, zone: str, begin: datetime
+) -> None:
+    minutes = 7 * 24 * 60  # the week around Europe's change to summer time included
+    assert cron_minutes(fields, zone, begin, minutes) == cron_minutes_walked(
+        fields, zone, begin, minutes
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.manager.overview import TIMELINE_MINUTES, overview
@@ -172,3 +172,38 @@ def test_an_empty_database_has_an_overview_of_zeros(sessions: sessionmaker[Sessi
     assert view.last_day.total == 0 and view.last_day.success_rate is None
     assert sum(view.timeline.fires) == 0
     assert view.model_dump(mode="json")["generated_at"].endswith("Z")
+
+
+def test_settled_minutes_are_kept_and_minutes_with_unfinished_runs_read_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions() as session:
+        session.add(NodeGroup(name="g1", created_at=NOW, updated_at=NOW))
+        session.flush()
+        task = add_task(session, "alpha")
+        session.commit()
+        session.execute(
+            insert(JobLog),
+            [
+                run(task, NOW - timedelta(minutes=40), status="running"),
+                run(task, NOW - timedelta(minutes=30)),
+            ],
+        )
+        session.commit()
+        first = overview(session, now=NOW)
+        assert first.last_hour.by_status["running"] == 1
+        # The long run ends; a new run is claimed now; and a row appears in a settled minute,
+        # which no manager writes (created_at is the claiming manager's clock).
+        session.execute(update(JobLog).where(JobLog.status == "running").values(status="failed"))
+        session.execute(
+            insert(JobLog),
+            [
+                run(task, NOW - timedelta(seconds=5), status="pending"),
+                run(task, NOW - timedelta(minutes=20)),
+            ],
+        )
+        session.commit()
+        second = overview(session, now=NOW)
+    hour = second.last_hour.by_status
+    assert (hour["running"], hour["failed"], hour["pending"]) == (0, 1, 1)
+    assert hour["succeeded"] == 1  # the 20-minute-old insert: its minute was kept, not re-read

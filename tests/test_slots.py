@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import NotFoundError, ValidationError
 from ays_runtime.manager.slots import slot_ledger
+from ays_runtime.scheduler.schedule import Schedule, parse_schedule
 from ays_runtime.storage.models import JobLog, NodeGroup, Task
 
 T0 = datetime(2026, 12, 4, 12, 0)  # the task fires at :00 of every minute
@@ -121,3 +122,23 @@ def test_a_range_of_more_slots_than_the_bound_is_refused_naming_the_last_allowed
             slot_ledger(session, task_id, T0, T0)
         with pytest.raises(NotFoundError, match="task 999"):
             slot_ledger(session, 999, T0, T0 + timedelta(minutes=1))
+
+
+@pytest.mark.parametrize(
+    ("expression", "zone"),
+    [
+        ("*/20 * * * * *", "UTC"),
+        ("0 9 * * 1-5", "Europe/Berlin"),
+        ("30 */7 1-3 * * *", "Asia/Kolkata"),
+        ("0 30 2 * * *", "Europe/Berlin"),  # 2026-03-29 02:30 does not exist there
+        ("0 0 12 L * *", "America/New_York"),
+        ("@every 90s", "UTC"),
+    ],
+)
+def test_the_slots_of_a_range_are_those_the_scheduler_walks_to(expression: str, zone: str) -> None:
+    schedule = parse_schedule(expression, zone)
+    start = datetime(2026, 3, 26, 23, 59, 50)
+    for end in (start + timedelta(hours=5), start + timedelta(days=6)):
+        walked = Schedule.slots_between(schedule, start, end, 100_000)
+        assert schedule.slots_between(start, end, 100_000) == walked
+        assert schedule.slots_between(start, end, 3) == walked[:4]

@@ -16,7 +16,15 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from ays_runtime.console import csrf
-from ays_runtime.console.render import PageNo, in_session, is_htmx, moment_of, page, page_number
+from ays_runtime.console.render import (
+    PageNo,
+    context_of,
+    in_session,
+    is_htmx,
+    moment_of,
+    page,
+    page_number,
+)
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager import forecast, overview, slots, tasks
 from ays_runtime.vocabulary import RunStatus
@@ -44,7 +52,10 @@ def _series_chart(
 
 @router.get("/", response_class=HTMLResponse)
 async def dashboard(request: Request) -> HTMLResponse:
-    figures = await in_session(request, lambda s: overview.overview(s))
+    silent_after = timedelta(seconds=context_of(request).config.manager.adopt_after)
+    figures = await in_session(
+        request, lambda s: overview.overview(s, manager_silent_after=silent_after)
+    )
     timeline = figures.timeline
     fires = _series_chart(
         timeline.start,
@@ -134,10 +145,11 @@ async def slot_view(
     }
     ledger = None
     error = ""
+    grace = timedelta(seconds=context_of(request).config.manager.misfire_grace)
     if task_id.isdigit():
         try:
             ledger = await in_session(
-                request, lambda s: slots.slot_ledger(s, int(task_id), start, end)
+                request, lambda s: slots.slot_ledger(s, int(task_id), start, end, grace=grace)
             )
         except ValidationError as err:
             error = str(err)

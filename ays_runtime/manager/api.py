@@ -27,6 +27,8 @@
     GET    /api/v1/node-groups/{name}
     PUT    /api/v1/node-groups/{name}          new description and/or name
     DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
+    GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
+                                               the console's figures (manager/insight_api.py)
 
 The OpenAPI document (/openapi.json) and its viewer (/docs, from the vendored swagger-ui) are
 public: they hold no secret. The web console (ays_runtime/console) is mounted at / on the same
@@ -76,7 +78,7 @@ from ays_runtime.exceptions import (
     StorageError,
     ValidationError,
 )
-from ays_runtime.manager import apply, tasks, versions
+from ays_runtime.manager import apply, insight_api, tasks, versions
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.schemas import (
     ApplyResult,
@@ -696,6 +698,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         job_logs_router,
         nodes_router,
         groups_router,
+        insight_api.router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -29,8 +29,9 @@ many minutes of the window), every_minute, first_at, last_at, summary (one sente
 expressions [ExpressionShare(schedule, timezone, tasks)], tasks [TaskRef(id, name, schedule,
 timezone)] (the first `tasks_per_pileup` by id) and tasks_total.
 
-`tasks_at(at)` pages through every enabled task due in the second `at` falls in: what a
-heatmap cell is made of, when a pile-up has more tasks than it lists.
+`tasks_at(at)` pages through every enabled task due in the second `at` (naive UTC) falls in:
+what a heatmap cell is made of, when a pile-up has more tasks than it lists. ValidationError
+naming `at` outside 1970-9000 (schedule.check_slot_moment).
 
 How it stays fast for 10k tasks: the tasks are grouped by (schedule, time zone) and each
 group's slots computed once; a cron schedule's minutes are found by croniter at minute
@@ -44,21 +45,21 @@ from __future__ import annotations
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from datetime import datetime, timedelta
 
-from croniter import croniter
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ays_runtime.exceptions import ScheduleError
+from ays_runtime.exceptions import ScheduleError, ValidationError
 from ays_runtime.scheduler.schedule import (
     CronSchedule,
     EverySchedule,
     Schedule,
+    check_slot_moment,
+    cron_minutes,
+    cron_seconds,
     parse_schedule,
-    parse_timezone,
 )
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Task
@@ -141,8 +142,9 @@ def forecast(
 ) -> Forecast:
     """The slots due from the minute `start` falls in (default now), `hours` long."""
     if not 1 <= hours <= MAX_HOURS:
-        raise ValueError(f"hours: {hours} is not 1 to {MAX_HOURS}")
+        raise ValidationError("hours", hours, f"a whole number of hours from 1 to {MAX_HOURS}")
     begin = (start or utcnow()).replace(second=0, microsecond=0)
+    check_slot_moment("start", begin)
     seconds = hours * 3600
     groups, refs, invalid = _groups(session)
     cells = array("q", bytes(8 * seconds))
@@ -176,6 +178,7 @@ def forecast(
 
 def tasks_at(session: Session, at: datetime, *, limit: int = 100, offset: int = 0) -> TasksAt:
     """Every enabled task with a slot in the second `at` falls in, by id, one page of them."""
+    check_slot_moment("at", at)
     second = at.replace(microsecond=0)
     groups, refs, _ = _groups(session)
     due: list[int] = []
@@ -272,43 +275,9 @@ def _plan(group: _Group, begin: datetime, seconds: int) -> _Plan:
     assert isinstance(schedule, CronSchedule)
     second_field, minute_fields = schedule.fields.split(" ", 1)
     return _CronPlan(
-        _cron_minutes(minute_fields, group.timezone, begin, seconds // 60),
-        _cron_seconds(second_field),
+        cron_minutes(minute_fields, group.timezone, begin, seconds // 60),
+        cron_seconds(second_field),
     )
-
-
-def _cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
-    """The minutes of the window (from `begin`, naive UTC) whose minute, hour, day, month
-    and weekday match `fields` in the time zone."""
-    if fields == "* * * * *":
-        return list(range(minutes))
-    tz = parse_timezone(timezone)
-    local = begin.replace(tzinfo=UTC).astimezone(tz) - timedelta(seconds=1)
-    it = croniter("0 " + fields, local, second_at_beginning=True)
-    found: list[int] = []
-    for _ in range(minutes):
-        moment: datetime = it.get_next(datetime)
-        index = int((moment.astimezone(UTC).replace(tzinfo=None) - begin).total_seconds()) // 60
-        if index >= minutes:
-            break
-        if not found or index > found[-1]:
-            found.append(index)
-    return found
-
-
-@lru_cache(maxsize=1024)
-def _cron_seconds(second_field: str) -> tuple[int, ...]:
-    """The seconds of a minute a cron seconds field matches."""
-    base = datetime(2000, 1, 1)
-    it = croniter(
-        f"{second_field} * * * * *", base - timedelta(seconds=1), second_at_beginning=True
-    )
-    seconds: list[int] = []
-    while True:
-        moment: datetime = it.get_next(datetime)
-        if moment >= base + timedelta(minutes=1):
-            return tuple(seconds)
-        seconds.append(moment.second)
 
 
 # --- pile-ups -------------------------------------------------------------------------------
@@ -340,24 +309,23 @@ def _pileups(
     if truncated:
         over.sort(key=lambda i: -cells[i])
         over = sorted(over[:MAX_PILEUP_SECONDS])
-    # Which schedules can have a slot in a given second of the minute.
-    by_second: dict[int, list[int]] = defaultdict(list)
-    anywhere: list[int] = []
+    anywhere = [g for g, plan in enumerate(plans) if not isinstance(plan, _CronPlan)]
+    over_set = set(over)
+    behind: dict[int, list[int]] = defaultdict(list)
     for index, plan in enumerate(plans):
         if isinstance(plan, _CronPlan):
-            for s in plan.seconds:
-                by_second[s].append(index)
-        else:
-            anywhere.append(index)
+            for m in plan.minutes:
+                for s in plan.seconds:
+                    if m * 60 + s in over_set:
+                        behind[m * 60 + s].append(index)
     folded: dict[tuple[int, tuple[int, ...]], _Found] = {}
     for i in over:
-        candidates = by_second.get(i % 60, [])
-        behind = tuple(sorted(g for g in (*candidates, *anywhere) if plans[g].count_at(i)))
-        key = (i % 60, behind)
+        groups = tuple(sorted([*behind[i], *(g for g in anywhere if plans[g].count_at(i))]))
+        key = (i % 60, groups)
         entry = folded.get(key)
         moment = begin + timedelta(seconds=i)
         if entry is None:
-            folded[key] = _Found(i % 60, cells[i], behind, [moment])
+            folded[key] = _Found(i % 60, cells[i], groups, [moment])
         else:
             entry.fires = max(entry.fires, cells[i])
             entry.at.append(moment)

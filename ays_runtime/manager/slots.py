@@ -7,9 +7,10 @@ Contract (stable; the console builds on it):
     slot_ledger(session, task_id, start, end, *, late_after=timedelta(seconds=1),
                 grace=timedelta(seconds=5), now=None, max_slots=MAX_SLOTS) -> SlotLedger
 
-Raises NotFoundError (no such task) and ValidationError naming `to` when `end` is not after
-`start` or when the range holds more than `max_slots` slots of the schedule (the error says
-where the last allowed slot falls). `start`, `end` and `now` are naive UTC.
+Raises NotFoundError (no such task) and ValidationError naming `from` or `to` when one is
+outside 1970-9000 (schedule.check_slot_moment), when `end` is not after `start`, or when the
+range holds more than `max_slots` slots of the schedule (the error says where the last
+allowed slot falls). `start`, `end` and `now` are naive UTC.
 
 `SlotLedger` (pydantic; its date-times are aware, in UTC; JSON sends them with `Z`):
 
@@ -54,14 +55,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ays_runtime.exceptions import NotFoundError, ScheduleError, ValidationError
-from ays_runtime.scheduler.schedule import parse_schedule
+from ays_runtime.scheduler.schedule import check_slot_moment, parse_schedule
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Task
 from ays_runtime.vocabulary import RunStatus, TriggerKind
 from ays_runtime.web.fields import UtcOut
 
 MAX_SLOTS = 10_000
-_TINY = timedelta(microseconds=1)
 _NOT_RUN = {RunStatus.SKIPPED.value, RunStatus.DISCARDED.value}
 
 
@@ -124,6 +124,8 @@ def slot_ledger(
     max_slots: int = MAX_SLOTS,
 ) -> SlotLedger:
     """Every slot of the task in [start, end) and what became of it."""
+    check_slot_moment("to", end)  # first: `from` may be derived from it
+    check_slot_moment("from", start)
     if end <= start:
         raise ValidationError("to", end.isoformat(), f"a time after from ({start.isoformat()}Z)")
     task = session.get(Task, task_id)
@@ -174,19 +176,14 @@ def slot_ledger(
 def _slot_times(
     expression: str, timezone: str, start: datetime, end: datetime, max_slots: int
 ) -> list[datetime]:
-    schedule = parse_schedule(expression, timezone)
-    times: list[datetime] = []
-    at = schedule.next_after(start - _TINY)
-    while at < end:
-        if len(times) == max_slots:
-            raise ValidationError(
-                "to",
-                end.isoformat(),
-                f"a range of at most {max_slots} slots of {expression!r}; the last of them "
-                f"is at {times[-1].isoformat()}Z",
-            )
-        times.append(at)
-        at = schedule.next_after(at)
+    times = parse_schedule(expression, timezone).slots_between(start, end, max_slots)
+    if len(times) > max_slots:
+        raise ValidationError(
+            "to",
+            end.isoformat(),
+            f"a range of at most {max_slots} slots of {expression!r}; the last of them "
+            f"is at {times[max_slots - 1].isoformat()}Z",
+        )
     return times
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -44,6 +44,11 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _EPOCH = datetime(1970, 1, 1)
 MIN_EVERY = timedelta(milliseconds=100)
+_EXPANDED_MINUTES = 7 * 24 * 60  # CronSchedule.slots_between expands fields up to a week
+# The moments a caller may ask slots about (a slot view's range, a forecast cell): croniter and
+# datetime arithmetic overflow near the years 1 and 9999.
+EARLIEST_SLOT = datetime(1970, 1, 1)
+LATEST_SLOT = datetime(9000, 1, 1)
 # The six cron fields in order, with the values each can take (day of week: 0 is Sunday).
 _CRON_FIELDS = (
     ("second", 0, 59),
@@ -63,6 +68,16 @@ class Schedule(ABC):
     @abstractmethod
     def next_after(self, after: datetime) -> datetime:
         """The first slot strictly later than `after` (both naive UTC)."""
+
+    def slots_between(self, start: datetime, end: datetime, limit: int) -> list[datetime]:
+        """The slots in [start, end), in order, at most `limit` + 1 of them (so that a caller
+        sees there are more than it takes)."""
+        found: list[datetime] = []
+        slot = self.next_after(start - timedelta(microseconds=1))
+        while slot < end and len(found) <= limit:
+            found.append(slot)
+            slot = self.next_after(slot)
+        return found
 
     def last_at_or_before(self, moment: datetime, not_before: datetime) -> datetime | None:
         """The latest slot in (not_before, moment], or None: which slot a misfire replays."""
@@ -97,6 +112,26 @@ class CronSchedule(Schedule):
     @property
     def tz(self) -> ZoneInfo:
         return self._tz
+
+    def slots_between(self, start: datetime, end: datetime, limit: int) -> list[datetime]:
+        """As Schedule's; over a week at most, from the fields' expansion (cron_minutes)
+        rather than croniter's walk, ~30 times faster."""
+        begin = start.replace(second=0, microsecond=0)
+        minutes = -(-(end - begin) // timedelta(minutes=1))
+        if minutes > _EXPANDED_MINUTES:
+            return super().slots_between(start, end, limit)
+        second_field, minute_fields = self._fields.split(" ", 1)
+        seconds = cron_seconds(second_field)
+        found: list[datetime] = []
+        for m in cron_minutes(minute_fields, self._tz.key, begin, minutes):
+            base = begin + timedelta(minutes=m)
+            for s in seconds:
+                slot = base + timedelta(seconds=s)
+                if start <= slot < end:
+                    found.append(slot)
+                    if len(found) > limit:
+                        return found
+        return found
 
     def next_after(self, after: datetime) -> datetime:
         last = self._last
@@ -216,3 +251,100 @@ def _check_steps(expression: str, fields: str) -> None:
                     f"the {name} field's step must be 1 to {high - low} ({name} runs "
                     f"{low}-{high}); '{item}' steps by {int(step)}",
                 )
+
+
+def check_slot_moment(field: str, moment: datetime) -> None:
+    """Refuse (ScheduleError naming `field`) a naive UTC moment outside the years slots are
+    computed for."""
+    if not EARLIEST_SLOT <= moment <= LATEST_SLOT:
+        raise ScheduleError(
+            field,
+            f"{moment.isoformat()}Z",
+            f"a date-time from {EARLIEST_SLOT:%Y-%m-%d} to {LATEST_SLOT:%Y-%m-%d} (UTC)",
+        )
+
+
+# --- many slots at once (the forecast, the slot view) ---------------------------------------
+
+
+def cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
+    """The minutes of the window (from `begin`, naive UTC) whose minute, hour, day, month
+    and weekday match the five cron `fields` in the time zone, in order.
+
+    Matched day by day from croniter's expansion of the fields (cron's rule: when both day
+    fields are restricted, either may match); fields with `L` or `#` are walked by croniter
+    instead, and so is a window in which the zone's offset changes (DST: croniter's handling
+    of the skipped and repeated hours is the scheduler's)."""
+    if fields == "* * * * *":
+        return list(range(minutes))
+    try:
+        expanded, nth = croniter.expand(fields)
+    except (CroniterError, ValueError):
+        return cron_minutes_walked(fields, timezone, begin, minutes)
+    plain = all(isinstance(v, int) or v == "*" for values in expanded for v in values)
+    if nth or not plain:
+        return cron_minutes_walked(fields, timezone, begin, minutes)
+    mins, hours, doms, months, dows = (
+        None if values == ["*"] else frozenset(values) for values in expanded
+    )
+    tz = parse_timezone(timezone)
+    end = begin + timedelta(minutes=minutes)
+    day = begin.replace(tzinfo=UTC).astimezone(tz).date()
+    last_day = end.replace(tzinfo=UTC).astimezone(tz).date()
+    if _offset_changes(tz, day, last_day):
+        return cron_minutes_walked(fields, timezone, begin, minutes)
+    minute_list = sorted(mins) if mins is not None else range(60)
+    hour_list = sorted(hours) if hours is not None else range(24)
+    found: list[int] = []
+    while day <= last_day:
+        dom_ok = doms is None or day.day in doms
+        dow_ok = dows is None or (day.weekday() + 1) % 7 in dows
+        day_ok = (dom_ok or dow_ok) if doms is not None and dows is not None else dom_ok and dow_ok
+        if day_ok and (months is None or day.month in months):
+            for hour in hour_list:
+                local = datetime(day.year, day.month, day.day, hour)
+                offset = local.replace(tzinfo=tz).utcoffset() or timedelta(0)
+                first = (local - offset - begin) // timedelta(minutes=1)
+                found.extend(first + m for m in minute_list if 0 <= first + m < minutes)
+        day += timedelta(days=1)
+    return sorted(set(found))
+
+
+def _offset_changes(tz: ZoneInfo, first: date, last: date) -> bool:
+    """Whether the zone's UTC offset differs between the midnights from `first` to `last`+1."""
+    offsets = {
+        datetime.combine(first + timedelta(days=d), time(), tz).utcoffset()
+        for d in range((last - first).days + 2)
+    }
+    return len(offsets) > 1
+
+
+def cron_minutes_walked(fields: str, timezone: str, begin: datetime, minutes: int) -> list[int]:
+    """`_cron_minutes` by croniter's own iteration (slower: a minute step costs ~40 us)."""
+    tz = parse_timezone(timezone)
+    local = begin.replace(tzinfo=UTC).astimezone(tz) - timedelta(seconds=1)
+    it = croniter("0 " + fields, local, second_at_beginning=True)
+    found: list[int] = []
+    for _ in range(minutes):
+        moment: datetime = it.get_next(datetime)
+        index = int((moment.astimezone(UTC).replace(tzinfo=None) - begin).total_seconds()) // 60
+        if index >= minutes:
+            break
+        if not found or index > found[-1]:
+            found.append(index)
+    return found
+
+
+@lru_cache(maxsize=1024)
+def cron_seconds(second_field: str) -> tuple[int, ...]:
+    """The seconds of a minute a cron seconds field matches."""
+    base = datetime(2000, 1, 1)
+    it = croniter(
+        f"{second_field} * * * * *", base - timedelta(seconds=1), second_at_beginning=True
+    )
+    seconds: list[int] = []
+    while True:
+        moment: datetime = it.get_next(datetime)
+        if moment >= base + timedelta(minutes=1):
+            return tuple(seconds)
+        seconds.append(moment.second)
