@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
-from sqlalchemy.orm import Session
 
 from ays_runtime.console import csrf
 from ays_runtime.console.render import (
@@ -26,7 +25,7 @@ from ays_runtime.console.render import (
     page_number,
 )
 from ays_runtime.exceptions import ValidationError
-from ays_runtime.manager import forecast, overview, slots, tasks
+from ays_runtime.manager import forecast, overview, slots
 from ays_runtime.vocabulary import RunStatus
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf.check)])
@@ -154,11 +153,6 @@ async def slot_view(
         except ValidationError as err:
             error = str(err)
 
-    def names(s: Session) -> list[tuple[int, str]]:
-        items, _ = tasks.list_tasks(s, limit=tasks.MAX_PAGE)
-        return [(t.id, t.name) for t in items]
-
-    choices = await in_session(request, names)
     shown = ledger.slots[(number - 1) * SLOT_PAGE : number * SLOT_PAGE] if ledger else []
     pages = max(1, -(-len(ledger.slots) // SLOT_PAGE)) if ledger else 1
     return page(
@@ -168,7 +162,6 @@ async def slot_view(
         shown=shown,
         error=error,
         filters=filters,
-        choices=choices,
         page_no=number,
         pages=pages,
         outcomes=[o.value for o in slots.SlotOutcome],

@@ -377,17 +377,18 @@ async def cron_preview(request: Request, schedule: str = "", timezone: str = "UT
 async def task_page(request: Request, task_id: int, page_no: PageNo = "1") -> HTMLResponse:
     number = page_number(page_no)
 
-    def load(s: Session) -> tuple[Task, list[JobLog], int]:
+    def load(s: Session) -> tuple[Task, list[JobLog], int, list[JobLog]]:
         task = tasks.get_task(s, task_id)
+        # The chart's last runs and the history's first page are one query on page 1.
+        recent, total = tasks.list_job_logs(s, task_id=task_id, limit=HISTORY)
+        if number == 1:
+            return task, recent[:PAGE_SIZE], total, recent
         runs, total = tasks.list_job_logs(
             s, task_id=task_id, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE
         )
-        return task, runs, total
+        return task, runs, total, recent
 
-    task, runs, total = await in_session(request, load)
-    recent = await in_session(
-        request, lambda s: tasks.list_job_logs(s, task_id=task_id, limit=HISTORY)[0]
-    )
+    task, runs, total, recent = await in_session(request, load)
     finished = [r for r in reversed(recent) if r.started_at is not None and r.ended_at is not None]
     durations = [(r.ended_at - r.started_at).total_seconds() for r in finished]  # type: ignore[operator]
     chart = {
