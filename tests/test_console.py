@@ -142,6 +142,10 @@ def test_a_wrong_token_is_refused_and_the_right_one_sets_a_strict_httponly_cooki
         wrong = client.post("/login", data={"token": "nope", "next": "/"})
         assert wrong.status_code == 401 and "not this environment" in wrong.text
         assert COOKIE not in wrong.headers.get("set-cookie", "")
+        for elsewhere in ("https://evil.example/", "//evil.example/", "/\\evil.example/"):
+            away = client.post("/login", data={"token": TOKEN, "next": elsewhere})
+            assert away.headers["location"] == "/", elsewhere
+        client.cookies.clear()
         right = client.post("/login", data={"token": TOKEN, "next": "https://evil.example/"})
         assert right.status_code == 303 and right.headers["location"] == "/"
         cookie = right.headers["set-cookie"]
@@ -149,7 +153,8 @@ def test_a_wrong_token_is_refused_and_the_right_one_sets_a_strict_httponly_cooki
         for part in ("HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"):
             assert part in cookie
         assert TOKEN not in cookie
-        assert client.get("/tasks").status_code == 200
+        page = client.get("/tasks")
+        assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
 
 
 def test_the_api_takes_no_session_and_the_console_no_token(console: Api) -> None:

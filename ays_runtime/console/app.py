@@ -34,7 +34,7 @@ auth_router = APIRouter(include_in_schema=False)
 def _safe_next(target: str) -> str:
     """Only a path of this site: never another host (an open redirect)."""
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    if parts.scheme or parts.netloc or not target.startswith("/") or target[1:2] in ("/", "\\"):
         return "/"
     return target
 

@@ -39,6 +39,13 @@ STATIC = HERE / "static"
 # Every change made through the console is recorded in the task's history as this.
 CONSOLE_ACTOR = Actor("token", ChangeVia.CONSOLE)
 PAGE_SIZE = 50
+# Every page: never cached (it shows a session's data), never framed by another site.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 PageNo = Annotated[str, Query(alias="page", description="page number, from 1")]
 log = logging.getLogger("ays.console")
 T = TypeVar("T")
@@ -96,7 +103,7 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
         signed_in=session is not None,
         **context,
     )
-    return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+    return HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
 
 
 def _cookie(request: Request) -> str | None:
