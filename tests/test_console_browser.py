@@ -90,9 +90,14 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
     page.get_by_label("Access token").fill("not-the-token")
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#token-error")).to_contain_text("not this environment")
+    # With the keyboard alone: the token typed, Enter; then Tab reaches the skip link first.
     page.get_by_label("Access token").fill(TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_label("Access token").press("Enter")
     expect(page).to_have_url(f"{base}/tasks")
+    page.keyboard.press("Tab")
+    expect(page.locator(":focus")).to_have_text("Skip to content")
+    page.keyboard.press("Enter")
+    expect(page.locator("main")).to_be_focused()
 
     # The form: a bad cron is shown by the helper as it is typed, and beside its field when
     # the form is sent; then a good one lists the next 10 fires.
@@ -197,6 +202,18 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
             pileup.click()
             expect(page.locator("#cell")).to_contain_text("150 task(s) due at")
             expect(page.locator("#cell")).to_contain_text("hourly-0")
+    dark = browser.new_context(
+        viewport=WIDE, base_url=base, color_scheme="dark", storage_state=context.storage_state()
+    )
+    night = dark.new_page()
+    night_requests = Recorder(night)
+    night.goto("/tasks")
+    expect(night.get_by_role("heading", name="Tasks")).to_be_visible()
+    background = night.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(17, 20, 24)", background  # the dark palette of console.css
+    shot(night, "tasks-dark")
+    assert night_requests.urls and not night_requests.external(), night_requests.external()
+    dark.close()
     phone = context.new_page()
     phone.set_viewport_size(PHONE)
     phone_requests = Recorder(phone)
