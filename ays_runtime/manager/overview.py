@@ -228,9 +228,7 @@ def _timeline(minutes: dict[datetime, _Minute], start: datetime) -> Timeline:
     for minute, figures in minutes.items():
         if figures.lateness:
             index = (minute - start) // timedelta(minutes=1)
-            total = sum(n for n, _ in figures.lateness.values())
-            fires[index] = total
-            p99[index] = _percentile(figures.lateness, total, 0.99)
+            fires[index], p99[index] = figures.fires_and_p99()
     return Timeline(start=start, fires=fires, p99_lateness_s=p99)
 
 
@@ -243,6 +241,14 @@ class _Minute:
 
     by_status: dict[str, int] = field(default_factory=dict)
     lateness: dict[int, tuple[int, float]] = field(default_factory=dict)  # bucket: (n, worst)
+    _summary: tuple[int, float] | None = None
+
+    def fires_and_p99(self) -> tuple[int, float]:
+        """The minute's fires and their p99 lateness (computed once: a kept minute is final)."""
+        if self._summary is None:
+            total = sum(n for n, _ in self.lateness.values())
+            self._summary = (total, _percentile(self.lateness, total, 0.99))
+        return self._summary
 
 
 @dataclass
@@ -314,35 +320,31 @@ def _ranges(minutes: list[datetime], step: timedelta) -> list[tuple[datetime, da
 def _read_minutes(
     session: Session, ranges: list[tuple[datetime, datetime]]
 ) -> dict[datetime, _Minute]:
-    """Runs by minute and status, and fires by minute and lateness bucket, in `ranges`."""
+    """Runs by minute and status, and fires by minute and lateness bucket, in `ranges`: one
+    scan (the first load reads the whole day)."""
     dialect = session.get_bind().dialect.name
     minute = _minute_text(JobLog.created_at, dialect)
     within = or_(*[and_(JobLog.created_at >= a, JobLog.created_at < b) for a, b in ranges])
-    found: dict[datetime, _Minute] = {}
-    by_status = (
-        select(minute, JobLog.status, func.count()).where(within).group_by(minute, JobLog.status)
-    )
-    for text, status, n in session.execute(by_status):
-        # `YYYY-MM-DD HH:MM`: fromisoformat reads it 20 times faster than strptime.
-        found.setdefault(datetime.fromisoformat(text), _Minute()).by_status[status] = n
     lateness = _seconds_between(JobLog.scheduled_at, JobLog.created_at, dialect)
+    is_fire = and_(JobLog.trigger.in_(FIRE_TRIGGERS), JobLog.attempt == 0, JobLog.shard_index == 0)
     bucket = case(
+        (~is_fire, -1),  # not a fire: counted by status only
         *[(lateness <= bound, i) for i, bound in enumerate(LATENESS_BOUNDS_S)],
         else_=len(LATENESS_BOUNDS_S),
     )
-    fires = (
-        select(minute, bucket, func.count(), func.max(lateness))
-        .where(
-            within,
-            JobLog.trigger.in_(FIRE_TRIGGERS),
-            JobLog.attempt == 0,
-            JobLog.shard_index == 0,
-        )
-        .group_by(minute, bucket)
+    stmt = (
+        select(minute, JobLog.status, bucket, func.count(), func.max(lateness))
+        .where(within)
+        .group_by(minute, JobLog.status, bucket)
     )
-    for text, b, n, worst in session.execute(fires):
+    found: dict[datetime, _Minute] = {}
+    for text, status, b, n, worst in session.execute(stmt):
+        # `YYYY-MM-DD HH:MM`: fromisoformat reads it 20 times faster than strptime.
         figures = found.setdefault(datetime.fromisoformat(text), _Minute())
-        figures.lateness[int(b)] = (n, max(float(worst or 0.0), 0.0))
+        figures.by_status[status] = figures.by_status.get(status, 0) + n
+        if b >= 0:
+            seen, most = figures.lateness.get(int(b), (0, 0.0))
+            figures.lateness[int(b)] = (seen + n, max(most, float(worst or 0.0)))
     return found
 
 

@@ -25,6 +25,7 @@ import re
 from abc import ABC, abstractmethod
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
@@ -277,12 +278,8 @@ def cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> l
     of the skipped and repeated hours is the scheduler's)."""
     if fields == "* * * * *":
         return list(range(minutes))
-    try:
-        expanded, nth = croniter.expand(fields)
-    except (CroniterError, ValueError):
-        return cron_minutes_walked(fields, timezone, begin, minutes)
-    plain = all(isinstance(v, int) or v == "*" for values in expanded for v in values)
-    if nth or not plain:
+    expanded = _expanded(fields)
+    if expanded is None:
         return cron_minutes_walked(fields, timezone, begin, minutes)
     mins, hours, doms, months, dows = (
         None if values == ["*"] else frozenset(values) for values in expanded
@@ -310,6 +307,19 @@ def cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> l
     return sorted(set(found))
 
 
+@lru_cache(maxsize=4096)
+def _expanded(fields: str) -> list[list[Any]] | None:
+    """croniter's expansion of five cron fields, or None when it holds `L`, `#` or anything
+    else than plain values (then croniter walks)."""
+    try:
+        expanded, nth = croniter.expand(fields)
+    except (CroniterError, ValueError):
+        return None
+    plain = all(isinstance(v, int) or v == "*" for values in expanded for v in values)
+    return None if nth or not plain else expanded
+
+
+@lru_cache(maxsize=4096)
 def _offset_changes(tz: ZoneInfo, first: date, last: date) -> bool:
     """Whether the zone's UTC offset differs between the midnights from `first` to `last`+1."""
     offsets = {

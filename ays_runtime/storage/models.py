@@ -190,6 +190,8 @@ class JobLog(Base):
         ),
         Index("ix_ays_job_log_status_created", "status", "created_at"),
         Index("ix_ays_job_log_created_at", "created_at"),
+        # A task's runs newest first (its run history, the run list by task).
+        Index("ix_ays_job_log_task_created", "task_id", "created_at"),
         Index("ix_ays_job_log_claim", "claim"),
     )
 
