@@ -221,6 +221,24 @@ class JobLogSettings(_Section):
     purge_batch: int = Field(1000, ge=1, description="rows deleted per purge statement")
 
 
+class ConsoleSettings(_Section):
+    """The web console the manager serves at / (ays_runtime/console)."""
+
+    session_hours: float = Field(
+        12.0, gt=0, le=24 * 31, description="hours a console sign-in lasts before it asks again"
+    )
+    secret: SecretStr = Field(
+        SecretStr(""),
+        description="key that signs console sessions; empty: derived from access_token (a "
+        "new token then ends every session). Set the same value on every manager of an env",
+    )
+    secure_cookie: bool = Field(
+        False,
+        description="mark the session cookie Secure: set it when the console is reached "
+        "through HTTPS (a TLS proxy), never on plain HTTP (the browser would drop it)",
+    )
+
+
 class AuditSettings(_Section):
     retention_days: float = Field(
         365.0, gt=0, description="audit-trail entries older than this are purged"
@@ -249,6 +267,7 @@ class EnvConfig(_Section):
     node: NodeSettings = NodeSettings()
     job_log: JobLogSettings = JobLogSettings()
     audit: AuditSettings = AuditSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @field_validator("access_token")
     @classmethod

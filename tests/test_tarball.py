@@ -340,6 +340,7 @@ def test_a_frozen_manager_and_node_on_the_dev_env_run_a_shell_job_and_store_its_
     version = (unpacked.top / "VERSION").read_text().split()[1]
     assert health["version"] == version
     token = (root / "var" / "lib" / "ays" / "access_token").read_text().strip()
+    _assert_console_served(mport, token)
     with _api(mport, token) as api:
         assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
         node = frozen(
@@ -360,6 +361,19 @@ def test_a_frozen_manager_and_node_on_the_dev_env_run_a_shell_job_and_store_its_
     _assert_self_contained(manager, node)
     assert node.stop() == 0, node.log()
     assert manager.stop() == 0, manager.log()
+
+
+def _assert_console_served(port: int, token: str) -> None:
+    """The frozen manager serves the console and /docs with every asset from the bundle."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as browser:
+        assert browser.post("/login", data={"token": token}).status_code == 303
+        for path in ("/tasks", "/docs"):
+            page = browser.get(path)
+            assert page.status_code == 200, page.text
+            assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
+            assert assets, path
+            for asset in assets:
+                assert browser.get(asset).status_code == 200, asset
 
 
 # --- the production backends' clients, frozen: Consul and RocketMQ (emulators) ----------------

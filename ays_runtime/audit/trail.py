@@ -44,6 +44,15 @@ def record(
     return entry
 
 
+def record_done(
+    session: Session, actor: Actor, action: AuditAction, target: str, what: Mapping[str, Any]
+) -> None:
+    """Record, in a transaction of its own, an action that changes no definition (a trigger,
+    a kill) once it was done; `what` says what it did."""
+    record(session, actor, action, target, after=what)
+    session.commit()
+
+
 def changed_fields(entry: AuditEntry) -> list[str]:
     """The keys whose value the change set, removed or altered (all of them on a creation or
     a deletion, none for an action with no definition, such as a kill)."""

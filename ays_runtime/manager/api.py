@@ -32,7 +32,9 @@
     GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
                                                the console's figures (manager/insight_api.py)
 
-The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret.
+The OpenAPI document (/openapi.json) and its viewer (/docs, from the vendored swagger-ui) are
+public: they hold no secret. The web console (ays_runtime/console) is mounted at / on the same
+app: its pages need a console session (the guard asks its `SessionGate`), never a token.
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
 `X-Ays-Token: <token>`, checked by the guard in front of the app (ays_runtime/web/guard.py)
 before any body is read; the routes that need none are declared in `PUBLIC`. Bodies are
@@ -72,6 +74,7 @@ from ays_runtime.audit import api as audit_api
 from ays_runtime.audit import trail
 from ays_runtime.audit.api import Who
 from ays_runtime.auth import Caller, authenticate
+from ays_runtime.console import app as console
 from ays_runtime.exceptions import (
     ConfigError,
     ConflictError,
@@ -128,12 +131,15 @@ from ays_runtime.web.guard import (
 from ays_runtime.web.refusals import RefusalLog
 
 API_PREFIX = "/api/v1"
-# The only routes a caller without a token reaches; every other path is guarded. A console
-# that signs its users in with a session of its own adds its prefix here.
+# The only routes a caller without a token or console session reaches; every other path is
+# guarded: the API by the token, the console's pages by its session. Of the console, only the
+# sign-in page and its static assets are public.
 PUBLIC = PublicRoutes(
     paths=frozenset(
-        {f"{API_PREFIX}/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-    )
+        {f"{API_PREFIX}/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+        | console.PUBLIC_PATHS
+    ),
+    prefixes=console.PUBLIC_PREFIXES,
 )
 # Where a node's results arrive (manager/node_api.py): they get manager.max_result_body_bytes.
 RESULT_ROUTES = (f"{API_PREFIX}/job-logs/results", f"{API_PREFIX}/job-logs/{{job_log_id}}/result")
@@ -169,11 +175,7 @@ async def _audit(
 ) -> None:
     """Record an action that is not a stored change (a trigger, a kill) once it was done."""
 
-    def write(session: Session) -> None:
-        trail.record(session, who, action, target, after=what)
-        session.commit()
-
-    await _in_session(ctx, write)
+    await _in_session(ctx, lambda s: trail.record_done(s, who, action, target, what))
 
 
 async def _tasks_changed(ctx: ManagerContext) -> None:
@@ -688,6 +690,8 @@ def create_app(ctx: ManagerContext) -> FastAPI:
             "(in dev the manager generates one on first start)"
         )
     app = FastAPI(
+        docs_url=None,  # served by the console from local assets (no CDN)
+        redoc_url=None,
         title="Ays manager",
         version=ctx.version or __version__,
         description="Tasks, job logs, nodes and node groups of the Ays scheduling center. "
@@ -714,9 +718,11 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     async def caller(headers: Mapping[str, str]) -> Caller | None:
         return await authenticate(headers, token)
 
+    gate = console.mount(app, ctx)
     protect(
         app,
         public=PUBLIC,
+        sessions=gate,
         authenticate=caller,
         limits=BodyLimits(
             BodyLimit(settings.max_body_bytes, "manager.max_body_bytes"),
@@ -732,4 +738,5 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     app.add_exception_handler(SQLAlchemyError, _on_database_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    console.html_errors(app, gate)
     return app

@@ -4,7 +4,10 @@ For every HTTP request, before the app (and so before FastAPI reads or parses a 
 
 1. Routes not in the app's `PublicRoutes` need a caller: `authenticate(headers)` (one
    function, `ays_runtime.auth.authenticate`) must name one, or the answer is 401 and the body
-   is never read. The caller is put in the request's state (`request.state.caller`).
+   is never read. The caller is put in the request's state (`request.state.caller`). An app
+   that signs browsers in (the manager's console) passes a `SessionGate`: the paths it
+   `covers` need its session instead of a token, and its `refusal` answers without one (a
+   redirect to the sign-in page); a token never opens them, a session never opens the API.
 2. The body is bounded: a `Content-Length` beyond the route's `BodyLimit` is a 413 at once,
    unread; a body without one (chunked) is read up to the limit, and a 413 past it.
 3. Every refusal, the guard's own and the app's (400, 401, 403, 405, 413, 415, 422, ...), goes
@@ -24,7 +27,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
@@ -49,6 +52,29 @@ SECURITY_SCHEMES = {
         "description": "the env's access_token",
     },
 }
+
+
+class Refusal(Protocol):
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def content_type(self) -> str: ...
+
+
+class SessionGate(Protocol):
+    """Browser sessions for the paths it covers (ays_runtime/console/session.py)."""
+
+    def covers(self, path: str) -> bool: ...
+
+    async def caller(self, headers: Mapping[str, str]) -> Caller | None: ...
+
+    def refusal(
+        self, method: str, path: str, query: str, headers: Mapping[str, str]
+    ) -> Refusal: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,7 @@ class Guard:
         limits: BodyLimits,
         refusals: RefusalLog,
         error_key: str = "error",
+        sessions: SessionGate | None = None,
     ) -> None:
         self.app = app
         self.public = public
@@ -113,6 +140,7 @@ class Guard:
         self.limits = limits
         self.refusals = refusals
         self.error_key = error_key
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,7 +150,28 @@ class Guard:
         path: str = scope["path"]
         source = scope["client"][0] if scope.get("client") else "unknown"
         what = f"{scope['method']} {path}"
-        if path not in self.public:
+        if path not in self.public and self.sessions and self.sessions.covers(path):
+            caller = await self.sessions.caller(headers)
+            if caller is None:
+                query = scope.get("query_string", b"").decode("latin-1")
+                refusal = self.sessions.refusal(scope["method"], path, query, headers)
+                if refusal.status in REFUSALS:
+                    self.refusals.refused(source, refusal.status, what, "no console session")
+                raw = [
+                    (b"content-type", refusal.content_type.encode()),
+                    (b"content-length", str(len(refusal.body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ]
+                raw += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+                if _content_length(headers) or "transfer-encoding" in headers:
+                    raw.append((b"connection", b"close"))
+                await send(
+                    {"type": "http.response.start", "status": refusal.status, "headers": raw}
+                )
+                await send({"type": "http.response.body", "body": refusal.body})
+                return
+            scope.setdefault("state", {})["caller"] = caller
+        elif path not in self.public:
             caller = await self.authenticate(headers)
             if caller is None:
                 why = (
@@ -192,6 +241,7 @@ def protect(
     limits: BodyLimits,
     refusals: RefusalLog,
     error_key: str = "error",
+    sessions: SessionGate | None = None,
 ) -> None:
     """Put the guard in front of `app` and describe it in the app's OpenAPI document."""
     app.add_middleware(
@@ -201,6 +251,7 @@ def protect(
         limits=limits,
         refusals=refusals,
         error_key=error_key,
+        sessions=sessions,
     )
     app.state.refusals = refusals
     document(app, public, error_key)
@@ -254,6 +305,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def _error_text(body: bytes, key: str) -> str:
     """The error an app's refusal body states, shortened, for the log."""
+    if body.lstrip()[:1] == b"<":  # a console page: its title says what was refused
+        title = re.search(rb"<title>([^<]*)</title>", body)
+        return title.group(1).decode("utf-8", "replace").strip() if title else "an HTML page"
     try:
         data = json.loads(body)
     except ValueError:

@@ -1,0 +1,235 @@
+"""The web console in a real browser: Debian's Chromium driven by Playwright, against a real
+manager and node on loopback (tests/daemons.py).
+
+One walk through what an operator does: sign in, create a task through the form (a bad cron
+first, its error shown beside the field), watch it fire on the dashboard, open the running
+job's live output and see lines appear, kill it, disable the task, sign out and be refused.
+Every request the pages make is recorded: all of them go to the manager on loopback (the
+console works with the network cut). Screenshots of each page go to docs/screenshots/,
+which the README shows.
+
+Playwright drives /usr/bin/chromium (`executable_path`); it never downloads a browser.
+scripts/test installs chromium when it is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.daemons import TOKEN, Cluster, cluster
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+WIDE = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+# A job that writes a line a second for a minute: long enough to watch, then to kill.
+SLOW_JOB = "for i in $(seq 1 60); do echo line $i; sleep 1; done"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), "no /usr/bin/chromium: run scripts/test (it installs it)"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), chromium_sandbox=False, args=["--no-sandbox"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def ays(tmp_path: Path) -> Iterator[Cluster]:
+    with cluster(tmp_path, Cluster) as running:
+        yield running
+
+
+class Recorder:
+    """Every URL the page requested."""
+
+    def __init__(self, page: Page) -> None:
+        self.urls: list[str] = []
+        page.on("request", lambda request: self.urls.append(request.url))
+
+    def external(self) -> list[str]:
+        return [
+            url
+            for url in self.urls
+            if urlsplit(url).scheme not in ("data", "blob", "about")
+            and urlsplit(url).hostname != "127.0.0.1"
+        ]
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
+
+
+def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
+    browser: Browser, ays: Cluster
+) -> None:
+    base = f"http://127.0.0.1:{ays.manager_port}"
+    context = browser.new_context(viewport=WIDE, base_url=base)
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    requests = Recorder(page)
+    console_lines: list[str] = []
+    page.on("console", lambda message: console_lines.append(f"{message.type}: {message.text}"))
+
+    # Signed out, a page sends the browser to the sign-in page; a wrong token is refused.
+    page.goto("/tasks")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2Ftasks$"))
+    shot(page, "login")
+    page.get_by_label("Access token").fill("not-the-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#token-error")).to_contain_text("not this environment")
+    # With the keyboard alone: the token typed, Enter; then Tab reaches the skip link first.
+    page.get_by_label("Access token").fill(TOKEN)
+    page.get_by_label("Access token").press("Enter")
+    expect(page).to_have_url(f"{base}/tasks")
+    page.keyboard.press("Tab")
+    expect(page.locator(":focus")).to_have_text("Skip to content")
+    page.keyboard.press("Enter")
+    expect(page.locator("main")).to_be_focused()
+
+    # The form: a bad cron is shown by the helper as it is typed, and beside its field when
+    # the form is sent; then a good one lists the next 10 fires.
+    page.get_by_role("link", name="New task").click()
+    page.get_by_label("Name", exact=True).fill("console-demo")
+    page.get_by_label("Node group").select_option("g1")
+    page.get_by_label("Schedule", exact=True).fill("*/61 * * * * *")
+    expect(page.locator("#cron-preview .error")).to_contain_text("*/61")
+    page.get_by_label("Command (shell)").fill(SLOW_JOB)
+    page.get_by_label("Block").select_option("discard_new")
+    page.get_by_role("button", name="Create task").click()
+    expect(page.locator("#schedule-error")).to_contain_text("*/61")
+    expect(page.get_by_label("Schedule", exact=True)).to_have_attribute("aria-invalid", "true")
+    shot(page, "task-form-error")
+    page.get_by_label("Schedule", exact=True).fill("*/5 * * * * *")
+    expect(page.locator("#cron-preview ol.fires li")).to_have_count(10)
+    shot(page, "task-form")
+    page.get_by_role("button", name="Create task").click()
+    expect(page.get_by_role("heading", name="Task console-demo")).to_be_visible()
+
+    # It fires: the dashboard lists the run going; its page follows the output live.
+    page.goto("/")
+    going = page.locator("#going a[href^='/runs/']").first
+    for _ in range(60):
+        if going.count():
+            break
+        page.wait_for_timeout(1000)
+        page.reload()
+    expect(going).to_be_visible()
+    expect(page.locator("#going")).to_contain_text("console-demo")
+    shot(page, "dashboard")
+    going.click()
+    output = page.locator("#output")
+    expect(output).to_contain_text("line 2", timeout=60_000)
+    first = output.inner_text()
+    expect(output).to_contain_text(f"line {first.count('line') + 2}", timeout=60_000)
+    shot(page, "run-live-output")
+
+    # Kill it: the run ends killed, its output stays readable.
+    page.locator("#kill").click()
+    try:
+        expect(page.locator("#run-status")).to_have_text("killed", timeout=90_000)
+    except AssertionError:
+        print("\n".join(console_lines), "\n".join(requests.urls[-30:]), page.url, sep="\n")
+        raise
+    expect(output).to_contain_text("line 1")
+    shot(page, "run-killed")
+
+    # Disable the task.
+    page.get_by_role("link", name="console-demo").first.click()
+    page.get_by_role("button", name="Disable").click()
+    expect(page.locator("#task-state")).to_have_text("disabled")
+    shot(page, "task")
+
+    # A node added by hand, then removed, through the API's own routes.
+    page.goto("/nodes")
+    page.get_by_label("IP", exact=True).fill("127.0.0.2")
+    page.get_by_label("Port", exact=True).fill("18999")
+    page.get_by_label("Group", exact=True).fill("g2")
+    page.get_by_role("button", name="Add node").click()
+    expect(page.locator(".notice")).to_contain_text("added 127.0.0.2:18999")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Remove node 127.0.0.2:18999").click()
+    expect(page.locator(".notice")).to_contain_text("removed")
+    expect(page.get_by_role("button", name="Remove node 127.0.0.2:18999")).to_have_count(0)
+
+    # Tasks for the forecast to show: a pile-up of 120 at :00:00 of every hour, and more.
+    shapes = [("hourly", "0 0 * * * *", 120), ("five-min", "0 */5 * * * *", 30)]
+    shapes.append(("two-hours", "30 15 */2 * * *", 50))
+    document = {
+        "node_groups": [{"name": "g2"}],
+        "tasks": [
+            {
+                "name": f"{name}-{i}",
+                "node_group": "g2",
+                "schedule": cron,
+                "payload": {"command": "true"},
+            }
+            for name, cron, count in shapes
+            for i in range(count)
+        ],
+    }
+    with ays.api() as api:
+        assert api.post("/apply", json=document).status_code == 200
+
+    # The other pages, for the README; each loads without an error.
+    for path, name in [
+        ("/tasks", "tasks"),
+        ("/runs", "runs"),
+        ("/nodes", "nodes"),
+        ("/forecast", "forecast"),
+        ("/slots?task_id=1", "slots"),
+        ("/docs", "api-docs"),
+    ]:
+        answer = page.goto(path)
+        assert answer is not None and answer.status == 200, path
+        page.wait_for_load_state("networkidle")
+        shot(page, name)
+        if name == "forecast":  # the pile-up's cells sit in the :00 column; one lists its tasks
+            pileup = page.locator(".heatmap .cell.l5").first
+            assert pileup.get_attribute("data-at", timeout=5000).endswith(":00")  # type: ignore[union-attr]
+            pileup.click()
+            expect(page.locator("#cell")).to_contain_text("150 task(s) due at")
+            expect(page.locator("#cell")).to_contain_text("hourly-0")
+    dark = browser.new_context(
+        viewport=WIDE, base_url=base, color_scheme="dark", storage_state=context.storage_state()
+    )
+    night = dark.new_page()
+    night_requests = Recorder(night)
+    night.goto("/tasks")
+    expect(night.get_by_role("heading", name="Tasks")).to_be_visible()
+    background = night.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(17, 20, 24)", background  # the dark palette of console.css
+    shot(night, "tasks-dark")
+    assert night_requests.urls and not night_requests.external(), night_requests.external()
+    dark.close()
+    phone = context.new_page()
+    phone.set_viewport_size(PHONE)
+    phone_requests = Recorder(phone)
+    phone.goto("/")
+    expect(phone.get_by_role("heading", name="Dashboard")).to_be_visible()
+    shot(phone, "dashboard-phone")
+    phone.close()
+
+    # Sign out: the pages refuse the browser again.
+    page.goto("/tasks")
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(f"{base}/login")
+    page.goto("/runs")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2Fruns$"))
+    assert all(cookie["name"] != "ays_session" for cookie in page.context.cookies())
+
+    assert requests.urls and not requests.external(), requests.external()
+    assert not phone_requests.external(), phone_requests.external()
+    context.close()
