@@ -503,3 +503,23 @@ def _hello(group: str) -> dict[str, Any]:
         "task_type": "shell",
         "payload": {"command": "echo hello"},
     }
+
+
+def test_tasks_every_5s_cross_the_idle_keep_alive_boundary_without_a_failed_dispatch(
+    cluster: Cluster,
+) -> None:
+    """The manager reuses a connection to each node about every 5 s: exactly the idle time
+    after which both libraries' defaults close it. The client's idle time is now below the
+    server's, and a send that met a closed connection goes again: none fails."""
+    tasks = [
+        add_task(cluster, "true", schedule="*/5 * * * * *", route_strategy="round_robin")
+        for _ in range(3)
+    ]
+    time.sleep(120)
+    with cluster.api() as api:
+        for task in tasks:
+            api.patch(f"/tasks/{task}", json={"enabled": False})
+    ran = [r for task in tasks for r in runs(cluster, task)]
+    assert len(ran) >= 3 * 20, len(ran)
+    failed = [r for r in ran if r["status"] not in ("succeeded", "pending", "dispatched")]
+    assert failed == [], failed

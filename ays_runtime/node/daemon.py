@@ -69,6 +69,7 @@ from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus
 from ays_runtime.transport.base import JobSource, ResultSink
+from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S, client_limits
 
 log = logging.getLogger("ays.node")
 
@@ -360,7 +361,11 @@ class NodeDaemon:
             self._finished[entry.job_log_id] = None
         # Heartbeats get their own client: a backlog of result posts must never hold a
         # heartbeat back long enough for the manager to call a healthy node lost.
-        async with httpx.AsyncClient() as client, httpx.AsyncClient() as beat_client:
+        limits = client_limits()
+        async with (
+            httpx.AsyncClient(limits=limits) as client,
+            httpx.AsyncClient(limits=limits) as beat_client,
+        ):
             sink, self._source = self._transport(client)
             self._reporter = ResultReporter(self._spool, sink, self.who)
             self._reporter.adopt(spooled)
@@ -382,6 +387,7 @@ class NodeDaemon:
                     access_log=False,
                     server_header=False,
                     timeout_graceful_shutdown=int(SERVER_STOP_TIMEOUT),
+                    timeout_keep_alive=SERVER_KEEP_ALIVE_S,
                 )
             )
             server_task = asyncio.create_task(server.serve(sockets=[sock]), name="ays-node-api")
