@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.storage.models import (
     JobLog,
@@ -92,14 +92,17 @@ class RunTracker:
         for job_id, node in handed:
             by_node.setdefault(node, []).append(job_id)
         now = utcnow()
-        with self.engine.begin() as conn:
+
+        def write(conn: Connection) -> list[None]:
             for node, ids in by_node.items():
                 conn.execute(
                     update(JobLog)
                     .where(JobLog.id.in_(ids), JobLog.status == RunStatus.PENDING.value)
                     .values(status=RunStatus.DISPATCHED.value, node=node, started_at=now)
                 )
-        return [None] * len(handed)
+            return [None] * len(handed)
+
+        return transaction(self.engine, write, f"manager {self.manager_id}: recording dispatches")
 
     async def dispatch_failed(self, job: JobDispatch, message: str, node: str = "") -> None:
         log.warning(
@@ -226,10 +229,13 @@ class RunTracker:
         """Turn a claimed slot into `total` shard runs (shard 0 is the claim row itself)."""
 
         def claim() -> list[JobDispatch]:
-            with self.engine.begin() as conn:
-                conn.execute(
+            transaction(
+                self.engine,
+                lambda conn: conn.execute(
                     update(JobLog).where(JobLog.id == job.job_log_id).values(shard_total=total)
-                )
+                ),
+                f"manager {self.manager_id}: run {job.job_log_id}: {total} shards",
+            )
             fires = [
                 Fire(job.task_id, job.scheduled_at, job.trigger, job.params, job.attempt, i, total)
                 for i in range(1, total)
@@ -261,29 +267,37 @@ class RunTracker:
     def _write_finals(
         self, finals: Sequence[_Final]
     ) -> list[tuple[bool, JobDispatch | None, float]]:
+        return transaction(
+            self.engine,
+            lambda conn: self._write_finals_in(conn, finals),
+            f"manager {self.manager_id}: recording {len(finals)} run end(s)",
+        )
+
+    def _write_finals_in(
+        self, conn: Connection, finals: Sequence[_Final]
+    ) -> list[tuple[bool, JobDispatch | None, float]]:
         answers: list[tuple[bool, JobDispatch | None, float]] = []
-        with self.engine.begin() as conn:
-            for final in finals:
-                values: dict[str, Any] = {
-                    "status": final.status,
-                    "message": final.message[:1024],
-                    "ended_at": final.ended_at or utcnow(),
-                    "exit_code": final.exit_code,
-                    "output": final.output,
-                }
-                if final.node:
-                    values["node"] = final.node
-                if final.started_at is not None:
-                    values["started_at"] = final.started_at
-                changed = conn.execute(
-                    update(JobLog)
-                    .where(JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED))
-                    .values(**values)
-                ).rowcount
-                if not changed or final.status not in RETRYABLE:
-                    answers.append((bool(changed), None, 0.0))
-                else:
-                    answers.append((True, *self._claim_retry(conn, final.job_id)))
+        for final in finals:
+            values: dict[str, Any] = {
+                "status": final.status,
+                "message": final.message[:1024],
+                "ended_at": final.ended_at or utcnow(),
+                "exit_code": final.exit_code,
+                "output": final.output,
+            }
+            if final.node:
+                values["node"] = final.node
+            if final.started_at is not None:
+                values["started_at"] = final.started_at
+            changed = conn.execute(
+                update(JobLog)
+                .where(JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED))
+                .values(**values)
+            ).rowcount
+            if not changed or final.status not in RETRYABLE:
+                answers.append((bool(changed), None, 0.0))
+            else:
+                answers.append((True, *self._claim_retry(conn, final.job_id)))
         return answers
 
     def _claim_retry(self, conn: Connection, job_id: int) -> tuple[JobDispatch | None, float]:
