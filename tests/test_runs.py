@@ -340,3 +340,35 @@ def test_a_deadlock_on_mariadb_is_retried_and_every_result_is_stored(
     finally:
         engine.dispose()
         rival_engine.dispose()
+
+
+def test_of_two_claims_of_one_run_one_wins_and_a_report_from_the_loser_ends_nothing(
+    engine: Engine,
+) -> None:
+    job, ended = claimed_runs(engine, 2)
+
+    async def claim() -> list[Any]:
+        runs = tracker(engine, [])
+        answers = await asyncio.gather(
+            runs.claim_start(job.job_log_id, "10.0.0.1:1"),
+            runs.claim_start(job.job_log_id, "10.0.0.2:1"),
+            runs.claim_start(ended.job_log_id, "10.0.0.1:1"),
+            runs.claim_start(999_999, "10.0.0.1:1"),
+        )
+        discarded = report(job, RunStatus.DISCARDED.value)
+        stored = await runs.record_result(discarded.model_copy(update={"node": "10.0.0.2:1"}))
+        return [*answers, stored]
+
+    runs = tracker(engine, [])
+    asyncio.run(runs.end_killed(ended.job_log_id, "killed before it started"))
+    won, lost, of_ended, unknown, loser_report = asyncio.run(claim())
+    assert (won.claimed, won.status, won.node) == (True, "running", "10.0.0.1:1")
+    assert (lost.claimed, lost.status, lost.node) == (False, "running", "10.0.0.1:1")
+    assert (of_ended.claimed, of_ended.status) == (False, "killed")
+    assert (unknown.claimed, unknown.status) == (False, "")
+    assert loser_report is False
+    assert statuses(engine)[job.job_log_id] == ("running", "10.0.0.1:1")
+    with engine.connect() as conn:
+        assert conn.execute(
+            select(JobLog.started_at).where(JobLog.id == job.job_log_id)
+        ).scalar_one()
