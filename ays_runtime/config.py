@@ -203,6 +203,13 @@ class NodeSettings(_Section):
         "larger one is refused with 413 before it is read, and the manager sends its runs "
         "one by one",
     )
+    start_claim_wait: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="seconds a run waits for a manager to record its start (the start claim) "
+        "before it is given up unrun and reported failed",
+    )
 
     @field_validator("ip")
     @classmethod

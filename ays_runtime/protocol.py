@@ -27,8 +27,17 @@ Manager API used by nodes:
                                      a node sends the results it has ready together (a batch
                                      refused as too large, 413, one by one)
 
+  POST /api/v1/job-logs/claims       StartClaims -> 200 StartClaimAnswers: before it starts a
+                                     run, a node asks the manager to record that it runs it
+                                     (compare-and-set: pending/dispatched -> running, with the
+                                     node and start time); one answer per run: claimed, or
+                                     not (another node holds it, or it has ended) - then the
+                                     node does not run it. Runs starting together share a
+                                     request (and a transaction)
+
 A job is identified everywhere by its job-log id: a node that is handed an id it has already
-run or is running answers 202 with duplicate=true and does not run it again.
+run or is running answers 202 with duplicate=true and does not run it again, and a copy of
+a run that another node has claimed is not run at all (whatever the transport delivered).
 """
 
 from __future__ import annotations
@@ -125,6 +134,26 @@ class ResultAnswer(_Message):
 
 class ResultBatchAnswer(_Message):
     results: list[ResultAnswer]
+
+
+# Runs in one claim request (a node sends the runs starting at once together).
+MAX_CLAIMS_PER_REQUEST = 1000
+
+
+class StartClaims(_Message):
+    node: str = Field(max_length=64, description="ip:port of the node about to start the runs")
+    job_log_ids: list[Id] = Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)
+
+
+class StartClaimAnswer(_Message):
+    job_log_id: int
+    claimed: bool  # True: this node runs it (now recorded as running with it)
+    status: str = ""  # the run's status now ("" when the id is unknown)
+    node: str = ""  # the node holding the run now
+
+
+class StartClaimAnswers(_Message):
+    claims: list[StartClaimAnswer]
 
 
 class Heartbeat(_Message):

@@ -1,15 +1,24 @@
 """The retry policy: exponential backoff with jitter, and which errors are worth retrying.
 
-Each backend names its temporary errors (`TransientRegistryError`, `TransientTransportError`)
-and retries only those with a `Backoff`; any other error is reported as it is. The jitter
-keeps many clients that failed at the same moment (1,000 nodes losing Consul at once) from
-coming back at the same moment too.
+Each backend names its temporary errors (`TransientRegistryError`, `TransientTransportError`,
+the database's `is_transient` in ays_runtime/storage/database.py) and retries only those with
+a `Backoff` (`retry_call` does it for a blocking call); any other error is reported as it
+is. The jitter keeps many clients that failed at the same moment (1,000 nodes losing Consul
+at once) from coming back at the same moment too.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+log = logging.getLogger("ays.retry")
 
 
 @dataclass
@@ -31,3 +40,39 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def retry_call(
+    call: Callable[[], T],
+    transient: Callable[[BaseException], bool],
+    what: str,
+    *,
+    attempts: int = 5,
+    backoff: Backoff | None = None,
+) -> T:
+    """`call()`, called again after a backoff while it raises an error that `transient`
+    says is temporary, `attempts` times in all; the last error (or any other) is raised.
+    Blocking: for worker threads. `what` names the call in the log line of each retry."""
+    backoff = backoff or Backoff(first=0.05, cap=1.0)
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == attempts or not transient(err):
+                raise
+            delay = backoff.next()
+            log.warning(
+                "%s: %s (attempt %d of %d); trying again in %.2fs",
+                what,
+                _first_line(err),
+                attempt,
+                attempts,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _first_line(err: BaseException) -> str:
+    orig = getattr(err, "orig", None)  # SQLAlchemy: the driver's words, not the statement
+    return (str(orig if orig is not None else err).splitlines() or [type(err).__name__])[0]

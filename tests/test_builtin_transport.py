@@ -10,6 +10,9 @@ batches in tests/test_end_to_end.py and tests/test_node_daemon.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import struct
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -73,8 +76,70 @@ def stand_ins() -> Iterator[list[StandInNode]]:
         node.close()
 
 
-def dispatch(engine: Engine, nodes: list[StandInNode], jobs: list[JobDispatch]) -> None:
-    """Register `nodes` as online in group g and hand `jobs` to a real BuiltinTransport."""
+class NodeClosingIdleConnections:
+    """A node whose HTTP server takes a batch on a new connection and answers it keep-alive,
+    then drops that connection the moment the next request arrives on it, before any byte of
+    answer (a reset): a node closing an idle connection just as the manager reuses it.
+    `taken` lists the job-log ids it accepted, in order."""
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as stream:
+            body = _read_request(stream)
+            if body is None:
+                return
+            ids = [run["job_log_id"] for run in body["runs"]]
+            self.taken.extend(ids)
+            answer = json.dumps(
+                {"runs": [{"job_log_id": i, "status_code": 202} for i in ids]}
+            ).encode()
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(answer)}\r\n\r\n".encode()
+                + answer
+            )
+            _read_request(stream)  # the next request on this connection: dropped unanswered
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _read_request(stream: Any) -> dict[str, Any] | None:
+    """One HTTP request's JSON body from `stream`; None at the end of the connection."""
+    length = 0
+    line = stream.readline()
+    if not line:
+        return None
+    while line not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+        line = stream.readline()
+    return dict(json.loads(stream.read(length)))
+
+
+def dispatch(
+    engine: Engine, nodes: list[Any], jobs: list[JobDispatch], *later: list[JobDispatch]
+) -> None:
+    """Register `nodes` as online in group g and hand `jobs` to a real BuiltinTransport,
+    then each burst of `later` once the one before it is dispatched."""
     registry = BuiltinRegistry(
         engine, BuiltinRegistrySettings(backend="builtin", heartbeat_interval=5), MANAGER
     )
@@ -97,11 +162,23 @@ def dispatch(engine: Engine, nodes: list[StandInNode], jobs: list[JobDispatch]) 
         await transport.start()
         try:
             await transport.dispatch(jobs)
+            for burst in later:
+                await _settled(engine, jobs)
+                await transport.dispatch(burst)
             await transport.stop(10)
         finally:
             await registry.stop()
 
     asyncio.run(run())
+
+
+async def _settled(engine: Engine, jobs: list[JobDispatch], timeout: float = 30) -> None:
+    ids = {job.job_log_id for job in jobs}
+    for _ in range(int(timeout / 0.05)):
+        if all(rows(engine)[i][0] != RunStatus.PENDING.value for i in ids):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"runs {sorted(ids)} still pending after {timeout}s")
 
 
 def rows(engine: Engine) -> dict[int, tuple[str, str | None, str]]:
@@ -153,3 +230,19 @@ def test_a_refused_batch_fails_each_run_naming_the_node_and_its_answer(
         assert status == RunStatus.FAILED.value
         assert f"127.0.0.1:{stand_ins[0].port}: HTTP 500" in message
         assert "node exploded" in message
+
+
+def test_a_dispatch_meeting_a_connection_the_node_just_closed_is_sent_again_and_runs_once(
+    engine: Engine,
+) -> None:
+    node = NodeClosingIdleConnections()
+    try:
+        runs = claimed_runs(engine, 6)
+        first, second = runs[:3], runs[3:]
+        dispatch(engine, [node], first, second)
+    finally:
+        node.close()
+    stored = rows(engine)
+    assert {stored[job.job_log_id][0] for job in first + second} == {RunStatus.DISPATCHED.value}
+    assert node.taken == [job.job_log_id for job in first + second]  # each once
+    assert node.connections == 2  # the second burst went again on a new connection

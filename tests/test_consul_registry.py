@@ -370,7 +370,7 @@ def test_a_killed_node_is_offline_within_the_check_interval_its_runs_node_lost_a
     task = add_task(ays, f"sleep 30 # {ays.tmp}")
     trigger(ays, task)
     run = wait_for(
-        lambda: [r for r in runs(ays, task) if r["status"] == "dispatched"], 10, "a dispatched run"
+        lambda: [r for r in runs(ays, task) if r["status"] == "running"], 10, "a running run"
     )[0]
     victim = next(n for n in ("a", "b") if ays.address(n) == run["node"])
 

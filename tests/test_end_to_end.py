@@ -181,7 +181,7 @@ def test_a_lost_run_of_a_task_allowing_concurrent_retries_is_retried_on_the_othe
     )
     trigger(cluster, task)
     running = wait_for(
-        lambda: [r for r in runs(cluster, task) if r["status"] == "dispatched"], 10, "dispatch"
+        lambda: [r for r in runs(cluster, task) if r["status"] == "running"], 10, "the run started"
     )[0]
     victim = next(n for n in ("a", "b") if cluster.address(n) == running["node"])
     cluster.nodes[victim].proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -230,7 +230,7 @@ def test_a_node_killed_mid_run_ends_its_jobs_when_it_restarts_and_no_retry_runs_
     )
     trigger(cluster, task)
     running = wait_for(
-        lambda: [r for r in runs(cluster, task) if r["status"] == "dispatched"], 30, "dispatch"
+        lambda: [r for r in runs(cluster, task) if r["status"] == "running"], 30, "the run started"
     )[0]
     procs = wait_for(
         lambda: (found := _job_processes(marker, set())) and len(found) >= 2 and found,
@@ -307,7 +307,7 @@ def test_least_busy_sends_a_run_to_the_node_without_work(cluster: Cluster) -> No
     long_task = add_task(cluster, "sleep 3", route_strategy="least_busy")
     trigger(cluster, long_task)
     busy = wait_for(
-        lambda: [r for r in runs(cluster, long_task) if r["status"] == "dispatched"], 10, "busy"
+        lambda: [r for r in runs(cluster, long_task) if r["status"] == "running"], 10, "busy"
     )[0]["node"]
     task = add_task(cluster, "true", route_strategy="least_busy")
     trigger(cluster, task)
@@ -362,7 +362,7 @@ def test_a_result_held_by_a_node_during_a_manager_restart_arrives_after_it(
 ) -> None:
     task = add_task(cluster, "sleep 2; echo survived")
     job = trigger(cluster, task)
-    wait_for(lambda: runs(cluster, task)[0]["status"] == "dispatched", 10, "dispatch")
+    wait_for(lambda: runs(cluster, task)[0]["status"] == "running", 10, "the run started")
     cluster.manager.stop()
     time.sleep(3)  # the job ends while no manager listens: the node spools the result
     cluster.manager = manager(
@@ -408,10 +408,10 @@ def test_the_result_batch_route_answers_each_result_as_the_single_route_would(
 ) -> None:
     task = add_task(cluster, "sleep 3; echo late")
     running = trigger(cluster, task)
-    wait_for(lambda: runs(cluster, task)[0]["status"] == "dispatched", 10, "dispatch")
+    wait_for(lambda: runs(cluster, task)[0]["status"] == "running", 10, "the run started")
     report = {
         "job_log_id": running,
-        "node": cluster.address("a"),
+        "node": runs(cluster, task)[0]["node"],  # a node ends only a run it holds
         "status": "succeeded",
         "exit_code": 0,
         "output": "from the batch",
@@ -586,3 +586,81 @@ def _hello(group: str) -> dict[str, Any]:
         "task_type": "shell",
         "payload": {"command": "echo hello"},
     }
+
+
+def test_tasks_every_5s_cross_the_idle_keep_alive_boundary_without_a_failed_dispatch(
+    cluster: Cluster,
+) -> None:
+    """The manager reuses a connection to each node about every 5 s: exactly the idle time
+    after which both libraries' defaults close it. The client's idle time is now below the
+    server's, and a send that met a closed connection goes again: none fails."""
+    tasks = [
+        add_task(cluster, "true", schedule="*/5 * * * * *", route_strategy="round_robin")
+        for _ in range(3)
+    ]
+    time.sleep(120)
+    with cluster.api() as api:
+        for task in tasks:
+            api.patch(f"/tasks/{task}", json={"enabled": False})
+    ran = [r for task in tasks for r in runs(cluster, task)]
+    assert len(ran) >= 3 * 20, len(ran)
+    failed = [
+        r for r in ran if r["status"] not in ("succeeded", "pending", "dispatched", "running")
+    ]
+    assert failed == [], failed
+
+
+def test_a_running_job_shows_running_with_its_node_and_start_time(cluster: Cluster) -> None:
+    task = add_task(cluster, "sleep 3")
+    job_log_id = trigger(cluster, task)
+
+    def listed() -> dict[str, Any] | None:
+        with cluster.api() as api:
+            items = api.get("/job-logs", params={"status": "running", "task_id": task}).json()
+        return next((r for r in items["items"] if r["id"] == job_log_id), None)
+
+    row = wait_for(listed, 20, "the run listed as running")
+    assert row["node"] in {cluster.address("a"), cluster.address("b")}
+    assert row["started_at"]
+    [run] = finished_runs(cluster, task, 1)
+    assert (run["status"], run["node"]) == ("succeeded", row["node"])
+
+
+def test_a_run_sent_by_a_manager_killed_before_recording_it_runs_once_when_sent_again(
+    cluster: Cluster, sqlite_url: str
+) -> None:
+    """The manager sent the run to node b, then died before it recorded the dispatch: the
+    row is still pending, so the restarted manager sends it again (to a node of its choice).
+    Whichever copy claims the start first runs; the other is not run."""
+    marks = cluster.tmp / "ran.txt"
+    task = add_task(cluster, f"echo $AYS_JOB_ID >> {marks}; sleep 1")  # route: first
+    trigger(cluster, task)  # learn which node `first` picks: the copy before the kill goes
+    [probe] = finished_runs(cluster, task, 1)  # to the other one
+    other = next(name for name in ("a", "b") if cluster.address(name) != probe["node"])
+    marks.unlink()
+    manager_id = f"127.0.0.1:{cluster.manager_port}"
+    cluster.manager.kill()  # SIGKILL, right after "sending"
+    engine = create_engine(sqlite_url)
+    try:
+        now = utcnow().replace(microsecond=0)
+        [job] = claim_slots(engine, manager_id, [Fire(task, now)], now)
+    finally:
+        engine.dispose()
+    request = job.run_request(f"http://{manager_id}").model_dump(mode="json")
+    with client(cluster.node_ports[other]) as node:
+        assert node.post("/jobs", json=request).status_code == 202
+    cluster.manager = manager(cluster.config, cluster.tmp / "manager2.log", cluster.manager_port)
+    cluster.manager.start()
+    run = finished_runs(cluster, task, 2, timeout=60)[1]
+    assert run["id"] == job.job_log_id and run["status"] == "succeeded"
+    logs = [d.log() for d in cluster.nodes.values()]
+    wait_for(
+        lambda: any(
+            f"run {job.job_log_id} not run here" in text
+            or f"run {job.job_log_id} is already here" in text
+            for text in [d.log() for d in cluster.nodes.values()]
+        ),
+        30,
+        "the second copy to be turned away",
+    )
+    assert marks.read_text().split() == [str(job.job_log_id)], logs

@@ -65,7 +65,9 @@ class FakeManager:
     the batch route POST /api/v1/job-logs/results as the manager does (a status per result),
     or, with `batch_route` False, 404 as a manager of an older version would, or with
     `batch_status` 413 refuses every batch as too large. `result_posts` lists the size of every
-    request that carried results."""
+    request that carried results. Start claims (POST /api/v1/job-logs/claims) are granted to
+    the first node that asks (`claims`), refused with `claim_status` when it is not 200, or
+    all lost to `claim_holder` when it is set."""
 
     _RESULT = re.compile(r"^/api/v1/job-logs/(\d+)/result$")
 
@@ -78,6 +80,9 @@ class FakeManager:
         self.batch_route = True
         self.batch_status = 200
         self.result_posts: list[int] = []
+        self.claims: dict[int, str] = {}  # run -> the node that claimed it
+        self.claim_status = 200
+        self.claim_holder = ""  # set: every run is claimed by that node already
         self._cond = threading.Condition()
         self._server = JsonServer(self._answer)
 
@@ -126,10 +131,33 @@ class FakeManager:
             finally:
                 self._cond.notify_all()
 
+    def _claim(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._cond:
+            try:
+                if self.claim_status != 200:
+                    return self.claim_status, {"error": "the database failed"}
+                answers = []
+                for job_log_id in body["job_log_ids"]:
+                    holder = self.claims.setdefault(job_log_id, self.claim_holder or body["node"])
+                    mine = holder == body["node"]
+                    answers.append(
+                        {
+                            "job_log_id": job_log_id,
+                            "claimed": mine,
+                            "status": "running",
+                            "node": holder,
+                        }
+                    )
+                return 200, {"claims": answers}
+            finally:
+                self._cond.notify_all()
+
     def _answer(
         self, path: str, body: dict[str, Any], headers: Mapping[str, str]
     ) -> tuple[int, dict[str, Any]]:
         auth = headers.get("Authorization") or ""
+        if path == "/api/v1/job-logs/claims":
+            return self._claim(body)
         if path != "/api/v1/job-logs/results":
             if self._RESULT.match(path):
                 self.result_posts.append(1)
@@ -525,9 +553,10 @@ def test_a_result_survives_a_manager_restart(
 ) -> None:
     node = start_node()
     manager.wait(lambda: manager.heartbeats, 10, "a first heartbeat")
+    accepted(node.run(job(manager, 42, "sleep 1; echo while the manager is away")))
+    manager.wait(lambda: 42 in manager.claims, 10, "run 42 to be claimed")
     manager.stop()
-    accepted(node.run(job(manager, 42, "echo while the manager is away")))
-    wait_until(lambda: node.spool_file(42).exists(), 5, "run 42 to be spooled")
+    wait_until(lambda: node.spool_file(42).exists(), 10, "run 42 to be spooled")
     time.sleep(1.5)  # several heartbeats fail meanwhile
     manager.start()
     assert manager.result(42)["output"] == "while the manager is away\n"
@@ -669,3 +698,40 @@ def test_debug_refuses_a_bad_address_or_group_with_a_clear_error(
     )
     assert done.returncode == 2
     assert message in " ".join(done.stderr.split()), done.stderr
+
+
+def test_a_run_starts_only_once_the_manager_has_recorded_its_claim(
+    manager: FakeManager, start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = start_node()
+    marker = tmp_path / "ran"
+    accepted(node.run(job(manager, 50, f"echo $AYS_JOB_ID >> {marker}")))
+    assert manager.result(50)["status"] == "succeeded"
+    assert manager.claims == {50: f"127.0.0.1:{node.port}"}
+    assert marker.read_text() == "50\n"
+
+
+def test_a_copy_of_a_run_another_node_claimed_is_not_run_and_not_reported(
+    manager: FakeManager, start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    manager.claim_holder = "127.0.0.1:1"
+    node = start_node()
+    marker = tmp_path / "ran"
+    accepted(node.run(job(manager, 51, f"echo ran >> {marker}")))
+    wait_until(lambda: "run 51 not run here: it is running on 127.0.0.1:1" in node.log, 30, "")
+    accepted(node.run(job(manager, 51, f"echo ran >> {marker}")), duplicate=True)
+    assert not marker.exists()
+    assert 51 not in manager.results and not node.spool_file(51).exists()
+
+
+def test_a_run_no_manager_confirms_is_not_run_and_reported_failed_after_the_claim_wait(
+    manager: FakeManager, start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    manager.claim_status = 503
+    node = start_node(start_claim_wait=2)
+    marker = tmp_path / "ran"
+    accepted(node.run(job(manager, 52, f"echo ran >> {marker}")))
+    result = manager.result(52, timeout=60)
+    assert result["status"] == "failed"
+    assert result["message"].startswith("not started: no manager confirmed the start within 2s")
+    assert not marker.exists()

@@ -5,17 +5,19 @@ own answer. Database tests run on SQLite and on MariaDB (the `engine` fixture)."
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select, update
+from sqlalchemy import Connection, Engine, event, select, update
 
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.manager.runs import LOST_RUN_GRACE, LOST_RUN_HOLD, RunTracker
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import make_engine, utcnow
 from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.storage.models import JobLog, Manager, RunStatus, Task
 from ays_runtime.transport.base import JobDispatch
@@ -376,3 +378,95 @@ def _last_seen(engine: Engine, manager_id: str) -> datetime:
         seen = conn.scalar(select(Manager.last_seen).where(Manager.manager_id == manager_id))
     assert seen is not None
     return seen
+
+
+def test_a_deadlock_on_mariadb_is_retried_and_every_result_is_stored(
+    mysql_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real deadlock: a rival transaction holds run B; the tracker's transaction (results
+    of A then B) holds A when it asks for B, and the rival then asks for A. InnoDB rolls back
+    the smaller transaction, the tracker's (the rival has changed many rows), and the
+    tracker writes again once the rival has committed."""
+    engine, rival_engine = make_engine(mysql_url), make_engine(mysql_url)
+    try:
+        runs = claimed_runs(engine, 32)
+        first, second, others = runs[0], runs[1], runs[2:]
+        asking_for_b = threading.Event()
+        rival_failed: list[BaseException] = []
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def watch(_c: object, _cur: object, statement: str, params: Any, *_: object) -> None:
+            if statement.startswith("UPDATE") and second.job_log_id in dict(params).values():
+                asking_for_b.set()
+
+        def rival(conn: Connection) -> None:
+            try:
+                assert asking_for_b.wait(30), "the tracker never asked for run B"
+                conn.execute(
+                    update(JobLog).where(JobLog.id == first.job_log_id).values(message="r")
+                )
+                conn.commit()
+            except BaseException as err:  # reported by the test below
+                rival_failed.append(err)
+                conn.rollback()
+
+        with rival_engine.connect() as conn:
+            for job in others:  # one by one: an IN list may scan (and lock) every row
+                conn.execute(
+                    update(JobLog).where(JobLog.id == job.job_log_id).values(message="rival")
+                )
+            conn.execute(update(JobLog).where(JobLog.id == second.job_log_id).values(message="r"))
+            thread = threading.Thread(target=rival, args=(conn,))
+            thread.start()
+
+            async def record() -> list[bool]:
+                runs = tracker(engine, [])
+                return list(
+                    await asyncio.gather(
+                        runs.record_result(report(first)), runs.record_result(report(second))
+                    )
+                )
+
+            with caplog.at_level("WARNING", logger="ays.retry"):
+                stored = asyncio.run(record())
+            thread.join(30)
+        assert rival_failed == []
+        assert stored == [True, True]
+        found = statuses(engine)
+        assert found[first.job_log_id][0] == found[second.job_log_id][0] == "succeeded"
+        assert "Deadlock" in caplog.text and "trying again" in caplog.text
+    finally:
+        engine.dispose()
+        rival_engine.dispose()
+
+
+def test_of_two_claims_of_one_run_one_wins_and_a_report_from_the_loser_ends_nothing(
+    engine: Engine,
+) -> None:
+    job, ended = claimed_runs(engine, 2)
+
+    async def claim() -> list[Any]:
+        runs = tracker(engine, [])
+        answers = await asyncio.gather(
+            runs.claim_start(job.job_log_id, "10.0.0.1:1"),
+            runs.claim_start(job.job_log_id, "10.0.0.2:1"),
+            runs.claim_start(ended.job_log_id, "10.0.0.1:1"),
+            runs.claim_start(999_999, "10.0.0.1:1"),
+        )
+        discarded = report(job, RunStatus.DISCARDED.value)
+        stored = await runs.record_result(discarded.model_copy(update={"node": "10.0.0.2:1"}))
+        return [*answers, stored]
+
+    runs = tracker(engine, [])
+    asyncio.run(runs.end_killed(ended.job_log_id, "killed before it started"))
+    won, lost, of_ended, unknown, loser_report = asyncio.run(claim())
+    assert (won.claimed, won.status, won.node) == (True, "running", "10.0.0.1:1")
+    assert (lost.claimed, lost.status, lost.node) == (False, "running", "10.0.0.1:1")
+    assert (of_ended.claimed, of_ended.status) == (False, "killed")
+    assert (unknown.claimed, unknown.status) == (False, "")
+    assert loser_report is False
+    assert statuses(engine)[job.job_log_id] == ("running", "10.0.0.1:1")
+    with engine.connect() as conn:
+        assert conn.execute(
+            select(JobLog.started_at).where(JobLog.id == job.job_log_id)
+        ).scalar_one()

@@ -1,4 +1,5 @@
-"""Manager routes about nodes: heartbeats and results from nodes, manual add and remove.
+"""Manager routes about nodes: heartbeats, start claims and results from nodes, manual add
+and remove.
 
 The guard in front of the app (ays_runtime/web/guard.py) has checked the token before any of
 these runs. A batch of results is checked result by result: a bad one is answered 422 on its
@@ -31,6 +32,8 @@ from ays_runtime.protocol import (
     ResultAnswer,
     ResultBatch,
     ResultBatchAnswer,
+    StartClaimAnswers,
+    StartClaims,
 )
 from ays_runtime.registry.base import NodeRegistry, ensure_node_groups
 from ays_runtime.registry.builtin import BuiltinRegistry
@@ -157,6 +160,15 @@ def node_router(
         if answer.status_code != 200:
             raise HTTPException(answer.status_code, answer.detail)
         return {"stored": answer.stored}
+
+    @router.post("/job-logs/claims", tags=["job-logs"])
+    async def claims(claims: StartClaims) -> StartClaimAnswers:
+        """A node about to start runs: each is claimed for it (then it runs it) or not (another
+        node holds it, or it has ended: then it does not run it)."""
+        answers = await asyncio.gather(
+            *(tracker.claim_start(job_log_id, claims.node) for job_log_id in claims.job_log_ids)
+        )
+        return StartClaimAnswers(claims=list(answers))
 
     @router.post("/job-logs/results", tags=["job-logs"])
     async def results(batch: ResultBatch, request: Request) -> ResultBatchAnswer:

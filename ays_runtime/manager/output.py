@@ -41,6 +41,7 @@ from ays_runtime.exceptions import NotFoundError
 from ays_runtime.protocol import API, OUTPUT_NEXT_HEADER, RUN_STATE_HEADER
 from ays_runtime.registry.base import NodeRef
 from ays_runtime.storage.models import JobLog, RunStatus
+from ays_runtime.web.keepalive import client_limits
 
 log = logging.getLogger("ays.manager.output")
 
@@ -222,7 +223,9 @@ class RunOutput:
             return None
         url = f"{NodeRef(ip.strip('[]'), int(port), '').url}{API}/jobs/{job_log_id}/output"
         if self._client is None:
-            self._client = httpx.AsyncClient(headers=self._headers, timeout=NODE_TIMEOUT)
+            self._client = httpx.AsyncClient(
+                headers=self._headers, timeout=NODE_TIMEOUT, limits=client_limits()
+            )
         try:
             response = await self._client.get(url, params={"offset": max(offset, 0)})
         except httpx.HTTPError as err:

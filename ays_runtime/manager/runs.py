@@ -28,11 +28,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, or_, select, update
 
-from ays_runtime.protocol import JobResultReport
+from ays_runtime.protocol import JobResultReport, StartClaimAnswer
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.storage.models import (
     JobLog,
@@ -104,6 +104,7 @@ class RunTracker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_finished: Callable[[str], None] | None = None  # node address, for least-busy
         self._dispatch_writes = GroupCommit(self._write_dispatched)
+        self._claim_writes = GroupCommit(self._write_claims)
         self._final_writes = GroupCommit(self._write_finals)
 
     # -- transitions ----------------------------------------------------------------------
@@ -116,14 +117,70 @@ class RunTracker:
         for job_id, node in handed:
             by_node.setdefault(node, []).append(job_id)
         now = utcnow()
-        with self.engine.begin() as conn:
+
+        def write(conn: Connection) -> list[None]:
             for node, ids in by_node.items():
                 conn.execute(
                     update(JobLog)
                     .where(JobLog.id.in_(ids), JobLog.status == RunStatus.PENDING.value)
                     .values(status=RunStatus.DISPATCHED.value, node=node, started_at=now)
                 )
-        return [None] * len(handed)
+            return [None] * len(handed)
+
+        return transaction(self.engine, write, f"manager {self.manager_id}: recording dispatches")
+
+    async def claim_start(self, job_id: int, node: str) -> StartClaimAnswer:
+        """Record that `node` starts run `job_id`, if no node has: pending or dispatched ->
+        running (with the node and the start time). Claims arriving together share one
+        transaction. The answer says whether `node` won, and else who holds the run now."""
+        return await self._claim_writes.submit((job_id, node))
+
+    def _write_claims(self, claims: Sequence[tuple[int, str]]) -> list[StartClaimAnswer]:
+        """A batch of claims in three statements, whatever its size: the rows as they were
+        (locked on MySQL), one guarded UPDATE per claiming node, the rows as they are. A
+        claim won when its row was startable and is now running with its node; of two
+        claims of one run in the batch, the first counts."""
+        now = utcnow()
+        startable = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value)
+        first: dict[int, str] = {}
+        for job_id, node in claims:
+            first.setdefault(job_id, node)
+        by_node: dict[str, list[int]] = {}
+        for job_id, node in first.items():
+            by_node.setdefault(node, []).append(job_id)
+
+        def rows(conn: Connection, lock: bool = False) -> dict[int, tuple[str, str]]:
+            query = select(JobLog.id, JobLog.status, JobLog.node).where(JobLog.id.in_(first))
+            if lock:
+                query = query.with_for_update()
+            return {r.id: (r.status, r.node or "") for r in conn.execute(query)}
+
+        def write(conn: Connection) -> list[StartClaimAnswer]:
+            before = rows(conn, lock=True)
+            for node, ids in by_node.items():
+                conn.execute(
+                    update(JobLog)
+                    .where(JobLog.id.in_(ids), JobLog.status.in_(startable))
+                    .values(status=RunStatus.RUNNING.value, node=node, started_at=now)
+                )
+            after = rows(conn)
+            answers = []
+            for job_id, node in claims:
+                status, holder = after.get(job_id, ("", ""))
+                won = (
+                    before.get(job_id, ("", ""))[0] in startable
+                    and (status, holder) == (RunStatus.RUNNING.value, node)
+                    and first[job_id] == node
+                )
+                answers.append(
+                    StartClaimAnswer(job_log_id=job_id, claimed=won, status=status, node=holder)
+                )
+                if won:
+                    first[job_id] = ""  # a second claim of the run by the same node loses
+            return answers
+
+        what = f"manager {self.manager_id}: recording {len(claims)} run start(s)"
+        return transaction(self.engine, write, what)
 
     async def dispatch_failed(self, job: JobDispatch, message: str, node: str = "") -> None:
         log.warning(
@@ -329,10 +386,13 @@ class RunTracker:
         """Turn a claimed slot into `total` shard runs (shard 0 is the claim row itself)."""
 
         def claim() -> list[JobDispatch]:
-            with self.engine.begin() as conn:
-                conn.execute(
+            transaction(
+                self.engine,
+                lambda conn: conn.execute(
                     update(JobLog).where(JobLog.id == job.job_log_id).values(shard_total=total)
-                )
+                ),
+                f"manager {self.manager_id}: run {job.job_log_id}: {total} shards",
+            )
             fires = [
                 Fire(job.task_id, job.scheduled_at, job.trigger, job.params, job.attempt, i, total)
                 for i in range(1, total)
@@ -364,29 +424,38 @@ class RunTracker:
     def _write_finals(
         self, finals: Sequence[_Final]
     ) -> list[tuple[bool, JobDispatch | None, float]]:
+        return transaction(
+            self.engine,
+            lambda conn: self._write_finals_in(conn, finals),
+            f"manager {self.manager_id}: recording {len(finals)} run end(s)",
+        )
+
+    def _write_finals_in(
+        self, conn: Connection, finals: Sequence[_Final]
+    ) -> list[tuple[bool, JobDispatch | None, float]]:
         answers: list[tuple[bool, JobDispatch | None, float]] = []
-        with self.engine.begin() as conn:
-            for final in finals:
-                values: dict[str, Any] = {
-                    "status": final.status,
-                    "message": final.message[:1024],
-                    "ended_at": final.ended_at or utcnow(),
-                    "exit_code": final.exit_code,
-                    "output": final.output,
-                }
-                if final.node:
-                    values["node"] = final.node
-                if final.started_at is not None:
-                    values["started_at"] = final.started_at
-                changed = conn.execute(
-                    update(JobLog)
-                    .where(JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED))
-                    .values(**values)
-                ).rowcount
-                if not changed or final.status not in RETRYABLE:
-                    answers.append((bool(changed), None, 0.0))
-                else:
-                    answers.append((True, *self._claim_retry(conn, final)))
+        for final in finals:
+            values: dict[str, Any] = {
+                "status": final.status,
+                "message": final.message[:1024],
+                "ended_at": final.ended_at or utcnow(),
+                "exit_code": final.exit_code,
+                "output": final.output,
+            }
+            if final.node:
+                values["node"] = final.node
+            if final.started_at is not None:
+                values["started_at"] = final.started_at
+            guard = [JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED)]
+            if final.node:  # a node ends only a run it holds, or one no node has started
+                guard.append(
+                    or_(JobLog.status != RunStatus.RUNNING.value, JobLog.node == final.node)
+                )
+            changed = conn.execute(update(JobLog).where(*guard).values(**values)).rowcount
+            if not changed or final.status not in RETRYABLE:
+                answers.append((bool(changed), None, 0.0))
+            else:
+                answers.append((True, *self._claim_retry(conn, final)))
         return answers
 
     def _claim_retry(self, conn: Connection, final: _Final) -> tuple[JobDispatch | None, float]:

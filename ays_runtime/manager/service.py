@@ -46,6 +46,7 @@ from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import make_engine, redacted, session_factory, utcnow
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
+from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S
 
 log = logging.getLogger("ays.manager")
 
@@ -177,7 +178,13 @@ class Manager:
             app.include_router(consul_watch_router(registry, self.manager_id))  # type: ignore[arg-type]
         closer = ConnectionCloser(app)
         server = QuietServer(
-            uvicorn.Config(closer, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+            uvicorn.Config(
+                closer,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=5,
+                timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+            )
         )
         log.info(
             "manager %s: env %s, database %s, registry %s, transport %s, version %s",

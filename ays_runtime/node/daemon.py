@@ -22,7 +22,9 @@ node. Running jobs get the drain time and their results are reported, while the 
 already takes the new jobs.
 
 One run = one job-log id. The node runs an id at most once: an id it holds, has finished
-(the last FINISHED_MEMORY of them) or still has in the spool is answered duplicate=true.
+(the last FINISHED_MEMORY of them) or still has in the spool is answered duplicate=true. And
+no two nodes run one id: a run starts only once the manager has recorded that this node runs
+it (the start claim, node/claims.py); a copy another node has claimed is dropped unrun.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.node.app import JobRefused, create_app
 from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
+from ays_runtime.node.claims import Claim, StartClaims
 from ays_runtime.node.executor import Executor, JobResult, JobSpec
 from ays_runtime.node.journal import RUNNING_DIR, JournalEntry, Reaped, RunJournal
 from ays_runtime.node.membership import Membership, NodeMembership, http_host
@@ -72,6 +75,7 @@ from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus
 from ays_runtime.transport.base import JobSource, ResultSink
+from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S, client_limits
 
 log = logging.getLogger("ays.node")
 
@@ -129,6 +133,7 @@ class NodeDaemon:
         self._finished: OrderedDict[int, None] = OrderedDict()
         self._runs: set[asyncio.Task[None]] = set()
         self._reporter: ResultReporter | None = None
+        self._claims: StartClaims | None = None
         self._membership: NodeMembership | None = None
         self._source: JobSource | None = None  # besides the API (RocketMQ: the group's topic)
         self._stopping = False
@@ -277,6 +282,7 @@ class NodeDaemon:
         return executor.running + executor.waiting >= executor.max_concurrent
 
     async def _run(self, request: RunRequest, admission: Admission) -> None:
+        result: JobResult | None
         try:
             if admission.hold is None:
                 log.info(
@@ -292,9 +298,14 @@ class NodeDaemon:
         except Exception as err:  # a bug here must still end the run with a result
             log.exception("%s: run %d: node error", self.who, request.job_log_id)
             result = _not_run(request, RunStatus.FAILED, f"node error: {type(err).__name__}")
-        await self._finish(request, result)
+        if result is None:
+            await self._drop(request)
+        else:
+            await self._finish(request, result)
 
-    async def _run_held(self, request: RunRequest, admission: Admission) -> JobResult:
+    async def _run_held(self, request: RunRequest, admission: Admission) -> JobResult | None:
+        """Wait the run's turn, claim its start (node/claims.py), run it; None when another
+        node holds it (or it has ended): then it is not run and nothing is reported."""
         hold = admission.hold
         assert hold is not None
         try:
@@ -311,16 +322,37 @@ class NodeDaemon:
             stopped = await self._gate.wait_turn(hold)
             if stopped:
                 return _not_run(request, RunStatus.KILLED, stopped)
+            assert self._claims is not None, "serve() first"
+            outcome = await self._claims.claim(request.job_log_id, request.report_to)
+            if outcome.claim is Claim.TAKEN:
+                log.info(
+                    "%s: run %d not run here: %s", self.who, request.job_log_id, outcome.detail
+                )
+                return None
+            if outcome.claim is Claim.UNANSWERED:
+                log.warning("%s: run %d %s", self.who, request.job_log_id, outcome.detail)
+                return _not_run(request, RunStatus.FAILED, outcome.detail)
             return await self._executor.run(_spec(request))
         finally:
             self._gate.leave(hold)
 
-    async def _finish(self, request: RunRequest, result: JobResult) -> None:
-        job_log_id = request.job_log_id
+    def _forget(self, job_log_id: int) -> None:
+        """Run `job_log_id` is no longer held; remembered as finished (a copy is not run)."""
         self._finished[job_log_id] = None
         while len(self._finished) > FINISHED_MEMORY:
             self._finished.popitem(last=False)
         self._held.discard(job_log_id)
+
+    async def _drop(self, request: RunRequest) -> None:
+        """A copy of a run that another node holds: not run, nothing reported; its source
+        settles it (RocketMQ acks the message)."""
+        self._forget(request.job_log_id)
+        if self._source is not None:
+            await self._source.dropped(request.job_log_id)
+
+    async def _finish(self, request: RunRequest, result: JobResult) -> None:
+        job_log_id = request.job_log_id
+        self._forget(job_log_id)
         report = JobResultReport(
             job_log_id=job_log_id,
             node=self.address,
@@ -404,9 +436,16 @@ class NodeDaemon:
             self._finished[entry.job_log_id] = None
         # Heartbeats get their own client: a backlog of result posts must never hold a
         # heartbeat back long enough for the manager to call a healthy node lost.
-        async with httpx.AsyncClient() as client, httpx.AsyncClient() as beat_client:
+        limits = client_limits()
+        async with (
+            httpx.AsyncClient(limits=limits) as client,
+            httpx.AsyncClient(limits=limits) as beat_client,
+        ):
             sink, self._source = self._transport(client)
             self._reporter = ResultReporter(self._spool, sink, self.who)
+            self._claims = StartClaims(
+                client, self.token, self.address, self.who, self.config.node.start_claim_wait
+            )
             self._reporter.adopt(spooled)
             membership = self._membership = Membership.for_config(
                 self.config,
@@ -426,6 +465,7 @@ class NodeDaemon:
                     access_log=False,
                     server_header=False,
                     timeout_graceful_shutdown=int(SERVER_STOP_TIMEOUT),
+                    timeout_keep_alive=SERVER_KEEP_ALIVE_S,
                 )
             )
             server_task = asyncio.create_task(server.serve(sockets=[sock]), name="ays-node-api")

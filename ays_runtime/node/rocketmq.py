@@ -17,14 +17,17 @@ the node lives.
 At-least-once in, exactly-once effect. A message can come again: after a node died holding
 it (its invisible time ran out), after a node that published the result died before acking,
 or as a duplicate. The node never runs a job-log id twice:
-  * held here (waiting or running): the new delivery replaces the old handle; not run;
+  * held here (waiting or running): a redelivery replaces the old handle, a second copy
+    (delivery attempt 1: a send repeated after its answer was lost) is acked; not run;
   * finished here: its result, still spooled or delivered lately, is published again and the
     message acked; not run;
   * new here but delivered before (delivery attempt > 1), or a broadcast shard: the node asks
-    the manager (`GET /api/v1/job-logs/{id}`); a run that is final there is acked, not run.
-    A manager that cannot be asked does not block the run (at-least-once wins).
-Limit: a node cut off from the proxy, but alive, for longer than the invisible time left can
-see its job handed to another node, which then runs it too; the first result is the one kept.
+    the manager (`GET /api/v1/job-logs/{id}`); a run that is final there is acked, not run;
+  * and on any node, whatever the delivery: a run starts only once the manager has recorded
+    that this node runs it (the start claim, node/claims.py). A copy whose claim loses (a
+    duplicate of a send whose answer was lost, a redelivery after its node died or was cut
+    off) is acked and not run. A run whose node died is ended `node_lost` by the registry
+    and retried per the task's policy, as with the built-in transport.
 """
 
 from __future__ import annotations
@@ -188,6 +191,10 @@ class RocketMQNodeTransport(JobSource, ResultSink):
         self._receive_pool.shutdown(wait=True, cancel_futures=True)
         self._op_pool.shutdown(wait=True, cancel_futures=True)
 
+    async def dropped(self, job_log_id: int) -> None:
+        """A copy whose start claim lost: ack it, the run is another node's (or ended)."""
+        await self._settle(job_log_id)
+
     # --- ResultSink -----------------------------------------------------------------------
 
     def destination(self, report_to: str) -> str:
@@ -286,6 +293,15 @@ class RocketMQNodeTransport(JobSource, ResultSink):
             await self._release(receiver, message)
             return
         held = self._held.get(job_log_id)
+        if held is not None and (message.delivery_attempt or 1) == 1:
+            # Not the held message come back (that has a higher delivery attempt) but a second
+            # copy of the run (a send the client repeated after its answer was lost): the run
+            # is in hand here, so the copy is acked at once.
+            log.info(
+                "%s: run %d: a second copy of it arrived: acked, not run", self.who, job_log_id
+            )
+            await self._ack_quietly(receiver, message)
+            return
         if held is not None:
             log.info(
                 "%s: run %d delivered again while held here: not run again", self.who, job_log_id

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ays_runtime.storage.database import insert_ignoring_duplicates, utcnow
+from ays_runtime.storage.database import insert_ignoring_duplicates, transaction, utcnow
 from ays_runtime.storage.models import JobLog, RunStatus, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
 
@@ -52,8 +52,11 @@ def claim_slots(
     engine: Engine, manager_id: str, fires: Sequence[Fire], now: datetime
 ) -> list[JobDispatch]:
     """Insert the fires' job-log rows; return the dispatches for the rows this call won."""
-    with engine.begin() as conn:
-        return claim_in(conn, manager_id, fires, now)
+    return transaction(
+        engine,
+        lambda conn: claim_in(conn, manager_id, fires, now),
+        f"manager {manager_id}: claiming {len(fires)} slot(s)",
+    )
 
 
 def claim_in(

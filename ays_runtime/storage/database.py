@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import StorageError
+from ays_runtime.retry import retry_call
+
+T = TypeVar("T")
 
 # Seconds a SQLite connection waits for another process's lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -64,6 +69,43 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         pool_pre_ping=True,
         pool_recycle=3600,
     )
+
+
+# MySQL/MariaDB errors that roll back (or lose) the whole transaction, whose second try can
+# succeed: 1213 deadlock (InnoDB chose this transaction as the victim), 1205 lock wait
+# timeout, 2006 server has gone away, 2013 lost connection during the query.
+TRANSIENT_MYSQL_ERRORS = frozenset({1213, 1205, 2006, 2013})
+# Attempts of one transaction that meets such errors (with the retry policy's backoff).
+TRANSACTION_ATTEMPTS = 5
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a database error says "try the transaction again" rather than "it is wrong":
+    a MySQL deadlock, lock wait timeout or lost connection, a SQLite lock held past the busy
+    timeout, or a connection SQLAlchemy found broken."""
+    if not isinstance(err, DBAPIError):
+        return False
+    if err.connection_invalidated:
+        return True
+    orig = err.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        return "locked" in str(orig) or "busy" in str(orig)
+    code = orig.args[0] if orig is not None and orig.args else None
+    return code in TRANSIENT_MYSQL_ERRORS
+
+
+def transaction(engine: Engine, work: Callable[[Connection], T], what: str) -> T:
+    """`work(conn)` in a transaction of its own, run again from the start (the database has
+    rolled it back) when it fails with a transient error (`is_transient`), up to
+    TRANSACTION_ATTEMPTS times. `work` must be safe to run again: every write of Ays is a
+    guarded UPDATE or a keyed INSERT, so a transaction whose COMMIT was lost with its
+    connection changes nothing the second time. Blocking: for worker threads."""
+
+    def once() -> T:
+        with engine.begin() as conn:
+            return work(conn)
+
+    return retry_call(once, is_transient, what, attempts=TRANSACTION_ATTEMPTS)
 
 
 def _use_wal(cur: sqlite3.Cursor, wait_s: float) -> None:

@@ -142,5 +142,9 @@ class JobSource(ABC):
     async def stop(self) -> None:
         """Stop taking jobs (time-boxed by the source itself)."""
 
+    async def dropped(self, job_log_id: int) -> None:  # noqa: B027 - optional hook
+        """A run this source handed over will not run here and has no result: another node
+        holds it, or it has ended (its start claim lost). Settle it as done (e.g. ack)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, after the node's last result was delivered."""

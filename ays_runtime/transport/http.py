@@ -3,7 +3,16 @@
 Delivery runs in background tasks so the fire loop never waits on a node. The runs of a burst
 that go to the same node travel in one request (`POST /jobs/batch`): one request per node
 per burst, not one per run (a node of an older version, without that route, gets them one by
-one). Failover and the first send of a broadcast go run by run, since each run's node depends
+one).
+
+A request that provably never reached the node is sent once more, on a fresh connection,
+before a run is failed: a connection refused, or a request written on a pooled connection
+the node had just closed as idle (`RemoteProtocolError`, `ReadError`, `WriteError`: no byte
+of answer came back). Sending a run twice is harmless, since a node answers a job-log id it
+already holds as a duplicate and runs it once. The idle times of both sides are set so that
+this stays rare (ays_runtime/web/keepalive.py); failover then goes on to the next node.
+
+Failover and the first send of a broadcast go run by run, since each run's node depends
 on the answer before it. A run that no node accepts is failed at once with the reasons ("no
 healthy node in group g", "10.0.0.5:18181: connection refused"), and the retry policy takes
 over. Results come back to the manager's
@@ -27,6 +36,7 @@ from ays_runtime.protocol import API, RunAnswer, RunBatchAnswer
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.storage.models import RouteStrategy
 from ays_runtime.transport.base import JobDispatch, Transport
+from ays_runtime.web.keepalive import client_limits, fresh_connection_limits
 
 log = logging.getLogger("ays.transport.http")
 
@@ -35,6 +45,10 @@ log = logging.getLogger("ays.transport.http")
 MAX_CONCURRENT_DISPATCHES = 64
 # Runs per batch request: bounds one request's size (a run is ~0.5-2 KB of JSON).
 MAX_BATCH = 256
+# Errors that say the request never got an answer because the connection failed under it:
+# refused or reset before the node could answer. Sent once more (a timeout is not: the node
+# may be working on it, and the retry policy takes over).
+NOT_DELIVERED = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class BuiltinTransport(Transport):
@@ -54,6 +68,7 @@ class BuiltinTransport(Transport):
         self.report_to = report_to
         self._headers = auth_headers(access_token)
         self._client: httpx.AsyncClient | None = None
+        self._fresh: httpx.AsyncClient | None = None  # no pooling: for the one resend
         self._inflight: set[asyncio.Task[None]] = set()
         self._sending = asyncio.Semaphore(MAX_CONCURRENT_DISPATCHES)
         tracker.on_finished = self._finished
@@ -62,10 +77,12 @@ class BuiltinTransport(Transport):
         self._client = httpx.AsyncClient(
             timeout=self.settings.dispatch_timeout,
             headers=self._headers,
-            limits=httpx.Limits(
-                max_connections=MAX_CONCURRENT_DISPATCHES,
-                max_keepalive_connections=MAX_CONCURRENT_DISPATCHES,
-            ),
+            limits=client_limits(MAX_CONCURRENT_DISPATCHES),
+        )
+        self._fresh = httpx.AsyncClient(
+            timeout=self.settings.dispatch_timeout,
+            headers=self._headers,
+            limits=fresh_connection_limits(),
         )
 
     async def dispatch(self, jobs: Sequence[JobDispatch]) -> None:
@@ -96,8 +113,9 @@ class BuiltinTransport(Transport):
     async def stop(self, timeout: float) -> None:
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=timeout)
-        if self._client is not None:
-            await self._client.aclose()
+        for client in (self._client, self._fresh):
+            if client is not None:
+                await client.aclose()
 
     async def _deliver(self, job: JobDispatch) -> None:
         """A failover run, or the first send of a broadcast (see `_one_by_one`)."""
@@ -115,11 +133,9 @@ class BuiltinTransport(Transport):
 
     async def _send_batch(self, node: NodeRef, jobs: list[JobDispatch]) -> None:
         """Hand `jobs` (already counted in flight on `node`) to `node` in one request."""
-        assert self._client is not None, "start() first"
         body = {"runs": [self._request(job) for job in jobs]}
         try:
-            async with self._sending:
-                response = await self._client.post(f"{node.url}{API}/jobs/batch", json=body)
+            response = await self._post(node, f"{node.url}{API}/jobs/batch", body)
         except httpx.HTTPError as err:
             reason = f"dispatch failed: {node.address}: {type(err).__name__} {err}".strip()
             self._count(node.address, -len(jobs))
@@ -158,13 +174,11 @@ class BuiltinTransport(Transport):
 
     async def _send(self, job: JobDispatch, tries: list[NodeRef]) -> None:
         """Hand one run to the first of `tries` that takes it."""
-        assert self._client is not None, "start() first"
         request = self._request(job)
         reasons: list[str] = []
         for node in tries:
             try:
-                async with self._sending:
-                    response = await self._client.post(f"{node.url}{API}/jobs", json=request)
+                response = await self._post(node, f"{node.url}{API}/jobs", request)
             except httpx.HTTPError as err:
                 reasons.append(f"{node.address}: {type(err).__name__} {err}".strip())
                 continue
@@ -174,6 +188,21 @@ class BuiltinTransport(Transport):
                 return
             reasons.append(f"{node.address}: HTTP {response.status_code} {response.text[:200]}")
         await self.tracker.dispatch_failed(job, "dispatch failed: " + "; ".join(reasons))
+
+    async def _post(self, node: NodeRef, url: str, body: dict[str, Any]) -> httpx.Response:
+        """POST `body` to `node`; a request that never reached it is sent once more on a
+        fresh connection (see the module docstring). Raises httpx.HTTPError."""
+        assert self._client is not None and self._fresh is not None, "start() first"
+        async with self._sending:
+            try:
+                return await self._client.post(url, json=body)
+            except NOT_DELIVERED as err:
+                log.info(
+                    "dispatch to %s did not reach it (%s): sending again on a new connection",
+                    node.address,
+                    type(err).__name__,
+                )
+            return await self._fresh.post(url, json=body)
 
     def _request(self, job: JobDispatch) -> dict[str, Any]:
         # Failover: a full node answers 429 and the next node is asked instead.

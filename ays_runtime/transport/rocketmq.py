@@ -7,7 +7,9 @@ type, body = the RunRequest JSON. The group's nodes consume it with one consumer
 one node takes it. As with the built-in transport a fire needs at least one healthy node in
 its group ("no healthy node in group g" fails it at once, and the retry policy applies);
 which node runs it is the broker's choice, so route strategies other than broadcast do not
-apply, and the job-log row is `dispatched` with no node until its result names the node.
+apply, and the job-log row is `dispatched` with no node until the node that took the job
+claims its start (`running`, with that node: node/claims.py). A message the broker delivers
+twice (a send repeated after its answer was lost) runs once: only one copy wins the claim.
 
 Broadcast (the first attempt of a `broadcast` task). The manager decides the shard count:
 the group's healthy nodes in the registry at that moment, N. It claims the slot's N shard

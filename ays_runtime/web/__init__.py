@@ -6,4 +6,6 @@ guard.py      the ASGI middleware in front of each app: the public routes are de
 refusals.py   refused requests logged once per source per minute, with a count
 fields.py     the field types every route uses: bounded integers, UTC date-times,
               text that can be stored
+keepalive.py  idle keep-alive times of Ays servers and clients (the client's below the
+              server's, so no request is sent on a connection the server is closing)
 """

@@ -58,7 +58,11 @@ Behaviour (faithful to the proxy and broker unless listed under "Deviations"):
 * Heartbeat and NotifyClientTermination need stored settings (else
   ``UNRECOGNIZED_CLIENT_TYPE`` "cannot find client settings for this client"); ReceiveMessage
   without settings fails ``INTERNAL_SERVER_ERROR`` (the proxy's null settings).
-* Fault injection for tests: ``refuse_acks(topic, n)`` fails the next n acks on `topic`.
+* Fault injection for tests: ``refuse_acks(topic, n)`` fails the next n acks on `topic`;
+  ``drop_send_answers(topic, every)`` stores every `every`-th send on `topic` and then
+  drops its answer (the call fails UNAVAILABLE, as when the connection breaks after the
+  broker wrote the message): the client sends again, and the broker keeps both copies, as
+  a real one does (no deduplication by message id), so both are delivered.
 * An outage: ``stop()`` drops the proxy (connections, streams, long polls, stored client
   settings: proxy memory); messages, offsets, in-flight messages and their timers are the
   broker's and survive, so invisibility keeps running during the outage.
@@ -219,6 +223,9 @@ class RocketMQEmulator:
         self._thread: threading.Thread | None = None
         self._calls: dict[str, int] = {}
         self._refused_acks: dict[str, int] = {}
+        self._dropped_answers: dict[str, int] = {}  # topic -> drop every n-th send's answer
+        self._sends: dict[str, int] = {}
+        self.answers_dropped = 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -370,6 +377,12 @@ class RocketMQEmulator:
         INTERNAL_SERVER_ERROR (as a broker that fails to write the ack would); the messages
         stay in flight."""
         self._refused_acks[topic] = count
+
+    def drop_send_answers(self, topic: str, every: int) -> None:
+        """Fault injection: from now on, store every `every`-th send on `topic` and drop its
+        answer (0 stops it); `answers_dropped` counts them."""
+        self._dropped_answers[topic] = every
+        self._sends[topic] = 0
 
     def calls(self, method: str) -> int:
         """How many times `method` (e.g. "SendMessage") was called."""
@@ -672,6 +685,14 @@ class _Servicer(service_pb2_grpc.MessagingServiceServicer):
                 )
             )
         await emu._notify()
+        every = emu._dropped_answers.get(topic.name, 0)
+        if every:
+            emu._sends[topic.name] = emu._sends.get(topic.name, 0) + 1
+            if emu._sends[topic.name] % every == 0:
+                emu.answers_dropped += 1
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "connection reset after the message was stored"
+                )
         return rpc.SendMessageResponse(status=_status(Code.OK), entries=entries)
 
     def _validated(self, topic: _Topic, message: pb.Message) -> _Message:
