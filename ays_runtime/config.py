@@ -221,6 +221,19 @@ class JobLogSettings(_Section):
     purge_batch: int = Field(1000, ge=1, description="rows deleted per purge statement")
 
 
+class MetricsSettings(_Section):
+    public: bool = Field(
+        False,
+        description="GET /metrics (manager and nodes) answers without the access token; "
+        "false: Prometheus sends it (authorization: credentials in its scrape config)",
+    )
+    task_labels: bool = Field(
+        False,
+        description="also count runs per task (ays_task_runs_finished_total{task_id}): one "
+        "series per task and status, so only for envs with few tasks",
+    )
+
+
 RegistrySettings = Annotated[
     BuiltinRegistrySettings | ConsulRegistrySettings, Field(discriminator="backend")
 ]
@@ -242,6 +255,7 @@ class EnvConfig(_Section):
     manager: ManagerSettings = ManagerSettings()
     node: NodeSettings = NodeSettings()
     job_log: JobLogSettings = JobLogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("access_token")
     @classmethod

@@ -28,7 +28,10 @@
     PUT    /api/v1/node-groups/{name}          new description and/or name
     DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
 
-The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret.
+    GET    /metrics                            Prometheus metrics (ays_runtime/metrics/)
+
+The OpenAPI document (/openapi.json) and its viewer (/docs) are public: they hold no secret;
+/metrics too when the env says `metrics.public: true`.
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
 `X-Ays-Token: <token>`, checked by the guard in front of the app (ays_runtime/web/guard.py)
 before any body is read; the routes that need none are declared in `PUBLIC`. Bodies are
@@ -106,6 +109,8 @@ from ays_runtime.manager.schemas import (
     field_error,
 )
 from ays_runtime.manager.versions import Actor
+from ays_runtime.metrics import base as metrics
+from ays_runtime.metrics import manager as manager_metrics
 from ays_runtime.protocol import ACTOR_HEADER
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
@@ -691,6 +696,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    metrics.add_route(app, manager_metrics.REGISTRY)
     settings = ctx.config.manager
     results = BodyLimit(settings.max_result_body_bytes, "manager.max_result_body_bytes")
     token = ctx.access_token
@@ -700,7 +706,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
 
     protect(
         app,
-        public=PUBLIC,
+        public=metrics.public_routes(PUBLIC, ctx.config),
         authenticate=caller,
         limits=BodyLimits(
             BodyLimit(settings.max_body_bytes, "manager.max_body_bytes"),

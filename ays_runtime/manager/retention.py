@@ -14,6 +14,7 @@ from datetime import timedelta
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog
 
@@ -34,6 +35,7 @@ def purge_batch(engine: Engine, retention: timedelta, batch: int) -> int:
         )
         if ids:
             conn.execute(delete(JobLog).where(JobLog.id.in_(ids)))
+    metrics.JOB_LOGS_PURGED.inc(len(ids))
     return len(ids)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select, update
 
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
 from ays_runtime.storage.database import utcnow
@@ -85,7 +86,9 @@ class RunTracker:
     # -- transitions ----------------------------------------------------------------------
 
     async def dispatched(self, job: JobDispatch, node: str) -> None:
+        metrics.run_dispatched(job, "dispatched")
         await self._dispatch_writes.submit((job.job_log_id, node))
+        metrics.run_dispatched(job, "stored")
 
     def _write_dispatched(self, handed: Sequence[tuple[int, str]]) -> list[None]:
         by_node: dict[str, list[int]] = {}
@@ -284,6 +287,8 @@ class RunTracker:
                     answers.append((bool(changed), None, 0.0))
                 else:
                     answers.append((True, *self._claim_retry(conn, final.job_id)))
+        stored = [f.job_id for f, a in zip(finals, answers, strict=True) if a[0]]
+        metrics.runs_finished(self.engine, stored)  # after the commit: its own short read
         return answers
 
     def _claim_retry(self, conn: Connection, job_id: int) -> tuple[JobDispatch | None, float]:

@@ -40,6 +40,7 @@ from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.output import RunOutput
 from ays_runtime.manager.retention import retention_loop
 from ays_runtime.manager.runs import RunTracker
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.service.handover import ConnectionCloser, release_listener
@@ -135,6 +136,13 @@ class Manager:
         )
         self.scheduler = scheduler
         self.engine = engine
+        metrics.attach(
+            metrics.ManagerState(
+                engine, lambda: len(scheduler.timers), lambda: scheduler.writer.backlog
+            ),
+            transport=cfg.transport.backend,
+            task_labels=cfg.metrics.task_labels,
+        )
         killer = RunKiller(engine, registry, tracker, token)
 
         async def kill_run(job_log_id: int, reason: str) -> tuple[bool, str, str]:

@@ -23,6 +23,7 @@ from ays_runtime.auth import auth_headers
 from ays_runtime.config import BuiltinTransportSettings
 from ays_runtime.manager.routing import Router
 from ays_runtime.manager.runs import RunTracker
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import API, RunAnswer, RunBatchAnswer
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.storage.models import RouteStrategy
@@ -121,6 +122,7 @@ class BuiltinTransport(Transport):
             async with self._sending:
                 response = await self._client.post(f"{node.url}{API}/jobs/batch", json=body)
         except httpx.HTTPError as err:
+            metrics.transport_error("builtin", "publish", len(jobs))
             reason = f"dispatch failed: {node.address}: {type(err).__name__} {err}".strip()
             self._count(node.address, -len(jobs))
             await asyncio.gather(*(self.tracker.dispatch_failed(job, reason) for job in jobs))
@@ -166,6 +168,7 @@ class BuiltinTransport(Transport):
                 async with self._sending:
                     response = await self._client.post(f"{node.url}{API}/jobs", json=request)
             except httpx.HTTPError as err:
+                metrics.transport_error("builtin", "publish")
                 reasons.append(f"{node.address}: {type(err).__name__} {err}".strip())
                 continue
             if response.status_code == 202:
