@@ -23,6 +23,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.exceptions import ConfigError, MissingSecretError
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -256,6 +257,7 @@ class EnvConfig(_Section):
     node: NodeSettings = NodeSettings()
     job_log: JobLogSettings = JobLogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("access_token")
     @classmethod
@@ -370,7 +372,9 @@ def _format_validation_error(
         )
         # Secrets must not be echoed back, even when wrong.
         shown = (
-            "" if "url" in loc or "token" in loc or "key" in loc else f" (got {e.get('input')!r})"
+            ""
+            if any(word in loc for word in ("url", "token", "key", "password", "secret"))
+            else f" (got {e.get('input')!r})"
         )
         names = sources.get(loc)
         origin = f" (from {', '.join('$' + n for n in names)})" if names else ""

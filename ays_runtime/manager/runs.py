@@ -80,6 +80,8 @@ class RunTracker:
         self._retries: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_finished: Callable[[str], None] | None = None  # node address, for least-busy
+        # Ids of runs just stored final, from the writer's thread (alerts: thread-safe, no I/O).
+        self.on_stored: Callable[[list[int]], None] | None = None
         self._dispatch_writes = GroupCommit(self._write_dispatched)
         self._final_writes = GroupCommit(self._write_finals)
 
@@ -289,6 +291,8 @@ class RunTracker:
                     answers.append((True, *self._claim_retry(conn, final.job_id)))
         stored = [f.job_id for f, a in zip(finals, answers, strict=True) if a[0]]
         metrics.runs_finished(self.engine, stored)  # after the commit: its own short read
+        if self.on_stored is not None and stored:
+            self.on_stored(stored)
         return answers
 
     def _claim_retry(self, conn: Connection, job_id: int) -> tuple[JobDispatch | None, float]:

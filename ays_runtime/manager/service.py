@@ -29,6 +29,8 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime import __version__
+from ays_runtime.alerts.api import alerts_router
+from ays_runtime.alerts.service import AlertService
 from ays_runtime.auth import resolve_access_token
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
@@ -168,6 +170,9 @@ class Manager:
             version=__version__,
         )
         app = create_app(ctx)
+        alerts = AlertService(engine, cfg.alerts, cfg.env, self.manager_id)
+        tracker.on_stored = alerts.runs_stored
+        app.include_router(alerts_router(alerts))
         from ays_runtime.registry.builtin import BuiltinRegistry
 
         app.include_router(
@@ -211,6 +216,7 @@ class Manager:
             name="retention",
         )
         reaper = asyncio.create_task(self._reap(tracker), name="reaper")
+        alerting = asyncio.create_task(alerts.run(), name="alerts")
         recovery = asyncio.create_task(self._recover(tracker), name="recover-pending")
         while not self._up(server, scheduler) and not (
             api.done() or sched.done() or self._stop.is_set()
@@ -245,9 +251,9 @@ class Manager:
         await run_output.close()
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop, recovery):
+        for task in (purge, reaper, stop, recovery, alerting):
             task.cancel()
-        await asyncio.gather(purge, reaper, stop, recovery, return_exceptions=True)
+        await asyncio.gather(purge, reaper, stop, recovery, alerting, return_exceptions=True)
         engine.dispose()
         sock.close()
         log.info("manager %s: stopped", self.manager_id)
