@@ -4,6 +4,10 @@ down, even across a manager restart, gets its notice when it is back."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import threading
 from collections.abc import Iterator
@@ -13,15 +17,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydantic
 import pytest
 import yaml
 from aiosmtpd.controller import Controller
 
 from ays_installer.render import masked_diff, prepare, render_config
-from ays_runtime.alerts.settings import AlertSettings, Silence
-from ays_runtime.alerts.webhook import SIGNATURE_HEADER, signature
-from tests.daemons import Cluster, cluster, free_port, manager, wait_for
+from ays_runtime.alerts.base import DeliveryFailed, Notice
+from ays_runtime.alerts.settings import AlertSettings, Silence, WebhookChannel
+from ays_runtime.alerts.webhook import SIGNATURE_HEADER, Webhook, signature
+from ays_runtime.config import expand_placeholders
+from tests.daemons import Cluster, cluster, free_port, manager, node, wait_for
 from tests.test_cli import cli
 from tests.test_end_to_end import add_task
 
@@ -286,3 +293,103 @@ def test_bad_alert_settings_are_refused_naming_the_field() -> None:
         )
     with pytest.raises(pydantic.ValidationError, match="end must be after its start"):
         Silence.model_validate({"start": "2026-12-02T00:00:00Z", "end": "2026-12-01T00:00:00Z"})
+
+
+def test_chat_formats_carry_the_text_and_their_services_signatures() -> None:
+    seen: list[httpx.Request] = []
+    answers = {"dingtalk": {"errcode": 0}, "wecom": {"errcode": 0}, "feishu": {"code": 0}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        fmt = request.url.path.strip("/")
+        return httpx.Response(200, json=answers.get(fmt, {}))
+
+    notice = Notice(7, "failed", "firing", "task flaky (id 3) failed", '{"rule": "failed"}')
+
+    async def send(fmt: str, secret: str | None = None) -> httpx.Request:
+        settings = WebhookChannel.model_validate(
+            {"name": fmt, "type": "webhook", "url": f"http://chat.test/{fmt}", "format": fmt}
+            | ({"secret": secret} if secret else {})
+        )
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            await Webhook(settings, client).send(notice)
+        return seen[-1]
+
+    text = "[FIRING] failed: task flaky (id 3) failed"
+    slack = asyncio.run(send("slack"))
+    assert json.loads(slack.content) == {"text": text}
+    wecom = asyncio.run(send("wecom"))
+    assert json.loads(wecom.content) == {"msgtype": "text", "text": {"content": text}}
+    ding = asyncio.run(send("dingtalk", "ding-secret"))
+    assert json.loads(ding.content)["text"] == {"content": text}
+    stamp = ding.url.params["timestamp"]
+    expected = hmac.new(b"ding-secret", f"{stamp}\nding-secret".encode(), hashlib.sha256)
+    assert ding.url.params["sign"] == base64.b64encode(expected.digest()).decode()
+    feishu = json.loads(asyncio.run(send("feishu", "fei-secret")).content)
+    assert feishu["content"] == {"text": text}
+    key = f"{feishu['timestamp']}\nfei-secret".encode()
+    expected = hmac.new(key, b"", hashlib.sha256)
+    assert feishu["sign"] == base64.b64encode(expected.digest()).decode()
+
+    # These services answer 200 with an error code: that is a failure, retried later.
+    answers["dingtalk"] = {"errcode": 310000, "errmsg": "sign not match"}
+    with pytest.raises(DeliveryFailed, match="code 310000 sign not match"):
+        asyncio.run(send("dingtalk", "wrong"))
+    with pytest.raises(pydantic.ValidationError, match="slack webhooks are not signed"):
+        WebhookChannel.model_validate(
+            {"name": "s", "type": "webhook", "url": "http://x/", "format": "slack", "secret": "k"}
+        )
+
+
+@pytest.mark.slow
+def test_a_node_going_offline_its_empty_group_and_a_long_run_alert_and_recover(
+    tmp_path: Path,
+) -> None:
+    with receiver(free_port()) as hook, smtp_server() as (_, smtp_port):
+        rules = [
+            {"name": "down", "when": "node_offline", "channels": ["hook"]},
+            {
+                "name": "empty",
+                "when": "group_unhealthy",
+                "node_groups": ["g1"],
+                "channels": ["hook"],
+            },
+            {"name": "slow", "when": "running_longer_than", "seconds": 1, "channels": ["hook"]},
+        ]
+        config = alerts_config(hook.port, smtp_port, rules=rules, watch_interval=0.3)
+        with cluster(tmp_path, Cluster, alerts=config) as ays:
+            assert ays.node is not None
+            task = add_task(ays, "sleep 5")
+            with ays.api() as api:
+                job = api.post(f"/tasks/{task}/trigger", json={}).json()["job_log_id"]
+
+            def notices() -> list[tuple[str, str]]:
+                return sorted((d["rule"], d["kind"]) for d in hook.documents())
+
+            wait_for(lambda: ("slow", "firing") in notices(), 60, "the long run's notice")
+            slow = next(d for d in hook.documents() if d["rule"] == "slow")
+            assert slow["subject"] == f"run {job}" and slow["task"]["id"] == task
+            ays.node.kill()
+            down = [("down", "firing"), ("empty", "firing"), ("slow", "firing")]
+            wait_for(lambda: notices() == down, 60, f"{down}, got {notices()}")
+            firing = {d["rule"]: d for d in hook.documents()}
+            assert firing["down"]["subject"] == f"node 127.0.0.1:{ays.node_port}"
+            assert firing["empty"]["subject"] == "group g1"
+            ays.node = node(ays.config, tmp_path / "node2.log", "g1", ays.node_port).start()
+            up = sorted([*down, ("down", "resolved"), ("empty", "resolved")])
+            wait_for(lambda: notices() == up, 60, f"{up}, got {notices()}")
+
+
+def test_the_readme_example_is_a_valid_alerts_section() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("\n## Alerts\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    secrets = {"AYS_ALERT_KEY": "k", "AYS_SMTP_PASSWORD": "p", "AYS_DINGTALK_SECRET": "d"}
+    data = expand_placeholders(yaml.safe_load(block), "README", environ=secrets)
+    settings = AlertSettings.model_validate(data["alerts"])
+    assert {channel.name for channel in settings.channels} == {"ops-hook", "ops-mail", "team-chat"}
+    assert [rule.when for rule in settings.rules] == [
+        "run_failed",
+        "consecutive_failures",
+        "running_longer_than",
+        "node_offline",
+    ]

@@ -120,7 +120,9 @@ def judge(
     raised: list[Raised] = []
     for outcome in outcomes(conn, job_ids):
         for rule in settings.rules:
-            if rule.watches(outcome.task_name, outcome.node_group) and not rule.silenced(moment):
+            if rule.periodic or rule.silenced(moment):
+                continue
+            if rule.watches(outcome.task_name, outcome.node_group):
                 notice = _judge_one(conn, rule, outcome)
                 if notice is not None:
                     raised.append(notice)

@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.alerts import outbox, rules
 from ays_runtime.alerts.base import Channel, DeliveryFailed
 from ays_runtime.alerts.mail import Mail
 from ays_runtime.alerts.settings import AlertSettings, WebhookChannel
+from ays_runtime.alerts.watch import Watcher
 from ays_runtime.alerts.webhook import Webhook
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.storage.database import utcnow
@@ -103,7 +104,10 @@ class AlertService:
         self._loop = asyncio.get_running_loop()
         try:
             if self.active:  # no channel: no rule either, nothing to judge or deliver
-                await asyncio.gather(self._judge_loop(), self._deliver_loop())
+                loops = [self._judge_loop(), self._deliver_loop()]
+                if any(rule.periodic for rule in self.settings.rules):
+                    loops.append(self._watch_loop())
+                await asyncio.gather(*loops)
         finally:
             await self._client.aclose()
 
@@ -121,22 +125,41 @@ class AlertService:
             if queued:
                 self._deliver_wake.set()
 
+    async def _watch_loop(self) -> None:
+        watcher = Watcher(self.settings)
+        while True:
+            await asyncio.sleep(self.settings.watch_interval)
+            try:
+                queued = await asyncio.to_thread(self._watch, watcher)
+            except SQLAlchemyError as err:  # the next look sees the same state
+                log.warning("%s: cannot look at nodes and runs: %s", self.who, _reason(err))
+                continue
+            if queued:
+                self._deliver_wake.set()
+
+    def _watch(self, watcher: Watcher) -> int:
+        now = utcnow()
+        with self.engine.begin() as conn:
+            return self._queue_raised(conn, watcher.look(conn, now), now)
+
     def _judge(self, job_ids: list[int]) -> int:
         now = utcnow()
         with self.engine.begin() as conn:
-            raised = rules.judge(conn, self.settings, job_ids, now)
-            notices = [
-                outbox.Queued(
-                    r.dedup_key,
-                    r.rule.name,
-                    r.kind,
-                    r.summary,
-                    rules.payload(r.document, self.env, self.manager_id, now),
-                    r.rule.channels,
-                )
-                for r in raised
-            ]
-            outbox.queue(conn, notices, now)
+            return self._queue_raised(conn, rules.judge(conn, self.settings, job_ids, now), now)
+
+    def _queue_raised(self, conn: Connection, raised: list[rules.Raised], now: datetime) -> int:
+        notices = [
+            outbox.Queued(
+                r.dedup_key,
+                r.rule.name,
+                r.kind,
+                r.summary,
+                rules.payload(r.document, self.env, self.manager_id, now),
+                r.rule.channels,
+            )
+            for r in raised
+        ]
+        outbox.queue(conn, notices, now)
         for r in raised:
             log.info("%s: %s %s: %s", self.who, r.kind, r.rule.name, r.summary)
         return len(notices)

@@ -30,11 +30,26 @@ class WebhookChannel(_Section):
     name: str = Field(pattern=NAME, description="the name rules use")
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://", description="where the JSON notice is POSTed")
+    format: Literal["ays", "slack", "dingtalk", "wecom", "feishu"] = Field(
+        "ays",
+        description="ays: the notice's JSON document; slack, dingtalk, wecom, feishu: a text "
+        "message in that service's incoming-webhook format",
+    )
     secret: SecretStr | None = Field(
         None,
-        description="key of the HMAC-SHA256 of the body, sent as X-Ays-Signature: sha256=<hex>",
+        description="ays: key of the HMAC-SHA256 of the body (X-Ays-Signature: sha256=<hex>); "
+        "dingtalk, feishu: the robot's signing secret (their own signature schemes)",
     )
     timeout: float = Field(10.0, gt=0, le=120, description="seconds to wait for an answer")
+
+    @model_validator(mode="after")
+    def _signable(self) -> WebhookChannel:
+        if self.secret is not None and self.format in ("slack", "wecom"):
+            raise ValueError(
+                f"channel {self.name}: {self.format} webhooks are not signed; remove its secret "
+                "(the URL itself is the secret)"
+            )
+        return self
 
 
 class EmailChannel(_Section):
@@ -76,16 +91,31 @@ class Silence(_Section):
 
 class AlertRule(_Section):
     name: str = Field(pattern=NAME)
-    when: Literal["run_failed", "consecutive_failures"] = Field(
+    when: Literal[
+        "run_failed",
+        "consecutive_failures",
+        "running_longer_than",
+        "node_offline",
+        "group_unhealthy",
+    ] = Field(
         description="run_failed: every run that failed for good (timed out, node lost too; "
-        "after its retries); consecutive_failures: `count` such runs in a row, once per streak"
+        "after its retries); consecutive_failures: `count` such runs in a row, once per streak; "
+        "running_longer_than: a run still unfinished `seconds` after it was dispatched; "
+        "node_offline: a node went offline; group_unhealthy: a node group with enabled tasks "
+        "has no online node"
     )
     count: int = Field(3, ge=2, le=1000, description="runs in a row (consecutive_failures)")
+    seconds: float = Field(3600.0, gt=0, description="the limit of running_longer_than")
     tasks: list[str] = Field([], description="task names it watches (none: every task)")
     node_groups: list[str] = Field([], description="node groups it watches (none: every one)")
     channels: list[str] = Field(min_length=1, description="channel names it notifies")
     recovery: bool = Field(True, description="notify when the task succeeds again")
     silences: list[Silence] = Field([], description="windows in which it sends nothing")
+
+    @property
+    def periodic(self) -> bool:
+        """Judged by looking at the state every alerts.watch_interval, not at stored runs."""
+        return self.when in ("running_longer_than", "node_offline", "group_unhealthy")
 
     def watches(self, task_name: str, node_group: str) -> bool:
         return (not self.tasks or task_name in self.tasks) and (
@@ -105,6 +135,9 @@ class AlertSettings(_Section):
     retry_max: float = Field(300.0, gt=0, description="the longest wait between two tries")
     max_attempts: int = Field(
         200, ge=1, description="tries before a delivery is given up (status failed)"
+    )
+    watch_interval: float = Field(
+        10.0, gt=0, description="seconds between looks at nodes and running runs"
     )
 
     @model_validator(mode="after")
