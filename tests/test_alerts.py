@@ -31,6 +31,7 @@ from ays_runtime.config import expand_placeholders
 from tests.daemons import Cluster, cluster, free_port, manager, node, wait_for
 from tests.test_cli import cli
 from tests.test_end_to_end import add_task
+from tests.test_metrics import scrape, value
 
 SECRET = "hmac-secret-for-tests"
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +196,9 @@ def test_failures_alert_once_each_and_once_per_streak_then_recover(tmp_path: Pat
                     r["name"]: r["silenced"] for r in api.get("/alerts/rules").json()["rules"]
                 }
                 assert rules_now == {"failed": False, "three": False, "quiet": True}
+            counted = scrape(ays.manager_port)
+            assert value(counted, "ays_alert_deliveries_total", channel="hook", outcome="sent") == 6
+            assert value(counted, "ays_alert_deliveries_total", channel="mail", outcome="sent") == 4
             # Seconds later nothing more arrives: one notice each, not one per look.
             assert kinds() == expected
 

@@ -29,6 +29,7 @@ from ays_runtime.alerts.settings import AlertSettings, WebhookChannel
 from ays_runtime.alerts.watch import Watcher
 from ays_runtime.alerts.webhook import Webhook
 from ays_runtime.exceptions import ValidationError
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.storage.database import utcnow
 
 log = logging.getLogger("ays.alerts")
@@ -193,6 +194,8 @@ class AlertService:
         if error is not None and attempts + 1 < self.settings.max_attempts:
             retry_at = now + timedelta(seconds=self._backoff(attempts))
         self._log_outcome(channel_name, notice, error, retry_at)
+        outcome = "sent" if error is None else "retry" if retry_at is not None else "failed"
+        metrics.ALERT_DELIVERIES.labels(channel_name, outcome).inc()
         try:
             await asyncio.to_thread(
                 outbox.settle, self.engine, notice.delivery_id, now, error, retry_at

@@ -18,6 +18,7 @@ Counted where things happen:
     ays_reconcile_duration_seconds               one reconcile (plan, apply)
     ays_reconcile_actions_total{action}          add, update, remove, drop-timer, ...
     ays_job_logs_purged_total                    rows deleted by the retention purge
+    ays_alert_deliveries_total{channel,outcome}  alert notices sent, retried, given up
 
 Read at scrape time (`StateCollector`, from what `attach` names):
 
@@ -114,6 +115,13 @@ RECONCILE_ACTIONS = Counter(
     "ays_reconcile_actions",
     "Actions reconciles took (add, update, remove, drop-timer, drop-row, misfire, invalid)",
     ["action"],
+    registry=REGISTRY,
+)
+ALERT_DELIVERIES = Counter(
+    "ays_alert_deliveries",
+    "Alert notices handed to a channel, by outcome: sent, retry (tried again later), failed "
+    "(given up after alerts.max_attempts)",
+    ["channel", "outcome"],
     registry=REGISTRY,
 )
 JOB_LOGS_PURGED = Counter(
