@@ -64,7 +64,12 @@ def test_the_metrics_of_a_manager_and_its_node_move_as_runs_happen(tmp_path: Pat
         wait_for(lambda: finished(ays, ok, "succeeded") >= 2, 90, "two runs that succeeded")
         wait_for(lambda: finished(ays, bad, "failed") >= 1, 90, "a run that failed")
 
-        first = scrape(ays.manager_port)
+        def counted() -> Samples | None:  # the metrics thread counts stored runs a moment later
+            samples = scrape(ays.manager_port)
+            done = value(samples, "ays_run_duration_seconds_count", node_group="g1") >= 3
+            return samples if done else None
+
+        first = wait_for(counted, 30, "the finished runs counted")
         assert value(first, "ays_fires_claimed_total", trigger="cron") >= 3
         assert value(first, "ays_runs_finished_total", node_group="g1", status="succeeded") >= 2
         assert value(first, "ays_runs_finished_total", node_group="g1", status="failed") >= 1
@@ -136,7 +141,11 @@ def test_open_metrics_need_no_token_and_count_per_task_when_asked(tmp_path: Path
             assert api.post(f"/tasks/{task}/trigger", json={}).status_code == 202
         wait_for(lambda: finished(ays, task, "succeeded") == 1, 60, "the run to succeed")
 
-        samples = scrape(ays.manager_port, token=None)  # no token: the env opened the route
+        def counted() -> Samples | None:  # no token: the env opened the route
+            samples = scrape(ays.manager_port, token=None)
+            return samples if value(samples, "ays_task_runs_finished_total") == 1 else None
+
+        samples = wait_for(counted, 30, "the run counted")
         assert value(samples, "ays_fires_claimed_total", trigger="manual") == 1
         assert (
             value(samples, "ays_task_runs_finished_total", task_id=str(task), status="succeeded")

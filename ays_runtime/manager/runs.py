@@ -290,7 +290,7 @@ class RunTracker:
                 else:
                     answers.append((True, *self._claim_retry(conn, final.job_id)))
         stored = [f.job_id for f, a in zip(finals, answers, strict=True) if a[0]]
-        metrics.runs_finished(self.engine, stored)  # after the commit: its own short read
+        metrics.runs_finished(self.engine, stored)  # read and counted by the metrics thread
         if self.on_stored is not None and stored:
             self.on_stored(stored)
         return answers

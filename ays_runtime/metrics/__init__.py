@@ -10,9 +10,9 @@ The contract:
 - **Instrumentation is one call at the spot where a thing happens** (`manager.fires_claimed`,
   `manager.run_dispatched`, `node.RESULT_RETRIES.inc()`, ...). Each is cheap (a counter or a
   histogram observation, no I/O), never raises, and never waits: firing is not slowed.
-  The one exception, `manager.runs_finished`, reads the runs just stored with one short query,
-  in the thread that stored them, after their commit; a failure there is logged at debug and
-  forgotten (a metric is never worth a lost result).
+  The one exception, `manager.runs_finished`, hands the ids of runs just stored to the
+  metrics thread, which reads them with one short query; a failure there is logged at debug
+  and forgotten (a metric is never worth a lost result, nor a slower one).
 - **State is read when scraped, not tracked.** Gauges of what *is* (nodes online per group,
   runs waiting, timers installed, jobs running, results spooled) are computed by a collector
   at scrape time from the process's own caches and, on the manager, one or two indexed

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -130,6 +131,9 @@ JOB_LOGS_PURGED = Counter(
     registry=REGISTRY,
 )
 
+# One thread reads the stored runs for `runs_finished`, in order, off the results' path.
+_READER = ThreadPoolExecutor(1, thread_name_prefix="ays-metrics")
+
 # Final statuses whose started_at is the node's own start time (not a dispatch failure).
 _RAN = frozenset(
     {
@@ -160,23 +164,30 @@ def configure(task_labels: bool) -> None:
 
 def fires_claimed(dispatches: Sequence[JobDispatch], now: datetime) -> None:
     """`dispatches` were just claimed, at `now` (naive UTC, as the job log stores it)."""
+    claimed = _STAGES["claimed"]
     for job in dispatches:
-        FIRES_CLAIMED.labels(job.trigger).inc()
+        counter = _TRIGGERS.get(job.trigger) or FIRES_CLAIMED.labels(job.trigger)
+        counter.inc()
         if job.attempt == 0:
-            LATENESS.labels("claimed").observe(_seconds(now - job.scheduled_at))
+            claimed.observe(_seconds(now - job.scheduled_at))
 
 
 def run_dispatched(job: JobDispatch, stage: str) -> None:
     """`job` reached `stage` ("dispatched": handed over; "stored": recorded) just now."""
     if job.attempt == 0:
-        LATENESS.labels(stage).observe(_seconds(utcnow() - job.scheduled_at))
+        _STAGES[stage].observe(_seconds(utcnow() - job.scheduled_at))
 
 
 def runs_finished(engine: Engine, job_ids: Sequence[int]) -> None:
     """The runs `job_ids` were just stored with a final status: count them by node group and
-    status, observe their durations and start lateness. One short read; never raises."""
-    if not job_ids:
-        return
+    status, observe their durations and start lateness. Returns at once: the read they need
+    is done by the metrics thread, so the results' commit path never waits for it."""
+    if job_ids:
+        _READER.submit(count_finished, engine, list(job_ids))
+
+
+def count_finished(engine: Engine, job_ids: Sequence[int]) -> None:
+    """`runs_finished`'s work: one short read of the runs; never raises."""
     try:
         with engine.connect() as conn:
             rows = conn.execute(
@@ -295,11 +306,12 @@ def _database_gauges(engine: Engine) -> list[GaugeMetricFamily]:
 
 STATE = StateCollector()
 REGISTRY.register(STATE)
-# Series that exist from the start at 0, so that rate() sees their first increase.
-for _stage in ("claimed", "dispatched", "stored", "started"):
-    LATENESS.labels(_stage)
-for _trigger in TriggerKind:
-    FIRES_CLAIMED.labels(_trigger.value)
+# Series that exist from the start at 0, so that rate() sees their first increase; the
+# firing path uses these children directly (a label lookup per fire costs more than the count).
+_STAGES = {
+    stage: LATENESS.labels(stage) for stage in ("claimed", "dispatched", "stored", "started")
+}
+_TRIGGERS = {trigger.value: FIRES_CLAIMED.labels(trigger.value) for trigger in TriggerKind}
 
 
 def attach(state: ManagerState, *, transport: str, task_labels: bool = False) -> None:
