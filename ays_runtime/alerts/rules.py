@@ -10,7 +10,7 @@ judging needs no state of its own and gives the same notices on any manager, in 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -118,31 +118,52 @@ def judge(
         return []
     moment = now.replace(tzinfo=UTC)
     raised: list[Raised] = []
+    active = [r for r in settings.rules if not r.periodic and not r.silenced(moment)]
     for outcome in outcomes(conn, job_ids):
-        for rule in settings.rules:
-            if rule.periodic or rule.silenced(moment):
-                continue
-            if rule.watches(outcome.task_name, outcome.node_group):
-                notice = _judge_one(conn, rule, outcome)
-                if notice is not None:
-                    raised.append(notice)
+        rules = [r for r in active if r.watches(outcome.task_name, outcome.node_group)]
+        if not rules:
+            continue
+        depth = max(r.count if r.when == "consecutive_failures" else 1 for r in rules)
+        before = _Earlier(conn, outcome, depth)
+        for rule in rules:
+            notice = _judge_one(rule, outcome, before)
+            if notice is not None:
+                raised.append(notice)
     return raised
 
 
-def _judge_one(conn: Connection, rule: AlertRule, outcome: Outcome) -> Raised | None:
+@dataclass
+class _Earlier:
+    """The task's outcomes before `outcome`, newest first: read once (`depth` of them), when
+    a rule first needs them, for every rule judging this outcome."""
+
+    conn: Connection
+    outcome: Outcome
+    depth: int
+    statuses: list[str] | None = None
+
+    def __call__(self, count: int) -> list[str]:
+        if self.statuses is None:
+            self.statuses = previous(self.conn, self.outcome, self.depth)
+        return self.statuses[:count]
+
+
+def _judge_one(
+    rule: AlertRule, outcome: Outcome, previous: Callable[[int], list[str]]
+) -> Raised | None:
     task = f"task {outcome.task_name} (id {outcome.task_id})"
     run = f"run {outcome.job_log_id}"
     if rule.when == "run_failed":
         if outcome.failed:
             why = _why(outcome)
             return _raise(rule, outcome, "firing", f"failed:{outcome.job_log_id}", f"{task} {why}")
-        last = previous(conn, outcome, 1) if rule.recovery else []
+        last = previous(1) if rule.recovery else []
         if last and last[0] in FAILURES:
             summary = f"{task} succeeded again ({run})"
             return _raise(rule, outcome, "resolved", f"recovered:{outcome.job_log_id}", summary)
         return None
     # consecutive_failures: once when the streak reaches `count`, resolved when it ends.
-    before = previous(conn, outcome, rule.count)
+    before = previous(rule.count)
     streak_before = next(
         (i for i, status in enumerate(before) if status not in FAILURES), len(before)
     )
