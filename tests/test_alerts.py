@@ -155,6 +155,8 @@ def test_failures_alert_once_each_and_once_per_streak_then_recover(tmp_path: Pat
             },
             {"name": "three", "when": "consecutive_failures", "count": 3, "channels": ["hook"]},
             {"name": "quiet", "when": "run_failed", "channels": ["hook"], "silences": [silence]},
+            {"name": "late", "when": "started_late", "seconds": 0.000001, "channels": ["hook"]},
+            {"name": "punctual", "when": "started_late", "seconds": 30, "channels": ["hook"]},
         ]
         config = alerts_config(hook.port, smtp_port, rules=rules)
         with cluster(tmp_path, Cluster, alerts=config) as ays:
@@ -172,6 +174,10 @@ def test_failures_alert_once_each_and_once_per_streak_then_recover(tmp_path: Pat
                 ("failed", "firing"),
                 ("failed", "firing"),
                 ("failed", "resolved"),
+                ("late", "firing"),
+                ("late", "firing"),
+                ("late", "firing"),
+                ("late", "firing"),
                 ("three", "firing"),
                 ("three", "resolved"),
             ]
@@ -189,15 +195,25 @@ def test_failures_alert_once_each_and_once_per_streak_then_recover(tmp_path: Pat
                 "Subject: [ays dev] FIRING failed: task flaky" in m for m in mailbox.messages
             )
             assert all("quiet" not in d["rule"] for d in hook.documents())  # silenced
+            late = next(d for d in hook.documents() if d["rule"] == "late")
+            assert late["run"]["started_at"] and "after its scheduled time" in late["summary"]
             with ays.api() as api:
                 sent = api.get("/alerts/deliveries", params={"status": "sent"}).json()["items"]
-                assert len(sent) == 10  # 6 notices to the hook, 4 mails
+                assert len(sent) == 14  # 10 notices to the hook, 4 mails
                 rules_now = {
                     r["name"]: r["silenced"] for r in api.get("/alerts/rules").json()["rules"]
                 }
-                assert rules_now == {"failed": False, "three": False, "quiet": True}
+                assert rules_now == {
+                    "failed": False,
+                    "three": False,
+                    "quiet": True,
+                    "late": False,
+                    "punctual": False,
+                }
             counted = scrape(ays.manager_port)
-            assert value(counted, "ays_alert_deliveries_total", channel="hook", outcome="sent") == 6
+            assert (
+                value(counted, "ays_alert_deliveries_total", channel="hook", outcome="sent") == 10
+            )
             assert value(counted, "ays_alert_deliveries_total", channel="mail", outcome="sent") == 4
             # Seconds later nothing more arrives: one notice each, not one per look.
             assert kinds() == expected

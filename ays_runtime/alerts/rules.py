@@ -39,8 +39,10 @@ class Outcome:
     exit_code: int | None
     message: str
     scheduled_at: datetime
+    started_at: datetime | None
     ended_at: datetime | None
     node: str
+    attempt: int = 0
 
     @property
     def failed(self) -> bool:
@@ -70,8 +72,10 @@ def outcomes(conn: Connection, job_ids: Sequence[int]) -> list[Outcome]:
             JobLog.exit_code,
             JobLog.message,
             JobLog.scheduled_at,
+            JobLog.started_at,
             JobLog.ended_at,
             JobLog.node,
+            JobLog.attempt,
         )
         .join(Task, Task.id == JobLog.task_id)
         .where(JobLog.id.in_(list(job_ids)), _IS_OUTCOME)
@@ -87,8 +91,10 @@ def outcomes(conn: Connection, job_ids: Sequence[int]) -> list[Outcome]:
             exit_code=row.exit_code,
             message=row.message,
             scheduled_at=row.scheduled_at,
+            started_at=row.started_at,
             ended_at=row.ended_at,
             node=row.node,
+            attempt=row.attempt,
         )
         for row in rows
     ]
@@ -153,6 +159,16 @@ def _judge_one(
 ) -> Raised | None:
     task = f"task {outcome.task_name} (id {outcome.task_id})"
     run = f"run {outcome.job_log_id}"
+    if rule.when == "started_late":
+        # The node's own start time (not a lost run's dispatch); a retry waits by design.
+        ran = (SUCCESS, RunStatus.FAILED.value, RunStatus.TIMED_OUT.value)
+        if outcome.started_at is None or outcome.status not in ran or outcome.attempt > 0:
+            return None
+        late = (outcome.started_at - outcome.scheduled_at).total_seconds()
+        if late <= rule.seconds:
+            return None
+        summary = f"{task}: {run} started {late:.3f}s after its scheduled time"
+        return _raise(rule, outcome, "firing", f"late:{outcome.job_log_id}", summary)
     if rule.when == "run_failed":
         if outcome.failed:
             why = _why(outcome)
@@ -203,6 +219,7 @@ def _raise(rule: AlertRule, outcome: Outcome, kind: str, key: str, summary: str)
             "message": outcome.message[:1024],
             "node": outcome.node,
             "scheduled_at": _iso(outcome.scheduled_at),
+            "started_at": _iso(outcome.started_at),
             "ended_at": _iso(outcome.ended_at),
         },
     }

@@ -94,18 +94,23 @@ class AlertRule(_Section):
     when: Literal[
         "run_failed",
         "consecutive_failures",
+        "started_late",
         "running_longer_than",
         "node_offline",
         "group_unhealthy",
     ] = Field(
         description="run_failed: every run that failed for good (timed out, node lost too; "
         "after its retries); consecutive_failures: `count` such runs in a row, once per streak; "
+        "started_late: a run that started more than `seconds` after its scheduled time (judged "
+        "when it ends); "
         "running_longer_than: a run still unfinished `seconds` after it was dispatched; "
         "node_offline: a node went offline; group_unhealthy: a node group with enabled tasks "
         "has no online node"
     )
     count: int = Field(3, ge=2, le=1000, description="runs in a row (consecutive_failures)")
-    seconds: float = Field(3600.0, gt=0, description="the limit of running_longer_than")
+    seconds: float = Field(
+        3600.0, gt=0, description="the limit of running_longer_than and started_late"
+    )
     tasks: list[str] = Field([], description="task names it watches (none: every task)")
     node_groups: list[str] = Field([], description="node groups it watches (none: every one)")
     channels: list[str] = Field(min_length=1, description="channel names it notifies")
