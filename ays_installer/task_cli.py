@@ -120,6 +120,15 @@ RetryInterval = Annotated[
     float | None,
     typer.Option("--retry-interval", metavar="SECONDS", help="The wait before the first retry."),
 ]
+ConcurrentRetry = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-concurrent-retry/--no-allow-concurrent-retry",
+        help="Retry a run whose node was lost at once, though its old process may still run "
+        "there (default: the retry waits until the node reports the run ended, or until its "
+        "timeout has passed).",
+    ),
+]
 Route = Annotated[
     RouteStrategy | None,
     typer.Option("--route", help="Which node(s) of the group run a fire."),
@@ -268,7 +277,9 @@ def show_task(
             (
                 "retries",
                 f"{found['retry_count']} ({found['retry_backoff']}, first after "
-                f"{found['retry_interval_s']:g}s)",
+                f"{found['retry_interval_s']:g}s"
+                + ("; a lost run's at once" if found.get("allow_concurrent_retry") else "")
+                + ")",
             ),
             ("route", found["route_strategy"]),
             ("block", found["block_strategy"]),
@@ -314,6 +325,7 @@ FIELD_OF_OPTION = {
     "retries": "retry_count",
     "retry_backoff": "retry_backoff",
     "retry_interval": "retry_interval_s",
+    "allow_concurrent_retry": "allow_concurrent_retry",
     "route": "route_strategy",
     "block": "block_strategy",
     "misfire": "misfire_policy",
@@ -395,6 +407,7 @@ def add_task(
     retries: Retries = None,
     retry_backoff: Backoff = None,
     retry_interval: RetryInterval = None,
+    allow_concurrent_retry: ConcurrentRetry = None,
     route: Route = None,
     block: Block = None,
     misfire: Misfire = None,
@@ -454,6 +467,7 @@ def edit_task(
     retries: Retries = None,
     retry_backoff: Backoff = None,
     retry_interval: RetryInterval = None,
+    allow_concurrent_retry: ConcurrentRetry = None,
     route: Route = None,
     block: Block = None,
     misfire: Misfire = None,
@@ -500,6 +514,7 @@ TASK_FIELDS = (
     "retry_count",
     "retry_backoff",
     "retry_interval_s",
+    "allow_concurrent_retry",
     "route_strategy",
     "block_strategy",
     "misfire_policy",

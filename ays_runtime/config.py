@@ -235,6 +235,12 @@ class MetricsSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    retention_days: float = Field(
+        365.0, gt=0, description="audit-trail entries older than this are purged"
+    )
+
+
 RegistrySettings = Annotated[
     BuiltinRegistrySettings | ConsulRegistrySettings, Field(discriminator="backend")
 ]
@@ -258,6 +264,7 @@ class EnvConfig(_Section):
     job_log: JobLogSettings = JobLogSettings()
     metrics: MetricsSettings = MetricsSettings()
     alerts: AlertSettings = AlertSettings()
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("access_token")
     @classmethod

@@ -92,3 +92,22 @@ class TaskChange(enum.StrEnum):
     UPDATED = "updated"
     DELETED = "deleted"
     BASELINE = "baseline"  # recorded by migration 0004 for a task that existed before it
+
+
+class AuditAction(enum.StrEnum):
+    """What an audit-trail entry records (`ays_runtime.audit`)."""
+
+    TASK_CREATED = "task.created"
+    TASK_UPDATED = "task.updated"
+    TASK_DELETED = "task.deleted"
+    TASK_TRIGGERED = "task.triggered"
+    RUN_KILLED = "run.killed"
+    GROUP_CREATED = "node_group.created"
+    GROUP_UPDATED = "node_group.updated"
+    GROUP_DELETED = "node_group.deleted"
+    NODE_ADDED = "node.added"
+    NODE_REMOVED = "node.removed"
+
+    @property
+    def target_type(self) -> str:
+        return self.value.split(".", 1)[0]

@@ -161,6 +161,17 @@ def test_a_task_is_added_listed_shown_edited_disabled_enabled_and_deleted(ays: A
     assert gone.stderr == f"error: no task is named {name!r} (see: aysManager task list)\n"
 
 
+def test_a_task_allows_concurrent_retries_only_when_told(ays: Ays) -> None:
+    name = ays.task("true", "--retries", "1", "--allow-concurrent-retry")
+    assert ays.json("task", "show", name)["allow_concurrent_retry"] is True
+    assert "a lost run's at once" in ays.ok("task", "show", name)
+    assert "changed: allow_concurrent_retry" in ays.ok(
+        "task", "edit", name, "--no-allow-concurrent-retry"
+    )
+    assert ays.json("task", "show", name)["allow_concurrent_retry"] is False
+    assert ays.json("task", "show", ays.task("true"))["allow_concurrent_retry"] is False
+
+
 def test_a_bad_field_is_refused_with_exit_2_naming_it_and_a_duplicate_name_with_exit_1(
     ays: Ays,
 ) -> None:
@@ -360,3 +371,16 @@ def test_a_manager_that_cannot_be_reached_or_refuses_the_token_exits_4(ays: Ays)
 
     right = cli("task", "list", "--json", AYS_URL=url, AYS_TOKEN=TOKEN)
     assert right.returncode == 0 and isinstance(json.loads(right.stdout), list)
+
+
+def test_audit_shows_who_changed_a_task_and_which_fields(ays: Ays) -> None:
+    name = ays.task("true")
+    ays.ok("task", "edit", name, "--timeout", "30")
+    entries = ays.json("audit", "--target", name)
+    assert [e["action"] for e in entries] == ["task.updated", "task.created"]
+    assert entries[0]["changed_fields"] == ["timeout_s"]
+    assert entries[0]["who"].endswith("(token)") and "@" in entries[0]["who"]  # user@host
+    table = ays.ok("audit", "--target", name, "--action", "task.updated")
+    assert "task.updated" in table and "timeout_s" in table and "task.created" not in table
+    bad = ays.run("audit", "--action", "task.exploded")
+    assert bad.returncode == 2 and "task.exploded" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -167,11 +168,17 @@ def test_a_timeout_kills_the_job_and_every_process_it_spawned(cluster: Cluster) 
     wait_for(lambda: not survivors(), 10, "no process of the job left")
 
 
-def test_a_node_killed_mid_run_fails_the_run_as_node_lost_and_it_is_retried_on_the_other(
+def test_a_lost_run_of_a_task_allowing_concurrent_retries_is_retried_on_the_other_node(
     cluster: Cluster,
 ) -> None:
     marker = str(cluster.tmp)
-    task = add_task(cluster, f"sleep 4 # {marker}", retry_count=1, retry_interval_s=0.5)
+    task = add_task(
+        cluster,
+        f"sleep 4 # {marker}",
+        retry_count=1,
+        retry_interval_s=0.5,
+        allow_concurrent_retry=True,
+    )
     trigger(cluster, task)
     running = wait_for(
         lambda: [r for r in runs(cluster, task) if r["status"] == "dispatched"], 10, "dispatch"
@@ -183,6 +190,82 @@ def test_a_node_killed_mid_run_fails_the_run_as_node_lost_and_it_is_retried_on_t
     assert retried["attempt"] == 1 and retried["status"] == "succeeded"
     assert retried["node"] != running["node"]
     assert retried["scheduled_at"] == lost["scheduled_at"]
+
+
+def psutil_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _job_processes(marker: str, pgids: set[int]) -> list[psutil.Process]:
+    """Live processes whose command line holds `marker` or whose process group is one of
+    `pgids` (a job's, found while it ran: its sleeps carry no marker)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(marker in part for part in proc.info["cmdline"] or []) or (
+                os.getpgid(proc.pid) in pgids
+            ):
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def test_a_node_killed_mid_run_ends_its_jobs_when_it_restarts_and_no_retry_runs_beside_them(
+    cluster: Cluster,
+) -> None:
+    marker = f"{cluster.tmp}/job"
+    # Attempt 0 runs long and leaves a child shell of its own; the retry ends at once.
+    task = add_task(
+        cluster,
+        f'if [ "$AYS_ATTEMPT" = 0 ]; then sh -c "sleep 300; :" {marker}/child & sleep 300; fi '
+        f"# {marker}",
+        retry_count=3,  # a dispatch may fail on a connection gone idle (issue 12, item 1)
+        retry_interval_s=0.5,
+    )
+    trigger(cluster, task)
+    running = wait_for(
+        lambda: [r for r in runs(cluster, task) if r["status"] == "dispatched"], 30, "dispatch"
+    )[0]
+    procs = wait_for(
+        lambda: (found := _job_processes(marker, set())) and len(found) >= 2 and found,
+        60,
+        "the job's shell and its child",
+    )
+    pgids = {os.getpgid(p.pid) for p in procs}
+    (shell,) = [p for p in procs if p.pid in pgids]  # the job's shell leads its group
+    victim = next(n for n in ("a", "b") if cluster.address(n) == running["node"])
+    cluster.nodes[victim].kill()  # SIGKILL
+
+    # The fault: the job outlives its node (the parent-death signal ends its shell only).
+    wait_for(
+        lambda: not psutil_alive(shell), 60, "the job's shell ended by its parent-death signal"
+    )
+    lost = wait_for(
+        lambda: [r for r in runs(cluster, task) if r["status"] == "node_lost"], 60, "node_lost"
+    )[0]
+    assert lost["node"] == running["node"]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # while the orphan lives, the slot is not run again
+        assert _job_processes(f"{marker}/child", set()), "the orphaned child is gone already"
+        retry = [r for r in runs(cluster, task) if r["attempt"] >= 1]
+        assert all(r["status"] == "pending" for r in retry), retry
+        time.sleep(0.3)
+
+    cluster.start_node(victim)
+    wait_for(lambda: not _job_processes(marker, pgids), 120, "no process of the job left")
+    wait_for(
+        lambda: [r for r in runs(cluster, task) if r["status"] == "succeeded"],
+        120,
+        "the held retry to run once the node reported the old run ended",
+    )
+    first, *retries = runs(cluster, task)
+    assert first["status"] == "node_lost" and retries[-1]["status"] == "succeeded", retries
 
 
 def test_broadcast_reaches_both_nodes_with_their_shard_index_and_total(cluster: Cluster) -> None:

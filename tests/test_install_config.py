@@ -475,7 +475,7 @@ def test_a_template_error_names_the_template_and_line_and_leaves_nothing_behind(
 
 def test_a_template_that_leaves_out_a_section_is_refused(stage: Path, resources: Path) -> None:
     template = resources / "templates/config/node.yaml.j2"
-    template.write_text(template.read_text().replace('{{ section("job_log") -}}', ""))
+    template.write_text(template.read_text().replace('{{ section("job_log") }}', ""))
 
     done = CliRunner(env=NO_SECRETS).invoke(app, ["node", "-e", "dev", "--root", str(stage)])
 

@@ -85,7 +85,7 @@ def test_the_metrics_of_a_manager_and_its_node_move_as_runs_happen(tmp_path: Pat
         for status in ("pending", "dispatched", "running"):
             assert (("ays_runs_unfinished", frozenset({("status", status)}))) in first
         assert ("ays_fire_backlog", frozenset()) in first
-        assert ("ays_job_logs_purged_total", frozenset()) in first
+        assert ("ays_purged_rows_total", frozenset({("table", "ays_job_log")})) in first
         assert value(first, "ays_transport_errors_total", transport="builtin") == 0
         # No task id on the run series unless the env asks for it.
         assert value(first, "ays_task_runs_finished_total") == 0

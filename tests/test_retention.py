@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, event, func, insert, select
 
-from ays_runtime.manager.retention import purge_batch, purge_old_job_logs
+from ays_runtime.manager.retention import purge_batch, purge_old
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog
 
@@ -45,7 +45,7 @@ def test_old_job_logs_are_purged_in_batches_and_recent_ones_kept(engine: Engine)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
-        purged = asyncio.run(purge_old_job_logs(engine, timedelta(days=30), batch=100))
+        purged = asyncio.run(purge_old(engine, timedelta(days=30), batch=100))
     finally:
         event.remove(engine, "before_cursor_execute", record)
     assert purged == 250

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, event, select, update
 
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
-from ays_runtime.manager.runs import RunTracker
+from ays_runtime.manager.runs import LOST_RUN_GRACE, LOST_RUN_HOLD, RunTracker
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import utcnow
@@ -240,6 +240,104 @@ def test_a_retry_whose_task_was_disabled_while_it_waited_is_skipped_with_the_rea
         retry = conn.execute(select(JobLog).where(JobLog.attempt == 1)).one()
     assert retry.status == RunStatus.SKIPPED.value
     assert "disabled" in retry.message
+
+
+NODE = "127.0.0.1:1"
+
+
+async def _dispatch_and_lose(runs: RunTracker, job: JobDispatch) -> None:
+    await runs.dispatched(job, NODE)
+    await runs.node_lost(NODE)
+
+
+def _retry_row(engine: Engine) -> JobLog:
+    with engine.connect() as conn:
+        return conn.execute(select(JobLog).where(JobLog.attempt == 1)).one()  # type: ignore[return-value]
+
+
+async def _until(predicate: object, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.05)):  # bounded
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+
+
+def test_a_lost_runs_retry_is_held_until_its_node_reports_the_run_ended_then_goes_at_once(
+    engine: Engine,
+) -> None:
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+    redispatched: list[JobDispatch] = []
+
+    async def scenario() -> JobLog:
+        runs = tracker(engine, redispatched)
+        await _dispatch_and_lose(runs, job)
+        await asyncio.sleep(0.5)  # a retry due at once would be sent by now
+        held = _retry_row(engine)
+        assert redispatched == []
+        # The node restarted, ended the job its earlier process left, and says so.
+        late = report(job, RunStatus.FAILED.value, exit_code=None, message="node restarted")
+        assert not await runs.record_result(late)  # the run stays node_lost
+        await _until(lambda: redispatched)
+        await runs.stop()
+        return held
+
+    held = asyncio.run(scenario())
+    assert held.status == RunStatus.PENDING.value and held.due_at is not None
+    # No timeout: nothing bounds the old process, so the hold is long.
+    assert held.due_at - utcnow() > timedelta(seconds=LOST_RUN_HOLD - 60)
+    assert [(j.job_log_id, j.attempt) for j in redispatched] == [(held.id, 1)]
+    assert statuses(engine)[job.job_log_id][0] == RunStatus.NODE_LOST.value
+
+
+def test_a_lost_runs_retry_is_held_at_most_until_the_runs_timeout_has_passed(
+    engine: Engine,
+) -> None:
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0, timeout_s=30)
+
+    async def scenario() -> None:
+        runs = tracker(engine, [])
+        await _dispatch_and_lose(runs, job)
+        await runs.stop()
+
+    asyncio.run(scenario())
+    with engine.connect() as conn:
+        started = conn.scalar(select(JobLog.started_at).where(JobLog.id == job.job_log_id))
+    held = _retry_row(engine)
+    assert held.due_at is not None and started is not None
+    bound = started + timedelta(seconds=30 + LOST_RUN_GRACE)
+    assert abs((held.due_at - bound).total_seconds()) < 2
+
+
+def test_a_lost_run_its_node_reports_succeeded_after_all_is_not_retried(engine: Engine) -> None:
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+    redispatched: list[JobDispatch] = []
+
+    async def scenario() -> None:
+        runs = tracker(engine, redispatched)
+        await _dispatch_and_lose(runs, job)
+        assert not await runs.record_result(report(job))
+        await runs.stop()
+
+    asyncio.run(scenario())
+    held = _retry_row(engine)
+    assert redispatched == []
+    assert held.status == RunStatus.SKIPPED.value and "succeeded" in held.message
+
+
+def test_a_task_allowing_concurrent_retries_retries_a_lost_run_after_its_backoff_alone(
+    engine: Engine,
+) -> None:
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0, allow_concurrent_retry=True)
+    redispatched: list[JobDispatch] = []
+
+    async def scenario() -> None:
+        runs = tracker(engine, redispatched)
+        await _dispatch_and_lose(runs, job)
+        await _until(lambda: redispatched)
+        await runs.stop()
+
+    asyncio.run(scenario())
+    assert [j.attempt for j in redispatched] == [1]
 
 
 def test_liveness_rows_refresh_and_only_pending_runs_of_silent_managers_are_adopted(

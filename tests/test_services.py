@@ -285,6 +285,24 @@ def test_the_rendered_units_pass_systemd_analyze_verify_without_a_word(
     assert "Restart=on-failure\n" in text and "User=ays\n" in text
 
 
+def test_the_node_units_kill_mode_covers_the_jobs_in_its_control_group(stage: Stage) -> None:
+    tool = systemd_analyze()
+    install(stage, "node")
+    unit = stage.root / "etc/systemd/system/aysnode.service"
+    result = run(tool, "verify", unit)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    directives = dict(
+        line.split("=", 1)
+        for line in unit.read_text().splitlines()
+        if "=" in line and line[0] != "#"
+    )
+    # mixed or control-group: what is left of the group is killed when the main process
+    # dies or stops (process or none would leave the jobs running).
+    assert directives["KillMode"] in {"mixed", "control-group"}
+    assert directives.get("SendSIGKILL", "yes") == "yes"
+    assert directives["Restart"] == "on-failure"
+
+
 def test_verify_reports_a_typo_only_on_stderr_so_the_check_needs_both(tmp_path: Path) -> None:
     tool = systemd_analyze()
     unit = tmp_path / "typo.service"

@@ -275,6 +275,7 @@ def test_a_task_reads_back_as_stored_with_its_json_payload(
         retry_count=3,
         retry_backoff="exponential",
         retry_interval_s=0.1,
+        allow_concurrent_retry=True,
         route_strategy="round_robin",
         block_strategy="discard_new",
         misfire_policy="fire_once_now",
@@ -300,6 +301,7 @@ def test_a_task_stored_with_only_its_required_fields_gets_the_defaults(
 
     assert (loaded.description, loaded.timezone, loaded.task_type) == ("", "UTC", "shell")
     assert (loaded.timeout_s, loaded.retry_count, loaded.retry_interval_s) == (0, 0, 10.0)
+    assert loaded.allow_concurrent_retry is False
     assert (loaded.route_strategy, loaded.block_strategy, loaded.misfire_policy) == (
         "first",
         "serial",

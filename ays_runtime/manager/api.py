@@ -27,6 +27,8 @@
     GET    /api/v1/node-groups/{name}
     PUT    /api/v1/node-groups/{name}          new description and/or name
     DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
+    GET    /api/v1/audit                       ?target_type ?target ?who ?action ?since ?until
+                                               ?limit ?offset: the audit trail (ays_runtime.audit)
 
     GET    /metrics                            Prometheus metrics (ays_runtime/metrics/)
 
@@ -67,6 +69,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ays_runtime import __version__
+from ays_runtime.audit import api as audit_api
+from ays_runtime.audit import trail
+from ays_runtime.audit.api import Who
 from ays_runtime.auth import Caller, authenticate
 from ays_runtime.exceptions import (
     ConfigError,
@@ -111,10 +116,9 @@ from ays_runtime.manager.schemas import (
 from ays_runtime.manager.versions import Actor
 from ays_runtime.metrics import base as metrics
 from ays_runtime.metrics import manager as manager_metrics
-from ays_runtime.protocol import ACTOR_HEADER
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
-from ays_runtime.vocabulary import ChangeVia
+from ays_runtime.vocabulary import AuditAction
 from ays_runtime.web.fields import Id, Position, UtcIn
 from ays_runtime.web.guard import (
     TOKEN_HEADER,
@@ -127,7 +131,6 @@ from ays_runtime.web.guard import (
 from ays_runtime.web.refusals import RefusalLog
 
 API_PREFIX = "/api/v1"
-ACTOR_NAME_MAX = 64
 # The only routes a caller without a token reaches; every other path is guarded. A console
 # that signs its users in with a session of its own adds its prefix here.
 PUBLIC = PublicRoutes(
@@ -154,16 +157,6 @@ def _context(request: Request) -> ManagerContext:
 Ctx = Annotated[ManagerContext, Depends(_context)]
 
 
-def _actor(request: Request) -> Actor:
-    """Who makes this request's changes: the token's holder, by the name it gives if any."""
-    named = "".join(c for c in request.headers.get(ACTOR_HEADER, "") if c.isprintable())
-    named = named.strip()[:ACTOR_NAME_MAX]
-    return Actor(f"{named} (token)" if named else "token", ChangeVia.API)
-
-
-Who = Annotated[Actor, Depends(_actor)]
-
-
 async def _in_session(ctx: ManagerContext, work: Callable[[Session], T]) -> T:
     """Run `work(session)` in the thread pool, in a session of its own."""
 
@@ -172,6 +165,18 @@ async def _in_session(ctx: ManagerContext, work: Callable[[Session], T]) -> T:
             return work(session)
 
     return await run_in_threadpool(run)
+
+
+async def _audit(
+    ctx: ManagerContext, who: Actor, action: AuditAction, target: str, what: dict[str, Any]
+) -> None:
+    """Record an action that is not a stored change (a trigger, a kill) once it was done."""
+
+    def write(session: Session) -> None:
+        trail.record(session, who, action, target, after=what)
+        session.commit()
+
+    await _in_session(ctx, write)
 
 
 async def _tasks_changed(ctx: ManagerContext) -> None:
@@ -285,12 +290,15 @@ async def disable_task(task_id: Id, ctx: Ctx, who: Who) -> TaskOut:
     "/{task_id:int}/trigger", response_model=TriggerResponse, status_code=202, responses=_NOT_FOUND
 )
 async def trigger_task(
-    task_id: Id, ctx: Ctx, body: TriggerRequest | None = None
+    task_id: Id, ctx: Ctx, who: Who, body: TriggerRequest | None = None
 ) -> TriggerResponse:
     """Fire the task now, outside its schedule (enabled or not); `params` overrides the
     task's params for this run only."""
-    await _in_session(ctx, lambda s: tasks.get_task(s, task_id))
-    job_log_id = await ctx.trigger_now(task_id, body.params if body else None)
+    task = await _in_session(ctx, lambda s: tasks.get_task(s, task_id))
+    params = body.params if body else None
+    job_log_id = await ctx.trigger_now(task_id, params)
+    fired = {"job_log_id": job_log_id, "params": params}
+    await _audit(ctx, who, AuditAction.TASK_TRIGGERED, task.name, fired)
     return TriggerResponse(job_log_id=job_log_id)
 
 
@@ -512,7 +520,9 @@ async def job_log_output_stream(
     status_code=202,
     responses={**_NOT_FOUND, **_CONFLICT},
 )
-async def kill_job_log(job_log_id: Id, ctx: Ctx, body: KillRequest | None = None) -> KillResponse:
+async def kill_job_log(
+    job_log_id: Id, ctx: Ctx, who: Who, body: KillRequest | None = None
+) -> KillResponse:
     """End the run wherever it is: a pending run (or a retry waiting its backoff) at once; a
     dispatched or running one on its node, which kills its whole process group and reports it
     killed; one no node holds is marked killed. 409 when it had ended already."""
@@ -520,6 +530,8 @@ async def kill_job_log(job_log_id: Id, ctx: Ctx, body: KillRequest | None = None
     killed, status, detail = await ctx.kill_run(job_log_id, reason)
     if not killed:
         raise ConflictError(f"{detail} (status {status}): nothing to kill")
+    killing = {"reason": reason, "status": status, "detail": detail}
+    await _audit(ctx, who, AuditAction.RUN_KILLED, f"run {job_log_id}", killing)
     return KillResponse(job_log_id=job_log_id, killed=True, status=status, detail=detail)
 
 
@@ -558,10 +570,10 @@ def list_node_groups(ctx: Ctx) -> NodeGroupList:
 
 
 @groups_router.post("", response_model=NodeGroupOut, status_code=201, responses=_CONFLICT)
-async def create_node_group(body: NodeGroupCreate, ctx: Ctx) -> NodeGroupOut:
+async def create_node_group(body: NodeGroupCreate, ctx: Ctx, who: Who) -> NodeGroupOut:
     data = body.model_dump(mode="json", exclude_unset=True)
     out = await _in_session(
-        ctx, lambda s: NodeGroupOut.model_validate(tasks.create_node_group(s, data))
+        ctx, lambda s: NodeGroupOut.model_validate(tasks.create_node_group(s, data, actor=who))
     )
     await _tasks_changed(ctx)
     return out
@@ -586,9 +598,9 @@ async def update_node_group(name: str, body: NodeGroupUpdate, ctx: Ctx, who: Who
 
 
 @groups_router.delete("/{name}", status_code=204, responses={**_NOT_FOUND, **_CONFLICT})
-async def delete_node_group(name: str, ctx: Ctx) -> Response:
+async def delete_node_group(name: str, ctx: Ctx, who: Who) -> Response:
     """Refused (409) while tasks use the group."""
-    await _in_session(ctx, lambda s: tasks.delete_node_group(s, name))
+    await _in_session(ctx, lambda s: tasks.delete_node_group(s, name, actor=who))
     await _tasks_changed(ctx)
     return Response(status_code=204)
 
@@ -693,6 +705,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         job_logs_router,
         nodes_router,
         groups_router,
+        audit_api.router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -37,7 +37,6 @@ from ays_runtime.manager.schemas import (
     validated,
 )
 from ays_runtime.manager.versions import API_ACTOR, Actor
-from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeGroup, Task, TaskType
 from ays_runtime.vocabulary import ChangeVia
 
@@ -263,11 +262,10 @@ def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) ->
     # Groups first (tasks run in them), deleted groups last (their tasks go before them).
     for step in by_kind["node_group"]:
         if step.action == Action.CREATE:
-            tasks.insert_node_group(session, groups[step.name])
+            tasks.insert_node_group(session, groups[step.name], actor)
         elif step.action == Action.UPDATE:
             group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
-            group.description = groups[step.name].description
-            group.updated_at = utcnow()
+            tasks.describe_node_group(session, group, groups[step.name].description, actor)
     session.flush()
     for step in by_kind["task"]:
         if step.action == Action.CREATE:
@@ -280,7 +278,7 @@ def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) ->
     for step in by_kind["node_group"]:
         if step.action == Action.DELETE:
             group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
-            tasks.remove_node_group(session, group)
+            tasks.remove_node_group(session, group, actor)
     session.flush()
 
 

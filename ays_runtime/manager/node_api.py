@@ -19,6 +19,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from ays_runtime.audit import trail
+from ays_runtime.audit.api import Who
 from ays_runtime.exceptions import RegistryError
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.manager.schemas import ErrorOut, field_error
@@ -34,6 +36,7 @@ from ays_runtime.registry.base import NodeRegistry, ensure_node_groups
 from ays_runtime.registry.builtin import BuiltinRegistry
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeSource, NodeStatus, RunStatus
+from ays_runtime.vocabulary import AuditAction
 from ays_runtime.web.fields import Id, StorableText
 from ays_runtime.web.refusals import RefusalLog
 
@@ -172,7 +175,7 @@ def node_router(
             raise HTTPException(503, f"{what}: the registry's node list: {err}") from None
 
     @router.post("/nodes", status_code=201, tags=["nodes"], responses=_errors(409))
-    async def add_node(body: NodeAdd) -> dict[str, object]:
+    async def add_node(body: NodeAdd, who: Who) -> dict[str, object]:
         def add(listed: bool, check_only: bool = False) -> dict[str, object]:
             """`listed`: the node list has the node now, so the registry's watch may have
             made the row already: then that row is the answer."""
@@ -194,6 +197,13 @@ def node_router(
                         address,
                     )
                 if node is None:
+                    trail.record(
+                        s,
+                        who,
+                        AuditAction.NODE_ADDED,
+                        address,
+                        after={"ip": body.ip, "port": body.port, "node_group": body.node_group},
+                    )
                     node = Node(
                         ip=body.ip,
                         port=body.port,
@@ -241,9 +251,14 @@ def node_router(
         return {**added, "group_created": not group_existed}
 
     @router.delete("/nodes/{node_id:int}", status_code=204, tags=["nodes"], responses=_errors(404))
-    async def remove_node(node_id: Id) -> Response:
+    async def remove_node(node_id: Id, who: Who) -> Response:
         def remove() -> int:
             with engine_sessions() as s, s.begin():
+                node = s.get(Node, node_id)
+                if node is None:
+                    return 0
+                was = {"ip": node.ip, "port": node.port, "node_group": node.node_group}
+                trail.record(s, who, AuditAction.NODE_REMOVED, f"{node.ip}:{node.port}", before=was)
                 return s.execute(delete(Node).where(Node.id == node_id)).rowcount
 
         def find() -> tuple[str, int] | None:

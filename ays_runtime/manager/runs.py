@@ -8,6 +8,15 @@ policy, each attempt a row of its own (attempt + 1, same slot, same shard). The 
 written with the failure, in the same transaction, as a pending row due when its backoff has
 passed (`due_at`): a manager that stops, crashes or reloads while a retry waits loses none, as
 its next process dispatches the row when it is due (`recover_pending`).
+
+A run whose node was lost (`node_lost`) may still be running there: the node's process died,
+or the network between went down, and its job did not. Its retry is not sent elsewhere while
+that may be so: the retry's row is held (due at the end of the run's timeout, plus
+LOST_RUN_GRACE; LOST_RUN_HOLD when the task has none) and released at once when the node
+reports the run ended (`record_result` of a run already final: a node that restarted ends the
+jobs its earlier process left and reports them, see `node.journal`). If the node reports that
+the run succeeded after all, the retry is skipped. A task with `allow_concurrent_retry` is
+retried after its backoff alone, as any failure.
 """
 
 from __future__ import annotations
@@ -42,6 +51,12 @@ log = logging.getLogger("ays.runs")
 UNFINISHED = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value, RunStatus.RUNNING.value)
 RETRYABLE = {RunStatus.FAILED.value, RunStatus.TIMED_OUT.value, RunStatus.NODE_LOST.value}
 MAX_BACKOFF = 3600.0
+# A lost run's retry waits for its node's word at most until the run's timeout has passed,
+# plus this (the node's kill grace, the SIGKILL wait, a result on its way) ...
+LOST_RUN_GRACE = 60.0
+# ... or, for a task without a timeout, this long: nothing bounds how long its old process
+# may run, and a slot must be retried some day if its node never comes back.
+LOST_RUN_HOLD = 3600.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,15 @@ def retry_delay(backoff: str, interval: float, attempt: int) -> float:
     if backoff == RetryBackoff.EXPONENTIAL.value:
         return min(interval * (2**attempt), MAX_BACKOFF)
     return interval
+
+
+def lost_run_hold(started_at: datetime | None, timeout_s: int) -> float:
+    """Seconds from now until a lost run's old process can no longer be running, as far as
+    the manager can tell (see LOST_RUN_GRACE, LOST_RUN_HOLD)."""
+    if timeout_s <= 0:
+        return LOST_RUN_HOLD
+    ends = (started_at or utcnow()) + timedelta(seconds=timeout_s + LOST_RUN_GRACE)
+    return max((ends - utcnow()).total_seconds(), 0.0)
 
 
 class RunTracker:
@@ -137,7 +161,86 @@ class RunTracker:
         )
         if changed and self.on_finished is not None:
             self.on_finished(report.node)
+        if not changed:
+            await self._release_held(report)
         return changed
+
+    async def _release_held(self, report: JobResultReport) -> None:
+        """The node of a lost run reports it ended: its held retry may go now (or is skipped
+        when the run succeeded after all). The retry's row is taken over by compare-and-set,
+        so a manager whose timer still waits for it does not send it too."""
+
+        def release() -> JobDispatch | None:
+            with self.engine.connect() as conn:  # most duplicates are of no lost run: a read
+                lost = conn.execute(
+                    select(
+                        JobLog.task_id,
+                        JobLog.scheduled_at,
+                        JobLog.shard_index,
+                        JobLog.attempt,
+                        JobLog.status,
+                        Task.allow_concurrent_retry,
+                    )
+                    .join(Task, Task.id == JobLog.task_id)
+                    .where(JobLog.id == report.job_log_id)
+                ).first()
+            if (
+                lost is None
+                or lost.status != RunStatus.NODE_LOST.value
+                or lost.allow_concurrent_retry
+            ):
+                return None
+            with self.engine.begin() as conn:
+                held = conn.execute(
+                    select(JobLog.id).where(
+                        JobLog.task_id == lost.task_id,
+                        JobLog.scheduled_at == lost.scheduled_at,
+                        JobLog.shard_index == lost.shard_index,
+                        JobLog.attempt == lost.attempt + 1,
+                        JobLog.status == RunStatus.PENDING.value,
+                    )
+                ).scalar()
+                if held is None:
+                    return None
+                now = utcnow()
+                if report.status == RunStatus.SUCCEEDED.value:
+                    conn.execute(
+                        update(JobLog)
+                        .where(JobLog.id == held, JobLog.status == RunStatus.PENDING.value)
+                        .values(
+                            status=RunStatus.SKIPPED.value,
+                            message=f"not retried: run {report.job_log_id} succeeded on node "
+                            f"{report.node} after all",
+                            ended_at=now,
+                        )
+                    )
+                    log.info(
+                        "manager %s: run %d: node %s reports it succeeded after all: its "
+                        "retry %d is skipped",
+                        self.manager_id,
+                        report.job_log_id,
+                        report.node,
+                        held,
+                    )
+                    return None
+                taken = conn.execute(
+                    update(JobLog)
+                    .where(JobLog.id == held, JobLog.status == RunStatus.PENDING.value)
+                    .values(manager_id=self.manager_id, due_at=now)
+                ).rowcount
+                return self._load_dispatch(conn, held) if taken else None
+
+        retry = await asyncio.to_thread(release)
+        if retry is not None:
+            log.info(
+                "manager %s: run %d ended on node %s (%s): its held retry %d goes now",
+                self.manager_id,
+                report.job_log_id,
+                report.node,
+                report.status,
+                retry.job_log_id,
+            )
+            await self.redispatch([retry])
 
     async def node_lost(self, address: str) -> None:
         """Fail every unfinished run held by `address` as node lost, and retry per policy."""
@@ -288,16 +391,17 @@ class RunTracker:
                 if not changed or final.status not in RETRYABLE:
                     answers.append((bool(changed), None, 0.0))
                 else:
-                    answers.append((True, *self._claim_retry(conn, final.job_id)))
+                    answers.append((True, *self._claim_retry(conn, final)))
         stored = [f.job_id for f, a in zip(finals, answers, strict=True) if a[0]]
         metrics.runs_finished(self.engine, stored)  # read and counted by the metrics thread
         if self.on_stored is not None and stored:
             self.on_stored(stored)
         return answers
 
-    def _claim_retry(self, conn: Connection, job_id: int) -> tuple[JobDispatch | None, float]:
-        """The next attempt's row, pending and due after the backoff, if the policy wants one.
-        None also when another manager wrote it already (the slot key)."""
+    def _claim_retry(self, conn: Connection, final: _Final) -> tuple[JobDispatch | None, float]:
+        """The next attempt's row, pending and due after the backoff, if the policy wants one
+        (a lost run's: held, see the module docstring). None also when another manager wrote
+        it already (the slot key)."""
         row = conn.execute(
             select(
                 JobLog.task_id,
@@ -310,13 +414,29 @@ class RunTracker:
                 Task.retry_backoff,
                 Task.retry_interval_s,
                 Task.enabled,
+                Task.timeout_s,
+                Task.allow_concurrent_retry,
+                JobLog.started_at,
             )
             .join(Task, Task.id == JobLog.task_id)
-            .where(JobLog.id == job_id)
+            .where(JobLog.id == final.job_id)
         ).first()
         if row is None or row.attempt >= row.retry_count or not row.enabled:
             return None, 0.0
         delay = retry_delay(row.retry_backoff, row.retry_interval_s, row.attempt)
+        if final.status == RunStatus.NODE_LOST.value and not row.allow_concurrent_retry:
+            hold = lost_run_hold(row.started_at, row.timeout_s)
+            if hold > delay:
+                log.warning(
+                    "manager %s: run %d of task %d: its node %s was lost while it ran; the "
+                    "retry waits until the node reports it ended, at most %.0fs",
+                    self.manager_id,
+                    final.job_id,
+                    row.task_id,
+                    final.node,
+                    hold,
+                )
+                delay = hold
         fire = Fire(
             row.task_id,
             row.scheduled_at,

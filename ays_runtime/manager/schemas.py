@@ -313,6 +313,12 @@ class TaskCreate(_Request):
     retry_count: RetryCount = 0
     retry_backoff: Annotated[RetryBackoff, Strict(False)] = RetryBackoff.FIXED
     retry_interval_s: RetryInterval = 10.0
+    allow_concurrent_retry: bool = Field(
+        False,
+        description="retry a run whose node was lost at once, although its old process may "
+        "still run there (default: the retry waits until the node reports the run ended, or "
+        "until the run's timeout has passed)",
+    )
     route_strategy: Annotated[RouteStrategy, Strict(False)] = RouteStrategy.FIRST
     block_strategy: Annotated[BlockStrategy, Strict(False)] = BlockStrategy.SERIAL
     misfire_policy: Annotated[MisfirePolicy, Strict(False)] = MisfirePolicy.SKIP
@@ -334,6 +340,7 @@ class TaskUpdate(_Request):
     retry_count: RetryCount | None = None
     retry_backoff: Annotated[RetryBackoff, Strict(False)] | None = None
     retry_interval_s: RetryInterval | None = None
+    allow_concurrent_retry: bool | None = None
     route_strategy: Annotated[RouteStrategy, Strict(False)] | None = None
     block_strategy: Annotated[BlockStrategy, Strict(False)] | None = None
     misfire_policy: Annotated[MisfirePolicy, Strict(False)] | None = None
@@ -406,6 +413,7 @@ class TaskOut(_Response):
     retry_count: int
     retry_backoff: str
     retry_interval_s: float
+    allow_concurrent_retry: bool
     route_strategy: str
     block_strategy: str
     misfire_policy: str

@@ -31,6 +31,7 @@ from sqlalchemy import ColumnElement, Select, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from ays_runtime.audit import trail
 from ays_runtime.exceptions import (
     AysError,
     ConflictError,
@@ -59,7 +60,7 @@ from ays_runtime.storage.models import (
     Task,
     TaskVersion,
 )
-from ays_runtime.vocabulary import ChangeVia, TaskChange
+from ays_runtime.vocabulary import AuditAction, ChangeVia, TaskChange
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -316,21 +317,50 @@ def _task_id_by_name(session: Session, name: str) -> int | None:
 
 
 @storage_errors("create the node group")
-def create_node_group(session: Session, data: Mapping[str, Any]) -> NodeGroup:
+def create_node_group(
+    session: Session, data: Mapping[str, Any], *, actor: Actor = API_ACTOR
+) -> NodeGroup:
     spec = validated(NodeGroupCreate, data)
-    group = insert_node_group(session, spec)
+    group = insert_node_group(session, spec, actor)
     _commit(session, lambda: ConflictError(f"name: node group {spec.name!r} already exists"))
     return group
 
 
-def insert_node_group(session: Session, spec: NodeGroupCreate) -> NodeGroup:
+def insert_node_group(
+    session: Session, spec: NodeGroupCreate, actor: Actor = API_ACTOR
+) -> NodeGroup:
     """Add a node group (not committed); ConflictError when the name is taken."""
     if _group_id(session, spec.name) is not None:
         raise ConflictError(f"name: node group {spec.name!r} already exists")
     now = utcnow()
     group = NodeGroup(name=spec.name, description=spec.description, created_at=now, updated_at=now)
     session.add(group)
+    trail.record(session, actor, AuditAction.GROUP_CREATED, spec.name, after=_described(group))
     return group
+
+
+def describe_node_group(
+    session: Session, group: NodeGroup, description: str, actor: Actor = API_ACTOR
+) -> None:
+    """Give `group` a new description (not committed); nothing when it has it."""
+    if group.description == description:
+        return
+    before = _described(group)
+    group.description = description
+    group.updated_at = utcnow()
+    trail.record(
+        session,
+        actor,
+        AuditAction.GROUP_UPDATED,
+        group.name,
+        before=before,
+        after=_described(group),
+    )
+
+
+def _described(group: NodeGroup) -> dict[str, Any]:
+    """A node group's definition, as the audit trail keeps it."""
+    return {"name": group.name, "description": group.description}
 
 
 @storage_errors("update the node group")
@@ -342,6 +372,7 @@ def update_node_group(
     recorded (by `actor`)."""
     spec = validated(NodeGroupUpdate, changes)
     group = _group(session, name)
+    before = _described(group)
     now = utcnow()
     changed = False
     if spec.description is not None and spec.description != group.description:
@@ -367,18 +398,21 @@ def update_node_group(
         changed = True
     if changed:
         group.updated_at = now
+        trail.record(
+            session, actor, AuditAction.GROUP_UPDATED, name, before=before, after=_described(group)
+        )
         _commit(session, lambda: ConflictError(f"name: node group {group.name!r} already exists"))
     return group
 
 
 @storage_errors("delete the node group")
-def delete_node_group(session: Session, name: str) -> None:
+def delete_node_group(session: Session, name: str, *, actor: Actor = API_ACTOR) -> None:
     """Delete an unused group; refused (ConflictError) while tasks still run in it."""
-    remove_node_group(session, _group(session, name))
+    remove_node_group(session, _group(session, name), actor)
     _commit(session, lambda: ConflictError(f"node group {name!r} was just given a task"))
 
 
-def remove_node_group(session: Session, group: NodeGroup) -> None:
+def remove_node_group(session: Session, group: NodeGroup, actor: Actor = API_ACTOR) -> None:
     """Delete `group` (not committed); ConflictError while tasks still run in it."""
     session.flush()
     used = session.scalar(
@@ -389,6 +423,7 @@ def remove_node_group(session: Session, group: NodeGroup) -> None:
             f"node group {group.name!r} is used by {used} task(s); "
             "move them to another group or delete them first"
         )
+    trail.record(session, actor, AuditAction.GROUP_DELETED, group.name, before=_described(group))
     session.delete(group)
 
 

@@ -20,28 +20,36 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from ays_runtime.audit import trail
 from ays_runtime.exceptions import NotFoundError
 from ays_runtime.manager.schemas import TaskCreate
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Task, TaskVersion
-from ays_runtime.vocabulary import ChangeVia, TaskChange
+from ays_runtime.vocabulary import AuditAction, ChangeVia, TaskChange
 
 WHO_MAX = 128  # TaskVersion.changed_by
 
 
 @dataclass(frozen=True)
 class Actor:
-    """Who changes a task, and through what. Until Ays has users, an API caller is "token"
-    (the shared access token), or the name it gives with the token (`name (token)`)."""
+    """Who changes a task, through what, and from where (the caller's address, for the
+    audit trail). Until Ays has users, an API caller is "token" (the shared access token),
+    or the name it gives with the token (`name (token)`)."""
 
     who: str = "token"
     via: ChangeVia = ChangeVia.API
+    source: str = ""
 
     def through(self, via: ChangeVia) -> Actor:
         return replace(self, via=via)
 
 
 API_ACTOR = Actor()
+_AUDITED = {
+    TaskChange.CREATED: AuditAction.TASK_CREATED,
+    TaskChange.UPDATED: AuditAction.TASK_UPDATED,
+    TaskChange.DELETED: AuditAction.TASK_DELETED,
+}
 
 
 def definition(task: Task) -> dict[str, Any]:
@@ -51,15 +59,32 @@ def definition(task: Task) -> dict[str, Any]:
 
 def record(session: Session, task: Task, change: TaskChange, actor: Actor) -> TaskVersion:
     """Add the version row of a change just made to `task` (flushed: its id and version are
-    known). A deletion is numbered after the task's last version."""
+    known), and its audit-trail entry. A deletion is numbered after the task's last version."""
     session.flush()
     number = task.version + 1 if change == TaskChange.DELETED else task.version
+    now = definition(task)
+    before = now if change == TaskChange.DELETED else None
+    if change == TaskChange.UPDATED:
+        before = session.scalar(
+            select(TaskVersion.definition)
+            .where(TaskVersion.task_id == task.id)
+            .order_by(TaskVersion.version.desc())
+            .limit(1)
+        )
+    trail.record(
+        session,
+        actor,
+        _AUDITED[change],
+        task.name,
+        before=before,
+        after=None if change == TaskChange.DELETED else now,
+    )
     row = TaskVersion(
         task_id=task.id,
         version=number,
         name=task.name,
         change=change.value,
-        definition=definition(task),
+        definition=now,
         changed_by=actor.who[:WHO_MAX],
         via=actor.via.value,
         changed_at=utcnow(),

@@ -17,7 +17,7 @@ Counted where things happen:
                                                  consume: results not taken from the broker
     ays_reconcile_duration_seconds               one reconcile (plan, apply)
     ays_reconcile_actions_total{action}          add, update, remove, drop-timer, ...
-    ays_job_logs_purged_total                    rows deleted by the retention purge
+    ays_purged_rows_total{table}                 rows deleted by the retention purge
     ays_alert_deliveries_total{channel,outcome}  alert notices sent, retried, given up
 
 Read at scrape time (`StateCollector`, from what `attach` names):
@@ -125,9 +125,10 @@ ALERT_DELIVERIES = Counter(
     ["channel", "outcome"],
     registry=REGISTRY,
 )
-JOB_LOGS_PURGED = Counter(
-    "ays_job_logs_purged",
-    "Job-log rows deleted by the retention purge",
+PURGED_ROWS = Counter(
+    "ays_purged_rows",
+    "Rows deleted by the retention purge, by table (ays_job_log, ays_audit)",
+    ["table"],
     registry=REGISTRY,
 )
 
@@ -312,6 +313,8 @@ _STAGES = {
     stage: LATENESS.labels(stage) for stage in ("claimed", "dispatched", "stored", "started")
 }
 _TRIGGERS = {trigger.value: FIRES_CLAIMED.labels(trigger.value) for trigger in TriggerKind}
+for _table in ("ays_job_log", "ays_audit"):
+    PURGED_ROWS.labels(_table)
 
 
 def attach(state: ManagerState, *, transport: str, task_labels: bool = False) -> None:

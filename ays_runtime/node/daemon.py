@@ -4,7 +4,9 @@ is handed, reports their results, and beats to the manager.
 Phases, as in gunicorn's arbiter and uvicorn's server:
 
     startup      listen on node.ip:node.port (or the socket given), load the result spool,
-                 start the HTTP server, the heartbeats and the result retries
+                 end the jobs an earlier process left running (the run journal, see
+                 `journal`) and spool their results, start the HTTP server, the heartbeats
+                 and the result retries
     main loop    wait for a stop request (a signal handler only records it)
     shutdown     time-boxed: stop accepting jobs (503), let the held runs end for up to
                  `drain_timeout` seconds (a second stop request cuts this short), kill what
@@ -51,6 +53,7 @@ from ays_runtime.metrics.node import NodeState
 from ays_runtime.node.app import JobRefused, create_app
 from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
 from ays_runtime.node.executor import Executor, JobResult, JobSpec
+from ays_runtime.node.journal import RUNNING_DIR, JournalEntry, Reaped, RunJournal
 from ays_runtime.node.membership import Membership, NodeMembership, http_host
 from ays_runtime.node.spool import (
     RESULTS_DIR,
@@ -119,7 +122,10 @@ class NodeDaemon:
         self.drain_timeout = drain_timeout
         self._sock = sock
         self._spool = ResultSpool(Path(config.node.data_dir) / RESULTS_DIR, self.who)
-        self._executor = Executor.from_config(config, speaker=self.who)
+        self._journal = RunJournal(Path(config.node.data_dir) / RUNNING_DIR, self.who)
+        self._journaled: set[int] = set()
+        self._report_to: dict[int, str] = {}  # held runs: where their results go
+        self._executor = Executor.from_config(config, speaker=self.who, on_spawn=self._spawned)
         self._gate = BlockGate()
         self._held: set[int] = set()  # accepted, not finished
         self._finished: OrderedDict[int, None] = OrderedDict()
@@ -170,6 +176,7 @@ class NodeDaemon:
             )
         admission = self._gate.enter(request.task_id, job_log_id, strategy)
         self._held.add(job_log_id)
+        self._report_to[job_log_id] = request.report_to
         log.debug(
             "%s: run %d (task %d, %s) accepted",
             self.who,
@@ -341,6 +348,41 @@ class NodeDaemon:
         )
         assert self._reporter is not None
         await self._reporter.report(SpooledResult(request.report_to, report))
+        self._report_to.pop(job_log_id, None)
+        if job_log_id in self._journaled:  # the spool speaks for the run now
+            self._journaled.discard(job_log_id)
+            await asyncio.to_thread(self._journal.remove, job_log_id)
+
+    async def _spawned(self, spec: JobSpec, pid: int) -> None:
+        """Journal a shell job's process group as soon as its shell is spawned."""
+        entry = JournalEntry.of(
+            spec.job_id,
+            spec.task_id,
+            pid,
+            self._report_to.get(spec.job_id, ""),
+            utcnow().isoformat(),
+        )
+        if entry is not None:
+            await asyncio.to_thread(self._journal.record, entry)
+            self._journaled.add(spec.job_id)
+
+    async def _reap_journal(self, spooled: list[SpooledResult]) -> list[SpooledResult]:
+        """End the jobs an earlier process of this node left running, and spool a failed
+        result for each journaled run the spool has none of (see `journal`)."""
+        entries = await asyncio.to_thread(self._journal.load)
+        if not entries:
+            return []
+        reaped = await asyncio.to_thread(self._journal.reap, entries, self.config.node.kill_grace)
+        have = {entry.job_log_id for entry in spooled}
+        results = [
+            _reaped_result(self.address, r) for r in reaped if r.entry.job_log_id not in have
+        ]
+        results = [r for r in results if r.report_to]
+        if results:
+            await asyncio.to_thread(self._spool.put_many, results)
+        for entry in entries:
+            await asyncio.to_thread(self._journal.remove, entry.job_log_id)
+        return results
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -369,6 +411,7 @@ class NodeDaemon:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         spooled = await asyncio.to_thread(self._spool.load)
+        spooled += await self._reap_journal(spooled)
         sock = self._sock if self._sock is not None else self._listen()
         for entry in spooled:
             self._finished[entry.job_log_id] = None
@@ -561,6 +604,28 @@ def _not_run(request: RunRequest, status: RunStatus, message: str) -> JobResult:
         output_truncated=False,
         message=message,
     )
+
+
+def _reaped_result(address: str, reaped: Reaped) -> SpooledResult:
+    """The result of a run an earlier process of the node left behind: failed, whatever it
+    would have done (its processes are gone now, so a retry runs alone)."""
+    entry = reaped.entry
+    if reaped.survivors:
+        message = (
+            f"node restarted: job killed ({reaped.survivors} process(es) outlived the node's "
+            f"last process; ended with {reaped.how})"
+        )
+    else:
+        message = "node restarted: the job ended with the node's last process; its result was lost"
+    report = JobResultReport(
+        job_log_id=entry.job_log_id,
+        node=address,
+        status=RunStatus.FAILED.value,
+        started_at=datetime.fromisoformat(entry.started_at) if entry.started_at else None,
+        ended_at=utcnow(),
+        message=message,
+    )
+    return SpooledResult(entry.report_to, report)
 
 
 def run_node(config: EnvConfig) -> int:

@@ -46,18 +46,27 @@ The contract
   `payload.expected_status` (an int or a list of ints; default any 2xx) decides success. The
   output is the status line and the response body. Without a task timeout, each network
   step may take 30 s.
+- A job does not outlive its node. `on_spawn(spec, pid)`, when given, is awaited as soon as a
+  shell job's shell is spawned (the node journals the process group, see `journal`); on
+  Linux the shell also gets a parent-death signal (SIGTERM when the thread that spawned it
+  ends: the event loop's thread, which in the node is the main thread, so this is when the
+  node's process dies). Its children do not inherit that signal: the node's journal ends
+  them when it starts again, and under systemd the unit's control group does at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import os
 import signal
 import ssl
+import sys
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -87,6 +96,7 @@ POLL_INTERVAL = 0.05
 # SIGKILL cannot be refused, but a process in uninterruptible sleep (a dead NFS mount) dies
 # only when the kernel lets it: wait this long, then report and move on.
 SIGKILL_WAIT = 5.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,7 @@ class Executor:
         keep_output_bytes: int = KEEP_OUTPUT_BYTES,
         pipe_grace: float = PIPE_GRACE,
         speaker: str = "executor",
+        on_spawn: Callable[[JobSpec, int], Awaitable[None]] | None = None,
     ) -> None:
         _check("max_concurrent", max_concurrent, max_concurrent >= 1, "an integer >= 1")
         _check("output_cap_bytes", output_cap_bytes, output_cap_bytes >= 256, "at least 256")
@@ -186,6 +197,7 @@ class Executor:
         self.keep_output_bytes = keep_output_bytes
         self.pipe_grace = pipe_grace
         self.speaker = speaker  # who speaks in log lines, e.g. "node 10.0.0.5:18181"
+        self.on_spawn = on_spawn
         self._slots = asyncio.Semaphore(max_concurrent)
         self._active: dict[int, _Run] = {}  # waiting or running
         self._running = 0
@@ -193,7 +205,12 @@ class Executor:
         self._kept_bytes = 0
 
     @classmethod
-    def from_config(cls, config: EnvConfig, speaker: str = "executor") -> Executor:
+    def from_config(
+        cls,
+        config: EnvConfig,
+        speaker: str = "executor",
+        on_spawn: Callable[[JobSpec, int], Awaitable[None]] | None = None,
+    ) -> Executor:
         """An executor set up by the env file's `node` and `job_log` sections."""
         return cls(
             max_concurrent=config.node.max_concurrent_jobs,
@@ -201,6 +218,7 @@ class Executor:
             excerpt_bytes=config.job_log.excerpt_bytes,
             kill_grace=config.node.kill_grace,
             speaker=speaker,
+            on_spawn=on_spawn,
         )
 
     # --- the public surface -------------------------------------------------------------------
@@ -424,6 +442,7 @@ class Executor:
                 cwd=workdir,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_parent_death_signal(),
             )
         except OSError as err:
             os.close(read_fd)
@@ -435,6 +454,17 @@ class Executor:
         exited = asyncio.ensure_future(proc.wait())
         killed = asyncio.ensure_future(run.kill_requested.wait())
         try:
+            if self.on_spawn is not None:
+                try:
+                    await self.on_spawn(spec, proc.pid)
+                except OSError as err:  # the job runs on, as it would have without a journal
+                    log.error(
+                        "%s: job %d: cannot journal its process group %d: %s",
+                        self.speaker,
+                        spec.job_id,
+                        pgid,
+                        err.strerror or err,
+                    )
             timeout = spec.timeout_s if spec.timeout_s > 0 else None
             done, _ = await asyncio.wait(
                 {exited, killed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -673,6 +703,28 @@ def _expected_codes(payload: dict[str, Any]) -> frozenset[int] | None:
 
 
 # --- processes --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that asks Linux to send the job's shell SIGTERM when the thread spawning
+    it (here: the event loop's) ends; None elsewhere. libc is looked up here, in the parent:
+    the child only calls it."""
+    if sys.platform != "linux":
+        return None
+    prctl = _libc().prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _exit_code(returncode: int | None) -> int | None:

@@ -102,19 +102,11 @@ class ResultSpool:
         is harmless). A file that cannot be read is renamed to `<name>.bad` with a log line,
         and left for an operator.
         """
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-            paths = list(self.directory.iterdir())
-        except OSError as err:
-            raise ConfigError(
-                f"{self.who}: cannot use the result spool {self.directory}: "
-                f"{err.strerror or err}; node.data_dir must be a directory the node's user "
-                "can write (installConfig node creates it)"
-            ) from None
+        paths = open_directory(self.directory, f"{self.who}: the result spool")
         found: list[SpooledResult] = []
         for path in paths:
             if path.name.startswith(".") and path.name.endswith(".tmp"):
-                if not _writer_alive(path):
+                if not writer_alive(path):
                     path.unlink(missing_ok=True)
                 continue
             if path.suffix != ".json":
@@ -150,20 +142,9 @@ class ResultSpool:
         """`put` for several results: each file fsynced and renamed, the directory fsynced once
         after the last rename."""
         for entry in entries:
-            path = self.path(entry.job_log_id)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             data = {"report_to": entry.report_to, "report": entry.report.model_dump(mode="json")}
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(data, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        self._sync_directory()
+            write_json(self.path(entry.job_log_id), data)
+        sync_directory(self.directory)
         return [None] * len(entries)
 
     def remove(self, job_log_id: int) -> None:
@@ -172,13 +153,6 @@ class ResultSpool:
     def remove_many(self, job_log_ids: Sequence[int]) -> None:
         for job_log_id in job_log_ids:
             self.remove(job_log_id)
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class ResultReporter:
@@ -449,7 +423,44 @@ def _network_error(err: httpx.HTTPError) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else repr(err)
 
 
-def _writer_alive(temp: Path) -> bool:
+def open_directory(directory: Path, what: str) -> list[Path]:
+    """Create `directory` (0750) if needed and list it; ConfigError naming `what` if the
+    node's user cannot."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return list(directory.iterdir())
+    except OSError as err:
+        raise ConfigError(
+            f"{what} {directory} cannot be used: {err.strerror or err}; node.data_dir must be "
+            "a directory the node's user can write (installConfig node creates it)"
+        ) from None
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write `data` as JSON to `path` whole or not at all: a temp file `.<name>.<pid>.tmp`
+    (see `writer_alive`), fsynced, renamed into place. The caller fsyncs the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def writer_alive(temp: Path) -> bool:
     """Whether the process named in a temp file's name (`.<id>.json.<pid>.tmp`) lives."""
     try:
         pid = int(temp.name.rsplit(".", 2)[-2])

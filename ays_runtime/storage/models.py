@@ -90,6 +90,9 @@ class Task(Base):
     retry_backoff: Mapped[str] = mapped_column(String(16), default=RetryBackoff.FIXED.value)
     # Double, not Float: MySQL's FLOAT is single precision.
     retry_interval_s: Mapped[float] = mapped_column(Double, default=10.0)
+    # A run whose node was lost may still be running there: its retry waits until the node
+    # reports it ended (or until a bound), unless this is set.
+    allow_concurrent_retry: Mapped[bool] = mapped_column(Boolean, default=False)
     route_strategy: Mapped[str] = mapped_column(String(32), default=RouteStrategy.FIRST.value)
     block_strategy: Mapped[str] = mapped_column(String(32), default=BlockStrategy.SERIAL.value)
     misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.SKIP.value)
@@ -123,6 +126,26 @@ class TaskVersion(Base):
     changed_by: Mapped[str] = mapped_column(String(128))  # "token", or a name a caller gave
     via: Mapped[str] = mapped_column(String(16))
     changed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AuditEntry(Base):
+    """One change an operator made (`ays_runtime.audit`): who, through what, from where,
+    when, what (`action`, `target_type`, `target`), and the definition before and after.
+    No foreign key: the trail outlives what it names."""
+
+    __tablename__ = "ays_audit"
+    __table_args__ = (Index("ix_ays_audit_target", "target_type", "target"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    who: Mapped[str] = mapped_column(String(128))
+    via: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(64))  # the caller's address; "" when none
+    action: Mapped[str] = mapped_column(String(32))
+    target_type: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(255))  # a name, or "id 42" / "ip:port"
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class TimerRow(Base):

@@ -202,6 +202,7 @@ class RocketMQTransport(Transport):
                 mq.broadcast_topic(self.settings, job.node_group),
                 mq.node_tag(node.address),
             )
+        sent_at = time.monotonic()
         try:
             await self._publisher.send(
                 topic,
@@ -218,7 +219,7 @@ class RocketMQTransport(Transport):
             metrics.transport_error("rocketmq", "publish")
             await self.tracker.dispatch_failed(job, str(err))
             return True
-        self._came_back()
+        self._came_back(sent_at)
         await self.tracker.dispatched(job, node.address if node is not None else "")
         return True
 
@@ -232,8 +233,10 @@ class RocketMQTransport(Transport):
                 why,
             )
 
-    def _came_back(self) -> None:
-        if self._down_since is not None:
+    def _came_back(self, sent_at: float) -> None:
+        # Only a send begun after the outage was seen ends it: one of the same window that was
+        # answered late, just before the proxy went, says nothing about it being back.
+        if self._down_since is not None and sent_at >= self._down_since:
             away = time.monotonic() - self._down_since
             self._down_since = None
             log.info(

@@ -3,8 +3,8 @@
 Each notice a rule raises is queued here for each of its channels and stays until the channel
 takes it (retried with backoff): a channel that is down, or a manager restart, loses none.
 
-Revision ID: 0006_i16
-Revises: 0005
+Revision ID: 0008_i16
+Revises: 0007
 Create Date: 2026-12-04
 """
 
@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-revision: str = "0006_i16"
-down_revision: str | None = "0005"
+revision: str = "0008_i16"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

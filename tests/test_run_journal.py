@@ -1,0 +1,144 @@
+"""The node's run journal (`node/journal.py`) on real processes: what survived of a journaled
+job is ended, and nothing else is, whatever became of the pids in between."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ays_runtime.node.journal import JournalEntry, RunJournal
+from tests.daemons import wait_for
+
+GONE_PID = 4_194_304 + 1  # above Linux's largest pid_max: never a process
+
+
+@pytest.fixture
+def spawned(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts, each in its own session (as the executor starts jobs); what
+    is left of their groups is killed afterwards."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(5)
+    _kill_marked(str(tmp_path))
+
+
+def _kill_marked(marker: str) -> None:
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or []):
+            proc.kill()
+
+
+def start(
+    procs: list[subprocess.Popen[bytes]], command: str, job_id: int = 7, task_id: int = 3
+) -> subprocess.Popen[bytes]:
+    env = {"PATH": os.environ["PATH"], "AYS_JOB_ID": str(job_id), "AYS_TASK_ID": str(task_id)}
+    proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, start_new_session=True)
+    procs.append(proc)
+    return proc
+
+
+def entry_of(pid: int, start_time: float | None = None, **fields: object) -> JournalEntry:
+    values = {
+        "job_log_id": 7,
+        "task_id": 3,
+        "pid": pid,
+        "pgid": pid,
+        "start_time": psutil.Process(pid).create_time() if start_time is None else start_time,
+        "report_to": "http://127.0.0.1:1",
+        "started_at": "2026-12-04T20:00:00",
+        "owner_pid": GONE_PID,  # the node process that crashed
+        "owner_start_time": 1.0,
+    } | fields
+    return JournalEntry(**values)  # type: ignore[arg-type]
+
+
+def marked(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line holds `marker`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if any(marker in part for part in proc.info["cmdline"] or []) and (
+            proc.info["status"] != psutil.STATUS_ZOMBIE
+        ):
+            found.append(proc)
+    return found
+
+
+def test_a_journaled_job_and_its_children_left_running_are_ended_and_the_entry_read_back(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    journal = RunJournal(tmp_path / "running")
+    journal.load()  # creates the directory
+    mark = str(tmp_path)
+    # The marker is in each shell's command line (sleep takes no extra argument).
+    job = start(spawned, f"sh -c 'sleep 300; :' {mark} & sh -c 'sleep 301; :' {mark} & sleep 302")
+    wait_for(lambda: len(marked(mark)) >= 3, 30, "the job's shells")
+    journal.record(entry_of(job.pid))
+
+    entries = journal.load()
+    assert [e.job_log_id for e in entries] == [7]
+    (reaped,) = journal.reap(entries, kill_grace=2)
+
+    assert reaped.survivors >= 6 and reaped.how  # three shells, three sleeps
+    wait_for(lambda: not marked(mark), 30, "no process of the job left")
+
+
+def test_a_recycled_pid_with_another_start_time_is_never_signalled(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    journal = RunJournal(tmp_path / "running")
+    journal.load()
+    stranger = start(spawned, f"sleep 300; : {tmp_path}")  # holds the pid the job had
+    real_start = psutil.Process(stranger.pid).create_time()
+    journal.record(entry_of(stranger.pid, start_time=real_start - 100))
+
+    (reaped,) = journal.reap(journal.load(), kill_grace=1)
+
+    assert reaped.survivors == 0
+    time.sleep(0.5)
+    assert stranger.poll() is None  # alive and untouched
+
+
+def test_when_the_jobs_shell_is_gone_only_group_members_naming_the_run_are_ended(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    journal = RunJournal(tmp_path / "running")
+    journal.load()
+    ours, theirs = f"{tmp_path}/ours", f"{tmp_path}/theirs"
+    job = start(
+        spawned, f"sh -c 'sleep 300; :' {ours} & AYS_JOB_ID=999 sh -c 'sleep 300; :' {theirs} &"
+    )
+    entry = entry_of(job.pid)
+    journal.record(entry)
+    job.wait(30)  # the shell ends; the sleeps stay in its process group
+    wait_for(lambda: marked(ours) and marked(theirs), 30, "both sleeps")
+
+    (reaped,) = journal.reap(journal.load(), kill_grace=1)
+
+    assert reaped.survivors == 2  # the shell and its sleep
+    wait_for(lambda: not marked(ours), 30, "the run's sleep ended")
+    assert marked(theirs)  # same group, but its environment names another run
+
+
+def test_an_entry_whose_node_process_still_lives_is_left_to_it(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    journal = RunJournal(tmp_path / "running")
+    journal.load()
+    old_node = start(spawned, f"sleep 300; : {tmp_path}")  # e.g. the old process of a reload
+    job = start(spawned, f"sleep 300; : {tmp_path}/job")
+    owner_start = psutil.Process(old_node.pid).create_time()
+    journal.record(entry_of(job.pid, owner_pid=old_node.pid, owner_start_time=owner_start))
+
+    assert journal.load() == []
+    assert journal.path(7).exists()
