@@ -23,6 +23,7 @@ import types
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -33,6 +34,7 @@ import yaml
 from pydantic import BaseModel, SecretStr
 
 from ays_installer.resources import env_file, envs_dir, load_env, templates_dir
+from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.config import (
     _PLACEHOLDER,  # the one definition of what a ${VAR} placeholder looks like
     EnvConfig,
@@ -106,6 +108,8 @@ def prepare(
         if name == "manager" and role == "node" and manager_address is not None:
             overrides = {"ip": manager_address[0], "port": manager_address[1]}
         sections[name] = _replace(section, name, staged | overrides)
+    if role == "node":  # alerts are the manager's: a node's file holds none of their secrets
+        sections["alerts"] = AlertSettings()
     config = config.model_copy(update=sections)
     return Prepared(role, config, source, frozenset(_placeholder_values(read_yaml(source))))
 
@@ -247,6 +251,10 @@ def yaml_value(value: object) -> str:
     so a secret holding `: #"'` or a newline cannot change the file's structure."""
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
+    if isinstance(value, BaseModel):  # an item of a list setting (an alert channel, a rule)
+        value = {name: getattr(value, name) for name in type(value).model_fields}
+    if isinstance(value, datetime):
+        return value.isoformat()
     if isinstance(value, str):
         return yaml.safe_dump(value, default_style='"', width=float("inf")).rstrip("\n")
     if isinstance(value, list | tuple):
@@ -347,9 +355,12 @@ def _secret_names(model: type[BaseModel]) -> set[str]:
 
 
 def _kinds(annotation: Any) -> Iterator[Any]:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, types.UnionType) or origin in (typing.Union, list):
         for arg in typing.get_args(annotation):
             yield from _kinds(arg)
+    elif origin is typing.Annotated:  # the type, not its metadata (an alert channel's union)
+        yield from _kinds(typing.get_args(annotation)[0])
     else:
         yield annotation
 

@@ -23,6 +23,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.exceptions import ConfigError, MissingSecretError
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -246,6 +247,19 @@ class ConsoleSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    public: bool = Field(
+        False,
+        description="GET /metrics (manager and nodes) answers without the access token; "
+        "false: Prometheus sends it (authorization: credentials in its scrape config)",
+    )
+    task_labels: bool = Field(
+        False,
+        description="also count runs per task (ays_task_runs_finished_total{task_id}): one "
+        "series per task and status, so only for envs with few tasks",
+    )
+
+
 class AuditSettings(_Section):
     retention_days: float = Field(
         365.0, gt=0, description="audit-trail entries older than this are purged"
@@ -273,6 +287,8 @@ class EnvConfig(_Section):
     manager: ManagerSettings = ManagerSettings()
     node: NodeSettings = NodeSettings()
     job_log: JobLogSettings = JobLogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
     audit: AuditSettings = AuditSettings()
     console: ConsoleSettings = ConsoleSettings()
 
@@ -389,7 +405,9 @@ def _format_validation_error(
         )
         # Secrets must not be echoed back, even when wrong.
         shown = (
-            "" if "url" in loc or "token" in loc or "key" in loc else f" (got {e.get('input')!r})"
+            ""
+            if any(word in loc for word in ("url", "token", "key", "password", "secret"))
+            else f" (got {e.get('input')!r})"
         )
         names = sources.get(loc)
         origin = f" (from {', '.join('$' + n for n in names)})" if names else ""

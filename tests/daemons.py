@@ -177,15 +177,18 @@ C = TypeVar("C", bound=Cluster)
 
 
 @contextmanager
-def cluster(tmp: Path, kind: type[C], with_node: bool = True) -> Iterator[C]:
+def cluster(
+    tmp: Path, kind: type[C], with_node: bool = True, **sections: dict[str, Any]
+) -> Iterator[C]:
     """Start a manager (and a node of group g1, online) for the block; kill them after.
-    `kind` is Cluster, or a subclass of it with helpers of a test module's own."""
+    `kind` is Cluster, or a subclass of it with helpers of a test module's own; `sections`
+    change the config (e.g. metrics={"public": True})."""
     from ays_runtime.storage.migrate import upgrade
 
     url = f"sqlite:///{tmp / 'ays.db'}"
     upgrade(url)
     manager_port, node_port = free_port(), free_port()
-    config = write_config(tmp / "ays.yaml", url, manager_port, tmp)
+    config = write_config(tmp / "ays.yaml", url, manager_port, tmp, **sections)
     ays = kind(tmp, config, manager_port, node_port, manager(config, tmp / "m.log", manager_port))
     try:
         ays.manager.start()

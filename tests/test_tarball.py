@@ -358,6 +358,15 @@ def test_a_frozen_manager_and_node_on_the_dev_env_run_a_shell_job_and_store_its_
         )
         run = _run_a_shell_job(api, "g1", "dev")
     assert run["node"] == f"127.0.0.1:{nport}"
+    # prometheus-client is in the bundle: both serve their metrics (the run counted).
+    for port, series in (
+        (mport, "ays_runs_finished_total"),
+        (nport, "ays_node_runs_finished_total"),
+    ):
+        scraped = httpx.get(
+            f"http://127.0.0.1:{port}/metrics", headers={"X-Ays-Token": token}, timeout=30
+        )
+        assert scraped.status_code == 200 and series in scraped.text, scraped.text[:500]
     _assert_self_contained(manager, node)
     assert node.stop() == 0, node.log()
     assert manager.stop() == 0, manager.log()

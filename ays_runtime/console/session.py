@@ -36,8 +36,9 @@ from ays_runtime.auth import Caller
 
 COOKIE = "ays_session"
 LOGIN_PATH = "/login"
-# Paths the console does not own: the API (bearer tokens) and its OpenAPI document.
-NOT_CONSOLE = ("/api/", "/openapi.json")
+# Paths the console does not own: the API (bearer tokens), its OpenAPI document, and the
+# Prometheus metrics (a scraper sends the token, or none when the env opens them).
+NOT_CONSOLE = ("/api/", "/openapi.json", "/metrics")
 _SALT = b"ays console session v1"
 
 

@@ -32,9 +32,12 @@
     GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
                                                the console's figures (manager/insight_api.py)
 
+    GET    /metrics                            Prometheus metrics (ays_runtime/metrics/)
+
 The OpenAPI document (/openapi.json) and its viewer (/docs, from the vendored swagger-ui) are
-public: they hold no secret. The web console (ays_runtime/console) is mounted at / on the same
-app: its pages need a console session (the guard asks its `SessionGate`), never a token.
+public: they hold no secret; /metrics too when the env says `metrics.public: true`. The web
+console (ays_runtime/console) is mounted at / on the same app: its pages need a console
+session (the guard asks its `SessionGate`), never a token.
 Every other call needs the env's access token, as `Authorization: Bearer <token>` or
 `X-Ays-Token: <token>`, checked by the guard in front of the app (ays_runtime/web/guard.py)
 before any body is read; the routes that need none are declared in `PUBLIC`. Bodies are
@@ -116,6 +119,8 @@ from ays_runtime.manager.schemas import (
     field_error,
 )
 from ays_runtime.manager.versions import Actor
+from ays_runtime.metrics import base as metrics
+from ays_runtime.metrics import manager as manager_metrics
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
 from ays_runtime.vocabulary import AuditAction
@@ -711,6 +716,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    metrics.add_route(app, manager_metrics.REGISTRY)
     settings = ctx.config.manager
     results = BodyLimit(settings.max_result_body_bytes, "manager.max_result_body_bytes")
     token = ctx.access_token
@@ -721,7 +727,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     gate = console.mount(app, ctx)
     protect(
         app,
-        public=PUBLIC,
+        public=metrics.public_routes(PUBLIC, ctx.config),
         sessions=gate,
         authenticate=caller,
         limits=BodyLimits(

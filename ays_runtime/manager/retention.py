@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import AuditEntry, JobLog
 
@@ -51,6 +52,7 @@ def purge_batch(engine: Engine, retention: timedelta, batch: int, rows: Aged = J
         )
         if ids:
             conn.execute(delete(rows.model).where(key.in_(ids)))
+    metrics.PURGED_ROWS.labels(rows.model.__tablename__).inc(len(ids))
     return len(ids)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, or_, select, update
 
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport, StartClaimAnswer
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
 from ays_runtime.storage.database import transaction, utcnow
@@ -103,6 +104,8 @@ class RunTracker:
         self._retries: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_finished: Callable[[str], None] | None = None  # node address, for least-busy
+        # Ids of runs just stored final, from the writer's thread (alerts: thread-safe, no I/O).
+        self.on_stored: Callable[[list[int]], None] | None = None
         self._dispatch_writes = GroupCommit(self._write_dispatched)
         self._claim_writes = GroupCommit(self._write_claims)
         self._final_writes = GroupCommit(self._write_finals)
@@ -110,7 +113,9 @@ class RunTracker:
     # -- transitions ----------------------------------------------------------------------
 
     async def dispatched(self, job: JobDispatch, node: str) -> None:
+        metrics.run_dispatched(job, "dispatched")
         await self._dispatch_writes.submit((job.job_log_id, node))
+        metrics.run_dispatched(job, "stored")
 
     def _write_dispatched(self, handed: Sequence[tuple[int, str]]) -> list[None]:
         by_node: dict[str, list[int]] = {}
@@ -424,11 +429,16 @@ class RunTracker:
     def _write_finals(
         self, finals: Sequence[_Final]
     ) -> list[tuple[bool, JobDispatch | None, float]]:
-        return transaction(
+        answers = transaction(
             self.engine,
             lambda conn: self._write_finals_in(conn, finals),
             f"manager {self.manager_id}: recording {len(finals)} run end(s)",
         )
+        stored = [f.job_id for f, a in zip(finals, answers, strict=True) if a[0]]
+        metrics.runs_finished(self.engine, stored)  # read and counted by the metrics thread
+        if self.on_stored is not None and stored:
+            self.on_stored(stored)
+        return answers
 
     def _write_finals_in(
         self, conn: Connection, finals: Sequence[_Final]

@@ -29,6 +29,8 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime import __version__
+from ays_runtime.alerts.api import alerts_router
+from ays_runtime.alerts.service import AlertService
 from ays_runtime.auth import resolve_access_token
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
@@ -40,6 +42,7 @@ from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.output import RunOutput
 from ays_runtime.manager.retention import AUDIT_ENTRIES, JOB_LOGS, retention_loop
 from ays_runtime.manager.runs import RunTracker
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.registry.base import NodeRegistry
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.service.handover import ConnectionCloser, release_listener
@@ -136,6 +139,13 @@ class Manager:
         )
         self.scheduler = scheduler
         self.engine = engine
+        metrics.attach(
+            metrics.ManagerState(
+                engine, lambda: len(scheduler.timers), lambda: scheduler.writer.backlog
+            ),
+            transport=cfg.transport.backend,
+            task_labels=cfg.metrics.task_labels,
+        )
         killer = RunKiller(engine, registry, tracker, token)
 
         async def kill_run(job_log_id: int, reason: str) -> tuple[bool, str, str]:
@@ -161,6 +171,9 @@ class Manager:
             version=__version__,
         )
         app = create_app(ctx)
+        alerts = AlertService(engine, cfg.alerts, cfg.env, self.manager_id)
+        tracker.on_stored = alerts.runs_stored
+        app.include_router(alerts_router(alerts))
         from ays_runtime.registry.builtin import BuiltinRegistry
 
         app.include_router(
@@ -213,6 +226,7 @@ class Manager:
             name="retention",
         )
         reaper = asyncio.create_task(self._reap(tracker), name="reaper")
+        alerting = asyncio.create_task(alerts.run(), name="alerts")
         recovery = asyncio.create_task(self._recover(tracker), name="recover-pending")
         while not self._up(server, scheduler) and not (
             api.done() or sched.done() or self._stop.is_set()
@@ -247,9 +261,9 @@ class Manager:
         await run_output.close()
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop, recovery):
+        for task in (purge, reaper, stop, recovery, alerting):
             task.cancel()
-        await asyncio.gather(purge, reaper, stop, recovery, return_exceptions=True)
+        await asyncio.gather(purge, reaper, stop, recovery, alerting, return_exceptions=True)
         engine.dispose()
         sock.close()
         log.info("manager %s: stopped", self.manager_id)

@@ -1,11 +1,12 @@
 """The node's HTTP API (built-in transport): the routes listed in `ays_runtime.protocol`.
 
-Every route but health (and the OpenAPI document) needs the access token (`Authorization:
-Bearer ...` or `X-Ays-Token`), checked by the guard in front of the app before any body is
-read (ays_runtime/web/guard.py); bodies are bounded by `node.max_body_bytes` (413 past it).
-Refusals are logged once per caller per minute, never with the token. Errors are JSON
-`{"detail": "..."}`. The routes only translate HTTP to calls on the daemon
-(`NodeDaemon.accept`, `kill`, `output`, `health`).
+`GET /metrics` serves the node's Prometheus metrics (ays_runtime/metrics/node.py).
+Every route but health (and the OpenAPI document; /metrics when `metrics.public: true`)
+needs the access token (`Authorization: Bearer ...` or `X-Ays-Token`), checked by the guard
+in front of the app before any body is read (ays_runtime/web/guard.py); bodies are bounded
+by `node.max_body_bytes` (413 past it). Refusals are logged once per caller per minute,
+never with the token. Errors are JSON `{"detail": "..."}`. The routes only translate HTTP
+to calls on the daemon (`NodeDaemon.accept`, `kill`, `output`, `health`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ays_runtime import __version__
 from ays_runtime.auth import Caller, authenticate
+from ays_runtime.metrics import base as metrics
+from ays_runtime.metrics import node as node_metrics
 from ays_runtime.protocol import (
     API,
     OUTPUT_NEXT_HEADER,
@@ -103,7 +106,7 @@ def create_app(node: NodeDaemon) -> FastAPI:
 
     protect(
         app,
-        public=PUBLIC,
+        public=metrics.public_routes(PUBLIC, node.config),
         authenticate=caller,
         limits=BodyLimits(BodyLimit(node.config.node.max_body_bytes, "node.max_body_bytes")),
         refusals=RefusalLog(node.who, log),
@@ -191,4 +194,6 @@ def create_app(node: NodeDaemon) -> FastAPI:
         return node.health()
 
     app.include_router(guarded)
+    metrics.add_route(app, node_metrics.REGISTRY)
+    node_metrics.attach(node.metrics_state())
     return app

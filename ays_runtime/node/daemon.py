@@ -50,6 +50,8 @@ from ays_runtime import __version__
 from ays_runtime.auth import resolve_access_token
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
+from ays_runtime.metrics import node as node_metrics
+from ays_runtime.metrics.node import NodeState
 from ays_runtime.node.app import JobRefused, create_app
 from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
 from ays_runtime.node.claims import Claim, StartClaims
@@ -232,6 +234,17 @@ class NodeDaemon:
             registration=registration,
         )
 
+    def metrics_state(self) -> NodeState:
+        """What GET /metrics reads at scrape time (ays_runtime/metrics/node.py)."""
+        executor, held = self._executor, self._held
+        return NodeState(
+            group=self.group,
+            running=lambda: executor.running,
+            waiting=lambda: max(len(held) - executor.running, 0),
+            slots=lambda: executor.max_concurrent,
+            spooled=lambda: self._reporter.pending if self._reporter is not None else 0,
+        )
+
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(
             ip=self.config.node.ip,
@@ -353,6 +366,7 @@ class NodeDaemon:
     async def _finish(self, request: RunRequest, result: JobResult) -> None:
         job_log_id = request.job_log_id
         self._forget(job_log_id)
+        node_metrics.RUNS_FINISHED.labels(result.status).inc()
         report = JobResultReport(
             job_log_id=job_log_id,
             node=self.address,

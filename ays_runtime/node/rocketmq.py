@@ -46,6 +46,7 @@ import pydantic
 from ays_runtime.auth import auth_headers
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import TransientTransportError, TransportError
+from ays_runtime.metrics import node as node_metrics
 from ays_runtime.node.app import JobRefused
 from ays_runtime.node.spool import SpooledResult
 from ays_runtime.protocol import API, JobResultReport, RunRequest
@@ -210,6 +211,7 @@ class RocketMQNodeTransport(JobSource, ResultSink):
                 tag=report.status,
             )
         except TransportError as err:  # even a missing topic: keep it until one is created
+            node_metrics.TRANSPORT_ERRORS.labels("publish").inc()
             return Delivery.RETRY, str(err)
         await self._settle(report.job_log_id)
         return Delivery.TAKEN, "published"
@@ -250,6 +252,7 @@ class RocketMQNodeTransport(JobSource, ResultSink):
             except TransportError as err:
                 if self._stopping.is_set():
                     return
+                node_metrics.TRANSPORT_ERRORS.labels("consume").inc()
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning(

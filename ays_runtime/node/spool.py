@@ -42,6 +42,7 @@ import pydantic
 
 from ays_runtime.auth import auth_headers
 from ays_runtime.exceptions import ConfigError
+from ays_runtime.metrics import node as node_metrics
 from ays_runtime.protocol import API, JobResultReport, ResultBatchAnswer
 from ays_runtime.storage.group_commit import Batcher, GroupCommit
 from ays_runtime.transport.base import Delivery, ResultSink
@@ -290,6 +291,7 @@ class ResultReporter:
     def _settle(self, entry: SpooledResult, outcome: Delivery, why: str) -> None:
         """Book one delivery's outcome (its spool file is already gone unless RETRY)."""
         where = self.sink.destination(entry.report_to)
+        node_metrics.result_settled(outcome.value)
         if outcome is Delivery.RETRY:
             if not self._outage:
                 self._outage = True

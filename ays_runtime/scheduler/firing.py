@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.storage.database import insert_ignoring_duplicates, transaction, utcnow
 from ays_runtime.storage.models import JobLog, RunStatus, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
@@ -255,6 +256,7 @@ class FireWriter:
             log.warning("manager %s: database is back, claiming again", self.manager_id)
             self._failing = False
         self.claimed_total += len(dispatches)
+        metrics.fires_claimed(dispatches, utcnow())
         won = {(d.task_id, d.scheduled_at): d.job_log_id for d in dispatches}
         for fire in batch:
             future = self._waiters.pop((fire.task_id, fire.scheduled_at), None)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -21,6 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.exceptions import NotFoundError
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.firing import Fire, FireWriter
 from ays_runtime.scheduler.reconcile import Plan, Reconciler, memory_snapshot
 from ays_runtime.scheduler.timers import TimerList
@@ -64,12 +66,14 @@ class Scheduler:
     async def reconcile_now(self) -> Plan:
         """Reconcile at once (the API calls this after a change); one at a time."""
         async with self._reconcile_lock:
+            began = time.perf_counter()
             plan = await asyncio.to_thread(
                 self.reconciler.plan, memory_snapshot(self.timers), self.clock()
             )
             if plan.writes:
                 await asyncio.to_thread(self.reconciler.apply, plan)
             Reconciler.apply_to_memory(plan, self.timers)
+            metrics.reconciled(time.perf_counter() - began, plan.actions)
             if len(plan.put_timers) >= FREEZE_AFTER:
                 # Move the (long-lived, acyclic) timers out of the cyclic GC's view, so later
                 # full collections stop walking 100k of them on every tick (~25% of a no-change
@@ -127,6 +131,7 @@ class Scheduler:
                 timer.fire_at = timer.schedule.next_after(now)
             self.timers.put(timer)
         if late:
+            metrics.FIRES_MISFIRED.inc(len(late))
             # One line per burst, not per timer: an overloaded manager must not log more.
             log.warning(
                 "manager %s: %d timer(s) later than the %.0fs grace (tasks %s%s); their "

@@ -240,3 +240,29 @@ class JobLog(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output: Mapped[str] = mapped_column(Text, default="")
     message: Mapped[str] = mapped_column(String(1024), default="")
+
+
+class AlertDelivery(Base):
+    """One alert notice for one channel, queued until the channel takes it (alerts/outbox.py).
+    `dedup_key` names what the notice is about (a rule and a run, a streak, a test): with the
+    channel it is unique, so a notice is queued once whichever manager sees it first."""
+
+    __tablename__ = "ays_alert_delivery"
+    __table_args__ = (
+        UniqueConstraint("dedup_key", "channel"),
+        Index("ix_ays_alert_delivery_status_next_at", "status", "next_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    dedup_key: Mapped[str] = mapped_column(String(191))
+    channel: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # firing, resolved, test
+    summary: Mapped[str] = mapped_column(String(1024))
+    payload: Mapped[str] = mapped_column(Text)  # the JSON document a channel sends
+    status: Mapped[str] = mapped_column(String(16))  # queued, sent, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_error: Mapped[str] = mapped_column(String(1024), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -32,6 +32,7 @@ from ays_runtime.auth import auth_headers
 from ays_runtime.config import BuiltinTransportSettings
 from ays_runtime.manager.routing import Router
 from ays_runtime.manager.runs import RunTracker
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import API, RunAnswer, RunBatchAnswer
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.storage.models import RouteStrategy
@@ -137,6 +138,7 @@ class BuiltinTransport(Transport):
         try:
             response = await self._post(node, f"{node.url}{API}/jobs/batch", body)
         except httpx.HTTPError as err:
+            metrics.transport_error("builtin", "publish", len(jobs))
             reason = f"dispatch failed: {node.address}: {type(err).__name__} {err}".strip()
             self._count(node.address, -len(jobs))
             await asyncio.gather(*(self.tracker.dispatch_failed(job, reason) for job in jobs))
@@ -180,6 +182,7 @@ class BuiltinTransport(Transport):
             try:
                 response = await self._post(node, f"{node.url}{API}/jobs", request)
             except httpx.HTTPError as err:
+                metrics.transport_error("builtin", "publish")
                 reasons.append(f"{node.address}: {type(err).__name__} {err}".strip())
                 continue
             if response.status_code == 202:

@@ -51,6 +51,7 @@ import pydantic
 from ays_runtime.config import RocketMQTransportSettings
 from ays_runtime.exceptions import TransientTransportError, TransportError
 from ays_runtime.manager.runs import RunTracker
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.retry import Backoff
@@ -213,9 +214,11 @@ class RocketMQTransport(Transport):
                 properties={"ays_task_type": job.task_type},
             )
         except TransientTransportError as err:
+            metrics.transport_error("rocketmq", "publish")
             self._went_down(str(err))
             return False
         except TransportError as err:
+            metrics.transport_error("rocketmq", "publish")
             await self.tracker.dispatch_failed(job, str(err))
             return True
         self._came_back(sent_at)
@@ -261,6 +264,7 @@ class RocketMQTransport(Transport):
             except TransportError as err:
                 if self._stopping.is_set():
                     return
+                metrics.transport_error("rocketmq", "consume")
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning(
@@ -288,6 +292,7 @@ class RocketMQTransport(Transport):
         try:
             report = JobResultReport.model_validate_json(message.body)
         except pydantic.ValidationError as err:
+            metrics.transport_error("rocketmq", "consume")
             log.error(
                 "%s: message %s on %s is not a job result (%s): dropped",
                 self.who,
