@@ -5,6 +5,7 @@ Every test that touches the database runs on SQLite and on MariaDB (the `engine`
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -370,3 +371,27 @@ def test_the_scheduler_fires_every_slot_once_and_stops_cleanly(engine: Engine) -
     assert steps == {timedelta(milliseconds=200)}  # no slot skipped, none doubled
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(JobLog)).scalar() == len(slots)
+
+
+def test_a_shared_cron_schedule_answers_threads_asking_at_once_as_it_answers_one() -> None:
+    # The console's forecast and slot view ask the scheduler's cached schedules from threads.
+    shared = parse_schedule("*/7 */3 * * * *", "Europe/Berlin")
+    start = datetime(2026, 3, 29, 0, 0, 0)  # a summer-time change in the range
+    moments = [start + timedelta(seconds=13 * i) for i in range(3000)]
+    alone = parse_schedule.__wrapped__("*/7 */3 * * * *", "Europe/Berlin")
+    expected = [alone.next_after(m) for m in moments]
+    answers: dict[int, list[datetime]] = {}
+
+    def ask(worker: int) -> None:
+        order = moments[worker::4] + moments[:worker]  # each thread walks its own way
+        answers[worker] = [shared.next_after(m) for m in order]
+
+    threads = [threading.Thread(target=ask, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for worker in range(4):
+        order = moments[worker::4] + moments[:worker]
+        want = [expected[moments.index(m)] for m in order]
+        assert answers[worker] == want, worker

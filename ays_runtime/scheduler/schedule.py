@@ -22,6 +22,7 @@ All datetimes in and out are naive UTC, the form the database stores.
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
@@ -104,6 +105,9 @@ class CronSchedule(Schedule):
         # Timers share parsed schedules, and a burst of due timers asks the same question
         # thousands of times ("the slot after 12:00:01?"): remember the last answer.
         self._last: tuple[datetime, datetime] | None = None
+        # The scheduler asks on the event loop; the console's forecast and slot view ask from
+        # the thread pool, on the same cached instance: croniter's state is one walk at a time.
+        self._walk = threading.Lock()
 
     @property
     def fields(self) -> str:
@@ -139,8 +143,9 @@ class CronSchedule(Schedule):
         if last is not None and last[0] == after:
             return last[1]
         local = after.replace(tzinfo=UTC).astimezone(self._tz)
-        self._iter.set_current(local, force=True)
-        nxt: datetime = self._iter.get_next(datetime)
+        with self._walk:
+            self._iter.set_current(local, force=True)
+            nxt: datetime = self._iter.get_next(datetime)
         result = nxt.astimezone(UTC).replace(tzinfo=None)
         self._last = (after, result)
         return result
@@ -188,8 +193,8 @@ def parse_schedule(expression: str, timezone: str = "UTC") -> Schedule:
     """Parse and validate; raises ScheduleError naming the field and the bad value.
 
     Cached: a manager with 100k tasks mostly shares a few hundred distinct schedules.
-    Cron objects carry croniter state, so callers must not interleave next_after() calls on a
-    shared instance from several threads (the manager computes slots on its event loop only).
+    Cron objects carry croniter state, walked under a lock of their own: the scheduler's event
+    loop and the console's threads may ask the same instance.
     """
     tz = parse_timezone(timezone)
     text = " ".join(expression.split())
