@@ -118,6 +118,31 @@ def _next_attempt(api: ManagerApi, run: dict[str, Any]) -> dict[str, Any] | None
     return None
 
 
+def wait_for_shards(api: ManagerApi, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A broadcast run's other shards (written with shard 0, the same slot), each waited for
+    to its end (and through its retries), in shard order; [] for a run of one node."""
+    if run["shard_total"] <= 1:
+        return []
+    since = datetime.fromisoformat(run["created_at"]).replace(tzinfo=UTC).isoformat()
+    page = api.get("/job-logs", params={"task_id": run["task_id"], "since": since, "limit": 1000})
+    shards = sorted(
+        (
+            other
+            for other in page["items"]
+            if other["scheduled_at"] == run["scheduled_at"]
+            and other["attempt"] == 0
+            and other["shard_index"] > 0
+        ),
+        key=lambda other: int(other["shard_index"]),
+    )
+    return [wait_for_run(api, int(shard["id"])) for shard in shards]
+
+
+def worst_exit_code(runs: list[dict[str, Any]]) -> int:
+    """The exit code for several runs (a broadcast's shards): the first one that is not 0."""
+    return next((code for code in map(run_exit_code, runs) if code), 0)
+
+
 def report_end(run: dict[str, Any]) -> None:
     """The run's output on stdout, how it ended on stderr."""
     if run["output"]:

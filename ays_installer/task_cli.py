@@ -602,8 +602,9 @@ def trigger_task(
     """Fire the task now, outside its schedule.
 
     A disabled task fires too. With --wait, the run's output goes to stdout, its progress
-    to stderr, and the command exits with the run's exit code (see README)."""
-    from ays_installer.run_cli import report_end, run_exit_code, wait_for_run
+    to stderr, and the command exits with the run's exit code (see README); a broadcast
+    waits for every node's shard and exits with the first shard's code that is not 0."""
+    from ays_installer.run_cli import report_end, wait_for_run, wait_for_shards, worst_exit_code
 
     body = {"params": params} if params is not None else None
     with connect(env, config, root, url) as api:
@@ -618,11 +619,13 @@ def trigger_task(
             return
         typer.echo(f"fired task {found['name']!r}: run {run_id}; waiting for it", err=True)
         run = wait_for_run(api, run_id)
+        runs = [run, *wait_for_shards(api, run)]  # a broadcast: every node's shard
     if as_json:
-        print_json(run)
+        print_json(run if len(runs) == 1 else runs)
     else:
-        report_end(run)
-    raise typer.Exit(run_exit_code(run))
+        for each in runs:
+            report_end(each)
+    raise typer.Exit(worst_exit_code(runs))
 
 
 # --- history ----------------------------------------------------------------------------------

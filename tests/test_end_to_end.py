@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ from sqlalchemy import create_engine, insert
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Manager
-from tests.daemons import Daemon, client, free_port, manager, node, wait_for, write_config
+from tests.daemons import TOKEN, Daemon, client, free_port, manager, node, wait_for, write_config
 
 FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
 
@@ -278,6 +279,27 @@ def test_broadcast_reaches_both_nodes_with_their_shard_index_and_total(cluster: 
     assert sorted(r["output"].strip() for r in shards) == ["shard=0/2", "shard=1/2"]
     assert {(r["shard_index"], r["shard_total"]) for r in shards} == {(0, 2), (1, 2)}
     assert len({r["scheduled_at"] for r in shards}) == 1
+
+
+def test_trigger_wait_on_a_broadcast_waits_for_every_shard_and_exits_with_a_failing_ones_code(
+    cluster: Cluster,
+) -> None:
+    from tests.test_cli import cli
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    add_task(
+        cluster,
+        "echo shard $AYS_SHARD_INDEX; exit $((AYS_SHARD_INDEX * 3))",
+        name=name,
+        route_strategy="broadcast",
+    )
+    url = f"http://127.0.0.1:{cluster.manager_port}"
+    done = cli("task", "trigger", name, "--wait", "--url", url, AYS_TOKEN=TOKEN)
+    assert done.returncode == 3, done.stderr  # shard 1's code; shard 0 succeeded
+    assert done.stdout.split("\n")[:2] == ["shard 0", "shard 1"], done.stdout
+    as_json = cli("task", "trigger", name, "--wait", "--json", "--url", url, AYS_TOKEN=TOKEN)
+    shards = json.loads(as_json.stdout)
+    assert [(r["shard_index"], r["status"]) for r in shards] == [(0, "succeeded"), (1, "failed")]
 
 
 @pytest.mark.parametrize(
