@@ -60,14 +60,14 @@ app = typer.Typer(
 add_version_option(app, "installConfig")
 
 
-def _manager_address(value: str | None) -> str | None:
-    if value is not None:
+def _manager_addresses(values: list[str] | None) -> list[str] | None:
+    for value in values or []:
         host, sep, port = value.rpartition(":")
         if not sep:
             raise typer.BadParameter(f"{value!r} is not IP:PORT (e.g. 172.21.16.81:18080)")
         parse_ip(host.strip("[]"))
         parse_port(port)
-    return value
+    return values
 
 
 def _split_address(value: str) -> tuple[str, int]:
@@ -76,13 +76,15 @@ def _split_address(value: str) -> tuple[str, int]:
 
 
 ManagerOption = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "-m",
         "--manager",
-        callback=_manager_address,
+        callback=_manager_addresses,
         metavar="IP:PORT",
-        help="Where the node reaches the manager (default: the env's manager.ip:port).",
+        help="Where the node reaches the manager (default: the env's manager.ip:port). Give "
+        "it once per manager to name several (node.managers): the node beats and reports to "
+        "any of them that answers.",
     ),
 ]
 EnvOption = Annotated[
@@ -140,14 +142,14 @@ def node(
     skip_preflight: SkipPreflightOption = False,
 ) -> None:
     """Render and install an executor node's config, node.yaml."""
-    address = _split_address(manager) if manager else None
+    addresses = [_split_address(m) for m in manager] if manager else None
     install(
         "node",
         env,
         ip=ip,
         port=port,
         group=group,
-        manager=address,
+        managers=addresses,
         root=root,
         dry_run=dry_run,
         preflight=not skip_preflight,
@@ -161,7 +163,7 @@ def install(
     ip: str | None = None,
     port: int | None = None,
     group: str | None = None,
-    manager: tuple[str, int] | None = None,
+    managers: list[tuple[str, int]] | None = None,
     root: Path | None = None,
     dry_run: bool = False,
     preflight: bool = True,
@@ -171,9 +173,7 @@ def install(
         known = ", ".join(known_envs(root)) or "(none)"
         raise fail(f"error: name the environment with -e ENV: known environments are {known}")
     try:
-        prepared = prepare(
-            env, role, ip=ip, port=port, group=group, root=root, manager_address=manager
-        )
+        prepared = prepare(env, role, ip=ip, port=port, group=group, root=root, managers=managers)
     except MissingSecretError as err:
         if "SUDO_USER" in os.environ:
             raise MissingSecretError(
@@ -186,9 +186,9 @@ def install(
         node_settings = prepared.config.node
         again = ["installConfig", "node", "-e", env, "-g", "GROUP"]
         again += ["-p", node_settings.ip, "-P", str(node_settings.port)]
-        if manager is not None:
-            host = f"[{manager[0]}]" if ":" in manager[0] else manager[0]
-            again += ["-m", f"{host}:{manager[1]}"]
+        for manager_ip, manager_port in managers or []:
+            host = f"[{manager_ip}]" if ":" in manager_ip else manager_ip
+            again += ["-m", f"{host}:{manager_port}"]
         if root is not None:
             again += ["--root", str(root)]
         again += ["--dry-run"] if dry_run else []

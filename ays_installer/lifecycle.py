@@ -478,6 +478,7 @@ def _registry_lines(role: str, config: EnvConfig, health: dict[str, Any]) -> lis
     """What the registry knows: for a node, its registration as it sees it and the manager's
     view of it; for a manager, its view of the nodes."""
     lines = []
+    registration = None
     if role == "node":
         registration = health.get("registration")
         if isinstance(registration, dict):
@@ -485,7 +486,11 @@ def _registry_lines(role: str, config: EnvConfig, health: dict[str, Any]) -> lis
         elif health.get("version"):
             lines.append("registry:  not shown by this node (an older version)")
     label = "manager:  " if role == "node" else "nodes:    "
-    lines.append(f"{label} {_manager_view(role, config)}")
+    # A node of several managers is asked about by the one it beats to now.
+    beats_to = registration.get("target", "") if isinstance(registration, dict) else ""
+    suffix = f"{API}/nodes/heartbeat"
+    base = beats_to.removesuffix(suffix) if beats_to.endswith(suffix) else None
+    lines.append(f"{label} {_manager_view(role, config, base)}")
     return lines
 
 
@@ -518,13 +523,15 @@ def _ago(stamp: object) -> str:
     return f"{duration((datetime.now(UTC) - moment).total_seconds())} ago"
 
 
-def _manager_view(role: str, config: EnvConfig) -> str:
-    """What the manager's API says: about this node, or (for a manager) about every node."""
+def _manager_view(role: str, config: EnvConfig, base: str | None = None) -> str:
+    """What the manager's API says (the manager at `base`, default the config's): about
+    this node, or (for a manager) about every node."""
     from ays_runtime.auth import auth_headers, resolve_access_token
     from ays_runtime.exceptions import ConfigError
 
-    host = f"[{config.manager.ip}]" if ":" in config.manager.ip else config.manager.ip
-    base = f"http://{host}:{config.manager.port}"
+    if base is None:
+        host = f"[{config.manager.ip}]" if ":" in config.manager.ip else config.manager.ip
+        base = f"http://{host}:{config.manager.port}"
     try:
         token = resolve_access_token(config, generate=False)
     except ConfigError as err:

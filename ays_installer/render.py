@@ -83,15 +83,20 @@ def prepare(
     port: int | None = None,
     group: str | None = None,
     root: Path | None = None,
-    manager_address: tuple[str, int] | None = None,
+    managers: list[tuple[str, int]] | None = None,
 ) -> Prepared:
     """Load env `env` and apply the command line: -p/-P (and -g for a node) set the role's
     address (and group); `root` prefixes every directory of both roles, so a staged install
-    is self-contained; a node's `manager_address` says where it reaches the manager.
+    is self-contained; a node's `managers` (-m) say where it reaches the manager: the first
+    becomes the manager section's address, and two or more are the node's `managers` (one
+    empties that list).
     Raises ConfigError naming the file, field and what was expected."""
     source = env_file(env, root)
     config = load_env(str(source))
-    given = {"ip": ip, "port": port, "group": group if role == "node" else None}
+    given: dict[str, Any] = {"ip": ip, "port": port, "group": group if role == "node" else None}
+    if role == "node" and managers:  # one: the manager section says it; several: the list
+        listed = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in managers]
+        given["managers"] = listed if len(listed) > 1 else []
     own = {name: value for name, value in given.items() if value is not None}
     sections: dict[str, BaseModel] = {}
     for name in ROLES:
@@ -105,8 +110,8 @@ def prepare(
                 )
         staged = {f: _under(root, v) for f, v in dirs.items()} if root is not None else {}
         overrides = own if name == role else {}
-        if name == "manager" and role == "node" and manager_address is not None:
-            overrides = {"ip": manager_address[0], "port": manager_address[1]}
+        if name == "manager" and role == "node" and managers:
+            overrides = {"ip": managers[0][0], "port": managers[0][1]}
         sections[name] = _replace(section, name, staged | overrides)
     if role == "node":  # alerts are the manager's: a node's file holds none of their secrets
         sections["alerts"] = AlertSettings()

@@ -190,6 +190,13 @@ class NodeSettings(_Section):
     ip: str = "127.0.0.1"
     port: int = Field(18181, ge=1, le=65535)
     group: str | None = Field(None, description="node group the executor joins (or -g)")
+    managers: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="the managers the node beats and reports to, IP:PORT each ([IPv6]:PORT), "
+        "any one that answers will do; empty: manager.ip:manager.port. The node also learns "
+        "the other managers alive on the same database from their heartbeat answers",
+    )
     conf_dir: str = "/etc/ays"
     log_dir: str = "/var/log/ays"
     data_dir: str = "/var/lib/ays-node"
@@ -216,6 +223,21 @@ class NodeSettings(_Section):
     @classmethod
     def _ip(cls, v: str) -> str:
         return check_ip(v)
+
+    @field_validator("managers")
+    @classmethod
+    def _managers(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(manager_address(a) for a in v))
+
+
+def manager_address(value: str) -> str:
+    """`IP:PORT` (an IPv6 address in brackets) as written the one way Ays writes it."""
+    host, sep, port = str(value).strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{value!r} is not IP:PORT (e.g. 172.21.16.81:18080)")
+    ip = check_ip(host.removeprefix("[").removesuffix("]"))
+    check_port(int(port))
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{int(port)}"
 
 
 class JobLogSettings(_Section):

@@ -16,7 +16,11 @@ Node API (every call but health needs `Authorization: Bearer <access token>`):
   GET  /api/v1/health                           -> 200 NodeHealth (no token: Consul checks it)
 
 Manager API used by nodes:
-  POST /api/v1/nodes/heartbeat       Heartbeat   -> 200
+  POST /api/v1/nodes/heartbeat       Heartbeat   -> 200 HeartbeatAnswer (the live managers,
+                                     which the node may beat and report to as well); a beat
+                                     with state leaving takes the node out of routing at once
+                                     (it is stopping: it finishes its runs), offline says it
+                                     has left
   POST /api/v1/job-logs/{id}/result  JobResultReport -> 200 (idempotent: a second report of a
                                      finished run is accepted and ignored)
   POST /api/v1/job-logs/results      ResultBatch -> 200 ResultBatchAnswer: one answer per
@@ -43,7 +47,7 @@ a run that another node has claimed is not run at all (whatever the transport de
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field
 
@@ -163,6 +167,17 @@ class Heartbeat(_Message):
     version: str = Field("", max_length=32)
     running_jobs: NonNegativeInt32 = 0
     max_concurrent_jobs: NonNegativeInt32 = 0
+    # online: takes runs; leaving: stopping cleanly, takes no new runs but still finishes and
+    # reports its own; offline: stopped (its last word). A manager of an older version
+    # ignores it.
+    state: Literal["online", "leaving", "offline"] = "online"
+
+
+class HeartbeatAnswer(_Message):
+    status: str = "ok"
+    # The managers alive on the database the beat was recorded in, as IP:PORT: a node beats
+    # and reports to any of them when the one it uses does not answer.
+    managers: list[str] = Field(default_factory=list, max_length=1000)
 
 
 class Registration(_Message):

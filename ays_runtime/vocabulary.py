@@ -42,8 +42,9 @@ class RetryBackoff(enum.StrEnum):
 
 class NodeStatus(enum.StrEnum):
     UNKNOWN = "unknown"
-    ONLINE = "online"
-    OFFLINE = "offline"
+    ONLINE = "online"  # beats, takes runs
+    LEAVING = "leaving"  # stopping cleanly: still beats and finishes its runs, takes no new ones
+    OFFLINE = "offline"  # missed its beats, or left
 
 
 class NodeSource(enum.StrEnum):

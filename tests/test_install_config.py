@@ -595,6 +595,20 @@ def test_a_node_config_points_at_the_manager_given_with_dash_m(stage: Path) -> N
     assert (config.manager.ip, config.manager.port) == ("172.21.16.81", 28080)
 
 
+def test_a_node_config_names_every_manager_given_with_dash_m(stage: Path) -> None:
+    managers = ["172.21.16.81:28080", "172.21.16.82:28080", "[fd00::1]:28080"]
+    args = [arg for address in managers for arg in ("-m", address)]
+    done = CliRunner(env=NO_SECRETS).invoke(
+        app, ["node", "-e", "dev", "-g", "g1", *args, "--root", str(stage)]
+    )
+
+    assert done.exit_code == 0, done.output
+    config = load_config_file(stage / "etc/ays/node.yaml")
+    assert (config.manager.ip, config.manager.port) == ("172.21.16.81", 28080)
+    assert config.node.managers == managers
+    assert "managers: [" in (stage / "etc/ays/node.yaml").read_text()
+
+
 @pytest.mark.parametrize("address", ["172.21.16.81", "1.2.3:80", "10.0.0.1:99999"])
 def test_a_bad_manager_address_is_refused_showing_the_value(
     run: Run, stage: Path, address: str

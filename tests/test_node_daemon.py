@@ -583,10 +583,12 @@ def test_a_sigtermed_node_finishes_its_running_job_reports_it_and_exits_0(
     manager: FakeManager, start_node: Callable[..., NodeProcess]
 ) -> None:
     node = start_node()
-    accepted(node.run(job(manager, 51, "echo started; sleep 1.5; echo done")))
+    accepted(node.run(job(manager, 51, "echo started; sleep 4; echo done")))
     wait_until(lambda: node.output(51), 5, "run 51 to start")
     node.signal(signal.SIGTERM)
-    wait_until(lambda: node.get("/api/v1/health").json()["draining"], 5, "the node to drain")
+    # It says it is leaving, takes the jobs sent meanwhile for LEAVE_GRACE (2 s), then drains.
+    wait_until(lambda: node.get("/api/v1/health").json()["draining"], 10, "the node to drain")
+    assert manager.heartbeats[-1]["state"] == "leaving"
     stopping = node.run(job(manager, 52, "echo too late", task_id=2))
     assert stopping.status_code == 503
     assert "stopping" in stopping.json()["detail"]

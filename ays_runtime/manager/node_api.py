@@ -28,6 +28,7 @@ from ays_runtime.manager.schemas import ErrorOut, field_error
 from ays_runtime.protocol import (
     API,
     Heartbeat,
+    HeartbeatAnswer,
     JobResultReport,
     ResultAnswer,
     ResultBatch,
@@ -79,11 +80,11 @@ def node_router(
     router = APIRouter(prefix=API, responses=_errors(401, 422, 503))
 
     @router.post("/nodes/heartbeat", tags=["nodes"], responses=_errors(409))
-    async def heartbeat(beat: Heartbeat) -> dict[str, str]:
+    async def heartbeat(beat: Heartbeat) -> HeartbeatAnswer:
         if registry is None:
             raise HTTPException(409, "this environment's registry is not builtin: no heartbeats")
         await run_in_threadpool(registry.record_heartbeat, beat)
-        return {"status": "ok"}
+        return HeartbeatAnswer(managers=registry.live_managers)
 
     def missing(job_log_ids: list[int]) -> set[int]:
         if not job_log_ids:

@@ -119,8 +119,23 @@ class Manager:
         sessions = session_factory(engine)
 
         transport_box: list[Transport] = []
+        settling: set[asyncio.Task[None]] = set()
 
         async def dispatch(jobs: list[JobDispatch]) -> None:
+            # Runs for a group whose nodes the registry does not trust yet (this manager has
+            # just started) wait for a beat in the background: the caller never waits, and
+            # their rows stay pending (a stop meanwhile leaves them to the next start).
+            wait = [job for job in jobs if registry.settling(job.node_group)]
+            if wait:
+                task = asyncio.create_task(dispatch_settled(wait), name="dispatch-settling")
+                settling.add(task)
+                task.add_done_callback(settling.discard)
+            if len(wait) < len(jobs):
+                await transport_box[0].dispatch([job for job in jobs if job not in wait])
+
+        async def dispatch_settled(jobs: list[JobDispatch]) -> None:
+            groups = {job.node_group for job in jobs}
+            await asyncio.gather(*(registry.settled(group) for group in groups))
             await transport_box[0].dispatch(jobs)
 
         tracker = RunTracker(engine, self.manager_id, cfg.job_log.excerpt_bytes, dispatch)
@@ -257,6 +272,8 @@ class Manager:
         server.should_exit = True
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(api, 10)
+        for waiting in settling:
+            waiting.cancel()
         await transport.stop(5)
         await run_output.close()
         await tracker.stop()

@@ -14,6 +14,8 @@ Claims of runs starting together travel in one request per manager (a request in
 collects the next ones: group commit, no waiting window), and the manager writes them in
 one transaction.
 
+A claim goes to the manager that dispatched the run, or, when that one cannot be reached
+(a network error), to the node's next manager (`ManagerPool`): they share the database.
 When no manager answers (down, restarting, the database failing: any network error or
 non-200), the claim is asked again with backoff (0.5 s doubling to 5 s, jittered) for up to
 `node.start_claim_wait` seconds (60 by default). Past that the run is not started: it ends
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import httpx
 
 from ays_runtime.auth import auth_headers
+from ays_runtime.node.managers import ManagerPool
 from ays_runtime.protocol import API, StartClaimAnswer, StartClaimAnswers
 from ays_runtime.retry import Backoff
 from ays_runtime.storage.group_commit import Batcher
@@ -68,6 +71,10 @@ class _Unanswered(Exception):
     """The manager did not answer the claim request (the message says why)."""
 
 
+class _Unreachable(_Unanswered):
+    """The manager could not be reached at all: the next manager may be asked."""
+
+
 class StartClaims:
     def __init__(
         self,
@@ -76,7 +83,9 @@ class StartClaims:
         address: str,
         who: str,
         wait: float = CLAIM_WAIT,
+        managers: ManagerPool | None = None,
     ) -> None:
+        self._managers = managers  # where a claim goes when report_to cannot be reached
         self._client = client
         self._headers = auth_headers(token)
         self.address = address
@@ -132,8 +141,21 @@ class StartClaims:
         return batcher
 
     async def _send(self, report_to: str, ids: list[int]) -> list[StartClaimAnswer | None]:
-        """One claim request for `ids`: an answer per id (None: an older manager that does
-        not record claims). Raises _Unanswered."""
+        """One claim request for `ids`, to `report_to` or, while a manager cannot be
+        reached, the node's next one (managers share the database): an answer per id
+        (None: an older manager that does not record claims). Raises _Unanswered."""
+        managers = self._managers
+        failures: list[str] = []
+        for base in [report_to] if managers is None else managers.order(first=report_to):
+            try:
+                return await self._send_to(base, ids)
+            except _Unreachable as err:
+                if managers is not None:
+                    managers.failed(base)
+                failures.append(f"{base}: {err}")
+        raise _Unanswered("; ".join(failures))
+
+    async def _send_to(self, report_to: str, ids: list[int]) -> list[StartClaimAnswer | None]:
         url = f"{report_to.rstrip('/')}{API}/job-logs/claims"
         body = {"node": self.address, "job_log_ids": ids}
         try:
@@ -141,7 +163,7 @@ class StartClaims:
                 url, json=body, headers=self._headers, timeout=CLAIM_TIMEOUT
             )
         except httpx.HTTPError as err:
-            raise _Unanswered(f"{type(err).__name__} {err}".strip()) from None
+            raise _Unreachable(f"{type(err).__name__} {err}".strip()) from None
         if response.status_code in (404, 405):
             if report_to not in self._older:
                 self._older.add(report_to)

@@ -8,11 +8,14 @@ Phases, as in gunicorn's arbiter and uvicorn's server:
                  `journal`) and spool their results, start the HTTP server, the heartbeats
                  and the result retries
     main loop    wait for a stop request (a signal handler only records it)
-    shutdown     time-boxed: stop accepting jobs (503), let the held runs end for up to
-                 `drain_timeout` seconds (a second stop request cuts this short), kill what
-                 is left, report results (what the manager does not take stays in the spool
-                 for the next start), stop beating (Consul: deregister the service), close
-                 the server
+    shutdown     time-boxed: say the node is leaving (built-in registry: a beat with state
+                 leaving, and the managers route no new run here; jobs still arriving for
+                 LEAVE_GRACE seconds, sent before every manager knew, are taken), stop
+                 accepting jobs (503), let the held runs end for up to `drain_timeout`
+                 seconds (a second stop request cuts this short), kill what is left, report
+                 results (what no manager takes stays in the spool for the next start), stop
+                 beating with a last beat saying offline (Consul: deregister the service),
+                 close the server
 
 Reload (ays_runtime/service/runner.py): `ready` is set once the node serves. Once the new
 process is ready, `hand_over()` makes this one let go of the listening socket first (no
@@ -41,6 +44,7 @@ import time
 from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -57,6 +61,7 @@ from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
 from ays_runtime.node.claims import Claim, StartClaims
 from ays_runtime.node.executor import Executor, JobResult, JobSpec
 from ays_runtime.node.journal import RUNNING_DIR, JournalEntry, Reaped, RunJournal
+from ays_runtime.node.managers import ManagerPool
 from ays_runtime.node.membership import Membership, NodeMembership, http_host
 from ays_runtime.node.spool import (
     RESULTS_DIR,
@@ -89,6 +94,10 @@ DRAIN_TIMEOUT = 30.0
 # SIGKILL and its wait, fit in this for any sane kill_grace).
 KILL_WAIT = 15.0
 FLUSH_TIMEOUT = 5.0  # the last try to hand kept results to the manager before exiting
+# After a leaving beat, jobs are still taken this long: every manager drops the node from
+# its routing within a second of the beat (registry/builtin.py, REFRESH_INTERVAL), and a job
+# it sent just before must not be refused.
+LEAVE_GRACE = 2.0
 SERVER_STOP_TIMEOUT = 5.0  # open API connections get this long to finish
 STARTUP_TIMEOUT = 10.0
 # Finished ids remembered for duplicate detection (a redelivery comes within minutes; this
@@ -139,6 +148,9 @@ class NodeDaemon:
         self._membership: NodeMembership | None = None
         self._source: JobSource | None = None  # besides the API (RocketMQ: the group's topic)
         self._stopping = False
+        self._leaving = False  # stopping cleanly: the beats say so
+        self._gone = False  # the last beat is due
+        self._managers = ManagerPool.for_config(config, self.who)
         # Stop requests: recorded by signal handlers, acted on by serve().
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -253,7 +265,15 @@ class NodeDaemon:
             version=__version__,
             running_jobs=self._executor.running,
             max_concurrent_jobs=self._executor.max_concurrent,
+            state=self._beat_state(),
         )
+
+    def _beat_state(self) -> Literal["online", "leaving", "offline"]:
+        if not self._leaving:
+            return "online"
+        if not self._gone or self._runs or (self._reporter and self._reporter.pending):
+            return "leaving"  # runs or results still to come: not gone yet
+        return "offline"
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -281,7 +301,7 @@ class NodeDaemon:
 
             mq = RocketMQNodeTransport(self.config, self.group, self.address, client, self.token)
             return mq, mq
-        return HttpResultSink(client, self.token), None
+        return HttpResultSink(client, self.token, self._managers), None
 
     def _knows(self, job_log_id: int) -> bool:
         return (
@@ -458,12 +478,18 @@ class NodeDaemon:
             sink, self._source = self._transport(client)
             self._reporter = ResultReporter(self._spool, sink, self.who)
             self._claims = StartClaims(
-                client, self.token, self.address, self.who, self.config.node.start_claim_wait
+                client,
+                self.token,
+                self.address,
+                self.who,
+                self.config.node.start_claim_wait,
+                self._managers,
             )
             self._reporter.adopt(spooled)
             membership = self._membership = Membership.for_config(
                 self.config,
                 self.who,
+                self._managers,
                 beat_client,
                 self.token,
                 self.heartbeat,
@@ -540,6 +566,8 @@ class NodeDaemon:
     ) -> None:
         if self._handing_over and self._closer is not None and server.started:
             await release_listener(server, self._closer)
+        elif self._membership is not None:
+            await self._say_leaving(self._membership)
         self._stopping = True
         if self._source is not None:
             await self._source.stop()
@@ -560,6 +588,7 @@ class NodeDaemon:
         if self._source is not None:
             await self._source.close()
         if self._membership is not None and not self._handing_over:
+            self._gone = True
             await self._membership.leave()
         server.should_exit = True
         await asyncio.wait({server_task}, timeout=SERVER_STOP_TIMEOUT + 2)
@@ -568,6 +597,20 @@ class NodeDaemon:
             server_task.cancel()
             await asyncio.wait({server_task})
         log.info("%s: stopped", self.who)
+
+    async def _say_leaving(self, membership: NodeMembership) -> None:
+        """Tell the registry the node takes no new runs; then take the jobs still arriving
+        for LEAVE_GRACE seconds (a second stop request cuts this short)."""
+        self._leaving = True
+        if not await membership.leaving():
+            return
+        log.info(
+            "%s: leaving: the managers route no new runs here; %d run(s) held",
+            self.who,
+            len(self._runs),
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), LEAVE_GRACE)
 
     async def _drain(self) -> None:
         """Let the held runs end for up to drain_timeout; then kill the rest."""

@@ -1,15 +1,22 @@
-"""Registry membership of a node: heartbeats to the manager (built-in registry), or the
+"""Registry membership of a node: heartbeats to the managers (built-in registry), or the
 Consul node list and service (`ConsulMembership`, registry backend consul).
 
 Built-in registry:
 
-At start the node POSTs a Heartbeat to http://<manager.ip>:<manager.port>/api/v1/nodes/heartbeat
-with the access token, then one every `registry.heartbeat_interval` seconds; the manager marks
-a node offline after `registry.offline_after_missed` missed beats. The address advertised is
-node.ip:node.port from the config: explicit, never guessed from the network.
+At start the node POSTs a Heartbeat to <manager>/api/v1/nodes/heartbeat with the access
+token, then one every `registry.heartbeat_interval` seconds; the manager marks a node offline
+after `registry.offline_after_missed` missed beats. The managers are those of `node.managers`
+(or manager.ip:port) and the ones alive on their database, which each answer names
+(`ManagerPool`): a beat goes to the one that answered last, and on to the next when it does
+not answer. Any one taking it is enough: managers share the database, so the node stays
+online for all. The address advertised is node.ip:node.port from the config: explicit, never
+guessed from the network.
 
-While the manager is away the node goes on running its jobs and keeps beating; a failure is
-logged once per outage (not once per attempt), and the return is logged with how long it took.
+While no manager answers the node goes on running its jobs and keeps beating; a failure is
+logged once per outage (not once per attempt), and the return is logged with how long it
+took. A node that stops cleanly says so first (`leaving()`: a beat with state leaving, and
+the managers route no new run to it), beats on while it finishes its runs, and says offline
+last (`leave()`).
 
 Consul registry: see `ConsulMembership`.
 """
@@ -31,7 +38,8 @@ from ays_runtime import __version__
 from ays_runtime.auth import auth_headers
 from ays_runtime.config import ConsulRegistrySettings, EnvConfig
 from ays_runtime.exceptions import ConfigError, RegistryError
-from ays_runtime.protocol import API, Heartbeat
+from ays_runtime.node.managers import ManagerPool
+from ays_runtime.protocol import API, Heartbeat, HeartbeatAnswer
 from ays_runtime.retry import Backoff
 
 log = logging.getLogger("ays.node.membership")
@@ -40,10 +48,6 @@ log = logging.getLogger("ays.node.membership")
 def http_host(ip: str) -> str:
     """`ip` as the host part of a URL or an address (IPv6 in brackets)."""
     return f"[{ip}]" if ":" in ip else ip
-
-
-def manager_url(config: EnvConfig) -> str:
-    return f"http://{http_host(config.manager.ip)}:{config.manager.port}"
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,13 @@ class Attempts:
 
 
 class NodeMembership(Protocol):
-    """What the daemon does with a membership: run it in the background from startup, and
-    `leave()` once at a clean stop (after the runs are drained and reported).
+    """What the daemon does with a membership: run it in the background from startup; at a
+    clean stop, `leaving()` first (before the drain) and `leave()` once at the end (after the
+    runs are drained and reported, the background run cancelled).
+
+    `leaving()` tells the registry the node takes no new runs, when the registry has a way
+    to say so without the node's runs being taken for lost; True when it was told (the
+    daemon then gives the managers a moment to stop routing to it before it refuses jobs).
 
     `status()` answers at once, from memory, how the registration stands: `joining` until
     the first try is answered, `joined` while the last try succeeded (the manager took the
@@ -104,20 +113,22 @@ class NodeMembership(Protocol):
 
     async def run(self) -> None: ...
 
+    async def leaving(self) -> bool: ...
+
     async def leave(self) -> None: ...
 
     def status(self) -> MembershipStatus: ...
 
 
 class Membership:
-    """Beats to the manager until cancelled. `beat` builds each Heartbeat (it carries the
-    node's current load); `on_return` is called when the manager answers again after an
-    outage (the node uses it to resend kept results at once)."""
+    """Beats to the managers until cancelled. `beat` builds each Heartbeat (it carries the
+    node's current load and state); `on_return` is called when a manager answers again after
+    an outage (the node uses it to resend kept results at once)."""
 
     def __init__(
         self,
         who: str,
-        url: str,
+        managers: ManagerPool,
         interval: float,
         client: httpx.AsyncClient,
         token: str,
@@ -125,22 +136,24 @@ class Membership:
         on_return: Callable[[], None] | None = None,
     ) -> None:
         self.who = who
-        self.url = url
+        self.managers = managers
         self.interval = interval
         self._client = client
         self._token = token
         self._beat = beat
         self._on_return = on_return
         self._timeout = httpx.Timeout(min(5.0, max(interval, 1.0)))
-        self.joined = False  # the manager has taken at least one beat
+        self.joined = False  # a manager has taken at least one beat
         self._down_since: float | None = None
         self._attempts = Attempts()
+        self._one_at_a_time = asyncio.Lock()
 
     @classmethod
     def for_config(
         cls,
         config: EnvConfig,
         who: str,
+        managers: ManagerPool,
         client: httpx.AsyncClient,
         token: str,
         beat: Callable[[], Heartbeat],
@@ -151,13 +164,18 @@ class Membership:
             return ConsulMembership(config, config.registry, who)
         return cls(
             who,
-            f"{manager_url(config)}{API}/nodes/heartbeat",
+            managers,
             config.registry.heartbeat_interval,
             client,
             token,
             beat,
             on_return,
         )
+
+    @property
+    def url(self) -> str:
+        """The heartbeat URL of the manager that answered last."""
+        return _heartbeat_url(self.managers.current)
 
     async def run(self) -> None:
         """Beat now, then every `interval` seconds, until cancelled."""
@@ -166,32 +184,43 @@ class Membership:
             await self.beat_once()
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
+    async def leaving(self) -> bool:
+        """One beat now (the caller's beats say leaving from now on)."""
+        return await self.beat_once()
+
     async def leave(self) -> None:
-        """Nothing to undo: the manager marks a node that stops beating offline."""
+        """The last beat (it says offline, or still leaving when results wait to be sent:
+        the managers then mark the node offline when its beats stop)."""
+        await self.beat_once()
         self._attempts.left = True
 
     def status(self) -> MembershipStatus:
         return self._attempts.status("builtin", self.url)
 
     async def beat_once(self) -> bool:
-        """Send one heartbeat; True when the manager took it."""
+        """Send one heartbeat, to the managers in turn until one takes it; True when one
+        did. One at a time: a beat built before the node began leaving never lands after
+        the one that says so."""
+        async with self._one_at_a_time:
+            return await self._beat_once()
+
+    async def _beat_once(self) -> bool:
         heartbeat = self._beat()
-        why = await self._post(heartbeat)
-        if why:
-            self._attempts.failed(why)
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                log.warning(
-                    "%s: heartbeat to %s failed: %s; retrying every %gs, jobs keep running",
-                    self.who,
-                    self.url,
-                    why,
-                    self.interval,
-                )
-            else:
-                log.debug("%s: heartbeat failed again: %s", self.who, why)
-            return False
+        before = self.managers.current
+        failures: list[str] = []
+        reasons: list[str] = []
+        for base in self.managers.order():
+            why = await self._post(base, heartbeat)
+            if not why:
+                break
+            self.managers.failed(base)
+            failures.append(f"{_heartbeat_url(base)}: {why}")
+            reasons.append(why)
+        else:  # one manager: its reason alone (the URL is the target already)
+            return self._failed(reasons[0] if len(reasons) == 1 else "; ".join(failures))
         self._attempts.succeeded()
+        if failures and self.managers.current != before and self.joined:
+            log.warning("%s: heartbeats go to %s now (%s)", self.who, self.url, "; ".join(failures))
         if self._down_since is not None:
             away = time.monotonic() - self._down_since
             self._down_since = None
@@ -203,11 +232,27 @@ class Membership:
             log.info("%s: joined node group %s at %s", self.who, heartbeat.node_group, self.url)
         return True
 
-    async def _post(self, heartbeat: Heartbeat) -> str:
-        """'' when the manager took the beat, else why not."""
+    def _failed(self, why: str) -> bool:
+        self._attempts.failed(why)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "%s: heartbeat to %s failed: %s; retrying every %gs, jobs keep running",
+                self.who,
+                "any manager" if len(self.managers.urls()) > 1 else "the manager",
+                why,
+                self.interval,
+            )
+        else:
+            log.debug("%s: heartbeat failed again: %s", self.who, why)
+        return False
+
+    async def _post(self, base: str, heartbeat: Heartbeat) -> str:
+        """'' when the manager at `base` took the beat (it is then the one to use), else
+        why not."""
         try:
             response = await self._client.post(
-                self.url,
+                _heartbeat_url(base),
                 json=heartbeat.model_dump(mode="json"),
                 headers=auth_headers(self._token),
                 timeout=self._timeout,
@@ -215,11 +260,27 @@ class Membership:
         except httpx.HTTPError as err:
             return f"{type(err).__name__}: {err}" if str(err) else repr(err)
         if 200 <= response.status_code <= 299:
+            self.managers.succeeded(base)
+            self._learn(response)
             return ""
         why = f"HTTP {response.status_code}"
         if response.status_code == 401:
             why += " (the manager does not accept this node's access token)"
         return why
+
+    def _learn(self, response: httpx.Response) -> None:
+        """The managers alive beside the one that answered (a manager of an older version
+        names none)."""
+        try:
+            answer = HeartbeatAnswer.model_validate_json(response.content)
+        except ValueError:
+            return
+        if answer.managers:
+            self.managers.learn(answer.managers)
+
+
+def _heartbeat_url(base: str) -> str:
+    return f"{base}{API}/nodes/heartbeat"
 
 
 # How often a registered node asks its Consul agent whether it still has the service (an
@@ -269,6 +330,12 @@ class ConsulMembership:
 
     def status(self) -> MembershipStatus:
         return self._attempts.status("consul", self.where.removeprefix("consul "))
+
+    async def leaving(self) -> bool:
+        """Nothing yet: the service stays registered while the runs drain (a deregistered
+        node is a lost node to the managers, and its runs would be retried elsewhere);
+        `leave()` deregisters it."""
+        return False
 
     async def run(self) -> None:
         backoff = Backoff(first=1.0, cap=30.0)

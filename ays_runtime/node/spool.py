@@ -21,7 +21,9 @@ older version) with the token; for each result:
     401, 408, 429, 5xx, network  kept, retried
     any other 4xx (404: unknown job log)
                                  it can never succeed: logged, deleted
-The manager's result endpoint is idempotent, so sending a result twice is harmless.
+The manager's result endpoint is idempotent, so sending a result twice is harmless. A
+manager that cannot be reached (network error) hands the results on to the node's next
+manager (`ManagerPool`), which stores them in the same database.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import pydantic
 from ays_runtime.auth import auth_headers
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.metrics import node as node_metrics
+from ays_runtime.node.managers import ManagerPool
 from ays_runtime.protocol import API, JobResultReport, ResultBatchAnswer
 from ays_runtime.storage.group_commit import Batcher, GroupCommit
 from ays_runtime.transport.base import Delivery, ResultSink
@@ -337,27 +340,23 @@ class ResultReporter:
 
 
 class HttpResultSink(ResultSink):
-    """The built-in transport's results: POST to the manager that dispatched the run."""
+    """The built-in transport's results: POST to the manager that dispatched the run, or,
+    when it cannot be reached, to the next of the node's managers (`ManagerPool`): they
+    share the database, so any of them stores it."""
 
-    def __init__(self, client: httpx.AsyncClient, token: str) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, token: str, managers: ManagerPool | None = None
+    ) -> None:
         self._client = client
         self._token = token
+        self._managers = managers
 
     def destination(self, report_to: str) -> str:
         return report_to
 
     async def deliver(self, report: JobResultReport, report_to: str) -> tuple[Delivery, str]:
-        entry = SpooledResult(report_to, report)
-        try:
-            response = await self._client.post(
-                entry.url,
-                json=report.model_dump(mode="json"),
-                headers=auth_headers(self._token),
-                timeout=REPORT_TIMEOUT,
-            )
-        except httpx.HTTPError as err:
-            return Delivery.RETRY, _network_error(err)
-        return _outcome(response.status_code, _first_line(response.text))
+        (answer,) = await self.deliver_many([(report, report_to)])
+        return answer
 
     async def deliver_many(
         self, items: Sequence[tuple[JobResultReport, str]]
@@ -370,28 +369,45 @@ class HttpResultSink(ResultSink):
             by_manager.setdefault(report_to, []).append(i)
         for report_to, indexes in by_manager.items():
             reports = [items[i][0] for i in indexes]
-            got = await self._post_batch(reports, report_to)
+            got = await self._post_to_any(reports, report_to)
             for i, answer in zip(indexes, got, strict=True):
                 answers[i] = answer
         return answers
 
-    async def _post_batch(
+    async def _post_to_any(
         self, reports: list[JobResultReport], report_to: str
     ) -> list[tuple[Delivery, str]]:
+        """To `report_to`, or on to the next manager while one cannot be reached."""
+        managers = self._managers
+        failures: list[str] = []
+        for base in [report_to] if managers is None else managers.order(first=report_to):
+            try:
+                got = await self._post_batch(reports, base)
+            except httpx.HTTPError as err:
+                if managers is not None:
+                    managers.failed(base)
+                failures.append(f"{base}: {_network_error(err)}")
+                continue
+            if managers is not None:
+                managers.answered(base)
+            return got
+        return [(Delivery.RETRY, "; ".join(failures))] * len(reports)
+
+    async def _post_batch(
+        self, reports: list[JobResultReport], base: str
+    ) -> list[tuple[Delivery, str]]:
+        """Raises httpx.HTTPError when the manager at `base` cannot be reached."""
         if len(reports) == 1:
-            return [await self.deliver(reports[0], report_to)]
-        try:
-            response = await self._client.post(
-                f"{report_to.rstrip('/')}{API}/job-logs/results",
-                json={"results": [r.model_dump(mode="json") for r in reports]},
-                headers=auth_headers(self._token),
-                timeout=REPORT_TIMEOUT,
-            )
-        except httpx.HTTPError as err:
-            return [(Delivery.RETRY, _network_error(err))] * len(reports)
+            return [await self._post_one(reports[0], base)]
+        response = await self._client.post(
+            f"{base.rstrip('/')}{API}/job-logs/results",
+            json={"results": [r.model_dump(mode="json") for r in reports]},
+            headers=auth_headers(self._token),
+            timeout=REPORT_TIMEOUT,
+        )
         # 404/405: a manager of an older version; 413: too large together, each fits alone.
         if response.status_code in (404, 405, 413):
-            return [await self.deliver(report, report_to) for report in reports]
+            return [await self._post_one(report, base) for report in reports]
         if response.status_code != 200:
             return [_outcome(response.status_code, _first_line(response.text))] * len(reports)
         by_id = {
@@ -405,6 +421,15 @@ class HttpResultSink(ResultSink):
             else:
                 answers.append(_outcome(answer.status_code, answer.detail))
         return answers
+
+    async def _post_one(self, report: JobResultReport, base: str) -> tuple[Delivery, str]:
+        response = await self._client.post(
+            SpooledResult(base, report).url,
+            json=report.model_dump(mode="json"),
+            headers=auth_headers(self._token),
+            timeout=REPORT_TIMEOUT,
+        )
+        return _outcome(response.status_code, _first_line(response.text))
 
 
 def _outcome(code: int, text: str) -> tuple[Delivery, str]:

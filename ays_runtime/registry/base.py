@@ -3,6 +3,7 @@ keeps: a node joining a group that does not exist creates it (`ensure_node_group
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from sqlalchemy import Connection, select
 
 from ays_runtime.storage.database import insert_ignoring_duplicates, utcnow
 from ays_runtime.storage.models import NodeGroup
+
+SETTLE_POLL = 0.1  # seconds between looks while a registry settles
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,17 @@ class NodeRegistry(ABC):
     @abstractmethod
     def healthy_nodes(self, node_group: str) -> list[NodeRef]:
         """Online nodes of `node_group`, in a stable order (by ip, then port)."""
+
+    def settling(self, node_group: str) -> bool:
+        """Whether runs for `node_group` should wait a moment before being routed: the
+        backend has just started and may know of a node of the group it does not trust yet
+        (see BuiltinRegistry). False by default; it must turn False within seconds."""
+        return False
+
+    async def settled(self, node_group: str) -> None:
+        """Return once `settling(node_group)` is False."""
+        while self.settling(node_group):
+            await asyncio.sleep(SETTLE_POLL)
 
     def list_node(self, ip: str, port: int, node_group: str) -> None:  # noqa: B027 - optional hook
         """Put a node an operator added by hand into the backend's own node list.

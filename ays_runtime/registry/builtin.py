@@ -1,9 +1,21 @@
 """The built-in registry: nodes heartbeat to the manager over HTTP; missed beats = offline.
 
-State lives in `ays_node`, so several managers sharing one database agree. Each manager
-refreshes its in-memory view every second and sweeps for silent nodes every heartbeat
+State lives in `ays_node`, so several managers sharing one database agree: a beat recorded by
+any of them keeps the node online for all (a node beats to whichever manager answers). Each
+manager refreshes its in-memory view every second and sweeps for silent nodes every heartbeat
 interval; the sweep is one guarded UPDATE, so when two managers sweep at once only one of them
 sees each node go offline (and handles its runs).
+
+A node stopping cleanly beats with state `leaving` first: the manager that takes the beat
+drops it from routing at once, the others at their next refresh; it still beats while it
+finishes its runs (so it is not lost), and its last beat says `offline`. A node that falls
+silent while leaving is swept like an online one.
+
+At start a manager trusts only nodes whose last beat is recent (`_trusted_since`): an
+`online` saved before an outage of the managers says nothing about the node now, so such a
+node takes runs again once it beats, to this manager or another. Meanwhile, for at most one
+heartbeat interval (and 2 s), a group that has such nodes and no trusted one is `settling`:
+its runs wait for a beat instead of failing for want of a node.
 """
 
 from __future__ import annotations
@@ -11,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,11 +33,24 @@ from ays_runtime.config import BuiltinRegistrySettings
 from ays_runtime.protocol import Heartbeat
 from ays_runtime.registry.base import NodeRef, NodeRegistry, ensure_node_groups
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import Node, NodeSource, NodeStatus
+from ays_runtime.storage.models import Manager, Node, NodeSource, NodeStatus
 
 log = logging.getLogger("ays.registry")
 
 REFRESH_INTERVAL = 1.0
+# A node whose last beat is older than this many heartbeat intervals (plus TRUST_SLACK) at
+# the manager's start is not routed to until it beats again.
+TRUST_SLACK = 1.0
+# Nodes beat with state leaving, and this is how they are stored: the other node states.
+_BEAT_STATUS = {
+    "online": NodeStatus.ONLINE.value,
+    "leaving": NodeStatus.LEAVING.value,
+    "offline": NodeStatus.OFFLINE.value,
+}
+_BEATING = (NodeStatus.ONLINE.value, NodeStatus.LEAVING.value)
+# Managers refresh their ays_manager row every 5 s (manager/service.py, REAP_INTERVAL); one
+# silent for longer than this is not offered to nodes as a place to beat and report to.
+MANAGER_ALIVE_WITHIN = timedelta(seconds=20)
 
 
 class BuiltinRegistry(NodeRegistry):
@@ -39,13 +65,29 @@ class BuiltinRegistry(NodeRegistry):
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        # Beats recorded before this are from before this manager started (see the module).
+        self._trusted_since: datetime | None = None
+        self._suspects: dict[str, int] = {}  # online nodes not trusted yet, per group
+        self._settle_until = 0.0  # time.monotonic(): until then a group may be settling
+        # The managers alive on this database (IP:PORT), told to nodes with each beat.
+        self.live_managers: list[str] = [manager_id]
 
     def healthy_nodes(self, node_group: str) -> list[NodeRef]:
         return self._healthy.get(node_group, [])
 
     async def start(self) -> None:
+        trust = timedelta(seconds=self.settings.heartbeat_interval + TRUST_SLACK)
+        self._trusted_since = utcnow() - trust
+        self._settle_until = time.monotonic() + self.settings.heartbeat_interval + 2 * TRUST_SLACK
         await asyncio.to_thread(self._refresh)
         self._task = asyncio.create_task(self._loop(), name="registry-builtin")
+
+    def settling(self, node_group: str) -> bool:
+        return (
+            bool(self._suspects.get(node_group))
+            and not self._healthy.get(node_group)
+            and time.monotonic() < self._settle_until
+        )
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -56,12 +98,13 @@ class BuiltinRegistry(NodeRegistry):
     # -- heartbeats (called by the API) ---------------------------------------------------
 
     def record_heartbeat(self, beat: Heartbeat) -> bool:
-        """Upsert the node as online (creating its node group if there is none); True when
-        it was not online before."""
+        """Upsert the node with the state its beat says (creating its node group if there
+        is none); True when it came online (it was not online before)."""
         now = utcnow()
+        status = _BEAT_STATUS[beat.state]
         values = {
             "node_group": beat.node_group,
-            "status": NodeStatus.ONLINE.value,
+            "status": status,
             "version": beat.version,
             "running_jobs": beat.running_jobs,
             "last_seen": now,
@@ -82,10 +125,10 @@ class BuiltinRegistry(NodeRegistry):
                         **values,
                     )
                 )
-                came_online = True
+                before = None
             else:
                 conn.execute(update(Node).where(Node.id == row.id).values(**values))
-                came_online = row.status != NodeStatus.ONLINE.value
+                before = row.status
         for group in created:
             log.info(
                 "manager %s: node group %s created: node %s:%d joined it",
@@ -94,6 +137,22 @@ class BuiltinRegistry(NodeRegistry):
                 beat.ip,
                 beat.port,
             )
+        ref = NodeRef(beat.ip, beat.port, beat.node_group, beat.running_jobs)
+        if status != NodeStatus.ONLINE.value:
+            self._drop_healthy(ref)
+            if before != status:
+                log.info(
+                    "manager %s: node %s:%d (%s) %s",
+                    self.manager_id,
+                    beat.ip,
+                    beat.port,
+                    beat.node_group,
+                    "is leaving: no new runs for it"
+                    if status == NodeStatus.LEAVING.value
+                    else "has left",
+                )
+            return False
+        came_online = before != NodeStatus.ONLINE.value
         if came_online:
             log.info(
                 "manager %s: node %s:%d (%s) is online",
@@ -102,7 +161,8 @@ class BuiltinRegistry(NodeRegistry):
                 beat.port,
                 beat.node_group,
             )
-            self._add_healthy(NodeRef(beat.ip, beat.port, beat.node_group, beat.running_jobs))
+        if came_online or all(n.address != ref.address for n in self.healthy_nodes(ref.node_group)):
+            self._add_healthy(ref)  # also a node not trusted since this manager started
         return came_online
 
     def _add_healthy(self, ref: NodeRef) -> None:
@@ -112,16 +172,23 @@ class BuiltinRegistry(NodeRegistry):
         nodes.sort(key=lambda n: (n.ip, n.port))
         self._healthy[ref.node_group] = nodes
 
+    def _drop_healthy(self, ref: NodeRef) -> None:
+        # Stop routing to a leaving node at once instead of at the next refresh.
+        for group, nodes in list(self._healthy.items()):
+            if any(n.address == ref.address for n in nodes):
+                self._healthy[group] = [n for n in nodes if n.address != ref.address]
+
     # -- sweeping and refreshing ----------------------------------------------------------
 
     def sweep(self) -> list[str]:
-        """Mark online nodes silent for longer than the offline timeout as offline."""
+        """Mark online (or leaving) nodes silent for longer than the offline timeout as
+        offline."""
         cutoff = utcnow() - self.offline_after
         lost: list[str] = []
         with self.engine.begin() as conn:
             silent = conn.execute(
                 select(Node.id, Node.ip, Node.port).where(
-                    Node.status == NodeStatus.ONLINE.value, Node.last_seen < cutoff
+                    Node.status.in_(_BEATING), Node.last_seen < cutoff
                 )
             ).all()
             for node in silent:
@@ -129,7 +196,7 @@ class BuiltinRegistry(NodeRegistry):
                     update(Node)
                     .where(
                         Node.id == node.id,
-                        Node.status == NodeStatus.ONLINE.value,
+                        Node.status.in_(_BEATING),
                         Node.last_seen < cutoff,
                     )
                     .values(status=NodeStatus.OFFLINE.value, updated_at=utcnow())
@@ -138,27 +205,46 @@ class BuiltinRegistry(NodeRegistry):
                     lost.append(f"{node.ip}:{node.port}")
         return lost
 
+    def _refresh_managers(self) -> None:
+        with self.engine.connect() as conn:
+            alive = conn.execute(
+                select(Manager.manager_id)
+                .where(Manager.last_seen >= utcnow() - MANAGER_ALIVE_WITHIN)
+                .order_by(Manager.manager_id)
+            ).scalars()
+            self.live_managers = sorted({self.manager_id, *alive})
+
     def _refresh(self) -> None:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(Node.ip, Node.port, Node.node_group, Node.running_jobs)
+                select(Node.ip, Node.port, Node.node_group, Node.running_jobs, Node.last_seen)
                 .where(Node.status == NodeStatus.ONLINE.value)
                 .order_by(Node.ip, Node.port)
             ).all()
         healthy: dict[str, list[NodeRef]] = {}
+        suspects: dict[str, int] = {}
+        since = self._trusted_since
         for r in rows:
+            if since is not None and (r.last_seen is None or r.last_seen < since):
+                suspects[r.node_group] = suspects.get(r.node_group, 0) + 1
+                continue
             healthy.setdefault(r.node_group, []).append(
                 NodeRef(r.ip, r.port, r.node_group, r.running_jobs)
             )
         self._healthy = healthy
+        self._suspects = suspects
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         # Beats missed while this manager was down say nothing about the nodes: give them one
         # full offline window to reach it before the first sweep.
         next_sweep = loop.time() + self.offline_after.total_seconds()
+        next_managers = loop.time()
         while not self._stopping.is_set():
             try:
+                if loop.time() >= next_managers:
+                    next_managers = loop.time() + self.settings.heartbeat_interval
+                    await asyncio.to_thread(self._refresh_managers)
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.settings.heartbeat_interval
                     for address in await asyncio.to_thread(self.sweep):
