@@ -182,6 +182,7 @@ _FINGERPRINT = select(
 )
 _snapshots: WeakKeyDictionary[Engine, _Snapshot] = WeakKeyDictionary()
 _snapshots_lock = threading.Lock()
+_UNPARSED: Any = object()
 
 
 def forecast(
@@ -306,11 +307,13 @@ def _groups(session: Session) -> tuple[list[_Group], dict[int, Any], list[TaskRe
     groups: dict[tuple[str, str], _Group] = {}
     refs: dict[int, Any] = {}
     invalid: list[TaskRef] = []
+    parsed: dict[tuple[str, str], Schedule | None] = {}  # one parse per distinct pair
     for row in rows:
         task_id, _, expression, tz = row
-        try:
-            schedule = parse_schedule(expression, tz)
-        except ScheduleError:
+        schedule = parsed.get((expression, tz), _UNPARSED)
+        if schedule is _UNPARSED:
+            schedule = parsed[expression, tz] = _parsed(expression, tz)
+        if schedule is None:
             invalid.append(_ref(row))
             continue
         refs[task_id] = row
@@ -319,6 +322,13 @@ def _groups(session: Session) -> tuple[list[_Group], dict[int, Any], list[TaskRe
             groups[key] = _Group(schedule, expression, tz)
         groups[key].task_ids.append(task_id)
     return list(groups.values()), refs, invalid
+
+
+def _parsed(expression: str, timezone: str) -> Schedule | None:
+    try:
+        return parse_schedule(expression, timezone)
+    except ScheduleError:
+        return None
 
 
 def _ref(row: Any) -> TaskRef:
