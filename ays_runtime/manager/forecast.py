@@ -38,8 +38,9 @@ group's slots computed once; a cron schedule's minutes are matched day by day fr
 croniter's expansion of its fields (schedule.cron_minutes; croniter walks only `L`, `#` and
 windows with a DST change) and its seconds from its seconds field once; an `@every` rate is
 arithmetic. Work grows with the distinct schedules and the window, not with the tasks: about
-0.1-0.25 s for 10k tasks on ~1,000 distinct schedules when nothing is cached
-(bench/console_bench.py). Then three caches, each bounded:
+0.06-0.13 s for 10k tasks on ~1,000 distinct schedules with nothing of the forecast cached,
+plus ~0.3 s the first time a process parses those schedules (croniter's validation, cached by
+parse_schedule; bench/console_bench.py). Then three caches, each bounded:
 
 * a cron schedule's minutes for the window from the start of the hour, one hour longer
   (`_cron_window`, an LRU keyed by (fields, time zone, hour, length)): a window starting
