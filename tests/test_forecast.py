@@ -137,8 +137,12 @@ def test_a_task_changed_shows_in_the_next_forecast_at_once(
     assert back.fires[0] == 2 and [t.name for t in back.pileups[0].tasks] == ["t1"]
 
 
+@pytest.mark.parametrize(
+    "first",
+    [START, datetime(2026, 3, 29, 0, 0), datetime(2026, 10, 25, 0, 30)],  # Europe's DST changes
+)
 def test_a_window_shifted_from_a_cached_one_is_the_window_computed_afresh(
-    sessions: sessionmaker[Session],
+    sessions: sessionmaker[Session], first: datetime
 ) -> None:
     add_tasks(
         sessions,
@@ -147,12 +151,14 @@ def test_a_window_shifted_from_a_cached_one_is_the_window_computed_afresh(
             ("15 5,50 3 * * *", "Asia/Kolkata", True),
             ("0 0 9 * * 1-5", "America/New_York", True),
             ("*/20 * * * * *", "Europe/Berlin", True),
+            ("0 */5 * * * *", "Europe/Berlin", True),
+            ("0 15 */2 * * 0", "Europe/Berlin", True),
             ("@every 7s", "UTC", True),
         ],
     )
-    later = START + timedelta(minutes=37)  # the same hour: a slice of the cached window
+    later = first + timedelta(minutes=37)  # the same hour: a slice of the cached window
     with sessions() as session:
-        forecast(session, start=START, hours=24, threshold=1)
+        forecast(session, start=first, hours=24, threshold=1)
         shifted = forecast(session, start=later, hours=24, threshold=1)
     forecast_module._cron_window.cache_clear()
     forecast_module._snapshots.clear()
@@ -164,6 +170,13 @@ def test_a_window_shifted_from_a_cached_one_is_the_window_computed_afresh(
 def test_a_window_longer_than_a_week_is_refused(sessions: sessionmaker[Session]) -> None:
     with sessions() as session, pytest.raises(ValidationError, match="hours: 169"):
         forecast(session, hours=169)
+
+
+def test_no_minute_before_the_window_is_walked_to_in_a_repeated_hour() -> None:
+    # 01:00 UTC on 2026-10-25 is 03:00 CEST, which becomes 02:00 CET: croniter's next
+    # 02:15 is in the hour before.
+    found = cron_minutes_walked("15 */2 * * 0", "Europe/Berlin", datetime(2026, 10, 25, 1), 600)
+    assert found and min(found) >= 0
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,9 @@ parse_schedule; bench/console_bench.py). Then three caches, each bounded:
 
 * a cron schedule's minutes for the window from the start of the hour, one hour longer
   (`_cron_window`, an LRU keyed by (fields, time zone, hour, length)): a window starting
-  later in that hour is a slice of it, shifted by the minutes elapsed;
+  later in that hour is a slice of it, shifted by the minutes elapsed (when its minutes are
+  matched from the expanded fields; croniter's walks, near a DST change, are kept per
+  window start, as a walk's answer there depends on where it starts);
 * per database engine, the enabled tasks' groups and rows as last read (`_Snapshot`), kept
   while the tasks' fingerprint (`_FINGERPRINT`: count, sum of versions, sum of ids, sum of the
   enabled ids, newest `updated_at`, one aggregate query per load) is unchanged: every change
@@ -81,6 +83,7 @@ from ays_runtime.scheduler.schedule import (
     Schedule,
     check_slot_moment,
     cron_minutes,
+    cron_minutes_expanded,
     cron_seconds,
     parse_schedule,
 )
@@ -393,20 +396,25 @@ def _plan(group: _Group, begin: datetime, seconds: int) -> _Plan:
         return _EveryPlan(schedule.period, begin, seconds)
     assert isinstance(schedule, CronSchedule)
     second_field, minute_fields = schedule.fields.split(" ", 1)
+    tz = group.timezone
+    minutes = seconds // 60
+    hour = begin.replace(minute=0)
+    if not cron_minutes_expanded(minute_fields, tz, hour, minutes + 60):
+        # Walked by croniter (`L`, `#`, a DST change): kept for this very window only.
+        kept = _cron_window(minute_fields, tz, begin, minutes)
+        return _CronPlan(list(kept), cron_seconds(second_field))
     # The window is a slice of the one from the start of its hour, an hour longer (cached):
     # the minutes elapsed since are cut from its start and subtracted.
-    hour = begin.replace(minute=0)
     shift = (begin - hour) // timedelta(minutes=1)
-    minutes = seconds // 60
-    kept = _cron_window(minute_fields, group.timezone, hour, minutes + 60)
+    kept = _cron_window(minute_fields, tz, hour, minutes + 60)
     first, last = bisect_left(kept, shift), bisect_left(kept, shift + minutes)
     return _CronPlan([m - shift for m in kept[first:last]], cron_seconds(second_field))
 
 
 @lru_cache(maxsize=CRON_WINDOWS)
-def _cron_window(minute_fields: str, timezone: str, hour: datetime, minutes: int) -> array[int]:
+def _cron_window(minute_fields: str, timezone: str, start: datetime, minutes: int) -> array[int]:
     """cron_minutes of the window, as 2-byte numbers (a week and an hour is 10,140 minutes)."""
-    return array("H", cron_minutes(minute_fields, timezone, hour, minutes))
+    return array("H", cron_minutes(minute_fields, timezone, start, minutes))
 
 
 # --- pile-ups -------------------------------------------------------------------------------

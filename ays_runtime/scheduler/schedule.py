@@ -316,6 +316,21 @@ def cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> l
     return sorted(set(found))
 
 
+def cron_minutes_expanded(fields: str, timezone: str, begin: datetime, minutes: int) -> bool:
+    """Whether `cron_minutes` matches this window from the expanded fields rather than
+    croniter's walk: then each minute is matched on its own, and its answer for a window
+    inside this one is a slice of this one's (shifted by the minutes between their starts).
+    A walk's answer near a DST change depends on where it starts."""
+    if fields == "* * * * *":
+        return True
+    if _expanded(fields) is None:
+        return False
+    tz = parse_timezone(timezone)
+    first = begin.replace(tzinfo=UTC).astimezone(tz).date()
+    end = begin + timedelta(minutes=minutes)
+    return not _offset_changes(tz, first, end.replace(tzinfo=UTC).astimezone(tz).date())
+
+
 @lru_cache(maxsize=4096)
 def _expanded(fields: str) -> list[list[Any]] | None:
     """croniter's expansion of five cron fields, or None when it holds `L`, `#` or anything
@@ -349,6 +364,8 @@ def cron_minutes_walked(fields: str, timezone: str, begin: datetime, minutes: in
         index = int((moment.astimezone(UTC).replace(tzinfo=None) - begin).total_seconds()) // 60
         if index >= minutes:
             break
+        if index < 0:  # croniter's answer in a repeated (DST) hour can fall before `begin`
+            continue
         if not found or index > found[-1]:
             found.append(index)
     return found
