@@ -9,6 +9,8 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import ValidationError
+from ays_runtime.manager import forecast as forecast_module
+from ays_runtime.manager import tasks
 from ays_runtime.manager.forecast import forecast, tasks_at
 from ays_runtime.scheduler.schedule import cron_minutes, cron_minutes_walked
 from ays_runtime.storage.models import NodeGroup, Task
@@ -106,9 +108,75 @@ def test_the_tasks_due_in_one_second_are_paged(sessions: sessionmaker[Session]) 
     assert [t.name for t in half.items] == ["t7", "t8"]
 
 
+def test_a_task_changed_shows_in_the_next_forecast_at_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    add_tasks(sessions, [("0 * * * * *", "UTC", True)] * 3)
+    with sessions() as session:
+        before = forecast(session, start=START, hours=1, threshold=1)
+        again = forecast(session, start=START, hours=1, threshold=1)
+    assert again is before  # a reload in the same minute is answered from the cache
+    assert before.fires[0] == 3 and before.pileups[0].tasks_total == 3
+
+    with sessions() as session:
+        tasks.update_task(session, 1, {"schedule": "30 * * * * *"})  # t0 moves to :30
+        tasks.disable_task(session, 2)  # t1 no longer fires
+        moved = forecast(session, start=START, hours=1, threshold=1)
+        due = tasks_at(session, START.replace(second=30))
+    assert moved.fires[0] == 2 and moved.peak_second[0] == 1 and moved.tasks == 2
+    assert [(p.second, [t.name for t in p.tasks]) for p in moved.pileups] == [
+        (0, ["t2"]),
+        (30, ["t0"]),
+    ]
+    assert [t.name for t in due.items] == ["t0"]
+
+    with sessions() as session:
+        tasks.delete_task(session, 3)
+        tasks.enable_task(session, 2)
+        back = forecast(session, start=START, hours=1, threshold=1)
+    assert back.fires[0] == 2 and [t.name for t in back.pileups[0].tasks] == ["t1"]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [START, datetime(2026, 3, 29, 0, 0), datetime(2026, 10, 25, 0, 30)],  # Europe's DST changes
+)
+def test_a_window_shifted_from_a_cached_one_is_the_window_computed_afresh(
+    sessions: sessionmaker[Session], first: datetime
+) -> None:
+    add_tasks(
+        sessions,
+        [
+            ("0 */7 * * * *", "UTC", True),
+            ("15 5,50 3 * * *", "Asia/Kolkata", True),
+            ("0 0 9 * * 1-5", "America/New_York", True),
+            ("*/20 * * * * *", "Europe/Berlin", True),
+            ("0 */5 * * * *", "Europe/Berlin", True),
+            ("0 15 */2 * * 0", "Europe/Berlin", True),
+            ("@every 7s", "UTC", True),
+        ],
+    )
+    later = first + timedelta(minutes=37)  # the same hour: a slice of the cached window
+    with sessions() as session:
+        forecast(session, start=first, hours=24, threshold=1)
+        shifted = forecast(session, start=later, hours=24, threshold=1)
+    forecast_module._cron_window.cache_clear()
+    forecast_module._snapshots.clear()
+    with sessions() as session:
+        fresh = forecast(session, start=later, hours=24, threshold=1)
+    assert shifted is not fresh and shifted == fresh
+
+
 def test_a_window_longer_than_a_week_is_refused(sessions: sessionmaker[Session]) -> None:
     with sessions() as session, pytest.raises(ValidationError, match="hours: 169"):
         forecast(session, hours=169)
+
+
+def test_no_minute_before_the_window_is_walked_to_in_a_repeated_hour() -> None:
+    # 01:00 UTC on 2026-10-25 is 03:00 CEST, which becomes 02:00 CET: croniter's next
+    # 02:15 is in the hour before.
+    found = cron_minutes_walked("15 */2 * * 0", "Europe/Berlin", datetime(2026, 10, 25, 1), 600)
+    assert found and min(found) >= 0
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,23 @@ group's slots computed once; a cron schedule's minutes are matched day by day fr
 croniter's expansion of its fields (schedule.cron_minutes; croniter walks only `L`, `#` and
 windows with a DST change) and its seconds from its seconds field once; an `@every` rate is
 arithmetic. Work grows with the distinct schedules and the window, not with the tasks: about
-0.3-0.5 s for 10k tasks on ~1,000 distinct schedules (bench/console_bench.py).
+0.06-0.13 s for 10k tasks on ~1,000 distinct schedules with nothing of the forecast cached,
+plus ~0.3 s the first time a process parses those schedules (croniter's validation, cached by
+parse_schedule; bench/console_bench.py). Then three caches, each bounded:
+
+* a cron schedule's minutes for the window from the start of the hour, one hour longer
+  (`_cron_window`, an LRU keyed by (fields, time zone, hour, length)): a window starting
+  later in that hour is a slice of it, shifted by the minutes elapsed (when its minutes are
+  matched from the expanded fields; croniter's walks, near a DST change, are kept per
+  window start, as a walk's answer there depends on where it starts);
+* per database engine, the enabled tasks' groups and rows as last read (`_Snapshot`), kept
+  while the tasks' fingerprint (`_FINGERPRINT`: count, sum of versions, sum of ids, sum of the
+  enabled ids, newest `updated_at`, one aggregate query per load) is unchanged: every change
+  made through Ays (API, console, CLI, apply) bumps the task's version and `updated_at`, a
+  new or deleted task changes the count and the sums, enabling or disabling changes the
+  enabled sum; a change written behind Ays's back in SQL without them is not seen;
+* in that snapshot, the last few forecasts answered (window start minute and parameters), so
+  reloads within the minute answer at once. A Forecast returned may be shared: read it.
 
 `forecast` raises ValidationError naming `hours` outside 1..MAX_HOURS and `start` outside
 1970-9000.
@@ -46,14 +62,18 @@ arithmetic. Work grows with the distinct schedules and the window, not with the 
 
 from __future__ import annotations
 
+import threading
 from array import array
-from collections import defaultdict
+from bisect import bisect_left
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session
 
 from ays_runtime.exceptions import ScheduleError, ValidationError
@@ -63,6 +83,7 @@ from ays_runtime.scheduler.schedule import (
     Schedule,
     check_slot_moment,
     cron_minutes,
+    cron_minutes_expanded,
     cron_seconds,
     parse_schedule,
 )
@@ -77,6 +98,11 @@ DEFAULT_THRESHOLD = 100
 MAX_PILEUP_SECONDS = 20_000
 _EPOCH = datetime(1970, 1, 1)
 _US = 1_000_000
+# Cron windows kept (one per distinct schedule, time zone and hour): ~1,100 schedules twice
+# over, each at most 169 h of minutes as 2-byte numbers (~20 kB; a day's: ~3 kB).
+CRON_WINDOWS = 4096
+# Forecasts kept per snapshot of the tasks: a few windows or thresholds asked in turn.
+FORECASTS_KEPT = 8
 
 
 class TaskRef(BaseModel):
@@ -136,6 +162,33 @@ class _Group:
     task_ids: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Snapshot:
+    """The enabled tasks as read when the tasks' fingerprint was `fingerprint`: their groups,
+    their rows by id (a TaskRef is made only for the tasks listed: 10k pydantic models would
+    cost more than the forecast), the tasks whose schedule no longer parses, and the last
+    forecasts answered from them."""
+
+    fingerprint: tuple[Any, ...]
+    groups: list[_Group]
+    refs: dict[int, Any]
+    invalid: list[TaskRef]
+    forecasts: OrderedDict[tuple[Any, ...], Forecast] = field(default_factory=OrderedDict)
+
+
+# What changes when a task does (see the module docstring): read before every forecast.
+_FINGERPRINT = select(
+    func.count(Task.id),
+    func.sum(Task.version),
+    func.sum(Task.id),
+    func.sum(case((Task.enabled.is_(True), Task.id), else_=0)),
+    func.max(Task.updated_at),
+)
+_snapshots: WeakKeyDictionary[Engine, _Snapshot] = WeakKeyDictionary()
+_snapshots_lock = threading.Lock()
+_UNPARSED: Any = object()
+
+
 def forecast(
     session: Session,
     *,
@@ -150,8 +203,31 @@ def forecast(
         raise ValidationError("hours", hours, f"a whole number of hours from 1 to {MAX_HOURS}")
     begin = (start or utcnow()).replace(second=0, microsecond=0)
     check_slot_moment("start", begin)
+    snapshot = _snapshot(session)
+    key = (begin, hours, threshold, pileups, tasks_per_pileup)
+    with _snapshots_lock:
+        known = snapshot.forecasts.get(key)
+        if known is not None:
+            snapshot.forecasts.move_to_end(key)
+            return known
+    answer = _computed(snapshot, begin, hours, threshold, pileups, tasks_per_pileup)
+    with _snapshots_lock:
+        snapshot.forecasts[key] = answer
+        while len(snapshot.forecasts) > FORECASTS_KEPT:
+            snapshot.forecasts.popitem(last=False)
+    return answer
+
+
+def _computed(
+    snapshot: _Snapshot,
+    begin: datetime,
+    hours: int,
+    threshold: int,
+    pileups: int,
+    tasks_per_pileup: int,
+) -> Forecast:
     seconds = hours * 3600
-    groups, refs, invalid = _groups(session)
+    groups, refs = snapshot.groups, snapshot.refs
     cells = array("q", bytes(8 * seconds))
     plans = [_plan(g, begin, seconds) for g in groups]
     for group, plan in zip(groups, plans, strict=True):
@@ -177,7 +253,7 @@ def forecast(
         threshold=threshold,
         pileups=shown,
         pileups_truncated=truncated or len(found) > pileups,
-        invalid=invalid,
+        invalid=snapshot.invalid,
     )
 
 
@@ -185,38 +261,63 @@ def tasks_at(session: Session, at: datetime, *, limit: int = 100, offset: int = 
     """Every enabled task with a slot in the second `at` falls in, by id, one page of them."""
     check_slot_moment("at", at)
     second = at.replace(microsecond=0)
-    groups, refs, _ = _groups(session)
+    snapshot = _snapshot(session)
     due: list[int] = []
     before = second - timedelta(microseconds=1)
-    for g in groups:
+    for g in snapshot.groups:
         if g.schedule.next_after(before) < second + timedelta(seconds=1):
             due.extend(g.task_ids)
     due.sort()
     return TasksAt(
-        at=second, items=[_ref(refs[i]) for i in due[offset : offset + limit]], total=len(due)
+        at=second,
+        items=[_ref(snapshot.refs[i]) for i in due[offset : offset + limit]],
+        total=len(due),
     )
 
 
-# --- the schedules' slots ------------------------------------------------------------------
+# --- the tasks, read once per change ----------------------------------------------------------
+
+
+def _snapshot(session: Session) -> _Snapshot:
+    """The enabled tasks of the session's database: the snapshot kept for its engine while
+    the tasks' fingerprint is unchanged, else read now (and kept)."""
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    fingerprint = tuple(session.execute(_FINGERPRINT).one())
+    with _snapshots_lock:
+        kept = _snapshots.get(engine)
+    if kept is not None and kept.fingerprint == fingerprint:
+        return kept
+    # Read after the fingerprint: a change landing in between is in the rows and changes the
+    # next fingerprint, so the snapshot is read again then (never one older than its key).
+    fresh = _Snapshot(fingerprint, *_groups(session))
+    with _snapshots_lock:
+        _snapshots[engine] = fresh
+    return fresh
 
 
 def _groups(session: Session) -> tuple[list[_Group], dict[int, Any], list[TaskRef]]:
-    """The enabled tasks by (schedule, time zone); their rows by id (a TaskRef is made only
-    for the tasks listed: 10k pydantic models would cost more than the forecast); the tasks
-    whose schedule no longer parses."""
-    rows = session.execute(
-        select(Task.id, Task.name, Task.schedule, Task.timezone)
-        .where(Task.enabled.is_(True))
-        .order_by(Task.id)
-    ).all()
+    """The enabled tasks by (schedule, time zone); their rows by id; the tasks whose
+    schedule no longer parses."""
+    rows = (
+        session.connection()
+        .execute(
+            select(Task.id, Task.name, Task.schedule, Task.timezone)
+            .where(Task.enabled.is_(True))
+            .order_by(Task.id)
+        )
+        .all()
+    )
     groups: dict[tuple[str, str], _Group] = {}
     refs: dict[int, Any] = {}
     invalid: list[TaskRef] = []
+    parsed: dict[tuple[str, str], Schedule | None] = {}  # one parse per distinct pair
     for row in rows:
         task_id, _, expression, tz = row
-        try:
-            schedule = parse_schedule(expression, tz)
-        except ScheduleError:
+        schedule = parsed.get((expression, tz), _UNPARSED)
+        if schedule is _UNPARSED:
+            schedule = parsed[expression, tz] = _parsed(expression, tz)
+        if schedule is None:
             invalid.append(_ref(row))
             continue
         refs[task_id] = row
@@ -225,6 +326,13 @@ def _groups(session: Session) -> tuple[list[_Group], dict[int, Any], list[TaskRe
             groups[key] = _Group(schedule, expression, tz)
         groups[key].task_ids.append(task_id)
     return list(groups.values()), refs, invalid
+
+
+def _parsed(expression: str, timezone: str) -> Schedule | None:
+    try:
+        return parse_schedule(expression, timezone)
+    except ScheduleError:
+        return None
 
 
 def _ref(row: Any) -> TaskRef:
@@ -288,10 +396,25 @@ def _plan(group: _Group, begin: datetime, seconds: int) -> _Plan:
         return _EveryPlan(schedule.period, begin, seconds)
     assert isinstance(schedule, CronSchedule)
     second_field, minute_fields = schedule.fields.split(" ", 1)
-    return _CronPlan(
-        cron_minutes(minute_fields, group.timezone, begin, seconds // 60),
-        cron_seconds(second_field),
-    )
+    tz = group.timezone
+    minutes = seconds // 60
+    hour = begin.replace(minute=0)
+    if not cron_minutes_expanded(minute_fields, tz, hour, minutes + 60):
+        # Walked by croniter (`L`, `#`, a DST change): kept for this very window only.
+        kept = _cron_window(minute_fields, tz, begin, minutes)
+        return _CronPlan(list(kept), cron_seconds(second_field))
+    # The window is a slice of the one from the start of its hour, an hour longer (cached):
+    # the minutes elapsed since are cut from its start and subtracted.
+    shift = (begin - hour) // timedelta(minutes=1)
+    kept = _cron_window(minute_fields, tz, hour, minutes + 60)
+    first, last = bisect_left(kept, shift), bisect_left(kept, shift + minutes)
+    return _CronPlan([m - shift for m in kept[first:last]], cron_seconds(second_field))
+
+
+@lru_cache(maxsize=CRON_WINDOWS)
+def _cron_window(minute_fields: str, timezone: str, start: datetime, minutes: int) -> array[int]:
+    """cron_minutes of the window, as 2-byte numbers (a week and an hour is 10,140 minutes)."""
+    return array("H", cron_minutes(minute_fields, timezone, start, minutes))
 
 
 # --- pile-ups -------------------------------------------------------------------------------

@@ -297,19 +297,38 @@ def cron_minutes(fields: str, timezone: str, begin: datetime, minutes: int) -> l
         return cron_minutes_walked(fields, timezone, begin, minutes)
     minute_list = sorted(mins) if mins is not None else range(60)
     hour_list = sorted(hours) if hours is not None else range(24)
+    # No offset change in the window (checked above): one offset for all its days, so a
+    # day's minutes are whole numbers from the window's start.
+    offset = datetime.combine(day, time(), tz).utcoffset() or timedelta(0)
     found: list[int] = []
     while day <= last_day:
         dom_ok = doms is None or day.day in doms
         dow_ok = dows is None or (day.weekday() + 1) % 7 in dows
         day_ok = (dom_ok or dow_ok) if doms is not None and dows is not None else dom_ok and dow_ok
         if day_ok and (months is None or day.month in months):
+            midnight = (datetime.combine(day, time()) - offset - begin) // timedelta(minutes=1)
             for hour in hour_list:
-                local = datetime(day.year, day.month, day.day, hour)
-                offset = local.replace(tzinfo=tz).utcoffset() or timedelta(0)
-                first = (local - offset - begin) // timedelta(minutes=1)
+                first = midnight + 60 * hour
+                if first + 60 <= 0 or first >= minutes:
+                    continue
                 found.extend(first + m for m in minute_list if 0 <= first + m < minutes)
         day += timedelta(days=1)
     return sorted(set(found))
+
+
+def cron_minutes_expanded(fields: str, timezone: str, begin: datetime, minutes: int) -> bool:
+    """Whether `cron_minutes` matches this window from the expanded fields rather than
+    croniter's walk: then each minute is matched on its own, and its answer for a window
+    inside this one is a slice of this one's (shifted by the minutes between their starts).
+    A walk's answer near a DST change depends on where it starts."""
+    if fields == "* * * * *":
+        return True
+    if _expanded(fields) is None:
+        return False
+    tz = parse_timezone(timezone)
+    first = begin.replace(tzinfo=UTC).astimezone(tz).date()
+    end = begin + timedelta(minutes=minutes)
+    return not _offset_changes(tz, first, end.replace(tzinfo=UTC).astimezone(tz).date())
 
 
 @lru_cache(maxsize=4096)
@@ -345,6 +364,8 @@ def cron_minutes_walked(fields: str, timezone: str, begin: datetime, minutes: in
         index = int((moment.astimezone(UTC).replace(tzinfo=None) - begin).total_seconds()) // 60
         if index >= minutes:
             break
+        if index < 0:  # croniter's answer in a repeated (DST) hour can fall before `begin`
+            continue
         if not found or index > found[-1]:
             found.append(index)
     return found
