@@ -10,7 +10,6 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -71,30 +70,42 @@ def test_a_service_started_without_systemd_writes_its_files_with_the_services_mo
             for role in ("manager", "node"):
                 run(programs[role], "start", "--config", conf / f"{role}.yaml")
                 started.append(role)
-        # A result the node cannot deliver stays in its spool (nothing listens there).
-        closed = f"http://127.0.0.1:{free_port()}"
-        run_request = {
-            "job_log_id": 41,
-            "task_id": 1,
-            "task_type": "shell",
-            "payload": {"command": "true"},
-            "scheduled_at": datetime(2026, 5, 1, 8, 0).isoformat(),
-            "report_to": closed,
-        }
-        answer = httpx.post(
-            f"http://127.0.0.1:{node_port}/api/v1/jobs",
-            json=run_request,
+        database = data["manager"] / "ays.db"
+        files = [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
+        files += [logs / "aysmanager.log", logs / "aysnode.log"]
+        assert {str(p): mode(p) for p in files} == {str(p): "0640" for p in files}
+        # A result the node cannot deliver stays in its spool: its run goes on while the
+        # (only) manager stops.
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{manager_port}/api/v1",
             headers={"Authorization": f"Bearer {TOKEN}"},
             timeout=10,
         )
-        assert answer.status_code == 202, answer.text
-        spooled = data["node"] / "results" / "41.json"
-        wait_for(spooled.exists, 30, "the undeliverable result in the spool")
-        database = data["manager"] / "ays.db"
-        files = [database, Path(f"{database}-wal"), Path(f"{database}-shm"), spooled]
-        files += [logs / "aysmanager.log", logs / "aysnode.log"]
+        with api:
+            wait_for(
+                lambda: api.get("/nodes", params={"status": "online"}).json()["total"] == 1,
+                60,
+                "the node online",
+            )
+            body = {
+                "name": "slow",
+                "node_group": "g1",
+                "schedule": "0 0 0 1 1 *",
+                "payload": {"command": "sleep 3"},
+            }
+            task = api.post("/tasks", json=body).json()["id"]
+            run_id = api.post(f"/tasks/{task}/trigger").json()["job_log_id"]
+            wait_for(
+                lambda: api.get(f"/job-logs/{run_id}").json()["status"] == "running",
+                60,
+                "the run started",
+            )
+        run(programs["manager"], "stop", "--config", conf / "manager.yaml")
+        started.remove("manager")
+        spooled = data["node"] / "results" / f"{run_id}.json"
+        wait_for(spooled.exists, 60, "the undeliverable result in the spool")
+        assert mode(spooled) == "0640"
         directories = [data["manager"], data["node"], data["node"] / "results", logs]
-        assert {str(p): mode(p) for p in files} == {str(p): "0640" for p in files}
         assert {str(p): mode(p) for p in directories} == {str(p): "0750" for p in directories}
     finally:
         for role in reversed(started):
