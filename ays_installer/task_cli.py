@@ -141,6 +141,18 @@ Misfire = Annotated[
     MisfirePolicy | None,
     typer.Option("--misfire", help="What happens to fires missed while no manager ran."),
 ]
+Tags = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag",
+        metavar="TAG",
+        help="A label to find the task by (task list --tag): 1-32 of a-z 0-9 _ . - (repeat, "
+        "or a,b, for more). On edit, the task's tags become those given.",
+    ),
+]
+NoTags = Annotated[
+    bool, typer.Option("--no-tags", help="Take every tag off the task.", show_default=False)
+]
 Enabled = Annotated[
     bool | None,
     typer.Option(
@@ -204,6 +216,12 @@ def list_tasks(
     name: Annotated[
         str | None, typer.Option("--name", metavar="TEXT", help="Only names holding TEXT.")
     ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tag", metavar="TAG", help="Only the tasks carrying TAG (repeat: every one given)."
+        ),
+    ] = None,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
@@ -212,8 +230,8 @@ def list_tasks(
 ) -> None:
     """List the tasks.
 
-    Each with its id, name, group, schedule, type, state, version and what it runs."""
-    params: dict[str, Any] = {"limit": 1000}
+    Each with its id, name, group, schedule, type, state, version, tags and what it runs."""
+    params: dict[str, Any] = {"limit": 1000, "tag": tag_list(tag)}
     for key, value in (("node_group", group), ("enabled", enabled), ("name", name)):
         if value is not None:
             params[key] = str(value).lower() if isinstance(value, bool) else value
@@ -228,7 +246,7 @@ def list_tasks(
         print_json(items)
         return
     print_table(
-        ["ID", "NAME", "GROUP", "SCHEDULE", "TYPE", "ENABLED", "VERSION", "RUNS"],
+        ["ID", "NAME", "GROUP", "SCHEDULE", "TYPE", "ENABLED", "VERSION", "TAGS", "RUNS"],
         [
             [
                 t["id"],
@@ -238,11 +256,12 @@ def list_tasks(
                 t["task_type"],
                 t["enabled"],
                 t["version"],
+                ",".join(t["tags"]),
                 what_it_runs(t),
             ]
             for t in items
         ],
-        flexible=["NAME", "SCHEDULE", "RUNS", "GROUP"],
+        flexible=["NAME", "SCHEDULE", "RUNS", "GROUP", "TAGS"],
     )
 
 
@@ -270,6 +289,7 @@ def show_task(
             ("node group", found["node_group"]),
             ("schedule", f"{found['schedule']} ({found['timezone']})"),
             ("enabled", found["enabled"]),
+            ("tags", ", ".join(found["tags"]) or "none"),
             ("type", found["task_type"]),
             *((f"  {k}", _value(v)) for k, v in found["payload"].items()),
             ("params", found["params"]),
@@ -314,6 +334,11 @@ def pairs(values: list[str] | None, separator: str, option: str) -> dict[str, st
     return out
 
 
+def tag_list(values: list[str] | None) -> list[str]:
+    """The tags of `--tag` options, each of which may hold several (a,b)."""
+    return [tag.strip() for value in values or () for tag in value.split(",") if tag.strip()]
+
+
 # Option (parameter name) -> the API's field, for the options that map one to one.
 FIELD_OF_OPTION = {
     "description": "description",
@@ -341,6 +366,12 @@ def definition_changes(current: dict[str, Any] | None, given: dict[str, Any]) ->
         for option, field in FIELD_OF_OPTION.items()
         if given.get(option) is not None
     }
+    if given.get("tag") and given.get("no_tags"):
+        raise fail("error: give --tag TAG or --no-tags, not both")
+    if given.get("tag"):
+        changes["tags"] = tag_list(given["tag"])
+    elif given.get("no_tags"):
+        changes["tags"] = []
     command, job_env, workdir = given.get("command"), given.get("job_env"), given.get("workdir")
     http_url, http_header = given.get("http_url"), given.get("http_header")
     http_method, http_body = given.get("http_method"), given.get("http_body")
@@ -412,6 +443,7 @@ def add_task(
     block: Block = None,
     misfire: Misfire = None,
     enabled: Enabled = None,
+    tag: Tags = None,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
@@ -472,6 +504,8 @@ def edit_task(
     block: Block = None,
     misfire: Misfire = None,
     enabled: Enabled = None,
+    tag: Tags = None,
+    no_tags: NoTags = False,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
@@ -519,6 +553,7 @@ TASK_FIELDS = (
     "block_strategy",
     "misfire_policy",
     "enabled",
+    "tags",
 )
 
 

@@ -6,7 +6,8 @@ Data (bulk inserted, a few seconds on SQLite):
 
 * --tasks tasks (10,000) in 4 node groups with 20 nodes, schedules drawn from a fixed mix
   (a fifth every minute at :00, the rest hourly, daily, every 30 s and `@every 5m`, in four
-  time zones), a tenth disabled;
+  time zones), a tenth disabled, each tagged with one of 20 teams (`team-N`), a third
+  `nightly` too;
 * --rows job-log rows (1,000,000) over the last --days days (7: about 100 fires a minute),
   one per slot (task, scheduled time), lateness 5-50 ms with a tail, statuses 90% succeeded,
   5% failed, 1% timed out, 2% skipped, 0.5% node lost, the rest killed; the newest 200 are
@@ -21,6 +22,7 @@ overview reads the whole day on its first load and keeps the settled minutes):
     task list page           tasks.list_tasks(limit=50, offset=5000)
     task search              tasks.list_tasks(name="task-12", limit=50)
     task filter              tasks.list_tasks(node_group=..., enabled=True, limit=50)
+    task filter by two tags  tasks.list_tasks(tags=["nightly", "team-7"], limit=50)
     run list                 tasks.list_job_logs(limit=50)
     run list by status       ... status="failed"
     run list by task         ... task_id=...
@@ -159,6 +161,8 @@ def seed(engine: Engine, n_tasks: int, n_rows: int, days: int, now: datetime) ->
                     "payload": {"command": f"echo {i}"},
                     "params": "",
                     "enabled": i % 10 != 7,
+                    # 20 teams, a third nightly: `?tag=team-7&tag=nightly` matches ~1 in 60
+                    "tags": sorted([f"team-{i % 20}", *(["nightly"] if i % 3 == 0 else [])]),
                     "created_at": now - timedelta(days=days + 1),
                     "updated_at": now - timedelta(days=days + 1),
                 }
@@ -292,6 +296,10 @@ def entries(data: Data, client: TestClient) -> list[Entry]:
             in_session(
                 s, lambda x: tasks.list_tasks(x, node_group=GROUPS[1], enabled=True, limit=50)
             ),
+        ),
+        Entry(
+            "task filter by two tags",
+            in_session(s, lambda x: tasks.list_tasks(x, tags=["nightly", "team-7"], limit=50)),
         ),
         Entry("run list", in_session(s, lambda x: tasks.list_job_logs(x, limit=50))),
         Entry(

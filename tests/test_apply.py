@@ -228,6 +228,34 @@ def test_an_export_comes_back_through_apply_unchanged(api: Api) -> None:
     assert {s["action"] for s in result["steps"]} == {"unchanged"}
 
 
+def test_tags_go_through_apply_and_export_and_come_back_unchanged(api: Api) -> None:
+    tagged = copy.deepcopy(DOCUMENT)
+    tagged["tasks"][0]["tags"] = ["nightly", "billing", "nightly"]
+    apply(api, tagged)
+    assert task_named(api, "nightly-report")["tags"] == ["billing", "nightly"]
+
+    exported = api.client.get("/export").json()
+    assert exported["tasks"][0]["tags"] == ["billing", "nightly"]
+    assert "tags" not in exported["tasks"][1]  # written only when the task has some
+    assert {s["action"] for s in apply(api, exported, dry_run=True)["steps"]} == {"unchanged"}
+    assert {s["action"] for s in apply(api, tagged, dry_run=True)["steps"]} == {"unchanged"}
+
+    tagged["tasks"][0]["tags"] = ["ops"]
+    result = apply(api, tagged)
+    steps = {(s["kind"], s["name"]): s for s in result["steps"]}
+    assert steps[("task", "nightly-report")]["changes"] == [
+        {"field": "tags", "old": ["billing", "nightly"], "new": ["ops"]}
+    ]
+    del tagged["tasks"][0]["tags"]  # left out: back to none
+    apply(api, tagged)
+    assert task_named(api, "nightly-report")["tags"] == []
+
+    tagged["tasks"][1]["tags"] = ["Ops"]
+    response = api.client.post("/apply", json=tagged)
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["errors"]] == ["tasks[1].tags.0"]
+
+
 def test_an_export_can_be_limited_to_tasks_or_groups(api: Api) -> None:
     apply(api, DOCUMENT)
     report = task_named(api, "nightly-report")

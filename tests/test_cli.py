@@ -138,6 +138,7 @@ def test_a_task_is_added_listed_shown_edited_disabled_enabled_and_deleted(ays: A
         "TYPE",
         "ENABLED",
         "VERSION",
+        "TAGS",
         "RUNS",
     ]
     assert any(name in row and "echo hello" in row for row in rows)
@@ -159,6 +160,38 @@ def test_a_task_is_added_listed_shown_edited_disabled_enabled_and_deleted(ays: A
     gone = ays.run("task", "show", name)
     assert gone.returncode == 3
     assert gone.stderr == f"error: no task is named {name!r} (see: aysManager task list)\n"
+
+
+def test_tags_are_given_on_add_replaced_on_edit_and_filter_the_list(ays: Ays) -> None:
+    mark = f"m-{uuid.uuid4().hex[:8]}"  # this test's own tag: the daemons are shared
+    both = ays.task("true", "--tag", mark, "--tag", "nightly,billing")
+    other = ays.task("true", "--tag", mark)
+    assert ays.json("task", "show", both)["tags"] == sorted([mark, "billing", "nightly"])
+    assert f"tags:        billing, {mark}, nightly" in ays.ok("task", "show", both)
+
+    assert [t["name"] for t in ays.json("task", "list", "--tag", mark)] == [both, other]
+    assert [t["name"] for t in ays.json("task", "list", "--tag", mark, "--tag", "billing")] == [
+        both
+    ]
+    header, *rows = ays.ok("task", "list", "--tag", mark).splitlines()
+    assert "TAGS" in header.split()
+    assert any(both in row and f"billing,{mark},nightly" in row for row in rows)
+
+    assert "changed: tags" in ays.ok("task", "edit", both, "--tag", "ops")
+    assert ays.json("task", "show", both)["tags"] == ["ops"]  # replaced, not added to
+    assert "changed: tags" in ays.ok("task", "edit", both, "--no-tags")
+    assert "tags:        none" in ays.ok("task", "show", both)
+
+    bad = ays.run("task", "edit", other, "--tag", "Nightly")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: tags.0: 'Nightly' is not valid: 1-32 lowercase")
+    both_ways = ays.run("task", "edit", other, "--tag", "a", "--no-tags")
+    assert (both_ways.returncode, both_ways.stderr) == (
+        2,
+        "error: give --tag TAG or --no-tags, not both\n",
+    )
+    listed = ays.run("task", "list", "--tag", "Nightly")
+    assert listed.returncode == 2 and listed.stderr.startswith("error: tag: 'Nightly'")
 
 
 def test_a_task_allows_concurrent_retries_only_when_told(ays: Ays) -> None:
@@ -293,8 +326,9 @@ def test_run_list_and_show_filter_and_describe_runs(ays: Ays) -> None:
 
 def test_a_table_fits_the_terminal_width_it_is_given(ays: Ays) -> None:
     ays.task("echo " + "a-very-long-argument " * 10)
-    table = ays.run("task", "list", COLUMNS="70").stdout
-    assert all(len(line) <= 70 for line in table.splitlines())
+    # 80: the task list's nine columns, each cut to its floor, take 78 (with two-digit ids).
+    table = ays.run("task", "list", COLUMNS="80").stdout
+    assert all(len(line) <= 80 for line in table.splitlines())
     assert "…" in table
     wide = ays.run("task", "list").stdout  # not a terminal: nothing is cut
     assert "a-very-long-argument " * 9 in wide

@@ -7,6 +7,7 @@ real-browser tests are in test_console_browser.py.
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -312,3 +313,42 @@ def test_the_task_pages_bulk_disable_clone_delete_after_asking_and_trigger_with_
         ("task.updated", "alpha"),
     ]
     assert {e["source"] for e in trail if e["via"] == "console"} == {"127.0.0.1"}
+
+
+def test_the_task_list_filters_by_tags_and_the_form_sets_them(console: Api) -> None:
+    new_group(console)
+    new_task(console, name="alpha", tags=["billing", "nightly"])
+    new_task(console, name="beta", tags=["billing"])
+    new_task(console, name="gamma")
+    with signed_in(console) as (client, csrf):
+
+        def listed(tag: str) -> list[str]:
+            answer = client.get("/tasks", params={"tag": tag}, headers={"HX-Request": "true"})
+            assert answer.status_code == 200, answer.text
+            return re.findall(r'<a href="/tasks/\d+">([^<]+)</a>', answer.text)
+
+        assert listed("billing") == ["alpha", "beta"]
+        assert listed("Billing, nightly") == ["alpha"]  # every tag typed, lowercased
+        assert listed("") == ["alpha", "beta", "gamma"]
+        whole = client.get("/tasks").text
+        assert '<a class="tag" href="/tasks?tag=nightly">nightly</a>' in whole
+        bad = client.get("/tasks", params={"tag": "no/slash"})
+        assert bad.status_code == 200
+        assert "1-32 lowercase" in field_errors(bad.text)["tag"]
+        assert 'value="no/slash"' in bad.text
+
+        refused = client.post("/tasks/new", data=task_form(csrf, name="delta", tags="ok, a/b"))
+        assert refused.status_code == 422
+        assert "tags.1: 'a/b' is not valid" in html.unescape(field_errors(refused.text)["tags"])
+        assert 'value="ok, a/b"' in refused.text
+        created = client.post("/tasks/new", data=task_form(csrf, name="delta", tags="ops ,db"))
+        assert created.status_code == 303, created.text
+        delta = console.client.get("/tasks", params={"name": "delta"}).json()["items"][0]
+        assert delta["tags"] == ["db", "ops"]
+        edit = client.get(f"/tasks/{delta['id']}/edit")
+        assert 'value="db, ops"' in edit.text
+        shown = client.get(f"/tasks/{delta['id']}")
+        assert '<a class="tag" href="/tasks?tag=ops">ops</a>' in shown.text
+        saved = client.post(f"/tasks/{delta['id']}/edit", data=task_form(csrf, name="delta"))
+        assert saved.status_code == 303
+        assert console.client.get(f"/tasks/{delta['id']}").json()["tags"] == []

@@ -217,6 +217,43 @@ def test_the_task_list_pages_and_filters_by_group_enabled_and_name(api: Api) -> 
     assert api.client.get("/tasks", params={"limit": 1001}).status_code == 422
 
 
+def test_tags_are_kept_sorted_without_duplicates_and_the_list_filters_by_every_tag_asked(
+    api: Api,
+) -> None:
+    new_group(api)
+    both = new_task(api, name="both", tags=["nightly", "billing", "nightly"])
+    assert both["tags"] == ["billing", "nightly"]
+    new_task(api, name="billing-only", tags=["billing"])
+    new_task(api, name="look-alike", tags=["billingx", "axb"])
+    new_task(api, name="untagged")
+    assert api.client.get(f"/tasks/{both['id']}").json()["tags"] == ["billing", "nightly"]
+
+    def names(*tags: str) -> list[str]:
+        response = api.client.get("/tasks", params={"tag": list(tags)})
+        assert response.status_code == 200, response.text
+        return [t["name"] for t in response.json()["items"]]
+
+    assert names("billing") == ["both", "billing-only"]
+    assert names("billing", "nightly") == ["both"]  # repeated: every one of them
+    assert names("a_b") == []  # LIKE wildcards are matched literally
+    assert names() == ["both", "billing-only", "look-alike", "untagged"]
+    response = api.client.get("/tasks", params={"tag": "Billing"})
+    assert response.status_code == 422
+    assert (response.json()["field"], response.json()["value"]) == ("tag", "Billing")
+    too_many = api.client.get("/tasks", params={"tag": [f"t{i}" for i in range(21)]})
+    assert (too_many.status_code, too_many.json()["field"]) == (422, "tag")
+
+    replaced = api.client.patch(f"/tasks/{both['id']}", json={"tags": ["ops"]}).json()
+    assert (replaced["tags"], replaced["version"]) == (["ops"], 2)
+    kept = api.client.patch(f"/tasks/{both['id']}", json={"timeout_s": 5}).json()
+    assert kept["tags"] == ["ops"]  # a change that does not name them keeps them
+    cleared = api.client.patch(f"/tasks/{both['id']}", json={"tags": []}).json()
+    assert cleared["tags"] == []
+    history = api.client.get(f"/tasks/{both['id']}/versions").json()["items"]
+    assert [v["changed_fields"] for v in history[:3]] == [["tags"], ["timeout_s"], ["tags"]]
+    assert history[-1]["definition"]["tags"] == ["billing", "nightly"]
+
+
 def test_enable_and_disable_bump_the_version_and_reconcile_at_once(api: Api) -> None:
     new_group(api)
     task = new_task(api)
@@ -263,6 +300,11 @@ BAD_FIELDS = [  # (what the request changes, the field named, the bad value name
     ({"misfire_policy": "catch_up"}, "misfire_policy", "catch_up"),
     ({"task_type": "http", "payload": {"method": "POST"}}, "payload.url", None),
     ({"colour": "blue"}, "colour", "blue"),
+    ({"tags": ["Billing"]}, "tags.0", "Billing"),
+    ({"tags": ["ok", "a,b"]}, "tags.1", "a,b"),
+    ({"tags": ["x" * 33]}, "tags.0", "x" * 33),
+    ({"tags": "billing"}, "tags", "billing"),
+    ({"tags": [f"t{i}" for i in range(21)]}, "tags", [f"t{i}" for i in range(21)]),
 ]
 
 

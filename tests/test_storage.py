@@ -280,6 +280,7 @@ def test_a_task_reads_back_as_stored_with_its_json_payload(
         block_strategy="discard_new",
         misfire_policy="fire_once_now",
         enabled=False,
+        tags=["billing", "nightly_2"],
         version=7,
         updated_at=T0 + timedelta(microseconds=1),
     )
@@ -308,6 +309,7 @@ def test_a_task_stored_with_only_its_required_fields_gets_the_defaults(
         "skip",
     )
     assert loaded.enabled is True and loaded.version == 1 and loaded.params == ""
+    assert loaded.tags == []
 
 
 def test_a_timer_row_reads_back_as_stored(sessions: sessionmaker[Session]) -> None:

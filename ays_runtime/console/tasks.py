@@ -9,6 +9,7 @@ by the token via the console; a form is checked with the API's own models
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -68,22 +69,40 @@ HISTORY = 100
 # --- the list -------------------------------------------------------------------------------
 
 
+def tag_words(text: str) -> list[str]:
+    """The tags a text box holds: separated by commas or spaces (lowercased, as tags are)."""
+    return [word for word in re.split(r"[,\s]+", text.strip().lower()) if word]
+
+
 @router.get("/tasks", response_class=HTMLResponse)
 async def task_list(
-    request: Request, q: str = "", group: str = "", status: str = "", page_no: PageNo = "1"
+    request: Request,
+    q: str = "",
+    group: str = "",
+    status: str = "",
+    tag: str = "",
+    page_no: PageNo = "1",
 ) -> HTMLResponse:
     number = page_number(page_no)
     enabled = {"enabled": True, "disabled": False}.get(status)
+    tag_error = ""
 
     def load(s: Session) -> tuple[list[Task], int, list[NodeGroup]]:
-        items, total = tasks.list_tasks(
-            s,
-            node_group=group or None,
-            enabled=enabled,
-            name=q or None,
-            limit=PAGE_SIZE,
-            offset=(number - 1) * PAGE_SIZE,
-        )
+        nonlocal tag_error
+        try:
+            items, total = tasks.list_tasks(
+                s,
+                node_group=group or None,
+                enabled=enabled,
+                name=q or None,
+                tags=tag_words(tag),
+                limit=PAGE_SIZE,
+                offset=(number - 1) * PAGE_SIZE,
+            )
+        except ValidationError as err:
+            if err.field != "tag":
+                raise
+            tag_error, items, total = str(err), [], 0  # shown beside the filter
         return items, total, tasks.list_node_groups(s)
 
     items, total, groups = await in_session(request, load)
@@ -91,7 +110,8 @@ async def task_list(
         "items": items,
         "total": total,
         "groups": groups,
-        "filters": {"q": q, "group": group, "status": status},
+        "filters": {"q": q, "group": group, "status": status, "tag": tag},
+        "tag_error": tag_error,
         "page_no": number,
         "pages": max(1, -(-total // PAGE_SIZE)),
         "notice": request.query_params.get("notice", ""),
@@ -155,7 +175,9 @@ def _values_of(task: Task) -> dict[str, Any]:
     """A stored task as form values (env and headers one `NAME=value` line each)."""
     values = _blank()
     for name in TaskCreate.model_fields:
-        if name != "payload":
+        if name == "tags":
+            values[name] = ", ".join(task.tags)
+        elif name != "payload":
             value = getattr(task, name)
             values[name] = value if isinstance(value, bool) else str(value)
     payload = task.payload or {}
@@ -233,6 +255,7 @@ def _definition(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
         "block_strategy": values["block_strategy"],
         "misfire_policy": values["misfire_policy"],
         "enabled": bool(values["enabled"]),
+        "tags": tag_words(values["tags"]),
     }
     return {k: v for k, v in data.items() if v is not None}, errors
 
@@ -258,7 +281,9 @@ def check(data: dict[str, Any], errors: dict[str, str]) -> dict[str, str]:
     if model is not None and isinstance(data.get("payload"), dict):
         problems += every_error(model, data["payload"], "payload")[1]
     for problem in problems:
-        errors.setdefault(problem.field, str(problem))
+        # One box holds every tag: a bad one's error (`tags.2`) is shown beside it.
+        field = "tags" if problem.field.startswith("tags.") else problem.field
+        errors.setdefault(field, str(problem))
     if "schedule" not in errors and "timezone" not in errors and data.get("schedule"):
         try:
             parse_schedule(data["schedule"], data.get("timezone") or "UTC")

@@ -1,7 +1,8 @@
 """The manager's HTTP API (FastAPI), under /api/v1 on the manager's port.
 
     GET    /api/v1/health                      no token: liveness, manager id, version, uptime
-    GET    /api/v1/tasks                       ?node_group ?enabled ?name ?limit ?offset
+    GET    /api/v1/tasks                       ?node_group ?enabled ?name ?tag (repeated: all)
+                                               ?limit ?offset
     POST   /api/v1/tasks                       201 the task
     GET    /api/v1/tasks/{id}
     PUT    /api/v1/tasks/{id}                  any subset of the fields (PATCH alike)
@@ -226,12 +227,21 @@ def list_tasks(
     node_group: str | None = None,
     enabled: bool | None = None,
     name: Annotated[str | None, Query(description="part of the name")] = None,
+    tag: Annotated[
+        list[str] | None, Query(description="a tag the tasks carry; repeated: every one of them")
+    ] = None,
     limit: Limit = tasks.DEFAULT_PAGE,
     offset: Offset = 0,
 ) -> TaskPage:
     with ctx.sessions() as session:
         items, total = tasks.list_tasks(
-            session, node_group=node_group, enabled=enabled, name=name, limit=limit, offset=offset
+            session,
+            node_group=node_group,
+            enabled=enabled,
+            name=name,
+            tags=tag or (),
+            limit=limit,
+            offset=offset,
         )
         return TaskPage(items=[TaskOut.model_validate(t) for t in items], total=total)
 

@@ -47,6 +47,9 @@ from ays_runtime.web.fields import INT32_MAX, StorableText, UtcOut
 _REQUEST_PARTS = {"body", "query", "path", "header", "cookie"}
 # A node group name becomes a Consul service tag and part of a RocketMQ topic name.
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A tag is found by `LIKE '%,tag,%'` (storage.models.TagList): no comma, no capital.
+_TAG = re.compile(r"^[a-z0-9_.-]{1,32}$")
+MAX_TAGS = 20
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$")  # RFC 9110 token
 MAX_HTTP_HEADERS = 100
 MAX_HEADER_VALUE = 8192
@@ -164,6 +167,19 @@ def _group_name(value: str) -> str:
     return value
 
 
+def tag_name(value: str) -> str:
+    if not _TAG.match(value):
+        raise ValueError("1-32 lowercase letters, digits, '_', '.' or '-' (e.g. billing)")
+    return value
+
+
+def _tag_set(tags: list[str]) -> list[str]:
+    unique = sorted(set(tags))
+    if len(unique) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} different tags")
+    return unique
+
+
 def _http_url(value: str) -> str:
     if any(ord(c) <= 32 or ord(c) == 127 for c in value):
         raise ValueError("a URL without spaces or control characters (percent-encode them)")
@@ -231,6 +247,16 @@ Params = Annotated[
     str,
     Field(max_length=1024, description="handed to the job (env AYS_PARAMS / body); no NUL"),
     AfterValidator(limits.check_text),
+]
+TagName = Annotated[str, AfterValidator(tag_name)]
+Tags = Annotated[
+    list[TagName],
+    Field(
+        description=f"at most {MAX_TAGS} labels to find the task by (GET /tasks?tag=), each "
+        "1-32 of a-z 0-9 _ . -; duplicates dropped, kept sorted",
+        examples=[["billing", "nightly"]],
+    ),
+    AfterValidator(_tag_set),
 ]
 TimeoutS = Annotated[
     int, Field(ge=0, le=INT32_MAX, description="seconds a run may take; 0 = no timeout")
@@ -323,6 +349,7 @@ class TaskCreate(_Request):
     block_strategy: Annotated[BlockStrategy, Strict(False)] = BlockStrategy.SERIAL
     misfire_policy: Annotated[MisfirePolicy, Strict(False)] = MisfirePolicy.SKIP
     enabled: bool = True
+    tags: Tags = Field(default_factory=list)
 
 
 class TaskUpdate(_Request):
@@ -345,6 +372,7 @@ class TaskUpdate(_Request):
     block_strategy: Annotated[BlockStrategy, Strict(False)] | None = None
     misfire_policy: Annotated[MisfirePolicy, Strict(False)] | None = None
     enabled: bool | None = None
+    tags: Tags | None = None
 
 
 class TriggerRequest(_Request):
@@ -418,6 +446,7 @@ class TaskOut(_Response):
     block_strategy: str
     misfire_policy: str
     enabled: bool
+    tags: list[str]
     version: int = Field(description="bumped on every change")
     created_at: UtcOut
     updated_at: UtcOut

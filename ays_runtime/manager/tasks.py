@@ -23,7 +23,7 @@ Raises (from `ays_runtime.exceptions`):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -41,11 +41,13 @@ from ays_runtime.exceptions import (
 )
 from ays_runtime.manager import versions
 from ays_runtime.manager.schemas import (
+    MAX_TAGS,
     PAYLOAD_MODELS,
     NodeGroupCreate,
     NodeGroupUpdate,
     TaskCreate,
     TaskUpdate,
+    tag_name,
     validated,
 )
 from ays_runtime.manager.versions import API_ACTOR, Actor
@@ -59,6 +61,7 @@ from ays_runtime.storage.models import (
     RunStatus,
     Task,
     TaskVersion,
+    has_tag,
 )
 from ays_runtime.vocabulary import AuditAction, ChangeVia, TaskChange
 
@@ -205,12 +208,16 @@ def list_tasks(
     node_group: str | None = None,
     enabled: bool | None = None,
     name: str | None = None,
+    tags: Sequence[str] = (),
     limit: int = DEFAULT_PAGE,
     offset: int = 0,
 ) -> tuple[list[Task], int]:
-    """Tasks by id, filtered (`name` is a substring), one page of them and the total."""
+    """Tasks by id, filtered (`name` is a substring; the tasks carry every tag of `tags`),
+    one page of them and the total."""
     _check_paging(limit, offset)
-    where: list[ColumnElement[bool]] = []
+    if len(tags) > MAX_TAGS:
+        raise ValidationError("tag", list(tags), f"at most {MAX_TAGS} tags (a task has no more)")
+    where: list[ColumnElement[bool]] = [has_tag(_tag_filter(tag)) for tag in tags]
     if node_group is not None:
         where.append(Task.node_group == node_group)
     if enabled is not None:
@@ -531,6 +538,13 @@ def _check_paging(limit: int, offset: int) -> None:
         raise ValidationError("limit", limit, f"between 1 and {MAX_PAGE}")
     if offset < 0:
         raise ValidationError("offset", offset, "0 or more")
+
+
+def _tag_filter(tag: str) -> str:
+    try:
+        return tag_name(tag)
+    except ValueError as err:
+        raise ValidationError("tag", tag, str(err)) from None
 
 
 def _choice(field: str, value: str, choices: type[Any]) -> str:

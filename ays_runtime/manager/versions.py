@@ -52,6 +52,18 @@ _AUDITED = {
 }
 
 
+def completed(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored definition with the fields added to tasks since it was written (`tags`,
+    `allow_concurrent_retry`) at their defaults, which is what the task had then: a change
+    after an upgrade then names only the fields it changed."""
+    added = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in TaskCreate.model_fields.items()
+        if name not in stored and not field.is_required()
+    }
+    return {**added, **stored}
+
+
 def definition(task: Task) -> dict[str, Any]:
     """The task's definition as stored: every field a client sets (TaskCreate's)."""
     return {name: getattr(task, name) for name in TaskCreate.model_fields}
@@ -71,6 +83,7 @@ def record(session: Session, task: Task, change: TaskChange, actor: Actor) -> Ta
             .order_by(TaskVersion.version.desc())
             .limit(1)
         )
+        before = None if before is None else completed(before)
     trail.record(
         session,
         actor,
@@ -135,6 +148,7 @@ def changed_fields(older: dict[str, Any] | None, newer: dict[str, Any]) -> list[
     """The fields that differ between two definitions (all of them after no definition)."""
     if older is None:
         return list(newer)
+    older = completed(older)
     return [name for name in newer if older.get(name) != newer[name]]
 
 
