@@ -3,7 +3,7 @@
 Stored as one string, `,a,b,` (empty: no tags), so that a tag is found by `LIKE '%,a,%'` on
 SQLite and MariaDB alike (`ays_runtime.storage.models.TagList`). Existing tasks have none.
 
-Revision ID: 0010_i14c_task_tags
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-04
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010_i14c_task_tags"
+revision: str = "0010"
 down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
