@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -71,6 +72,13 @@ def owed_range(
     return OwedRange(task_id, first_at, end_at, reason, schedule)
 
 
+@lru_cache(maxsize=4096)
+def count_between(schedule: Schedule, start: datetime, end: datetime) -> int:
+    """`schedule.count_between`, remembered: a manager starting after a long stop finds the
+    same range for every task that shares a schedule (schedules are shared instances)."""
+    return schedule.count_between(start, end)
+
+
 def record_owed(
     conn: Connection, manager_id: str, ranges: Sequence[OwedRange], now: datetime
 ) -> Counter[str]:
@@ -83,7 +91,7 @@ def record_owed(
             "task_id": r.task_id,
             "first_at": r.first_at,
             "end_at": r.end_at,
-            "slot_count": r.schedule.count_between(r.first_at, r.end_at),
+            "slot_count": count_between(r.schedule, r.first_at, r.end_at),
             "reason": r.reason.value,
             "manager_id": manager_id,
             "recorded_at": now,

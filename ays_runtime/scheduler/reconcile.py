@@ -21,7 +21,9 @@ added get their last fired slot from a third query.
 A task being added whose slots since its last fire (and since its last change, when the
 manager that made it was up) were not fired, beyond the grace, had no manager running then:
 the plan lists them as the slot ledger's `missed` ranges (scheduler/ledger.py), whatever its
-misfire policy, and whether this is a start-up or a task enabled again.
+misfire policy, and whether this is a start-up or a task enabled again. A task that never
+fired has no range (nothing says since when it was owed); the common case costs nothing, as
+the range is only looked for where the misfire policy applies.
 
 `plan()` does the reads and may run in a worker thread; `apply()` writes the rows (thread) and
 `apply_to_memory()` changes the timer list (event loop thread only).
@@ -257,24 +259,26 @@ class Reconciler:
                 plan.drop_timers.append(task.id)
             return
         fire_at = schedule.next_after(now)
-        fired_once: datetime | None = None
         if is_new and last is not None:
             expected = schedule.next_after(last)
             if expected >= now - self.grace:
                 fire_at = min(fire_at, expected)  # late by less than the grace: still fire it
-            elif task.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
-                fired_once = schedule.last_at_or_before(now, last)
-                if fired_once is not None:
-                    plan.misfires.append(Misfire(task.id, fired_once))
-                    plan.actions.append(
-                        Action("misfire", task.id, f"slot {fired_once.isoformat()} fires once now")
-                    )
             else:
-                plan.actions.append(
-                    Action("misfire", task.id, f"slots since {expected.isoformat()} skipped")
-                )
-        if is_new:
-            self._note_missed(plan, task, schedule, last, fired_once or fire_at, now)
+                fired_once = None
+                if task.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
+                    fired_once = schedule.last_at_or_before(now, last)
+                    if fired_once is not None:
+                        plan.misfires.append(Misfire(task.id, fired_once))
+                        plan.actions.append(
+                            Action(
+                                "misfire", task.id, f"slot {fired_once.isoformat()} fires once now"
+                            )
+                        )
+                else:
+                    plan.actions.append(
+                        Action("misfire", task.id, f"slots since {expected.isoformat()} skipped")
+                    )
+                self._note_missed(plan, task, schedule, expected, fired_once or fire_at, now)
         values = {
             "manager_id": self.manager_id,
             "task_id": task.id,
@@ -310,19 +314,18 @@ class Reconciler:
         plan: Plan,
         task: Row,
         schedule: Schedule,
-        last: datetime | None,
+        expected: datetime,
         end: datetime,
         now: datetime,
     ) -> None:
-        """The slots owed before `end` that no manager fired: after the task's last fire and
-        after its last change (a manager was up to make it; before that, the task may have
-        been disabled), when the first of them is later than the grace."""
-        since = max((t for t in (last, task.updated_at) if t is not None), default=None)
-        if since is None:
-            return
-        first = schedule.next_after(since)
-        if first >= now - self.grace:
-            return
+        """The slots from `expected` (the first after the task's last fire, later than the
+        grace) up to `end` that no manager fired; from the task's last change when that is
+        later (a manager was up to make it; before it, the task may have been disabled)."""
+        first = expected
+        if task.updated_at is not None and task.updated_at >= expected:
+            first = schedule.next_after(task.updated_at)
+            if first >= now - self.grace:
+                return
         owed = owed_range(task.id, schedule, first, end, SlotMissReason.MISSED, now, self.horizon)
         if owed is not None:
             plan.missed.append(owed)
