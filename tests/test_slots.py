@@ -3,6 +3,7 @@ schedule in a range and what the job log says became of it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +18,16 @@ from ays_runtime.manager.slots import slot_ledger
 from ays_runtime.scheduler.schedule import Schedule, parse_schedule
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, NodeGroup, SlotMiss, Task
-from tests.daemons import Cluster, cluster, manager, wait_for
+from tests.daemons import (
+    Cluster,
+    Daemon,
+    client,
+    cluster,
+    free_port,
+    manager,
+    wait_for,
+    write_config,
+)
 from tests.test_end_to_end import add_task as add_task_by_api
 from tests.test_metrics import scrape, value
 
@@ -254,3 +264,61 @@ def test_a_manager_stopped_for_a_while_records_the_slots_it_missed_and_the_api_a
         samples = scrape(ays.manager_port)
         assert value(samples, "ays_slots_missed_total", reason="missed") == missed["slot_count"]
         assert value(samples, "ays_slots_missed_total", reason="skipped") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.mysql
+def test_two_managers_starting_together_on_mariadb_record_the_missed_range_once(
+    tmp_path: Path, mysql_url: str
+) -> None:
+    ports = [free_port(), free_port()]
+    daemons = []
+    for i, port in enumerate(ports):
+        config = write_config(
+            tmp_path / f"ays{i}.yaml",
+            mysql_url,
+            port,
+            tmp_path / f"m{i}",
+            manager={"misfire_grace": 1},
+        )
+        daemons.append((config, port))
+
+    def start_all(round_: int) -> list[Daemon]:
+        started = [manager(c, tmp_path / f"m{p}-{round_}.log", p) for c, p in daemons]
+        threads = [threading.Thread(target=d.start) for d in started]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        return started
+
+    running = start_all(1)
+    try:
+        with client(ports[0]) as api:
+            assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
+            body = {"name": "every-second", "node_group": "g1", "schedule": "* * * * * *"}
+            body |= {"task_type": "shell", "payload": {"command": "true"}}
+            task = api.post("/tasks", json=body).json()["id"]
+
+            def fired() -> bool:
+                return api.get("/job-logs", params={"task_id": task}).json()["total"] >= 3
+
+            wait_for(fired, 60, "the task's first fires")
+        for daemon in running:
+            daemon.stop()
+        time.sleep(5)  # no manager: the slots of these seconds are owed
+        running = start_all(2)
+
+        def ranges() -> list[dict[str, Any]]:
+            with client(ports[1]) as api:
+                answer = api.get(f"/tasks/{task}/slots").json()
+            return list(answer["misses"])
+
+        found = wait_for(ranges, 60, "the missed range")
+        time.sleep(2)  # both managers have reconciled since
+        found = ranges()
+        assert len(found) == 1 and found[0]["reason"] == "missed", found
+        assert found[0]["slot_count"] >= 4
+    finally:
+        for daemon in running:
+            daemon.kill()
