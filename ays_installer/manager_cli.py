@@ -6,7 +6,7 @@ Commands that talk to a running manager (`task`, `run`, `apply`, `export`, `node
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import typer
@@ -171,7 +171,9 @@ def reconcile(
                     )
                 )
             }
-        plan = Reconciler(engine, manager_id, cfg.manager.misfire_grace).plan(memory, utcnow())
+        horizon = timedelta(seconds=cfg.manager.ledger_horizon)
+        reconciler = Reconciler(engine, manager_id, cfg.manager.misfire_grace, horizon)
+        plan = reconciler.plan(memory, utcnow())
     except SQLAlchemyError as err:
         raise StorageError(
             f"database {redacted(url)}: reading the tasks and timers failed: "

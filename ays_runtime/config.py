@@ -161,6 +161,13 @@ class ManagerSettings(_Section):
     misfire_grace: float = Field(
         5.0, ge=0, description="seconds a fire may be late before the misfire policy applies"
     )
+    ledger_horizon: float = Field(
+        86400.0,
+        gt=0,
+        le=31 * 86400,
+        description="seconds a starting manager looks back for slots no manager fired (the "
+        "slot ledger's `missed` ranges); older ones are not recorded",
+    )
     adopt_after: float = Field(
         60.0,
         gt=0,

@@ -78,6 +78,13 @@ class TriggerKind(enum.StrEnum):
     RETRY = "retry"
 
 
+class SlotMissReason(enum.StrEnum):
+    """Why slots of a schedule were not fired (a row of the slot ledger, `ays_slot_miss`)."""
+
+    SKIPPED = "skipped"  # a running manager found them later than the grace: misfire policy skip
+    MISSED = "missed"  # no manager was running then (found by a manager starting up)
+
+
 class ChangeVia(enum.StrEnum):
     """Through what a task was changed (kept with each of its versions)."""
 

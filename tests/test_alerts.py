@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -398,6 +399,36 @@ def test_a_node_going_offline_its_empty_group_and_a_long_run_alert_and_recover(
             ays.node = node(ays.config, tmp_path / "node2.log", "g1", ays.node_port).start()
             up = sorted([*down, ("down", "resolved"), ("empty", "resolved")])
             wait_for(lambda: notices() == up, 60, f"{up}, got {notices()}")
+
+
+@pytest.mark.slow
+def test_slots_missed_while_no_manager_ran_alert_once_when_a_manager_starts(
+    tmp_path: Path,
+) -> None:
+    with receiver(free_port()) as hook, smtp_server() as (_, smtp_port):
+        rules = [{"name": "missed", "when": "slot_missed", "channels": ["hook"]}]
+        config = alerts_config(hook.port, smtp_port, rules=rules, watch_interval=0.3)
+        with cluster(
+            tmp_path, Cluster, with_node=False, alerts=config, manager={"misfire_grace": 1}
+        ) as ays:
+            with ays.api() as api:
+                assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
+            task = add_task(ays, "true", schedule="* * * * * *")
+
+            def fired() -> bool:
+                with ays.api() as api:
+                    return api.get("/job-logs", params={"task_id": task}).json()["total"] >= 2
+
+            wait_for(fired, 60, "the task's first fires")
+            ays.manager.stop()
+            time.sleep(4)  # no manager: the slots of these seconds are owed
+            ays.manager = manager(ays.config, tmp_path / "m2.log", ays.manager_port).start()
+            wait_for(lambda: hook.documents(), 60, "the missed slots' notice")
+            time.sleep(1.5)  # a few more looks raise nothing new
+            [notice] = hook.documents()
+            assert notice["rule"] == "missed" and notice["subject"] == f"task {task}"
+            assert notice["slots"]["reason"] == "missed" and notice["slots"]["count"] >= 3
+            assert "no manager was running" in notice["summary"]
 
 
 def test_the_readme_example_is_a_valid_alerts_section() -> None:

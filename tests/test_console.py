@@ -11,13 +11,17 @@ import html
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.console.session import COOKIE, SessionGate
 from ays_runtime.manager.api import PUBLIC
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import SlotMiss, Task
 from tests.test_manager_api import TOKEN, Api, new_group, new_task, served_api
 
 PAGES = [
@@ -352,3 +356,34 @@ def test_the_task_list_filters_by_tags_and_the_form_sets_them(console: Api) -> N
         saved = client.post(f"/tasks/{delta['id']}/edit", data=task_form(csrf, name="delta"))
         assert saved.status_code == 303
         assert console.client.get(f"/tasks/{delta['id']}").json()["tags"] == []
+
+
+def test_the_slot_view_shows_missed_slots_and_the_ranges_not_fired(
+    console: Api, sessions: sessionmaker[Session]
+) -> None:
+    new_group(console)
+    task = new_task(console, schedule="0 * * * * *")["id"]
+    now = utcnow().replace(second=0, microsecond=0)
+    first, end = now - timedelta(minutes=30), now - timedelta(minutes=20)
+    with sessions() as session:
+        session.execute(
+            update(Task).where(Task.id == task).values(created_at=now - timedelta(hours=2))
+        )
+        session.add(
+            SlotMiss(
+                task_id=task,
+                first_at=first,
+                end_at=end,
+                slot_count=10,
+                reason="missed",
+                manager_id="10.0.0.1:18080",
+                recorded_at=end,
+            )
+        )
+        session.commit()
+    with signed_in(console) as (client, _):
+        page = client.get("/slots", params={"task_id": task})
+    assert page.status_code == 200, page.text
+    badges = page.text.count('<span class="badge o-missed">missed</span>')
+    assert badges == 10 + 2  # the slots, their count's card, the range
+    assert "Slots not fired" in page.text and "10 slot(s) from" in page.text

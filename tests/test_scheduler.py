@@ -13,13 +13,14 @@ import pytest
 from sqlalchemy import Engine, delete, event, func, insert, select, update
 
 from ays_runtime.exceptions import ScheduleError
+from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, NodeGroup, Task, TimerRow, TriggerKind
+from ays_runtime.storage.models import JobLog, NodeGroup, SlotMiss, Task, TimerRow, TriggerKind
 from ays_runtime.transport.base import JobDispatch
 
 MANAGER = "127.0.0.1:18080"
@@ -395,3 +396,133 @@ def test_a_shared_cron_schedule_answers_threads_asking_at_once_as_it_answers_one
         order = moments[worker::4] + moments[:worker]
         want = [expected[moments.index(m)] for m in order]
         assert answers[worker] == want, worker
+
+
+# --- the slot ledger: slots not fired, as ranges (scheduler/ledger.py) ----------------------
+
+
+def owed_rows(engine: Engine) -> list[tuple[int, datetime, datetime, int, str, str]]:
+    with engine.connect() as conn:
+        return [
+            tuple(r)
+            for r in conn.execute(
+                select(
+                    SlotMiss.task_id,
+                    SlotMiss.first_at,
+                    SlotMiss.end_at,
+                    SlotMiss.slot_count,
+                    SlotMiss.reason,
+                    SlotMiss.manager_id,
+                ).order_by(SlotMiss.task_id, SlotMiss.first_at)
+            )
+        ]
+
+
+def start_managers(engine: Engine, clocks: dict[str, datetime], horizon: float = 86400) -> None:
+    """Managers `clocks` (id: its now) starting together: each reconciles, and its claim
+    writer writes what it found."""
+
+    async def one(manager_id: str, now: datetime) -> None:
+        async def on_claimed(_jobs: list[JobDispatch]) -> None:
+            return None
+
+        scheduler = Scheduler(
+            engine, manager_id, on_claimed, clock=lambda: now, ledger_horizon=horizon
+        )
+        runner = asyncio.create_task(scheduler.writer.run())
+        await scheduler.reconcile_now()
+        scheduler.writer.close()
+        await asyncio.wait_for(runner, 30)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(m, now) for m, now in clocks.items()))
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("policy", ["skip", "fire_once_now"])
+def test_a_restart_records_the_slots_no_manager_fired_as_one_missed_range(
+    engine: Engine, policy: str
+) -> None:
+    t0 = datetime(2026, 5, 1, 12, 0, 0)
+    task = add_task(engine, "a", "*/5 * * * * *", misfire_policy=policy, updated_at=t0)
+    claim_slots(engine, MANAGER, [Fire(task, t0 + timedelta(seconds=10))], t0)
+    now = datetime(2026, 5, 1, 12, 1, 2, 300000)  # down from 12:00:10 to 12:01:02
+    before = metric_value("missed")
+    start_managers(engine, {MANAGER: now})
+    # Slots 12:00:15 .. 12:01:00 owed; skip resumes at 12:01:05, fire_once_now fires 12:01:00.
+    end = datetime(2026, 5, 1, 12, 1, 5 if policy == "skip" else 0)
+    count = 10 if policy == "skip" else 9
+    assert owed_rows(engine) == [
+        (task, datetime(2026, 5, 1, 12, 0, 15), end, count, "missed", MANAGER)
+    ]
+    assert metric_value("missed") - before == count
+    start_managers(engine, {MANAGER: now})  # found again: recorded once, counted once
+    assert len(owed_rows(engine)) == 1 and metric_value("missed") - before == count
+
+
+def test_two_managers_starting_together_record_a_missed_range_once(engine: Engine) -> None:
+    t0 = datetime(2026, 5, 1, 12, 0, 0)
+    task = add_task(engine, "a", "* * * * * *", updated_at=t0)
+    claim_slots(engine, MANAGER, [Fire(task, t0)], t0)
+    now = datetime(2026, 5, 1, 12, 10, 0, 200000)
+    # Their clocks differ, and the look-back (60 s) clips the 10 minutes: still one range.
+    start_managers(
+        engine, {"10.0.0.1:18080": now, "10.0.0.2:18080": now + timedelta(seconds=0.7)}, horizon=60
+    )
+    rows = owed_rows(engine)
+    assert len(rows) == 1
+    first, end = rows[0][1], rows[0][2]
+    assert now - timedelta(seconds=61) <= first <= now - timedelta(seconds=59)
+    assert end in (datetime(2026, 5, 1, 12, 10, 1), datetime(2026, 5, 1, 12, 10, 2))
+    assert rows[0][3] == (end - first).seconds
+
+
+def test_a_task_enabled_again_or_created_records_no_missed_slot(engine: Engine) -> None:
+    now = utcnow()
+    old = now - timedelta(hours=1)
+    task = add_task(engine, "a", "* * * * * *", updated_at=now - timedelta(seconds=0.5))
+    claim_slots(engine, MANAGER, [Fire(task, old)], old)  # fired an hour ago, then disabled
+    add_task(engine, "new", "* * * * * *", updated_at=now - timedelta(seconds=0.5))
+    start_managers(engine, {MANAGER: now})
+    assert owed_rows(engine) == []
+
+
+def test_a_timer_late_beyond_the_grace_with_policy_skip_records_a_skipped_range(
+    engine: Engine,
+) -> None:
+    skip = add_task(engine, "skip", "* * * * * *", misfire_policy="skip")
+    add_task(engine, "once", "* * * * * *", misfire_policy="fire_once_now")
+    before = metric_value("skipped")
+
+    async def main() -> None:
+        async def on_claimed(_jobs: list[JobDispatch]) -> None:
+            return None
+
+        t0 = datetime(2026, 5, 1, 12, 0, 0, 500000)
+        scheduler = Scheduler(engine, MANAGER, on_claimed, misfire_grace=5, clock=lambda: t0)
+        runner = asyncio.create_task(scheduler.writer.run())
+        await scheduler.reconcile_now()  # timers due 12:00:01
+        scheduler.fire_due(t0 + timedelta(seconds=60))  # a 60 s stall
+        scheduler.writer.close()
+        await asyncio.wait_for(runner, 30)
+
+    asyncio.run(main())
+    # 12:00:01 .. 12:01:00 passed; the timer resumes at 12:01:01. fire_once_now's slots are
+    # folded into its one fire (the job log shows them), not recorded.
+    assert owed_rows(engine) == [
+        (
+            skip,
+            datetime(2026, 5, 1, 12, 0, 1),
+            datetime(2026, 5, 1, 12, 1, 1),
+            60,
+            "skipped",
+            MANAGER,
+        )
+    ]
+    assert metric_value("skipped") - before == 60
+
+
+def metric_value(reason: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("ays_slots_missed_total", {"reason": reason})
+    return value or 0.0

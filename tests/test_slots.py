@@ -3,7 +3,10 @@ schedule in a range and what the job log says became of it."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from ays_runtime.exceptions import NotFoundError, ValidationError
 from ays_runtime.manager.slots import slot_ledger
 from ays_runtime.scheduler.schedule import Schedule, parse_schedule
-from ays_runtime.storage.models import JobLog, NodeGroup, Task
+from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.models import JobLog, NodeGroup, SlotMiss, Task
+from tests.daemons import (
+    Cluster,
+    Daemon,
+    client,
+    cluster,
+    free_port,
+    manager,
+    wait_for,
+    write_config,
+)
+from tests.test_end_to_end import add_task as add_task_by_api
+from tests.test_metrics import scrape, value
 
 T0 = datetime(2026, 12, 4, 12, 0)  # the task fires at :00 of every minute
 
@@ -142,3 +158,167 @@ def test_the_slots_of_a_range_are_those_the_scheduler_walks_to(expression: str, 
         walked = Schedule.slots_between(schedule, start, end, 100_000)
         assert schedule.slots_between(start, end, 100_000) == walked
         assert schedule.slots_between(start, end, 3) == walked[:4]
+
+
+def miss(task_id: int, first: int, end: int, reason: str, count: int) -> dict[str, Any]:
+    """A ledger range of minutes [first, end) after T0."""
+    return {
+        "task_id": task_id,
+        "first_at": T0 + timedelta(minutes=first),
+        "end_at": T0 + timedelta(minutes=end),
+        "slot_count": count,
+        "reason": reason,
+        "manager_id": "10.0.0.1:18080",
+        "recorded_at": T0 + timedelta(minutes=end),
+    }
+
+
+def test_slots_in_a_ledger_range_are_skipped_or_missed_and_folded_when_fired_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    task_id = add_task(sessions)
+    with sessions() as session:
+        session.execute(
+            insert(JobLog),
+            [row(task_id, 1), row(task_id, 4, late_s=30, trigger="misfire"), row(task_id, 8)],
+        )
+        session.execute(
+            insert(SlotMiss),
+            [
+                miss(task_id, 2, 4, "missed", 2),  # 12:02, 12:03: folded into 12:04's fire
+                miss(task_id, 5, 7, "skipped", 2),  # 12:05, 12:06: misfire policy skip
+                miss(task_id, 9, 11, "missed", 2),  # 12:09 (and 12:10, after the range)
+            ],
+        )
+        session.commit()
+        ledger = slot_ledger(
+            session, task_id, T0, T0 + timedelta(minutes=10), now=T0 + timedelta(hours=1)
+        )
+    outcomes = [(s.scheduled_at.strftime("%H:%M"), s.outcome.value) for s in ledger.slots]
+    assert outcomes == [
+        ("12:00", "before_task"),
+        ("12:01", "fired"),
+        ("12:02", "folded"),
+        ("12:03", "folded"),
+        ("12:04", "fired_once"),
+        ("12:05", "skipped"),
+        ("12:06", "skipped"),
+        ("12:07", "not_fired"),  # in no range: nobody saw why
+        ("12:08", "fired"),
+        ("12:09", "missed"),
+    ]
+    by_minute = {s.scheduled_at.minute: s for s in ledger.slots}
+    assert by_minute[5].run is None and by_minute[9].run is None
+    assert ledger.counts["missed"] == 1 and ledger.counts["skipped"] == 2
+    assert [(m.first_at.minute, m.reason.value, m.slot_count) for m in ledger.misses] == [
+        (2, "missed", 2),
+        (5, "skipped", 2),
+        (9, "missed", 2),
+    ]
+    assert ledger.model_dump(mode="json")["misses"][2]["end_at"] == "2026-12-04T12:11:00Z"
+
+
+@pytest.mark.parametrize("expression", ["*/5 * * * * *", "0 */7 * * * *", "@every 1500ms"])
+def test_a_schedule_counts_the_slots_of_a_range_as_it_lists_them(expression: str) -> None:
+    schedule = parse_schedule(expression, "Europe/Berlin")
+    start = datetime(2026, 3, 28, 23, 59, 58, 500)  # the night the clocks go forward
+    for span in (timedelta(seconds=37), timedelta(hours=5), timedelta(days=9)):
+        end = start + span
+        assert schedule.count_between(start, end) == len(schedule.slots_between(start, end, 10**7))
+
+
+@pytest.mark.slow
+def test_a_manager_stopped_for_a_while_records_the_slots_it_missed_and_the_api_answers_missed(
+    tmp_path: Path,
+) -> None:
+    with cluster(tmp_path, Cluster, manager={"misfire_grace": 1}) as ays:
+        task = add_task_by_api(ays, "true", schedule="* * * * * *", name="every-second")
+
+        def fired() -> bool:
+            with ays.api() as api:
+                return api.get("/job-logs", params={"task_id": task}).json()["total"] >= 2
+
+        wait_for(fired, 60, "the task's first fires")
+        ays.manager.stop()
+        stopped = utcnow()
+        time.sleep(6)  # down for a while: the slots of these seconds are owed
+        ays.manager = manager(ays.config, tmp_path / "m2.log", ays.manager_port).start()
+
+        def ledger() -> dict[str, Any] | None:
+            since = (stopped - timedelta(seconds=30)).isoformat()
+            with ays.api() as api:
+                body = api.get(f"/tasks/{task}/slots", params={"from": since}).json()
+            return body if body["misses"] else None
+
+        body = wait_for(ledger, 60, "the missed range in the ledger")
+        [missed] = body["misses"]
+        assert missed["reason"] == "missed" and missed["slot_count"] >= 4
+        first = datetime.fromisoformat(missed["first_at"]).replace(tzinfo=None)
+        end = datetime.fromisoformat(missed["end_at"]).replace(tzinfo=None)
+        assert first <= stopped + timedelta(seconds=2) and end >= stopped + timedelta(seconds=6)
+        assert missed["slot_count"] == (end - first).seconds
+        outcome = {s["scheduled_at"]: s["outcome"] for s in body["slots"]}
+        in_it = (stopped + timedelta(seconds=4)).replace(microsecond=0).isoformat() + "Z"
+        assert outcome[in_it] == "missed"
+        assert body["counts"]["missed"] >= 4
+        samples = scrape(ays.manager_port)
+        assert value(samples, "ays_slots_missed_total", reason="missed") == missed["slot_count"]
+        assert value(samples, "ays_slots_missed_total", reason="skipped") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.mysql
+def test_two_managers_starting_together_on_mariadb_record_the_missed_range_once(
+    tmp_path: Path, mysql_url: str
+) -> None:
+    ports = [free_port(), free_port()]
+    daemons = []
+    for i, port in enumerate(ports):
+        config = write_config(
+            tmp_path / f"ays{i}.yaml",
+            mysql_url,
+            port,
+            tmp_path / f"m{i}",
+            manager={"misfire_grace": 1},
+        )
+        daemons.append((config, port))
+
+    def start_all(round_: int) -> list[Daemon]:
+        started = [manager(c, tmp_path / f"m{p}-{round_}.log", p) for c, p in daemons]
+        threads = [threading.Thread(target=d.start) for d in started]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        return started
+
+    running = start_all(1)
+    try:
+        with client(ports[0]) as api:
+            assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
+            body = {"name": "every-second", "node_group": "g1", "schedule": "* * * * * *"}
+            body |= {"task_type": "shell", "payload": {"command": "true"}}
+            task = api.post("/tasks", json=body).json()["id"]
+
+            def fired() -> bool:
+                return api.get("/job-logs", params={"task_id": task}).json()["total"] >= 3
+
+            wait_for(fired, 60, "the task's first fires")
+        for daemon in running:
+            daemon.stop()
+        time.sleep(5)  # no manager: the slots of these seconds are owed
+        running = start_all(2)
+
+        def ranges() -> list[dict[str, Any]]:
+            with client(ports[1]) as api:
+                answer = api.get(f"/tasks/{task}/slots").json()
+            return list(answer["misses"])
+
+        found = wait_for(ranges, 60, "the missed range")
+        time.sleep(2)  # both managers have reconciled since
+        found = ranges()
+        assert len(found) == 1 and found[0]["reason"] == "missed", found
+        assert found[0]["slot_count"] >= 4
+    finally:
+        for daemon in running:
+            daemon.kill()

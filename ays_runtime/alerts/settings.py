@@ -98,6 +98,7 @@ class AlertRule(_Section):
         "running_longer_than",
         "node_offline",
         "group_unhealthy",
+        "slot_missed",
     ] = Field(
         description="run_failed: every run that failed for good (timed out, node lost too; "
         "after its retries); consecutive_failures: `count` such runs in a row, once per streak; "
@@ -105,7 +106,9 @@ class AlertRule(_Section):
         "when it ends); "
         "running_longer_than: a run still unfinished `seconds` after it was dispatched; "
         "node_offline: a node went offline; group_unhealthy: a node group with enabled tasks "
-        "has no online node"
+        "has no online node; slot_missed: slots of a task's schedule that were not fired (a "
+        "range of the slot ledger: missed while no manager was running, or skipped by the "
+        "misfire policy), one notice per range"
     )
     count: int = Field(3, ge=2, le=1000, description="runs in a row (consecutive_failures)")
     seconds: float = Field(
@@ -120,7 +123,17 @@ class AlertRule(_Section):
     @property
     def periodic(self) -> bool:
         """Judged by looking at the state every alerts.watch_interval, not at stored runs."""
-        return self.when in ("running_longer_than", "node_offline", "group_unhealthy")
+        return self.when in (
+            "running_longer_than",
+            "node_offline",
+            "group_unhealthy",
+            "slot_missed",
+        )
+
+    @property
+    def episodic(self) -> bool:
+        """Opens and closes (firing, then resolved) with the state of a node or a group."""
+        return self.when in ("node_offline", "group_unhealthy")
 
     def watches(self, task_name: str, node_group: str) -> bool:
         return (not self.tasks or task_name in self.tasks) and (

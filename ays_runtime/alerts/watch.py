@@ -1,12 +1,14 @@
 """The rules judged by looking at the state every `alerts.watch_interval` seconds:
-`running_longer_than`, `node_offline` and `group_unhealthy`.
+`running_longer_than`, `node_offline`, `group_unhealthy` and `slot_missed`.
 
-A long run raises one notice (keyed by the run). A node or a group is an *episode*: it opens
-when the subject goes bad (firing) and closes when it is good again (resolved), one notice
-each. Open episodes are kept in memory and, at start, read back from the queue of notices
-(the latest notice of a subject says whether its episode is open), so a restart neither
-repeats a firing nor forgets a resolved. Episode keys count the subject's firings: two
-managers opening the same episode queue it once.
+A long run raises one notice (keyed by the run). A range of slots not fired (the slot ledger,
+`ays_slot_miss`) raises one notice, keyed by the range's row, when it was recorded lately
+(within RECENT_MISSES, or three looks): a restart does not raise old ranges again. A node
+or a group is an *episode*: it opens when the subject goes bad (firing) and closes when it is
+good again (resolved), one notice each. Open episodes are kept in memory and, at start, read
+back from the queue of notices (the latest notice of a subject says whether its episode is
+open), so a restart neither repeats a firing nor forgets a resolved. Episode keys count the
+subject's firings: two managers opening the same episode queue it once.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ from sqlalchemy import Connection, func, select
 
 from ays_runtime.alerts.rules import Raised
 from ays_runtime.alerts.settings import AlertRule, AlertSettings
-from ays_runtime.storage.models import AlertDelivery, JobLog, Node, NodeStatus, RunStatus, Task
+from ays_runtime.storage.models import (
+    AlertDelivery,
+    JobLog,
+    Node,
+    NodeStatus,
+    RunStatus,
+    SlotMiss,
+    Task,
+)
+from ays_runtime.vocabulary import SlotMissReason
 
 LONG_RUN_LIMIT = 500  # long runs looked at per rule and look
+MISS_LIMIT = 500  # slot-ledger ranges looked at per rule and look
+RECENT_MISSES = timedelta(minutes=1)
 _RUNNING = (RunStatus.DISPATCHED.value, RunStatus.RUNNING.value)
 
 
@@ -31,6 +44,7 @@ class Watcher:
     # (rule, subject) -> the key of its open episode's firing notice
     open: dict[tuple[str, str], str] = field(default_factory=dict)
     long_runs: set[str] = field(default_factory=set)  # keys of long runs already raised
+    misses: set[str] = field(default_factory=set)  # keys of recent ranges already raised
     _loaded: bool = False
 
     def look(self, conn: Connection, now: datetime) -> list[Raised]:
@@ -41,6 +55,8 @@ class Watcher:
         moment = now.replace(tzinfo=UTC)
         raised: list[Raised] = []
         long_runs: set[str] = set()
+        misses: set[str] = set()
+        recent = now - max(RECENT_MISSES, timedelta(seconds=3 * self.settings.watch_interval))
         for rule in self.settings.rules:
             if not rule.periodic or rule.silenced(moment):
                 continue
@@ -48,10 +64,15 @@ class Watcher:
                 found = _long_runs(conn, rule, now)
                 long_runs |= {r.dedup_key for r in found}
                 raised += [r for r in found if r.dedup_key not in self.long_runs]
+            elif rule.when == "slot_missed":
+                found = _slot_misses(conn, rule, recent)
+                misses |= {r.dedup_key for r in found}
+                raised += [r for r in found if r.dedup_key not in self.misses]
             else:
                 bad = _bad_subjects(conn, rule)
                 raised += self._episodes(conn, rule, bad)
         self.long_runs = long_runs  # the ones still running: a run that ended is forgotten
+        self.misses = misses  # the ones still recent
         return raised
 
     def _episodes(self, conn: Connection, rule: AlertRule, bad: dict[str, str]) -> list[Raised]:
@@ -74,7 +95,7 @@ class Watcher:
         return raised
 
     def _load_open(self, conn: Connection) -> None:
-        names = [r.name for r in self.settings.rules if r.when != "running_longer_than"]
+        names = [r.name for r in self.settings.rules if r.episodic]
         if not names:
             return
         latest = (
@@ -148,6 +169,53 @@ def _long_runs(conn: Connection, rule: AlertRule, now: datetime) -> list[Raised]
         document["task"] = {"id": task_id, "name": name, "node_group": group}
         raised.append(Raised(f"{rule.name}:run:{job_id}", rule, "firing", summary, document))
     return raised
+
+
+def _slot_misses(conn: Connection, rule: AlertRule, since: datetime) -> list[Raised]:
+    rows = conn.execute(
+        select(
+            SlotMiss.id,
+            SlotMiss.task_id,
+            SlotMiss.first_at,
+            SlotMiss.end_at,
+            SlotMiss.slot_count,
+            SlotMiss.reason,
+            SlotMiss.manager_id,
+            Task.name,
+            Task.node_group,
+        )
+        .join(Task, Task.id == SlotMiss.task_id)
+        .where(SlotMiss.recorded_at >= since)
+        .order_by(SlotMiss.id)
+        .limit(MISS_LIMIT)
+    ).all()
+    raised = []
+    for miss in rows:
+        name, group = miss.name, miss.node_group
+        if not rule.watches(name, group):
+            continue
+        why = _WHY.get(miss.reason, miss.reason)
+        summary = (
+            f"{miss.slot_count} slot(s) of task {name} (id {miss.task_id}) {why}, from "
+            f"{_iso(miss.first_at)} until {_iso(miss.end_at)}"
+        )
+        document = _document(rule, f"task {miss.task_id}", summary, "firing")
+        document["task"] = {"id": miss.task_id, "name": name, "node_group": group}
+        document["slots"] = {
+            "reason": miss.reason,
+            "first_at": _iso(miss.first_at),
+            "end_at": _iso(miss.end_at),
+            "count": miss.slot_count,
+            "found_by": miss.manager_id,
+        }
+        raised.append(Raised(f"{rule.name}:slots:{miss.id}", rule, "firing", summary, document))
+    return raised
+
+
+_WHY = {
+    SlotMissReason.MISSED.value: "not fired (no manager was running)",
+    SlotMissReason.SKIPPED.value: "skipped by the misfire policy (a manager found them late)",
+}
 
 
 def _firings(conn: Connection, rule: str, subject: str) -> int:

@@ -131,7 +131,8 @@ def get_slots(
 ) -> slots.SlotLedger:
     """Every slot of the task's schedule in [from, to) (at most 10,000) and what became of
     it: fired (with its run), late (by how much), fired once or folded by the misfire
-    policy, skipped, not fired, upcoming."""
+    policy, skipped (by the block strategy, or by the misfire policy `skip`), missed (no
+    manager was running), not fired, upcoming; and the ledger's ranges of slots not fired."""
     end = end or utcnow()
     start = start or end - DEFAULT_SLOT_RANGE
     return slots.slot_ledger(

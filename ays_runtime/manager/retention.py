@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import AuditEntry, JobLog
+from ays_runtime.storage.models import AuditEntry, JobLog, SlotMiss
 
 log = logging.getLogger("ays.retention")
 
@@ -38,6 +38,8 @@ class Aged:
 
 JOB_LOGS = Aged("job logs", JobLog, JobLog.created_at)
 AUDIT_ENTRIES = Aged("audit entries", AuditEntry, AuditEntry.at)
+# The slot ledger's ranges age with the job log they complete: by their last slot.
+SLOT_MISSES = Aged("slot-ledger ranges", SlotMiss, SlotMiss.end_at)
 
 
 def purge_batch(engine: Engine, retention: timedelta, batch: int, rows: Aged = JOB_LOGS) -> int:

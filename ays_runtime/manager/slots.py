@@ -1,6 +1,7 @@
 """The slot ledger of one task: every slot its schedule has in a time range, and what became
-of each, read from the job log (the console's slot view and
-`GET /api/v1/tasks/{id}/slots` read it from here).
+of each, read from the job log and from the ranges of slots no manager fired
+(`ays_slot_miss`, written by the scheduler: scheduler/ledger.py). The console's slot view and
+`GET /api/v1/tasks/{id}/slots` read it from here.
 
 Contract (stable; the console builds on it):
 
@@ -22,23 +23,32 @@ allowed slot falls). `start`, `end` and `now` are naive UTC.
     off_schedule               [Slot] fired slots the current schedule does not have (fired
                                under an earlier schedule of the task), in time order
     counts                     {outcome: n} over `slots`, every outcome included
+    misses                     [SlotMissRange] the ledger's ranges of slots not fired that
+                               overlap the range: first_at, end_at (the slots in
+                               [first_at, end_at)), slot_count, reason (skipped, missed),
+                               manager_id (who found it), recorded_at
 
 `Slot`: scheduled_at, outcome (SlotOutcome), lateness_s (claim time - slot time, when it
 fired), folded_into (the slot the misfire policy fired instead of this one) and run (SlotRun:
 the slot's first job-log row id, its status and trigger, node, created_at, started_at,
 ended_at, message, and over the slot's retries: attempts, final_status).
 
-Outcomes, from the job log (one row per fired slot, keyed by task and scheduled time; the
-manager records no row for a slot it did not fire):
+Outcomes, from the job log (one row per fired slot, keyed by task and scheduled time) and,
+for a slot without a row, from the ledger's ranges:
 
     fired        claimed within late_after of its time
     late         claimed later than that (lateness_s says by how much)
     fired_once   fired late by the misfire policy fire_once_now (trigger `misfire`)
-    folded       not fired, covered by a later fired_once slot of the same gap
+    folded       not fired (missed or no row), covered by a later fired_once slot of the
+                 same gap
     skipped      claimed, then not run: its row says skipped or discarded (block strategy,
-                 task disabled before a retry)
-    not_fired    no row: no manager was up then, or the misfire policy `skip` passed it
-                 (the job log cannot tell which; the alerts issue's slot ledger will)
+                 task disabled before a retry; `run` says which), or no row and in a `skipped`
+                 range: a running manager found it later than the grace and the misfire policy
+                 `skip` passed it (`run` is null)
+    missed       no row, in a `missed` range: no manager was running then (a manager starting
+                 found it, looking back at most manager.ledger_horizon)
+    not_fired    no row and no range: older than the look-back, from before the ledger, or
+                 not fired for a reason no manager saw
     upcoming     not due yet, or due within `grace` (a manager may be claiming it now)
     before_task  earlier than the task's creation
 """
@@ -46,8 +56,9 @@ manager records no row for a slot it did not fire):
 from __future__ import annotations
 
 import enum
+from bisect import bisect_right
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -57,8 +68,8 @@ from sqlalchemy.orm import Session
 from ays_runtime.exceptions import NotFoundError, ScheduleError, ValidationError
 from ays_runtime.scheduler.schedule import check_slot_moment, parse_schedule
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, Task
-from ays_runtime.vocabulary import RunStatus, TriggerKind
+from ays_runtime.storage.models import JobLog, SlotMiss, Task
+from ays_runtime.vocabulary import RunStatus, SlotMissReason, TriggerKind
 from ays_runtime.web.fields import UtcOut
 
 MAX_SLOTS = 10_000
@@ -71,9 +82,18 @@ class SlotOutcome(enum.StrEnum):
     FIRED_ONCE = "fired_once"
     FOLDED = "folded"
     SKIPPED = "skipped"
+    MISSED = "missed"
     NOT_FIRED = "not_fired"
     UPCOMING = "upcoming"
     BEFORE_TASK = "before_task"
+
+
+_BY_REASON = {
+    SlotMissReason.SKIPPED: SlotOutcome.SKIPPED,
+    SlotMissReason.MISSED: SlotOutcome.MISSED,
+}
+# Slots without a row that a later fired_once slot of the same gap covers.
+_FOLDABLE = {SlotOutcome.NOT_FIRED, SlotOutcome.MISSED}
 
 
 class SlotRun(BaseModel):
@@ -97,6 +117,15 @@ class Slot(BaseModel):
     run: SlotRun | None = None
 
 
+class SlotMissRange(BaseModel):
+    first_at: UtcOut = Field(description="the range's first slot")
+    end_at: UtcOut = Field(description="the slot after the range (fired or due then)")
+    slot_count: int
+    reason: SlotMissReason
+    manager_id: str = Field(description="the manager that found the slots not fired")
+    recorded_at: UtcOut
+
+
 class SlotLedger(BaseModel):
     task_id: int
     task_name: str
@@ -110,6 +139,7 @@ class SlotLedger(BaseModel):
     slots: list[Slot]
     off_schedule: list[Slot]
     counts: dict[str, int]
+    misses: list[SlotMissRange] = Field(default_factory=list)
 
 
 def slot_ledger(
@@ -138,6 +168,7 @@ def slot_ledger(
     except ScheduleError as err:
         times, error = [], str(err)
     runs = _runs(session, task_id, start, end)
+    misses = _misses(session, task_id, start, end)
     slots: list[Slot] = []
     gap: list[Slot] = []  # slots without a row since the last slot with one
     for at in times:
@@ -145,6 +176,8 @@ def slot_ledger(
         if rows is None:
             slot = Slot(scheduled_at=at, outcome=_unfired(at, task.created_at, now, grace))
             if slot.outcome == SlotOutcome.NOT_FIRED:
+                slot.outcome = _why_not_fired(at, misses)
+            if slot.outcome in _FOLDABLE:
                 gap.append(slot)
             slots.append(slot)
             continue
@@ -170,6 +203,7 @@ def slot_ledger(
         slots=slots,
         off_schedule=[_fired(at, rows, late_after) for at, rows in sorted(runs.items())],
         counts={str(k): v for k, v in counts.items()},
+        misses=misses,
     )
 
 
@@ -215,6 +249,38 @@ def _runs(session: Session, task_id: int, start: datetime, end: datetime) -> dic
     for row in session.execute(stmt):
         by_slot[row.scheduled_at].append(row)
     return dict(by_slot)
+
+
+def _misses(session: Session, task_id: int, start: datetime, end: datetime) -> list[SlotMissRange]:
+    """The ledger's ranges overlapping [start, end), in time order."""
+    stmt = (
+        select(SlotMiss)
+        .where(SlotMiss.task_id == task_id, SlotMiss.first_at < end, SlotMiss.end_at > start)
+        .order_by(SlotMiss.first_at)
+        .limit(MAX_SLOTS)
+    )
+    return [
+        SlotMissRange(
+            first_at=m.first_at,
+            end_at=m.end_at,
+            slot_count=m.slot_count,
+            reason=SlotMissReason(m.reason),
+            manager_id=m.manager_id,
+            recorded_at=m.recorded_at,
+        )
+        for m in session.scalars(stmt)
+    ]
+
+
+def _why_not_fired(at: datetime, misses: list[SlotMissRange]) -> SlotOutcome:
+    """A slot with no row: `skipped` or `missed` when a range of the ledger holds it (the
+    ranges are in time order; the two that start last before the slot are looked at)."""
+    aware = at.replace(tzinfo=UTC)
+    index = bisect_right(misses, aware, key=lambda m: m.first_at)
+    for miss in misses[max(index - 2, 0) : index]:
+        if aware < miss.end_at:
+            return _BY_REASON[miss.reason]
+    return SlotOutcome.NOT_FIRED
 
 
 def _unfired(at: datetime, created: datetime, now: datetime, grace: timedelta) -> SlotOutcome:

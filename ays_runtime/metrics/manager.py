@@ -6,6 +6,10 @@ Counted where things happen:
                                                  manager inserted
     ays_fires_misfired_total                     timers found later than misfire_grace (their
                                                  misfire policy applied)
+    ays_slots_missed_total{reason}               slots of a schedule not fired, as this manager
+                                                 recorded them in the slot ledger: skipped
+                                                 (misfire policy skip) or missed (no manager
+                                                 was running)
     ays_fire_lateness_seconds{stage}             scheduled time -> claimed, dispatched (handed
                                                  to a node or the broker), stored (recorded
                                                  as dispatched in the job log), started (the
@@ -35,7 +39,7 @@ Read at scrape time (`StateCollector`, from what `attach` names):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -51,6 +55,7 @@ from ays_runtime.metrics.base import DURATION_BUCKETS, LATENESS_BUCKETS
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Node, RunStatus, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
+from ays_runtime.vocabulary import SlotMissReason
 
 log = logging.getLogger("ays.metrics")
 
@@ -65,6 +70,13 @@ FIRES_CLAIMED = Counter(
 FIRES_MISFIRED = Counter(
     "ays_fires_misfired",
     "Timers found later than misfire_grace; their task's misfire policy applied",
+    registry=REGISTRY,
+)
+SLOTS_MISSED = Counter(
+    "ays_slots_missed",
+    "Slots of a task's schedule not fired, recorded in the slot ledger by this manager: "
+    "skipped (misfire policy skip) or missed (no manager was running)",
+    ["reason"],
     registry=REGISTRY,
 )
 LATENESS = Histogram(
@@ -171,6 +183,13 @@ def fires_claimed(dispatches: Sequence[JobDispatch], now: datetime) -> None:
         counter.inc()
         if job.attempt == 0:
             claimed.observe(_seconds(now - job.scheduled_at))
+
+
+def slots_not_fired(recorded: Mapping[str, int]) -> None:
+    """The claim writer just recorded these slots in the ledger ({reason: slots})."""
+    for reason, slots in recorded.items():
+        if slots:
+            SLOTS_MISSED.labels(reason).inc(slots)
 
 
 def run_dispatched(job: JobDispatch, stage: str) -> None:
@@ -313,8 +332,10 @@ _STAGES = {
     stage: LATENESS.labels(stage) for stage in ("claimed", "dispatched", "stored", "started")
 }
 _TRIGGERS = {trigger.value: FIRES_CLAIMED.labels(trigger.value) for trigger in TriggerKind}
-for _table in ("ays_job_log", "ays_audit"):
+for _table in ("ays_job_log", "ays_audit", "ays_slot_miss"):
     PURGED_ROWS.labels(_table)
+for _reason in SlotMissReason:
+    SLOTS_MISSED.labels(_reason.value)
 
 
 def attach(state: ManagerState, *, transport: str, task_labels: bool = False) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.metrics import manager as metrics
+from ays_runtime.scheduler.ledger import OwedRange, record_owed
 from ays_runtime.storage.database import insert_ignoring_duplicates, transaction, utcnow
 from ays_runtime.storage.models import JobLog, RunStatus, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
@@ -34,6 +36,9 @@ MAX_BATCH = 2000
 # How long the first fire of a batch may wait for company. Small: lateness is measured from
 # the slot time, and a lone fire should not wait at all when the writer is idle.
 MAX_BATCH_DELAY = 0.002
+# Slot-ledger ranges written with one claim batch: a manager starting after a long stop finds
+# one per task, and counting their slots must not hold the claims back for long.
+MAX_OWED_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,8 @@ class FireWriter:
     """Collects fires from the event loop and claims them in batches in a worker thread.
 
     `submit` never blocks the fire loop. `close` flushes what was submitted: a clean stop
-    leaves no slot half-fired.
+    leaves no slot half-fired. `note_missed` queues a slot-ledger range (scheduler/ledger.py),
+    written in the transaction of the next batch.
     """
 
     def __init__(
@@ -202,6 +208,7 @@ class FireWriter:
         self.on_claimed = on_claimed
         self.max_batch = max_batch
         self._queue: list[Fire] = []
+        self._owed: list[OwedRange] = []
         self._waiters: dict[tuple[int, datetime], asyncio.Future[int | None]] = {}
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -210,6 +217,10 @@ class FireWriter:
 
     def submit(self, fire: Fire) -> None:
         self._queue.append(fire)
+        self._wakeup.set()
+
+    def note_missed(self, owed: OwedRange) -> None:
+        self._owed.append(owed)
         self._wakeup.set()
 
     async def submit_and_wait(self, fire: Fire) -> int | None:
@@ -225,7 +236,7 @@ class FireWriter:
 
     async def run(self) -> None:
         while True:
-            if not self._queue:
+            if not self._queue and not self._owed:
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -235,13 +246,28 @@ class FireWriter:
                 await asyncio.sleep(MAX_BATCH_DELAY)
             batch = self._queue[: self.max_batch]
             del self._queue[: self.max_batch]
-            await self._claim(batch)
+            owed = self._owed[:MAX_OWED_BATCH]
+            del self._owed[:MAX_OWED_BATCH]
+            await self._claim(batch, owed)
 
-    async def _claim(self, batch: list[Fire]) -> None:
+    def _write(
+        self, batch: list[Fire], owed: list[OwedRange]
+    ) -> tuple[list[JobDispatch], Counter[str]]:
+        """The batch's claims and ledger ranges, in one transaction (worker thread)."""
+        now = utcnow()
+
+        def work(conn: Connection) -> tuple[list[JobDispatch], Counter[str]]:
+            dispatches = claim_in(conn, self.manager_id, batch, now) if batch else []
+            return dispatches, record_owed(conn, self.manager_id, owed, now)
+
+        what = f"manager {self.manager_id}: claiming {len(batch)} slot(s)"
+        if owed:
+            what += f", recording {len(owed)} range(s) of slots not fired"
+        return transaction(self.engine, work, what)
+
+    async def _claim(self, batch: list[Fire], owed: list[OwedRange]) -> None:
         try:
-            dispatches = await asyncio.to_thread(
-                claim_slots, self.engine, self.manager_id, batch, utcnow()
-            )
+            dispatches, recorded = await asyncio.to_thread(self._write, batch, owed)
         except SQLAlchemyError as err:
             # The database is away: keep the fires and try again; the slot key makes the
             # retry safe. Logged once per outage, not once per attempt.
@@ -250,12 +276,14 @@ class FireWriter:
                 log.error("manager %s: cannot claim fires, will retry: %s", self.manager_id, reason)
                 self._failing = True
             self._queue[:0] = batch
+            self._owed[:0] = owed
             await asyncio.sleep(1.0 if not self._closing else 0.2)
             return
         if self._failing:
             log.warning("manager %s: database is back, claiming again", self.manager_id)
             self._failing = False
         self.claimed_total += len(dispatches)
+        metrics.slots_not_fired(recorded)
         metrics.fires_claimed(dispatches, utcnow())
         won = {(d.task_id, d.scheduled_at): d.job_log_id for d in dispatches}
         for fire in batch:

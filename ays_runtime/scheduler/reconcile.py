@@ -18,6 +18,13 @@ the rows whose task is gone. When they disagree (a restart, a failed write, rows
 hand) the tick reads both lists in full and compares them here. Either way, the tasks being
 added get their last fired slot from a third query.
 
+A task being added whose slots since its last fire (and since its last change, when the
+manager that made it was up) were not fired, beyond the grace, had no manager running then:
+the plan lists them as the slot ledger's `missed` ranges (scheduler/ledger.py), whatever its
+misfire policy, and whether this is a start-up or a task enabled again. A task that never
+fired has no range (nothing says since when it was owed); the common case costs nothing, as
+the range is only looked for where the misfire policy applies.
+
 `plan()` does the reads and may run in a worker thread; `apply()` writes the rows (thread) and
 `apply_to_memory()` changes the timer list (event loop thread only).
 """
@@ -45,9 +52,11 @@ from sqlalchemy import (
 )
 
 from ays_runtime.exceptions import ScheduleError
-from ays_runtime.scheduler.schedule import parse_schedule
+from ays_runtime.scheduler.ledger import DEFAULT_HORIZON, OwedRange, owed_range
+from ays_runtime.scheduler.schedule import Schedule, parse_schedule
 from ays_runtime.scheduler.timers import Timer, TimerList
 from ays_runtime.storage.models import JobLog, MisfirePolicy, Task, TimerRow, TriggerKind
+from ays_runtime.vocabulary import SlotMissReason
 
 log = logging.getLogger("ays.reconcile")
 
@@ -62,6 +71,7 @@ _TASK_COLUMNS = (
     Task.version,
     Task.enabled,
     Task.misfire_policy,
+    Task.updated_at,
 )
 
 ActionKind = Literal["drop-timer", "drop-row", "add", "update", "remove", "misfire", "invalid"]
@@ -94,6 +104,9 @@ class Plan:
     update_rows: list[dict[str, object]] = field(default_factory=list)
     put_timers: list[Timer] = field(default_factory=list)
     misfires: list[Misfire] = field(default_factory=list)
+    # Slots owed while no manager was running, for the slot ledger (not an action: a plan
+    # with only these changes nothing).
+    missed: list[OwedRange] = field(default_factory=list)
     # True when memory and the rows disagreed, so both lists were read in full.
     full_read: bool = False
 
@@ -106,10 +119,17 @@ class Plan:
 
 
 class Reconciler:
-    def __init__(self, engine: Engine, manager_id: str, misfire_grace: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        manager_id: str,
+        misfire_grace: float,
+        ledger_horizon: timedelta = DEFAULT_HORIZON,
+    ) -> None:
         self.engine = engine
         self.manager_id = manager_id
         self.grace = timedelta(seconds=misfire_grace)
+        self.horizon = ledger_horizon
 
     def plan(self, memory: dict[int, int], now: datetime) -> Plan:
         """Compare `memory` ({task_id: version} of the timer list) with the database."""
@@ -243,17 +263,22 @@ class Reconciler:
             expected = schedule.next_after(last)
             if expected >= now - self.grace:
                 fire_at = min(fire_at, expected)  # late by less than the grace: still fire it
-            elif task.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
-                missed = schedule.last_at_or_before(now, last)
-                if missed is not None:
-                    plan.misfires.append(Misfire(task.id, missed))
-                    plan.actions.append(
-                        Action("misfire", task.id, f"slot {missed.isoformat()} fires once now")
-                    )
             else:
-                plan.actions.append(
-                    Action("misfire", task.id, f"slots since {expected.isoformat()} skipped")
-                )
+                fired_once = None
+                if task.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
+                    fired_once = schedule.last_at_or_before(now, last)
+                    if fired_once is not None:
+                        plan.misfires.append(Misfire(task.id, fired_once))
+                        plan.actions.append(
+                            Action(
+                                "misfire", task.id, f"slot {fired_once.isoformat()} fires once now"
+                            )
+                        )
+                else:
+                    plan.actions.append(
+                        Action("misfire", task.id, f"slots since {expected.isoformat()} skipped")
+                    )
+                self._note_missed(plan, task, schedule, expected, fired_once or fire_at, now)
         values = {
             "manager_id": self.manager_id,
             "task_id": task.id,
@@ -283,6 +308,27 @@ class Reconciler:
                 f"next {fire_at.isoformat()}",
             )
         )
+
+    def _note_missed(
+        self,
+        plan: Plan,
+        task: Row,
+        schedule: Schedule,
+        expected: datetime,
+        end: datetime,
+        now: datetime,
+    ) -> None:
+        """The slots from `expected` (the first after the task's last fire, later than the
+        grace) up to `end` that no manager fired; from the task's last change when that is
+        later (a manager was up to make it; before it, the task may have been disabled)."""
+        first = expected
+        if task.updated_at is not None and task.updated_at >= expected:
+            first = schedule.next_after(task.updated_at)
+            if first >= now - self.grace:
+                return
+        owed = owed_range(task.id, schedule, first, end, SlotMissReason.MISSED, now, self.horizon)
+        if owed is not None:
+            plan.missed.append(owed)
 
     def _last_fired(self, conn: object, task_ids: list[int]) -> dict[int, datetime]:
         """The latest scheduled slot each task fired, for the misfire decision."""

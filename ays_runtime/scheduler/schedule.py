@@ -81,6 +81,11 @@ class Schedule(ABC):
             slot = self.next_after(slot)
         return found
 
+    @abstractmethod
+    def count_between(self, start: datetime, end: datetime) -> int:
+        """How many slots [start, end) holds. Safe from any thread (the slot ledger counts in
+        the claim writer's): it does not move the instance's croniter."""
+
     def last_at_or_before(self, moment: datetime, not_before: datetime) -> datetime | None:
         """The latest slot in (not_before, moment], or None: which slot a misfire replays."""
         slot = self.next_after(not_before)
@@ -138,6 +143,24 @@ class CronSchedule(Schedule):
                         return found
         return found
 
+    def count_between(self, start: datetime, end: datetime) -> int:
+        """From the fields' expansion (cron_minutes), a week at a time."""
+        second_field, minute_fields = self._fields.split(" ", 1)
+        seconds = cron_seconds(second_field)
+        total = 0
+        while start < end:
+            stop = min(end, start + timedelta(days=7))
+            begin = start.replace(second=0, microsecond=0)
+            minutes = -(-(stop - begin) // timedelta(minutes=1))
+            for m in cron_minutes(minute_fields, self._tz.key, begin, minutes):
+                base = begin + timedelta(minutes=m)
+                if start <= base and base + timedelta(minutes=1) <= stop:
+                    total += len(seconds)
+                else:
+                    total += sum(start <= base + timedelta(seconds=s) < stop for s in seconds)
+            start = stop
+        return total
+
     def next_after(self, after: datetime) -> datetime:
         last = self._last
         if last is not None and last[0] == after:
@@ -160,6 +183,10 @@ class EverySchedule(Schedule):
         elapsed = after - _EPOCH
         periods = elapsed // self.period + 1
         return _EPOCH + periods * self.period
+
+    def count_between(self, start: datetime, end: datetime) -> int:
+        first = self.next_after(start - timedelta(microseconds=1))
+        return -(-(end - first) // self.period) if first < end else 0
 
     def last_at_or_before(self, moment: datetime, not_before: datetime) -> datetime | None:
         slot = _EPOCH + ((moment - _EPOCH) // self.period) * self.period

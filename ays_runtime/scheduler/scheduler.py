@@ -24,11 +24,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from ays_runtime.exceptions import NotFoundError
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.firing import Fire, FireWriter
+from ays_runtime.scheduler.ledger import DEFAULT_HORIZON, owed_range
 from ays_runtime.scheduler.reconcile import Plan, Reconciler, memory_snapshot
 from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import MisfirePolicy, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
+from ays_runtime.vocabulary import SlotMissReason
 
 log = logging.getLogger("ays.scheduler")
 
@@ -45,11 +47,13 @@ class Scheduler:
         reconcile_interval: float = 5.0,
         misfire_grace: float = 5.0,
         clock: Callable[[], datetime] = utcnow,
+        ledger_horizon: float = DEFAULT_HORIZON.total_seconds(),
     ) -> None:
         self.engine = engine
         self.manager_id = manager_id
         self.timers = TimerList()
-        self.reconciler = Reconciler(engine, manager_id, misfire_grace)
+        self.horizon = timedelta(seconds=ledger_horizon)
+        self.reconciler = Reconciler(engine, manager_id, misfire_grace, self.horizon)
         self.writer = FireWriter(engine, manager_id, on_claimed)
         self.reconcile_interval = reconcile_interval
         self.grace = timedelta(seconds=misfire_grace)
@@ -83,6 +87,8 @@ class Scheduler:
                 self.writer.submit(
                     Fire(misfire.task_id, misfire.scheduled_at, TriggerKind.MISFIRE.value)
                 )
+            for owed in plan.missed:
+                self.writer.note_missed(owed)
             for action in plan.actions:
                 log.info("manager %s: reconcile: %s", self.manager_id, action)
             if plan:
@@ -122,13 +128,26 @@ class Scheduler:
                 timer.fire_at = timer.schedule.next_after(timer.fire_at)
             else:
                 # Later than the grace (a stalled host, a clock jump): the misfire policy decides.
+                missed_from, next_at = timer.fire_at, timer.schedule.next_after(now)
                 if timer.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
                     slot = timer.schedule.last_at_or_before(now, timer.fire_at - _TINY)
                     if slot is not None:
                         self.writer.submit(Fire(timer.task_id, slot, TriggerKind.MISFIRE.value))
                         submitted += 1
+                else:  # skip: the slots passed are the ledger's `skipped` range
+                    owed = owed_range(
+                        timer.task_id,
+                        timer.schedule,
+                        missed_from,
+                        next_at,
+                        SlotMissReason.SKIPPED,
+                        now,
+                        self.horizon,
+                    )
+                    if owed is not None:
+                        self.writer.note_missed(owed)
                 late.append(timer.task_id)
-                timer.fire_at = timer.schedule.next_after(now)
+                timer.fire_at = next_at
             self.timers.put(timer)
         if late:
             metrics.FIRES_MISFIRED.inc(len(late))

@@ -37,6 +37,7 @@ from ays_runtime.vocabulary import (  # the columns' choices and states
     RetryBackoff,
     RouteStrategy,
     RunStatus,
+    SlotMissReason,
     TaskType,
     TriggerKind,
 )
@@ -266,6 +267,29 @@ class JobLog(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output: Mapped[str] = mapped_column(Text, default="")
     message: Mapped[str] = mapped_column(String(1024), default="")
+
+
+class SlotMiss(Base):
+    """Slots of a task's schedule that were not fired, as a range: the slots in
+    [first_at, end_at) (end_at is the next slot the schedule fired or was to fire), how many,
+    and why (`SlotMissReason`). Written by the claim writer (scheduler/ledger.py); the key
+    (task_id, first_at) makes two managers that find the same range record it once (the
+    later, longer one widens it). No foreign key: like the job log, it outlives the task."""
+
+    __tablename__ = "ays_slot_miss"
+    __table_args__ = (
+        UniqueConstraint("task_id", "first_at"),
+        Index("ix_ays_slot_miss_end_at", "end_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(Integer)
+    first_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    end_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    slot_count: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(16), default=SlotMissReason.MISSED.value)
+    manager_id: Mapped[str] = mapped_column(String(64))  # the manager that found it
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class AlertDelivery(Base):
