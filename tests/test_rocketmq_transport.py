@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -201,6 +202,12 @@ def test_a_broadcast_reaches_every_node_with_its_shard(
     assert emu.messages(GROUP_TOPIC) == []
 
 
+def unsucceeded(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What a failing assertion shows: the runs that did not succeed, with why."""
+    keys = ("id", "status", "node", "attempt", "message")
+    return [tuple(r[k] for k in keys) for r in rows if r["status"] != "succeeded"]
+
+
 def test_fires_during_a_30s_proxy_outage_each_run_once_after_it_returns(
     cluster: Cluster, emu: RocketMQEmulator
 ) -> None:
@@ -222,7 +229,7 @@ def test_fires_during_a_30s_proxy_outage_each_run_once_after_it_returns(
         return rows if all(r["status"] in FINAL for r in rows) else None
 
     rows = wait_for(all_final, 90, "every fire of the outage to run", interval=0.5)
-    assert {r["status"] for r in rows} == {"succeeded"}, rows
+    assert {r["status"] for r in rows} == {"succeeded"}, unsucceeded(rows)
     ids = {str(r["id"]) for r in rows}
     ran = Counter(marks.read_text().split())
     assert set(ran) == ids and set(ran.values()) == {1}, "each fire ran once"
@@ -273,7 +280,7 @@ def test_sends_whose_answers_were_lost_are_delivered_twice_and_every_job_runs_on
     wait_for(lambda: emu.in_flight(GROUP_TOPIC, "ays_g1") == 0, 60, "every copy acked")
     assert emu.answers_dropped >= 5
     assert len(emu.messages(GROUP_TOPIC)) >= len(ids) + 5, "the broker kept both copies"
-    assert {r["status"] for r in ran} == {"succeeded"}, ran
+    assert {r["status"] for r in ran} == {"succeeded"}, unsucceeded(ran)
     counts = Counter(marks.read_text().split())
     assert sorted(int(i) for i in counts) == sorted(ids)
     assert set(counts.values()) == {1}, counts
