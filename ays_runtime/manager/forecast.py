@@ -62,7 +62,11 @@ parse_schedule; bench/console_bench.py). Then three caches, each bounded:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
+import time
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict, defaultdict
@@ -74,7 +78,8 @@ from weakref import WeakKeyDictionary
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import ScheduleError, ValidationError
 from ays_runtime.scheduler.schedule import (
@@ -103,6 +108,14 @@ _US = 1_000_000
 CRON_WINDOWS = 4096
 # Forecasts kept per snapshot of the tasks: a few windows or thresholds asked in turn.
 FORECASTS_KEPT = 8
+# keep_warm computes at each new minute the forecasts of now asked within this many seconds
+# (someone has the page open: it refreshes), and the console's at start.
+WATCHED_S = 900.0
+WARM_AT_START = (DEFAULT_HOURS, DEFAULT_THRESHOLD, 20, 20)
+# After the minute starts: the request computing the same minute waits on `_computing`.
+WARM_AFTER_S = 0.05
+
+log = logging.getLogger("ays.manager.forecast")
 
 
 class TaskRef(BaseModel):
@@ -186,6 +199,10 @@ _FINGERPRINT = select(
 )
 _snapshots: WeakKeyDictionary[Engine, _Snapshot] = WeakKeyDictionary()
 _snapshots_lock = threading.Lock()
+_computing = threading.Lock()
+# The parameters of the forecasts of now asked (hours, threshold, pileups, tasks_per_pileup)
+# and when (time.monotonic()), for keep_warm: the newest FORECASTS_KEPT.
+_asked: OrderedDict[tuple[int, int, int, int], float] = OrderedDict()
 _UNPARSED: Any = object()
 
 
@@ -203,19 +220,82 @@ def forecast(
         raise ValidationError("hours", hours, f"a whole number of hours from 1 to {MAX_HOURS}")
     begin = (start or utcnow()).replace(second=0, microsecond=0)
     check_slot_moment("start", begin)
-    snapshot = _snapshot(session)
-    key = (begin, hours, threshold, pileups, tasks_per_pileup)
-    with _snapshots_lock:
-        known = snapshot.forecasts.get(key)
-        if known is not None:
-            snapshot.forecasts.move_to_end(key)
-            return known
-    answer = _computed(snapshot, begin, hours, threshold, pileups, tasks_per_pileup)
-    with _snapshots_lock:
-        snapshot.forecasts[key] = answer
-        while len(snapshot.forecasts) > FORECASTS_KEPT:
-            snapshot.forecasts.popitem(last=False)
+    params = (hours, threshold, pileups, tasks_per_pileup)
+    if start is None:
+        _note_asked(params)
+    # One computation at a time: a request arriving while keep_warm computes the same
+    # forecast waits for it and finds it kept, rather than computing it again beside it.
+    with _computing:
+        snapshot = _snapshot(session)
+        key = (begin, *params)
+        with _snapshots_lock:
+            known = snapshot.forecasts.get(key)
+            if known is not None:
+                snapshot.forecasts.move_to_end(key)
+                return known
+        answer = _computed(snapshot, begin, hours, threshold, pileups, tasks_per_pileup)
+        with _snapshots_lock:
+            snapshot.forecasts[key] = answer
+            while len(snapshot.forecasts) > FORECASTS_KEPT:
+                snapshot.forecasts.popitem(last=False)
     return answer
+
+
+# --- kept warm by the manager ---------------------------------------------------------------
+
+
+def _note_asked(params: tuple[int, int, int, int]) -> None:
+    with _snapshots_lock:
+        _asked[params] = time.monotonic()
+        _asked.move_to_end(params)
+        while len(_asked) > FORECASTS_KEPT:
+            _asked.popitem(last=False)
+
+
+def _watched(now: float) -> list[tuple[int, int, int, int]]:
+    """The parameters of the forecasts of now asked within the last WATCHED_S seconds."""
+    with _snapshots_lock:
+        return [params for params, at in _asked.items() if now - at <= WATCHED_S]
+
+
+async def keep_warm(sessions: sessionmaker[Session], stop: asyncio.Event) -> None:
+    """The manager's task: compute the console's forecast once at start (after the scheduler
+    has parsed the tasks' schedules), then at the start of each minute those asked for in the
+    last WATCHED_S seconds, so a page load finds its forecast kept (a fingerprint query)
+    instead of computing it: reading the tasks, expanding their schedules, ~0.1-0.3 s.
+    A database error is logged and the next minute tries again."""
+    watched: list[tuple[int, int, int, int]] = [WARM_AT_START]
+    failing = False
+    while not stop.is_set():
+        for hours, threshold, pileups, per_pileup in watched:
+            try:
+                await asyncio.to_thread(_warm, sessions, hours, threshold, pileups, per_pileup)
+            except SQLAlchemyError as err:
+                if not failing:
+                    log.warning("manager: forecast not kept warm: %s", getattr(err, "orig", err))
+                failing = True
+                break
+            failing = False
+        now = utcnow()
+        next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        wait = (next_minute - now).total_seconds() + WARM_AFTER_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        watched = _watched(time.monotonic())
+
+
+def _warm(
+    sessions: sessionmaker[Session], hours: int, threshold: int, pileups: int, per_pileup: int
+) -> None:
+    with sessions() as session:
+        forecast(
+            session,
+            start=utcnow(),
+            hours=hours,
+            threshold=threshold,
+            pileups=pileups,
+            tasks_per_pileup=per_pileup,
+        )
 
 
 def _computed(
