@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from ays_runtime.console import csrf
@@ -150,7 +151,8 @@ def _blank() -> dict[str, Any]:
     """A new task's form values: the defaults of the API's own models (TaskCreate and the
     payload models), read from them so the form cannot drift from the API."""
     values: dict[str, Any] = {}
-    for model in (TaskCreate, *PAYLOAD_MODELS.values()):
+    models: list[type[BaseModel]] = [TaskCreate, *PAYLOAD_MODELS.values()]
+    for model in models:
         for name, info in model.model_fields.items():
             if name == "payload":  # its fields are the payload models' own
                 continue

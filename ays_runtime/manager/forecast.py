@@ -7,6 +7,7 @@ Contract (stable; the console builds on it):
     forecast(session, *, start=None, hours=24, threshold=100, pileups=20,
              tasks_per_pileup=20) -> Forecast
     tasks_at(session, at, *, limit=100, offset=0) -> TasksAt
+    keep_warm(sessions, stop)   the manager's task: computes the forecast before it is asked
 
 `Forecast` (pydantic; its date-times are aware, in UTC; JSON sends them with `Z`):
 
@@ -39,8 +40,12 @@ croniter's expansion of its fields (schedule.cron_minutes; croniter walks only `
 windows with a DST change) and its seconds from its seconds field once; an `@every` rate is
 arithmetic. Work grows with the distinct schedules and the window, not with the tasks: about
 0.06-0.13 s for 10k tasks on ~1,000 distinct schedules with nothing of the forecast cached,
-plus ~0.3 s the first time a process parses those schedules (croniter's validation, cached by
-parse_schedule; bench/console_bench.py). Then three caches, each bounded:
+plus ~0.15-0.3 s the first time a process parses those schedules (one croniter parse each,
+cached by parse_schedule, whose expansion cron_minutes reuses; bench/forecast_bench.py). A
+manager pays both before anyone asks: its scheduler parses the schedules at start, then
+`keep_warm` computes the console's forecast in a thread, and again at each new minute while a
+forecast of now was asked within WATCHED_S; a request arriving meanwhile waits for that
+computation (`_computing`) and finds its answer kept. Then three caches, each bounded:
 
 * a cron schedule's minutes for the window from the start of the hour, one hour longer
   (`_cron_window`, an LRU keyed by (fields, time zone, hour, length)): a window starting
