@@ -14,6 +14,8 @@ Cases, each in ms over --loads loads:
                         (`scheduler parse`, `keep_warm`), then the page is loaded
     reload              the page again, the tasks unchanged (the minute's forecast is kept)
     after a task change one task's version bumped before each load: the tasks read again
+    ..., kept warm        the same once keep_warm has looked (within 2 s of the change while
+                        someone watches the forecast)
 
     .venv/bin/python bench/forecast_bench.py                          # SQLite and MariaDB
     .venv/bin/python bench/forecast_bench.py --backend sqlite --rows 2000 --loads 20
@@ -123,6 +125,12 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
                 bump()
                 changed.append(timed(page))
             print(f"  {'after a task change':<34} {figures(changed)}")
+            changed = []
+            for _ in range(args.first_loads):
+                bump()
+                warm()
+                changed.append(timed(page))
+            print(f"  {'after a task change, kept warm':<34} {figures(changed)}")
             load = os.getloadavg()
             print(f"  load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         finally:

@@ -43,8 +43,9 @@ arithmetic. Work grows with the distinct schedules and the window, not with the 
 plus ~0.15-0.3 s the first time a process parses those schedules (one croniter parse each,
 cached by parse_schedule, whose expansion cron_minutes reuses; bench/forecast_bench.py). A
 manager pays both before anyone asks: its scheduler parses the schedules at start, then
-`keep_warm` computes the console's forecast in a thread, and again at each new minute while a
-forecast of now was asked within WATCHED_S; a request arriving meanwhile waits for that
+`keep_warm` computes the console's forecast in a thread, and, while a forecast of now was
+asked within WATCHED_S, again at each new minute and when the tasks changed (it reads their
+fingerprint every WATCH_POLL_S); a request arriving meanwhile waits for that
 computation (`_computing`) and finds its answer kept. Then three caches, each bounded:
 
 * a cron schedule's minutes for the window from the start of the hour, one hour longer
@@ -116,6 +117,8 @@ FORECASTS_KEPT = 8
 # keep_warm computes at each new minute the forecasts of now asked within this many seconds
 # (someone has the page open: it refreshes), and the console's at start.
 WATCHED_S = 900.0
+# While watched, how often keep_warm looks for a change of the tasks (the fingerprint).
+WATCH_POLL_S = 2.0
 WARM_AT_START = (DEFAULT_HOURS, DEFAULT_THRESHOLD, 20, 20)
 # After the minute starts: the request computing the same minute waits on `_computing`.
 WARM_AFTER_S = 0.05
@@ -265,10 +268,11 @@ def _watched(now: float) -> list[tuple[int, int, int, int]]:
 
 async def keep_warm(sessions: sessionmaker[Session], stop: asyncio.Event) -> None:
     """The manager's task: compute the console's forecast once at start (after the scheduler
-    has parsed the tasks' schedules), then at the start of each minute those asked for in the
-    last WATCHED_S seconds, so a page load finds its forecast kept (a fingerprint query)
-    instead of computing it: reading the tasks, expanding their schedules, ~0.1-0.3 s.
-    A database error is logged and the next minute tries again."""
+    has parsed the tasks' schedules), then, while forecasts of now were asked for within the
+    last WATCHED_S seconds, those at the start of each minute and every WATCH_POLL_S seconds
+    (a fingerprint query; the tasks read again when they changed), so a page load finds its
+    forecast kept instead of computing it: reading the tasks, expanding their schedules,
+    ~0.1-0.3 s. A database error is logged once, and the next round tries again."""
     watched: list[tuple[int, int, int, int]] = [WARM_AT_START]
     failing = False
     while not stop.is_set():
@@ -280,10 +284,14 @@ async def keep_warm(sessions: sessionmaker[Session], stop: asyncio.Event) -> Non
                     log.warning("manager: forecast not kept warm: %s", getattr(err, "orig", err))
                 failing = True
                 break
+            if failing:
+                log.info("manager: forecast kept warm again")
             failing = False
         now = utcnow()
         next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
         wait = (next_minute - now).total_seconds() + WARM_AFTER_S
+        if watched:
+            wait = min(wait, WATCH_POLL_S)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait)
         watched = _watched(time.monotonic())
