@@ -171,6 +171,15 @@ class Heartbeat(_Message):
     # reports its own; offline: stopped (its last word). A manager of an older version
     # ignores it.
     state: Literal["online", "leaving", "offline"] = "online"
+    # The node's load when it beat (psutil; the console's nodes page and GET /api/v1/nodes
+    # show it). Optional: a node of an older version sends none and is still taken.
+    load_1m: float | None = Field(
+        None, ge=0, le=1e6, allow_inf_nan=False, description="1-minute load average"
+    )
+    cpu_count: int | None = Field(None, ge=1, le=1_000_000, description="logical CPUs")
+    memory_percent: float | None = Field(
+        None, ge=0, le=100, allow_inf_nan=False, description="memory used, %"
+    )
 
 
 class HeartbeatAnswer(_Message):

@@ -5,8 +5,9 @@ One walk through what an operator does: sign in, create a task through the form 
 first, its error shown beside the field), watch it fire on the dashboard, open the running
 job's live output and see lines appear, kill it, disable the task, sign out and be refused.
 Every request the pages make is recorded: all of them go to the manager on loopback (the
-console works with the network cut). Screenshots of each page go to docs/screenshots/,
-which the README shows.
+console works with the network cut). A screenshot of each page is taken into the test's own
+temporary directory; with AYS_UPDATE_SCREENSHOTS=1 they replace docs/screenshots/, which the
+README shows (a plain run leaves the checkout clean).
 
 Playwright drives /usr/bin/chromium (`executable_path`); it never downloads a browser.
 scripts/test installs chromium when it is missing.
@@ -14,8 +15,9 @@ scripts/test installs chromium when it is missing.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,7 +29,7 @@ from tests.daemons import TOKEN, Cluster, cluster
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 WIDE = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 # A job that writes a line a second for a minute: long enough to watch, then to kill.
@@ -67,13 +69,21 @@ class Recorder:
         ]
 
 
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
+@pytest.fixture
+def shot(tmp_path: Path) -> Callable[[Page, str], None]:
+    """Take a screenshot of the page as `name`.png: into the test's temporary directory, or
+    into docs/screenshots when AYS_UPDATE_SCREENSHOTS=1 asks to refresh the README's."""
+    into = DOCS_SHOTS if os.environ.get("AYS_UPDATE_SCREENSHOTS") == "1" else tmp_path / "shots"
+    into.mkdir(parents=True, exist_ok=True)
+
+    def take(page: Page, name: str) -> None:
+        page.screenshot(path=str(into / f"{name}.png"), full_page=False)
+
+    return take
 
 
 def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
-    browser: Browser, ays: Cluster
+    browser: Browser, ays: Cluster, shot: Callable[[Page, str], None]
 ) -> None:
     base = f"http://127.0.0.1:{ays.manager_port}"
     context = browser.new_context(viewport=WIDE, base_url=base)

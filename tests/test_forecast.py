@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from croniter import croniter
+from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from ays_runtime.exceptions import ValidationError
+from ays_runtime.exceptions import ScheduleError, ValidationError
 from ays_runtime.manager import forecast as forecast_module
 from ays_runtime.manager import tasks
-from ays_runtime.manager.forecast import forecast, tasks_at
-from ays_runtime.scheduler.schedule import cron_minutes, cron_minutes_walked
+from ays_runtime.manager.forecast import forecast, keep_warm, tasks_at
+from ays_runtime.scheduler import schedule as schedule_module
+from ays_runtime.scheduler.schedule import cron_minutes, cron_minutes_walked, parse_schedule
 from ays_runtime.storage.models import NodeGroup, Task
 
 START = datetime(2026, 12, 4, 12, 0, 30)  # the window starts at 12:00:00
@@ -201,3 +205,63 @@ def test_the_minutes_matched_from_the_expanded_fields_are_those_croniter_walks_t
     assert cron_minutes(fields, zone, begin, minutes) == cron_minutes_walked(
         fields, zone, begin, minutes
     )
+
+
+def test_a_manager_computes_the_consoles_forecast_before_anyone_asks_and_stops_when_told(
+    sessions: sessionmaker[Session], engine: Engine
+) -> None:
+    add_tasks(sessions, [("0 * * * * *", "UTC", True)] * 3 + [("@every 10s", "UTC", True)])
+    forecast_module._snapshots.clear()
+
+    def warmed() -> tuple[tuple[Any, ...], forecast_module.Forecast] | None:
+        kept = forecast_module._snapshots.get(engine)
+        for key, answer in list(kept.forecasts.items()) if kept else []:
+            if key[1:] == forecast_module.WARM_AT_START:
+                return key, answer
+        return None
+
+    async def run() -> tuple[tuple[Any, ...], forecast_module.Forecast]:
+        stop = asyncio.Event()
+        warming = asyncio.create_task(keep_warm(sessions, stop))
+        for _ in range(600):  # 30 s at most
+            found = warmed()
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(warming, 30)  # ends when told, between two minutes
+        assert found, "keep_warm computed no forecast in 30 s"
+        return found
+
+    key, answer = asyncio.run(run())
+    assert (answer.tasks, answer.expressions) == (4, 2)
+    with sessions() as session:  # the same window and parameters as the console's: kept
+        assert forecast(session, start=key[0]) is answer
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "0 */7 * * * *",
+        "15 5,50 3 * * *",
+        "0 0 9 * * 1-5",
+        "0 0 0 L * *",
+        "0 0 0 * * 5#2",
+        "0 0 12 1,15 JAN-JUN/2 MON",
+        "*/20 * * * * *",
+        "0 0 0 31 2,4 *",
+    ],
+)
+def test_a_parsed_schedule_leaves_the_expansion_croniter_gives_for_its_five_fields(
+    expression: str,
+) -> None:
+    five = expression.split(" ", 1)[1]
+    schedule_module._expansions.pop(five, None)
+    try:
+        parse_schedule(expression, "Europe/Berlin")
+    except ScheduleError:
+        pass  # 31 February never comes: refused, what it left must still be croniter's
+    left = schedule_module._expansions.pop(five, "none left")
+    expanded, nth = croniter.expand(five)
+    assert left in ("none left", schedule_module._plain(expanded, nth))
+    assert schedule_module._expanded(five) == schedule_module._plain(expanded, nth)

@@ -5,6 +5,7 @@ answers (two managers on one MariaDB database)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -12,11 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 import yaml
 
 from tests import test_end_to_end
-from tests.daemons import client, free_port, manager, node, wait_for, write_config
+from tests.daemons import TOKEN, client, free_port, manager, node, wait_for, write_config
 from tests.test_end_to_end import FINAL, Cluster, add_task, finished_runs, runs, trigger
 
 cluster = test_end_to_end.cluster  # a manager on SQLite and two nodes, a and b, of group g1
@@ -206,3 +209,48 @@ def test_a_node_beats_and_reports_to_the_other_manager_while_its_own_is_down(
         the_node.kill()
         for daemon in managers:
             daemon.kill()
+
+
+def test_a_node_reports_its_load_which_the_nodes_api_and_page_show_and_an_older_node_is_taken(
+    cluster: Cluster,
+) -> None:
+    """Each heartbeat carries the node's 1-minute load average, CPU count and memory used;
+    the manager keeps the last on the node's row. A beat without them (a node of an older
+    version) is taken, its load shown as unknown; a load out of range is refused naming it."""
+
+    def loaded() -> dict[str, Any] | None:
+        with cluster.api() as api:
+            items = api.get("/nodes").json()["items"]
+        row = next(n for n in items if n["address"] == cluster.address("a"))
+        return row if row["load_1m"] is not None else None
+
+    row = wait_for(loaded, 30, "node a's load in the nodes API")
+    assert row["load_1m"] >= 0
+    assert row["cpu_count"] == psutil.cpu_count() >= 1
+    assert 0 < row["memory_percent"] <= 100
+
+    old = {"ip": "127.0.0.9", "port": 18181, "node_group": "g1", "version": "0.9"}
+    with cluster.api() as api:
+        assert api.post("/nodes/heartbeat", json=old).status_code == 200
+        bad = api.post("/nodes/heartbeat", json={**old, "memory_percent": 250})
+        assert bad.status_code == 422, bad.text
+        assert "memory_percent" in bad.text
+        items = api.get("/nodes").json()["items"]
+    older = next(n for n in items if n["address"] == "127.0.0.9:18181")
+    assert (older["status"], older["load_1m"], older["cpu_count"]) == ("online", None, None)
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{cluster.manager_port}", timeout=10) as browser:
+        signed = browser.post("/login", data={"token": TOKEN, "next": "/nodes"})
+        assert signed.status_code == 303, signed.text
+        page = browser.get("/nodes")
+    assert page.status_code == 200
+    cells = {
+        address: load
+        for address, load in re.findall(
+            r"<td>(127\.0\.0\.\d+:\d+)</td>.*?<td class=\"node-load\">([^<]*)</td>",
+            page.text,
+            re.S,
+        )
+    }
+    assert re.fullmatch(r"\d+\.\d\d / \d+ CPU, mem \d+%", cells[cluster.address("a")]), cells
+    assert cells["127.0.0.9:18181"] == "—"

@@ -1,4 +1,5 @@
-"""Node and group pages: nodes with group, status, version, last seen and running jobs;
+"""Node and group pages: nodes with group, status, version, last seen, running jobs and load
+(as the node's last heartbeat reported it: 1-minute load average / CPUs, memory used);
 groups with their nodes; adding and removing a node by hand; creating and deleting a group.
 
 Adding and removing a node goes through the API's own routes (POST /api/v1/nodes, DELETE

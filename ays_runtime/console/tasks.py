@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from ays_runtime.console import csrf
@@ -146,29 +148,31 @@ async def bulk(request: Request) -> Response:
 
 
 def _blank() -> dict[str, Any]:
-    """A new task's form values: the API's defaults."""
-    values: dict[str, Any] = {name: "" for name in TaskCreate.model_fields}
-    values.update(
-        timezone="UTC",
-        task_type="shell",
-        timeout_s="0",
-        retry_count="0",
-        retry_backoff="fixed",
-        retry_interval_s="10",
-        route_strategy="first",
-        block_strategy="serial",
-        misfire_policy="skip",
-        enabled=True,
-        command="",
-        env="",
-        workdir="",
-        url="",
-        method="GET",
-        headers="",
-        body="",
-        expected_status="",
-    )
+    """A new task's form values: the defaults of the API's own models (TaskCreate and the
+    payload models), read from them so the form cannot drift from the API."""
+    values: dict[str, Any] = {}
+    models: list[type[BaseModel]] = [TaskCreate, *PAYLOAD_MODELS.values()]
+    for model in models:
+        for name, info in model.model_fields.items():
+            if name == "payload":  # its fields are the payload models' own
+                continue
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            values[name] = _form_value(default)
     return values
+
+
+def _form_value(value: Any) -> Any:
+    """A model default as the form shows it: a checkbox's bool as it is, an enum by value,
+    nothing (None, an empty list or dict) as an empty field, a whole float without `.0`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Enum):
+        return str(value.value)
+    if value is None or value == [] or value == {}:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _values_of(task: Task) -> dict[str, Any]:

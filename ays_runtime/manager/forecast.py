@@ -7,6 +7,7 @@ Contract (stable; the console builds on it):
     forecast(session, *, start=None, hours=24, threshold=100, pileups=20,
              tasks_per_pileup=20) -> Forecast
     tasks_at(session, at, *, limit=100, offset=0) -> TasksAt
+    keep_warm(sessions, stop)   the manager's task: computes the forecast before it is asked
 
 `Forecast` (pydantic; its date-times are aware, in UTC; JSON sends them with `Z`):
 
@@ -39,8 +40,13 @@ croniter's expansion of its fields (schedule.cron_minutes; croniter walks only `
 windows with a DST change) and its seconds from its seconds field once; an `@every` rate is
 arithmetic. Work grows with the distinct schedules and the window, not with the tasks: about
 0.06-0.13 s for 10k tasks on ~1,000 distinct schedules with nothing of the forecast cached,
-plus ~0.3 s the first time a process parses those schedules (croniter's validation, cached by
-parse_schedule; bench/console_bench.py). Then three caches, each bounded:
+plus ~0.15-0.3 s the first time a process parses those schedules (one croniter parse each,
+cached by parse_schedule, whose expansion cron_minutes reuses; bench/forecast_bench.py). A
+manager pays both before anyone asks: its scheduler parses the schedules at start, then
+`keep_warm` computes the console's forecast in a thread, and, while a forecast of now was
+asked within WATCHED_S, again at each new minute and when the tasks changed (it reads their
+fingerprint every WATCH_POLL_S); a request arriving meanwhile waits for that
+computation (`_computing`) and finds its answer kept. Then three caches, each bounded:
 
 * a cron schedule's minutes for the window from the start of the hour, one hour longer
   (`_cron_window`, an LRU keyed by (fields, time zone, hour, length)): a window starting
@@ -62,7 +68,11 @@ parse_schedule; bench/console_bench.py). Then three caches, each bounded:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
+import time
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict, defaultdict
@@ -74,7 +84,8 @@ from weakref import WeakKeyDictionary
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import ScheduleError, ValidationError
 from ays_runtime.scheduler.schedule import (
@@ -103,6 +114,16 @@ _US = 1_000_000
 CRON_WINDOWS = 4096
 # Forecasts kept per snapshot of the tasks: a few windows or thresholds asked in turn.
 FORECASTS_KEPT = 8
+# keep_warm computes at each new minute the forecasts of now asked within this many seconds
+# (someone has the page open: it refreshes), and the console's at start.
+WATCHED_S = 900.0
+# While watched, how often keep_warm looks for a change of the tasks (the fingerprint).
+WATCH_POLL_S = 2.0
+WARM_AT_START = (DEFAULT_HOURS, DEFAULT_THRESHOLD, 20, 20)
+# After the minute starts: the request computing the same minute waits on `_computing`.
+WARM_AFTER_S = 0.05
+
+log = logging.getLogger("ays.manager.forecast")
 
 
 class TaskRef(BaseModel):
@@ -186,6 +207,10 @@ _FINGERPRINT = select(
 )
 _snapshots: WeakKeyDictionary[Engine, _Snapshot] = WeakKeyDictionary()
 _snapshots_lock = threading.Lock()
+_computing = threading.Lock()
+# The parameters of the forecasts of now asked (hours, threshold, pileups, tasks_per_pileup)
+# and when (time.monotonic()), for keep_warm: the newest FORECASTS_KEPT.
+_asked: OrderedDict[tuple[int, int, int, int], float] = OrderedDict()
 _UNPARSED: Any = object()
 
 
@@ -203,19 +228,87 @@ def forecast(
         raise ValidationError("hours", hours, f"a whole number of hours from 1 to {MAX_HOURS}")
     begin = (start or utcnow()).replace(second=0, microsecond=0)
     check_slot_moment("start", begin)
-    snapshot = _snapshot(session)
-    key = (begin, hours, threshold, pileups, tasks_per_pileup)
-    with _snapshots_lock:
-        known = snapshot.forecasts.get(key)
-        if known is not None:
-            snapshot.forecasts.move_to_end(key)
-            return known
-    answer = _computed(snapshot, begin, hours, threshold, pileups, tasks_per_pileup)
-    with _snapshots_lock:
-        snapshot.forecasts[key] = answer
-        while len(snapshot.forecasts) > FORECASTS_KEPT:
-            snapshot.forecasts.popitem(last=False)
+    params = (hours, threshold, pileups, tasks_per_pileup)
+    if start is None:
+        _note_asked(params)
+    # One computation at a time: a request arriving while keep_warm computes the same
+    # forecast waits for it and finds it kept, rather than computing it again beside it.
+    with _computing:
+        snapshot = _snapshot(session)
+        key = (begin, *params)
+        with _snapshots_lock:
+            known = snapshot.forecasts.get(key)
+            if known is not None:
+                snapshot.forecasts.move_to_end(key)
+                return known
+        answer = _computed(snapshot, begin, hours, threshold, pileups, tasks_per_pileup)
+        with _snapshots_lock:
+            snapshot.forecasts[key] = answer
+            while len(snapshot.forecasts) > FORECASTS_KEPT:
+                snapshot.forecasts.popitem(last=False)
     return answer
+
+
+# --- kept warm by the manager ---------------------------------------------------------------
+
+
+def _note_asked(params: tuple[int, int, int, int]) -> None:
+    with _snapshots_lock:
+        _asked[params] = time.monotonic()
+        _asked.move_to_end(params)
+        while len(_asked) > FORECASTS_KEPT:
+            _asked.popitem(last=False)
+
+
+def _watched(now: float) -> list[tuple[int, int, int, int]]:
+    """The parameters of the forecasts of now asked within the last WATCHED_S seconds."""
+    with _snapshots_lock:
+        return [params for params, at in _asked.items() if now - at <= WATCHED_S]
+
+
+async def keep_warm(sessions: sessionmaker[Session], stop: asyncio.Event) -> None:
+    """The manager's task: compute the console's forecast once at start (after the scheduler
+    has parsed the tasks' schedules), then, while forecasts of now were asked for within the
+    last WATCHED_S seconds, those at the start of each minute and every WATCH_POLL_S seconds
+    (a fingerprint query; the tasks read again when they changed), so a page load finds its
+    forecast kept instead of computing it: reading the tasks, expanding their schedules,
+    ~0.1-0.3 s. A database error is logged once, and the next round tries again."""
+    watched: list[tuple[int, int, int, int]] = [WARM_AT_START]
+    failing = False
+    while not stop.is_set():
+        for hours, threshold, pileups, per_pileup in watched:
+            try:
+                await asyncio.to_thread(_warm, sessions, hours, threshold, pileups, per_pileup)
+            except SQLAlchemyError as err:
+                if not failing:
+                    log.warning("manager: forecast not kept warm: %s", getattr(err, "orig", err))
+                failing = True
+                break
+            if failing:
+                log.info("manager: forecast kept warm again")
+            failing = False
+        now = utcnow()
+        next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        wait = (next_minute - now).total_seconds() + WARM_AFTER_S
+        if watched:
+            wait = min(wait, WATCH_POLL_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        watched = _watched(time.monotonic())
+
+
+def _warm(
+    sessions: sessionmaker[Session], hours: int, threshold: int, pileups: int, per_pileup: int
+) -> None:
+    with sessions() as session:
+        forecast(
+            session,
+            start=utcnow(),
+            hours=hours,
+            threshold=threshold,
+            pileups=pileups,
+            tasks_per_pileup=per_pileup,
+        )
 
 
 def _computed(

@@ -513,6 +513,11 @@ class NodeOut(_Response):
     source: str
     version: str
     running_jobs: int
+    load_1m: float | None = Field(
+        None, description="1-minute load average at its last heartbeat (null: none reported)"
+    )
+    cpu_count: int | None = Field(None, description="logical CPUs, as its heartbeat said")
+    memory_percent: float | None = Field(None, description="memory used, % (last heartbeat)")
     last_seen: UtcOut | None
     created_at: UtcOut
     updated_at: UtcOut

@@ -36,6 +36,7 @@ from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
+from ays_runtime.manager.forecast import keep_warm
 from ays_runtime.manager.kills import RunKiller
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.manager.node_api import node_router
@@ -252,6 +253,8 @@ class Manager:
         if self._up(server, scheduler):
             self.ready.set()
             log.info("manager %s: serving", self.manager_id)
+        # After the scheduler's first reconcile: the schedules are parsed (a shared cache).
+        warming = asyncio.create_task(keep_warm(sessions, self._stop), name="forecast-warm")
 
         stop = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({stop, api, sched}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,9 +283,11 @@ class Manager:
         await run_output.close()
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop, recovery, alerting):
+        for task in (purge, reaper, stop, recovery, alerting, warming):
             task.cancel()
-        await asyncio.gather(purge, reaper, stop, recovery, alerting, return_exceptions=True)
+        await asyncio.gather(
+            purge, reaper, stop, recovery, alerting, warming, return_exceptions=True
+        )
         engine.dispose()
         sock.close()
         log.info("manager %s: stopped", self.manager_id)

@@ -61,6 +61,7 @@ from ays_runtime.node.blocking import Admission, BlockGate, parse_strategy
 from ays_runtime.node.claims import Claim, StartClaims
 from ays_runtime.node.executor import Executor, JobResult, JobSpec
 from ays_runtime.node.journal import RUNNING_DIR, JournalEntry, Reaped, RunJournal
+from ays_runtime.node.load import host_load
 from ays_runtime.node.managers import ManagerPool
 from ays_runtime.node.membership import Membership, NodeMembership, http_host
 from ays_runtime.node.spool import (
@@ -258,6 +259,7 @@ class NodeDaemon:
         )
 
     def heartbeat(self) -> Heartbeat:
+        load = host_load()
         return Heartbeat(
             ip=self.config.node.ip,
             port=self.config.node.port,
@@ -266,6 +268,9 @@ class NodeDaemon:
             running_jobs=self._executor.running,
             max_concurrent_jobs=self._executor.max_concurrent,
             state=self._beat_state(),
+            load_1m=load.load_1m,
+            cpu_count=load.cpu_count,
+            memory_percent=load.memory_percent,
         )
 
     def _beat_state(self) -> Literal["online", "leaving", "offline"]:

@@ -107,6 +107,9 @@ class BuiltinRegistry(NodeRegistry):
             "status": status,
             "version": beat.version,
             "running_jobs": beat.running_jobs,
+            "load_1m": beat.load_1m,
+            "cpu_count": beat.cpu_count,
+            "memory_percent": beat.memory_percent,
             "last_seen": now,
             "updated_at": now,
         }

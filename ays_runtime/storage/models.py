@@ -208,6 +208,11 @@ class Node(Base):
     version: Mapped[str] = mapped_column(String(32), default="")
     running_jobs: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The load its last heartbeat reported (built-in registry); None when it reported none
+    # (a node of an older version, a node added by hand, the Consul registry).
+    load_1m: Mapped[float | None] = mapped_column(Double, nullable=True)
+    cpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_percent: Mapped[float | None] = mapped_column(Double, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
