@@ -5,7 +5,7 @@ used (%); the manager keeps the last one on the node's row, so every manager sha
 database shows it (console nodes page, GET /api/v1/nodes). Nullable: a node of an older
 version, a node added by hand or followed through Consul reports none.
 
-Revision ID: 0012_i14b
+Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-05
 """
