@@ -444,3 +444,109 @@ def test_the_readme_example_is_a_valid_alerts_section() -> None:
         "running_longer_than",
         "node_offline",
     ]
+
+
+API_SECRET = "api-made-hmac-key"
+
+
+@pytest.mark.slow
+def test_policies_made_through_the_api_merge_with_the_env_file_hide_secrets_and_are_audited(
+    tmp_path: Path,
+) -> None:
+    with (
+        receiver(free_port()) as hook,
+        receiver(free_port()) as api_hook,
+        smtp_server() as (_, smtp_port),
+    ):
+        rules = [{"name": "failed", "when": "run_failed", "channels": ["hook"]}]
+        config = alerts_config(hook.port, smtp_port, rules=rules)
+        with cluster(tmp_path, Cluster, alerts=config) as ays, ays.api() as api:
+            channel = {
+                "name": "api-hook",
+                "type": "webhook",
+                "url": f"http://127.0.0.1:{api_hook.port}/in",
+                "secret": API_SECRET,
+            }
+            made = api.post("/alerts/channels", json=channel)
+            assert made.status_code == 201, made.text
+            assert made.json()["secret_set"] is True and "secret" not in made.json()
+            # Bad input: 422 naming the field; a name taken or an env-file item: 409.
+            bad = api.post("/alerts/channels", json={**channel, "name": "x", "url": "ftp://x"})
+            assert bad.status_code == 422 and bad.json()["field"] == "url", bad.text
+            assert API_SECRET not in bad.text
+            bad = api.post("/alerts/rules", json={"name": "r", "when": "bogus", "channels": []})
+            assert bad.status_code == 422 and bad.json()["field"] == "when", bad.text
+            bad = api.post("/alerts/rules", json={"name": "r", "channels": ["nowhere"]})
+            assert bad.status_code == 422 and bad.json()["field"] == "when", bad.text
+            bad = api.post(
+                "/alerts/rules", json={"name": "r", "when": "run_failed", "channels": ["nowhere"]}
+            )
+            assert bad.status_code == 422 and bad.json()["field"] == "channels", bad.text
+            assert api.post("/alerts/channels", json=channel).status_code == 409
+            env_rule = {"when": "run_failed", "channels": ["hook"]}
+            assert api.put("/alerts/rules/failed", json=env_rule).status_code == 409
+            assert api.delete("/alerts/channels/hook").status_code == 409
+            rule = {"name": "api-failed", "when": "run_failed", "channels": ["api-hook", "hook"]}
+            assert api.post("/alerts/rules", json=rule).status_code == 201
+            listed = api.get("/alerts/rules").json()
+            sources = {c["name"]: (c["source"], c["read_only"]) for c in listed["channels"]}
+            assert sources == {
+                "hook": ("env", True),
+                "mail": ("env", True),
+                "api-hook": ("api", False),
+            }
+            assert {r["name"]: r["source"] for r in listed["rules"]} == {
+                "failed": "env",
+                "api-failed": "api",
+            }
+            assert API_SECRET not in json.dumps(listed) and SECRET not in json.dumps(listed)
+            # An update without the secret keeps it: the notice is still signed with it.
+            kept = api.put("/alerts/channels/api-hook", json={**channel, "secret": None} | {})
+            assert kept.json()["secret_set"] is False
+            del channel["secret"]
+            restored = api.put("/alerts/channels/api-hook", json={**channel, "secret": API_SECRET})
+            assert restored.json()["secret_set"] is True
+            unchanged = api.put("/alerts/channels/api-hook", json=channel)
+            assert unchanged.status_code == 200 and unchanged.json()["secret_set"] is True
+
+            task = add_task(ays, "false", name="broken")
+            assert run_once(ays, task) == "failed"
+            wait_for(lambda: len(api_hook.posts) == 1, 60, "the api rule's notice")
+            headers, body = api_hook.posts[0]
+            assert headers[SIGNATURE_HEADER.lower()] == signature(API_SECRET, body)
+            assert json.loads(body)["rule"] == "api-failed"
+
+            # Silenced: the env rule's notice of the next failure arrives, the api rule's not.
+            silenced = api.post("/alerts/rules/api-failed/silences", json={"minutes": 60})
+            assert silenced.status_code == 201, silenced.text
+            assert api.get("/alerts/rules").json()["rules"][1]["silenced"] is True
+            assert run_once(ays, task) == "failed"
+
+            def failed_notices() -> int:
+                return sum(d["rule"] == "failed" for d in hook.documents())
+
+            wait_for(lambda: failed_notices() == 2, 60, "the env rule's second notice")
+            assert len(api_hook.posts) == 1
+            assert api.delete("/alerts/rules/api-failed/silences").json() == {"ended": 1}
+
+            assert api.delete("/alerts/channels/api-hook").status_code == 409  # in use
+            assert api.delete("/alerts/rules/api-failed").status_code == 204
+            assert api.delete("/alerts/channels/api-hook").status_code == 204
+            assert api.delete("/alerts/channels/api-hook").status_code == 404
+
+            trail = api.get("/audit", params={"limit": 100}).json()["items"]
+            actions = [e["action"] for e in trail if e["target_type"].startswith("alert_")]
+            assert actions == [
+                "alert_channel.deleted",
+                "alert_rule.deleted",
+                "alert_rule.unsilenced",
+                "alert_rule.silenced",
+                "alert_channel.updated",
+                "alert_channel.updated",
+                "alert_channel.updated",
+                "alert_rule.created",
+                "alert_channel.created",
+            ]
+            assert API_SECRET not in json.dumps(trail)
+            updated = next(e for e in trail if e["action"] == "alert_channel.updated")
+            assert updated["before"]["secret_set"] is True and "secret" not in updated["after"]

@@ -23,6 +23,8 @@ Counted where things happen:
     ays_reconcile_actions_total{action}          add, update, remove, drop-timer, ...
     ays_purged_rows_total{table}                 rows deleted by the retention purge
     ays_alert_deliveries_total{channel,outcome}  alert notices sent, retried, given up
+    ays_alert_rule_errors_total{rule}            checks of a rule that raised (the rule was
+                                                 skipped that time; the others went on)
 
 Read at scrape time (`StateCollector`, from what `attach` names):
 
@@ -128,6 +130,13 @@ RECONCILE_ACTIONS = Counter(
     "ays_reconcile_actions",
     "Actions reconciles took (add, update, remove, drop-timer, drop-row, misfire, invalid)",
     ["action"],
+    registry=REGISTRY,
+)
+ALERT_RULE_ERRORS = Counter(
+    "ays_alert_rule_errors",
+    "Checks of an alert rule that raised an error other than the database's (the rule was "
+    "skipped that time, the other rules were judged)",
+    ["rule"],
     registry=REGISTRY,
 )
 ALERT_DELIVERIES = Counter(
