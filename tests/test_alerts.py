@@ -550,3 +550,109 @@ def test_policies_made_through_the_api_merge_with_the_env_file_hide_secrets_and_
             assert API_SECRET not in json.dumps(trail)
             updated = next(e for e in trail if e["action"] == "alert_channel.updated")
             assert updated["before"]["secret_set"] is True and "secret" not in updated["after"]
+
+
+@pytest.mark.slow
+def test_a_run_taking_factor_times_its_tasks_usual_duration_alerts_and_usual_runs_do_not(
+    tmp_path: Path,
+) -> None:
+    duration = tmp_path / "duration"
+    duration.write_text("0.2")
+    with receiver(free_port()) as hook, smtp_server() as (_, smtp_port):
+        rules = [
+            {
+                "name": "unusual",
+                "when": "running_longer_than",
+                "seconds": 3600,
+                "factor": 4,
+                "history": 5,
+                "channels": ["hook"],
+            }
+        ]
+        config = alerts_config(hook.port, smtp_port, rules=rules, watch_interval=0.2)
+        with cluster(tmp_path, Cluster, alerts=config) as ays:
+            task = add_task(ays, f'sleep "$(cat {duration})"', name="usually-quick")
+            for _ in range(3):  # its usual duration: about 0.2 s
+                assert run_once(ays, task) == "succeeded"
+            assert hook.posts == []
+            duration.write_text("60")
+            with ays.api() as api:
+                job = api.post(f"/tasks/{task}/trigger", json={}).json()["job_log_id"]
+                wait_for(lambda: hook.posts, 60, "the unusual run's notice")
+                (notice,) = hook.documents()
+                assert notice["rule"] == "unusual" and notice["subject"] == f"run {job}"
+                assert "x its usual" in notice["summary"], notice["summary"]
+                assert api.post(f"/job-logs/{job}/kill", json={}).status_code in (200, 202)
+
+
+def test_a_rule_whose_check_raises_is_counted_and_skipped_and_the_others_go_on(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in one rule's check (injected: no rule of Ays raises on purpose) must not stop
+    the alert service: the rule is counted in ays_alert_rule_errors_total and skipped, the
+    other rules still raise their notices."""
+    from ays_runtime.alerts import watch
+    from ays_runtime.alerts.service import AlertService
+    from ays_runtime.metrics.manager import REGISTRY
+    from ays_runtime.storage.database import make_engine, session_factory
+    from ays_runtime.storage.models import NodeGroup, Task
+
+    checks = watch._bad_subjects
+
+    def faulty(conn: Any, rule: Any) -> dict[str, str]:
+        if rule.name == "broken":
+            raise RuntimeError("a fault in this rule's check")
+        return checks(conn, rule)
+
+    monkeypatch.setattr(watch, "_bad_subjects", faulty)
+    engine = make_engine(sqlite_url)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with session_factory(engine)() as session:
+        session.add(NodeGroup(name="empty", created_at=now, updated_at=now))
+        session.flush()
+        session.add(
+            Task(
+                name="t",
+                node_group="empty",
+                schedule="0 0 0 1 1 *",
+                payload={"command": "true"},
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.commit()
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("ays_alert_rule_errors_total", {"rule": "broken"}) or 0
+
+    before = errors()
+    with receiver(free_port()) as hook:
+        settings = AlertSettings.model_validate(
+            {
+                "channels": [
+                    {"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{hook.port}/"}
+                ],
+                "rules": [
+                    {"name": "broken", "when": "node_offline", "channels": ["hook"]},
+                    {"name": "empty", "when": "group_unhealthy", "channels": ["hook"]},
+                ],
+                "watch_interval": 0.1,
+            }
+        )
+        service = AlertService(engine, settings, "dev", "test-manager")
+
+        async def scenario() -> None:
+            running = asyncio.create_task(service.run())
+            deadline = time.monotonic() + 60
+            while (not hook.posts or errors() < before + 3) and time.monotonic() < deadline:
+                assert not running.done(), running
+                await asyncio.sleep(0.05)
+            assert not running.done()
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+
+        asyncio.run(scenario())
+        assert [d["rule"] for d in hook.documents()] == ["empty"]
+        assert errors() >= before + 3  # tried again at every look, not dropped
+    engine.dispose()
