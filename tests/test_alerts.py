@@ -656,3 +656,47 @@ def test_a_rule_whose_check_raises_is_counted_and_skipped_and_the_others_go_on(
         assert [d["rule"] for d in hook.documents()] == ["empty"]
         assert errors() >= before + 3  # tried again at every look, not dropped
     engine.dispose()
+
+
+@pytest.mark.slow
+def test_the_cli_adds_silences_lists_and_removes_channels_and_rules_secret_from_the_env(
+    tmp_path: Path,
+) -> None:
+    with receiver(free_port()) as hook, smtp_server() as (_, smtp_port):
+        config = alerts_config(hook.port, smtp_port)
+        with cluster(tmp_path, Cluster, with_node=False, alerts=config) as ays:
+            where = ("--config", str(ays.config))
+            secret = {"HOOK_KEY": API_SECRET}
+            url = f"http://127.0.0.1:{hook.port}/cli"
+            hook_args = ("--webhook-url", url, "--secret-env")
+            made = cli("alerts", "add-channel", "ops", *hook_args, "HOOK_KEY", *where, **secret)
+            assert made.returncode == 0, made.stderr
+            unset = cli("alerts", "add-channel", "x", *hook_args, "NOPE", *where)
+            assert unset.returncode == 2 and "NOPE" in unset.stderr
+            bad = cli("alerts", "add", "r1", "--when", "bogus", "--channel", "ops", *where)
+            assert bad.returncode == 2 and "when" in bad.stderr, bad.stderr
+            added = cli("alerts", "add", "slow", "--when", "running_longer_than", "--seconds",
+                        "60", "--factor", "3", "--channel", "ops", *where)  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            quiet = cli("alerts", "silence", "slow", "--for", "2h", *where)
+            assert quiet.returncode == 0 and "silenced alert rule slow" in quiet.stdout
+            listed = cli("alerts", "list", *where)
+            row = next(line.split() for line in listed.stdout.splitlines() if "slow" in line)
+            assert row[:2] == ["slow", "api"] and row[-1] == "now", listed.stdout
+            channels = cli("alerts", "channels", *where)
+            assert API_SECRET not in channels.stdout
+            ops = next(line.split() for line in channels.stdout.splitlines() if line[:4] == "ops ")
+            assert ops[1] == "api" and ops[-1] == "set", channels.stdout
+            assert cli("alerts", "test", "ops", *where).returncode == 0
+            headers, body = hook.posts[0]
+            assert headers[SIGNATURE_HEADER.lower()] == signature(API_SECRET, body)
+            assert cli("alerts", "unsilence", "slow", *where).stdout.startswith("ended 1")
+            busy = cli("alerts", "remove-channel", "ops", *where)
+            assert busy.returncode == 1 and "slow" in busy.stderr, busy.stderr
+            assert cli("alerts", "remove", "slow", *where).returncode == 0
+            assert cli("alerts", "remove-channel", "ops", *where).returncode == 0
+            since = cli("alerts", "deliveries", "--since", "1h", "-n", "5", *where)
+            assert since.returncode == 0 and "test" in since.stdout, since.stderr
+            audit = cli("audit", "--since", "1h", "--limit", "50", "--json", *where)
+            assert API_SECRET not in audit.stdout
+            assert '"alert_channel.created"' in audit.stdout
