@@ -189,6 +189,7 @@ class Manager:
         app = create_app(ctx)
         alerts = AlertService(engine, cfg.alerts, cfg.env, self.manager_id)
         tracker.on_stored = alerts.runs_stored
+        app.state.alerts = alerts  # the console's alerts page
         app.include_router(alerts_router(alerts))
         from ays_runtime.registry.builtin import BuiltinRegistry
 
