@@ -22,6 +22,7 @@ an env-file item changed raises `ConflictError` (409), an unknown name `NotFound
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from ays_runtime.vocabulary import AuditAction
 if TYPE_CHECKING:
     from ays_runtime.manager.versions import Actor
 
+log = logging.getLogger("ays.alerts")
 ENV, API = "env", "api"
 SECRET_FIELD = {"webhook": "secret", "email": "password"}
 _CHANNEL = TypeAdapter(Channel)
@@ -99,14 +101,22 @@ def _merge(
     env_rules = {r.name for r in env.rules}
     channels = list(env.channels)
     for row in session.scalars(select(AlertChannelRow).order_by(AlertChannelRow.id)):
-        if row.name not in env_channels:  # the env file wins a name it took later
+        if row.name in env_channels:  # the env file wins a name it took later
+            continue
+        try:
             channels.append(_stored_channel(row))
+        except PydanticValidationError as err:  # stored by another version of Ays
+            log.warning("alerts: stored channel %s is left out: %s", row.name, err.title)
     names = {c.name for c in channels}
     rules, broken = list(env.rules), []
     for stored in session.scalars(select(AlertRuleRow).order_by(AlertRuleRow.id)):
         if stored.name in env_rules:
             continue
-        rule = AlertRule.model_validate(stored.definition)
+        try:
+            rule = AlertRule.model_validate(stored.definition)
+        except PydanticValidationError as err:  # stored by another version of Ays
+            log.warning("alerts: stored rule %s is left out: %s", stored.name, err)
+            continue
         missing = [c for c in rule.channels if c not in names]
         if missing:
             broken.append((rule, f"no channel named {', '.join(missing)}"))
@@ -226,7 +236,7 @@ def update_channel(
     """Replace the channel's settings; without its secret field the secret is kept."""
     _is_env("channel", name, {c.name for c in env.channels})
     row = _channel_row(session, name)
-    data = {"name": name, **data}
+    data = {"name": name, "type": row.type, **data}
     if data["name"] != name:
         raise ValidationError("name", data["name"], f"{name}: a channel is not renamed")
     secret_field = SECRET_FIELD.get(str(data.get("type")), "")

@@ -57,6 +57,7 @@ class AlertService:
         self._deliver_wake = asyncio.Event()
         self._failing: set[str] = set()  # channels whose last try failed (logged once)
         self._faulty: set[str] = set()  # rules whose check raised (logged once)
+        self._policies_failed = False  # reading the stored policies raised (logged once)
 
     def _use(self, settings: AlertSettings) -> None:
         """Run with `settings` (channel clients are made again only for changed channels)."""
@@ -150,8 +151,10 @@ class AlertService:
         """Judge and deliver until cancelled."""
         self._loop = asyncio.get_running_loop()
         try:
-            with contextlib.suppress(SQLAlchemyError):  # the policy loop tries again
+            try:
                 await asyncio.to_thread(self.refresh)
+            except Exception:  # the policy loop tries again; the env file's are in force
+                log.exception("%s: reading the alert policies failed", self.who)
             await asyncio.gather(
                 self._judge_loop(), self._deliver_loop(), self._watch_loop(), self._policy_loop()
             )
@@ -165,6 +168,12 @@ class AlertService:
                 await asyncio.to_thread(self.refresh)
             except SQLAlchemyError as err:  # keep the policies known; the next look repairs
                 log.warning("%s: cannot read the alert policies: %s", self.who, _reason(err))
+            except Exception:  # never stop on a fault of ours: said once, the policies kept
+                if not self._policies_failed:
+                    log.exception("%s: reading the alert policies failed", self.who)
+                self._policies_failed = True
+            else:
+                self._policies_failed = False
 
     async def _judge_loop(self) -> None:
         while True:

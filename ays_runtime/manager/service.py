@@ -161,6 +161,7 @@ class Manager:
             ),
             transport=cfg.transport.backend,
             task_labels=cfg.metrics.task_labels,
+            firing=cfg.metrics.firing,
         )
         killer = RunKiller(engine, registry, tracker, token)
 
