@@ -7,8 +7,13 @@ from typing import Annotated, Any
 import typer
 
 from ays_installer.api_client import JsonOption, UrlOption
-from ays_installer.options import ConfigOption, EnvOption, RootOption
-from ays_installer.run_cli import parse_moment
+from ays_installer.options import (
+    ConfigOption,
+    EnvOption,
+    LimitOption,
+    RootOption,
+    SinceOption,
+)
 from ays_installer.tables import local_time, print_table
 from ays_installer.task_cli import connect, print_json
 from ays_runtime.vocabulary import AuditAction
@@ -29,18 +34,8 @@ def audit(
     action: Annotated[
         AuditAction | None, typer.Option("--action", help="Only this kind of change.")
     ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option(
-            "--since",
-            metavar="WHEN",
-            help="Only changes since WHEN: a time ago (15m, 2h, 7d) or a date and time.",
-        ),
-    ] = None,
-    limit: Annotated[
-        int,
-        typer.Option("-n", "--limit", metavar="N", min=1, max=1000, help="How many entries."),
-    ] = 20,
+    since: SinceOption = None,
+    limit: LimitOption = 20,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
@@ -58,7 +53,7 @@ def audit(
     if action is not None:
         params["action"] = action.value
     if since is not None:
-        params["since"] = parse_moment(since, "--since")
+        params["since"] = since
     with connect(env, config, root, url) as api:
         entries = api.get("/audit", params=params)["items"]
     if as_json:

@@ -8,6 +8,7 @@ import functools
 import re
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
@@ -104,6 +105,45 @@ RootOption = Annotated[
         help="A staged install under DIR (installConfig --root DIR): read its config. Its "
         "services run under own supervision, never systemctl, and need no root privileges.",
     ),
+]
+
+
+AGO = re.compile(r"^(\d+)([smhd])$")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_moment(value: str, option: str) -> str:
+    """`--since 2h` (ago), or a date and time (this host's time zone unless it names one),
+    as the API takes it."""
+    match = AGO.match(value.strip())
+    if match:
+        ago = timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+        return (datetime.now(UTC) - ago).isoformat()
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise fail(
+            f"error: {option} {value!r} is neither a time ago (30s, 15m, 2h, 7d) nor a date "
+            "and time (2026-11-25 14:00)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # this host's time zone
+    return moment.isoformat()
+
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        metavar="WHEN",
+        parser=lambda value: parse_moment(value, "--since"),
+        help="Only those since WHEN: a time ago (30s, 15m, 2h, 7d) or a date and time "
+        "(this host's time zone unless it names one).",
+    ),
+]
+LimitOption = Annotated[
+    int,
+    typer.Option("-n", "--limit", metavar="N", min=1, max=1000, help="How many, newest first."),
 ]
 
 

@@ -16,17 +16,24 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import httpx
 import typer
 
 from ays_installer.api_client import EXIT_NOT_FOUND, JsonOption, ManagerApi, UrlOption
-from ays_installer.options import ConfigOption, EnvOption, RootOption, fail
+from ays_installer.options import (
+    ConfigOption,
+    EnvOption,
+    LimitOption,
+    RootOption,
+    SinceOption,
+    fail,
+    parse_moment,
+)
 from ays_installer.tables import fields, local_time, print_table
 from ays_installer.task_cli import connect, lookup_task, print_json
 from ays_runtime.retry import Backoff
@@ -50,8 +57,6 @@ WAIT_MOST = 2.0
 # A followed stream says something every 15 s (keep-alive); silence this long means it broke.
 STREAM_READ_TIMEOUT = 60.0
 RECONNECT_FOR = 30.0  # seconds a broken stream is tried again (a manager reload) before giving up
-AGO = re.compile(r"^(\d+)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 def run_exit_code(run: dict[str, Any]) -> int:
@@ -195,25 +200,6 @@ def run_rows(runs: list[dict[str, Any]], names: dict[int, str]) -> None:
     )
 
 
-def parse_moment(value: str, option: str) -> str:
-    """`--since 2h` (ago), or a date and time (this host's time zone unless it names one),
-    as the API takes it."""
-    match = AGO.match(value.strip())
-    if match:
-        ago = timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
-        return (datetime.now(UTC) - ago).isoformat()
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise fail(
-            f"error: {option} {value!r} is neither a time ago (30s, 15m, 2h, 7d) nor a date "
-            "and time (2026-11-25 14:00)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # this host's time zone
-    return moment.isoformat()
-
-
 @app.command("list")
 def list_runs(
     task: Annotated[
@@ -225,22 +211,12 @@ def list_runs(
     node: Annotated[
         str | None, typer.Option("--node", metavar="IP:PORT", help="Only this node's runs.")
     ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option(
-            "--since",
-            metavar="WHEN",
-            help="Only runs created since WHEN: a time ago (15m, 2h, 7d) or a date and time.",
-        ),
-    ] = None,
+    since: SinceOption = None,
     until: Annotated[
         str | None,
         typer.Option("--until", metavar="WHEN", help="Only runs created before WHEN."),
     ] = None,
-    limit: Annotated[
-        int,
-        typer.Option("-n", "--limit", metavar="N", min=1, max=1000, help="How many runs."),
-    ] = 20,
+    limit: LimitOption = 20,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
@@ -256,7 +232,7 @@ def list_runs(
     if node is not None:
         params["node"] = node
     if since is not None:
-        params["since"] = parse_moment(since, "--since")
+        params["since"] = since
     if until is not None:
         params["until"] = parse_moment(until, "--until")
     with connect(env, config, root, url) as api:

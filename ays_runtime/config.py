@@ -287,6 +287,12 @@ class MetricsSettings(_Section):
         description="also count runs per task (ays_task_runs_finished_total{task_id}): one "
         "series per task and status, so only for envs with few tasks",
     )
+    firing: bool = Field(
+        True,
+        description="count and time fires on the firing path (ays_fires_claimed_total, "
+        "ays_fire_lateness_seconds at claim, dispatch and store); false turns that off (the "
+        "other series stay); bench/alerts_bench.py measures what it costs",
+    )
 
 
 class AuditSettings(_Section):

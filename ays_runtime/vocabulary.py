@@ -115,6 +115,14 @@ class AuditAction(enum.StrEnum):
     GROUP_DELETED = "node_group.deleted"
     NODE_ADDED = "node.added"
     NODE_REMOVED = "node.removed"
+    ALERT_CHANNEL_CREATED = "alert_channel.created"
+    ALERT_CHANNEL_UPDATED = "alert_channel.updated"
+    ALERT_CHANNEL_DELETED = "alert_channel.deleted"
+    ALERT_RULE_CREATED = "alert_rule.created"
+    ALERT_RULE_UPDATED = "alert_rule.updated"
+    ALERT_RULE_DELETED = "alert_rule.deleted"
+    ALERT_RULE_SILENCED = "alert_rule.silenced"
+    ALERT_RULE_UNSILENCED = "alert_rule.unsilenced"
 
     @property
     def target_type(self) -> str:

@@ -444,3 +444,259 @@ def test_the_readme_example_is_a_valid_alerts_section() -> None:
         "running_longer_than",
         "node_offline",
     ]
+
+
+API_SECRET = "api-made-hmac-key"
+
+
+@pytest.mark.slow
+def test_policies_made_through_the_api_merge_with_the_env_file_hide_secrets_and_are_audited(
+    tmp_path: Path,
+) -> None:
+    with (
+        receiver(free_port()) as hook,
+        receiver(free_port()) as api_hook,
+        smtp_server() as (_, smtp_port),
+    ):
+        rules = [{"name": "failed", "when": "run_failed", "channels": ["hook"]}]
+        config = alerts_config(hook.port, smtp_port, rules=rules)
+        with cluster(tmp_path, Cluster, alerts=config) as ays, ays.api() as api:
+            channel = {
+                "name": "api-hook",
+                "type": "webhook",
+                "url": f"http://127.0.0.1:{api_hook.port}/in",
+                "secret": API_SECRET,
+            }
+            made = api.post("/alerts/channels", json=channel)
+            assert made.status_code == 201, made.text
+            assert made.json()["secret_set"] is True and "secret" not in made.json()
+            # Bad input: 422 naming the field; a name taken or an env-file item: 409.
+            bad = api.post("/alerts/channels", json={**channel, "name": "x", "url": "ftp://x"})
+            assert bad.status_code == 422 and bad.json()["field"] == "url", bad.text
+            assert API_SECRET not in bad.text
+            bad = api.post("/alerts/rules", json={"name": "r", "when": "bogus", "channels": []})
+            assert bad.status_code == 422 and bad.json()["field"] == "when", bad.text
+            bad = api.post("/alerts/rules", json={"name": "r", "channels": ["nowhere"]})
+            assert bad.status_code == 422 and bad.json()["field"] == "when", bad.text
+            bad = api.post(
+                "/alerts/rules", json={"name": "r", "when": "run_failed", "channels": ["nowhere"]}
+            )
+            assert bad.status_code == 422 and bad.json()["field"] == "channels", bad.text
+            assert api.post("/alerts/channels", json=channel).status_code == 409
+            env_rule = {"when": "run_failed", "channels": ["hook"]}
+            assert api.put("/alerts/rules/failed", json=env_rule).status_code == 409
+            assert api.delete("/alerts/channels/hook").status_code == 409
+            rule = {"name": "api-failed", "when": "run_failed", "channels": ["api-hook", "hook"]}
+            assert api.post("/alerts/rules", json=rule).status_code == 201
+            listed = api.get("/alerts/rules").json()
+            sources = {c["name"]: (c["source"], c["read_only"]) for c in listed["channels"]}
+            assert sources == {
+                "hook": ("env", True),
+                "mail": ("env", True),
+                "api-hook": ("api", False),
+            }
+            assert {r["name"]: r["source"] for r in listed["rules"]} == {
+                "failed": "env",
+                "api-failed": "api",
+            }
+            assert API_SECRET not in json.dumps(listed) and SECRET not in json.dumps(listed)
+            # An update without the secret keeps it: the notice is still signed with it.
+            kept = api.put("/alerts/channels/api-hook", json={**channel, "secret": None} | {})
+            assert kept.json()["secret_set"] is False
+            del channel["secret"]
+            restored = api.put("/alerts/channels/api-hook", json={**channel, "secret": API_SECRET})
+            assert restored.json()["secret_set"] is True
+            unchanged = api.put("/alerts/channels/api-hook", json=channel)
+            assert unchanged.status_code == 200 and unchanged.json()["secret_set"] is True
+
+            task = add_task(ays, "false", name="broken")
+            assert run_once(ays, task) == "failed"
+            wait_for(lambda: len(api_hook.posts) == 1, 60, "the api rule's notice")
+            headers, body = api_hook.posts[0]
+            assert headers[SIGNATURE_HEADER.lower()] == signature(API_SECRET, body)
+            assert json.loads(body)["rule"] == "api-failed"
+
+            # Silenced: the env rule's notice of the next failure arrives, the api rule's not.
+            silenced = api.post("/alerts/rules/api-failed/silences", json={"minutes": 60})
+            assert silenced.status_code == 201, silenced.text
+            assert api.get("/alerts/rules").json()["rules"][1]["silenced"] is True
+            assert run_once(ays, task) == "failed"
+
+            def failed_notices() -> int:
+                return sum(d["rule"] == "failed" for d in hook.documents())
+
+            wait_for(lambda: failed_notices() == 2, 60, "the env rule's second notice")
+            assert len(api_hook.posts) == 1
+            assert api.delete("/alerts/rules/api-failed/silences").json() == {"ended": 1}
+
+            assert api.delete("/alerts/channels/api-hook").status_code == 409  # in use
+            assert api.delete("/alerts/rules/api-failed").status_code == 204
+            assert api.delete("/alerts/channels/api-hook").status_code == 204
+            assert api.delete("/alerts/channels/api-hook").status_code == 404
+
+            trail = api.get("/audit", params={"limit": 100}).json()["items"]
+            actions = [e["action"] for e in trail if e["target_type"].startswith("alert_")]
+            assert actions == [
+                "alert_channel.deleted",
+                "alert_rule.deleted",
+                "alert_rule.unsilenced",
+                "alert_rule.silenced",
+                "alert_channel.updated",
+                "alert_channel.updated",
+                "alert_channel.updated",
+                "alert_rule.created",
+                "alert_channel.created",
+            ]
+            assert API_SECRET not in json.dumps(trail)
+            updated = next(e for e in trail if e["action"] == "alert_channel.updated")
+            assert updated["before"]["secret_set"] is True and "secret" not in updated["after"]
+
+
+@pytest.mark.slow
+def test_a_run_taking_factor_times_its_tasks_usual_duration_alerts_and_usual_runs_do_not(
+    tmp_path: Path,
+) -> None:
+    duration = tmp_path / "duration"
+    duration.write_text("0.2")
+    with receiver(free_port()) as hook, smtp_server() as (_, smtp_port):
+        rules = [
+            {
+                "name": "unusual",
+                "when": "running_longer_than",
+                "seconds": 3600,
+                "factor": 4,
+                "history": 5,
+                "channels": ["hook"],
+            }
+        ]
+        config = alerts_config(hook.port, smtp_port, rules=rules, watch_interval=0.2)
+        with cluster(tmp_path, Cluster, alerts=config) as ays:
+            task = add_task(ays, f'sleep "$(cat {duration})"', name="usually-quick")
+            for _ in range(3):  # its usual duration: about 0.2 s
+                assert run_once(ays, task) == "succeeded"
+            assert hook.posts == []
+            duration.write_text("60")
+            with ays.api() as api:
+                job = api.post(f"/tasks/{task}/trigger", json={}).json()["job_log_id"]
+                wait_for(lambda: hook.posts, 60, "the unusual run's notice")
+                (notice,) = hook.documents()
+                assert notice["rule"] == "unusual" and notice["subject"] == f"run {job}"
+                assert "x its usual" in notice["summary"], notice["summary"]
+                assert api.post(f"/job-logs/{job}/kill", json={}).status_code in (200, 202)
+
+
+def test_a_rule_whose_check_raises_is_counted_and_skipped_and_the_others_go_on(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in one rule's check (injected: no rule of Ays raises on purpose) must not stop
+    the alert service: the rule is counted in ays_alert_rule_errors_total and skipped, the
+    other rules still raise their notices."""
+    from ays_runtime.alerts import watch
+    from ays_runtime.alerts.service import AlertService
+    from ays_runtime.metrics.manager import REGISTRY
+    from ays_runtime.storage.database import make_engine, session_factory
+    from ays_runtime.storage.models import NodeGroup, Task
+
+    checks = watch._bad_subjects
+
+    def faulty(conn: Any, rule: Any) -> dict[str, str]:
+        if rule.name == "broken":
+            raise RuntimeError("a fault in this rule's check")
+        return checks(conn, rule)
+
+    monkeypatch.setattr(watch, "_bad_subjects", faulty)
+    engine = make_engine(sqlite_url)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with session_factory(engine)() as session:
+        session.add(NodeGroup(name="empty", created_at=now, updated_at=now))
+        session.flush()
+        session.add(
+            Task(
+                name="t",
+                node_group="empty",
+                schedule="0 0 0 1 1 *",
+                payload={"command": "true"},
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.commit()
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("ays_alert_rule_errors_total", {"rule": "broken"}) or 0
+
+    before = errors()
+    with receiver(free_port()) as hook:
+        settings = AlertSettings.model_validate(
+            {
+                "channels": [
+                    {"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{hook.port}/"}
+                ],
+                "rules": [
+                    {"name": "broken", "when": "node_offline", "channels": ["hook"]},
+                    {"name": "empty", "when": "group_unhealthy", "channels": ["hook"]},
+                ],
+                "watch_interval": 0.1,
+            }
+        )
+        service = AlertService(engine, settings, "dev", "test-manager")
+
+        async def scenario() -> None:
+            running = asyncio.create_task(service.run())
+            deadline = time.monotonic() + 60
+            while (not hook.posts or errors() < before + 3) and time.monotonic() < deadline:
+                assert not running.done(), running
+                await asyncio.sleep(0.05)
+            assert not running.done()
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+
+        asyncio.run(scenario())
+        assert [d["rule"] for d in hook.documents()] == ["empty"]
+        assert errors() >= before + 3  # tried again at every look, not dropped
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_the_cli_adds_silences_lists_and_removes_channels_and_rules_secret_from_the_env(
+    tmp_path: Path,
+) -> None:
+    with receiver(free_port()) as hook, smtp_server() as (_, smtp_port):
+        config = alerts_config(hook.port, smtp_port)
+        with cluster(tmp_path, Cluster, with_node=False, alerts=config) as ays:
+            where = ("--config", str(ays.config))
+            secret = {"HOOK_KEY": API_SECRET}
+            url = f"http://127.0.0.1:{hook.port}/cli"
+            hook_args = ("--webhook-url", url, "--secret-env")
+            made = cli("alerts", "add-channel", "ops", *hook_args, "HOOK_KEY", *where, **secret)
+            assert made.returncode == 0, made.stderr
+            unset = cli("alerts", "add-channel", "x", *hook_args, "NOPE", *where)
+            assert unset.returncode == 2 and "NOPE" in unset.stderr
+            bad = cli("alerts", "add", "r1", "--when", "bogus", "--channel", "ops", *where)
+            assert bad.returncode == 2 and "when" in bad.stderr, bad.stderr
+            added = cli("alerts", "add", "slow", "--when", "running_longer_than", "--seconds",
+                        "60", "--factor", "3", "--channel", "ops", *where)  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            quiet = cli("alerts", "silence", "slow", "--for", "2h", *where)
+            assert quiet.returncode == 0 and "silenced alert rule slow" in quiet.stdout
+            listed = cli("alerts", "list", *where)
+            row = next(line.split() for line in listed.stdout.splitlines() if "slow" in line)
+            assert row[:2] == ["slow", "api"] and row[-1] == "now", listed.stdout
+            channels = cli("alerts", "channels", *where)
+            assert API_SECRET not in channels.stdout
+            ops = next(line.split() for line in channels.stdout.splitlines() if line[:4] == "ops ")
+            assert ops[1] == "api" and ops[-1] == "set", channels.stdout
+            assert cli("alerts", "test", "ops", *where).returncode == 0
+            headers, body = hook.posts[0]
+            assert headers[SIGNATURE_HEADER.lower()] == signature(API_SECRET, body)
+            assert cli("alerts", "unsilence", "slow", *where).stdout.startswith("ended 1")
+            busy = cli("alerts", "remove-channel", "ops", *where)
+            assert busy.returncode == 1 and "slow" in busy.stderr, busy.stderr
+            assert cli("alerts", "remove", "slow", *where).returncode == 0
+            assert cli("alerts", "remove-channel", "ops", *where).returncode == 0
+            since = cli("alerts", "deliveries", "--since", "1h", "-n", "5", *where)
+            assert since.returncode == 0 and "test" in since.stdout, since.stderr
+            audit = cli("audit", "--since", "1h", "--limit", "50", "--json", *where)
+            assert API_SECRET not in audit.stdout
+            assert '"alert_channel.created"' in audit.stdout

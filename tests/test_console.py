@@ -18,10 +18,11 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.console.session import COOKIE, SessionGate
 from ays_runtime.manager.api import PUBLIC
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import SlotMiss, Task
+from ays_runtime.storage.models import AlertChannelRow, SlotMiss, Task
 from tests.test_manager_api import TOKEN, Api, new_group, new_task, served_api
 
 PAGES = [
@@ -39,6 +40,9 @@ PAGES = [
     "/forecast",
     "/forecast/cell?at=2026-01-01T00:00",
     "/slots?task_id=1",
+    "/alerts",
+    "/alerts/rules/new",
+    "/alerts/channels/new",
     "/no-such-page",
 ]
 WRITES = [
@@ -56,6 +60,10 @@ WRITES = [
     "/nodes/1/remove",
     "/groups/add",
     "/groups/g1/delete",
+    "/alerts/rules",
+    "/alerts/channels",
+    "/alerts/channels/x/test",
+    "/alerts/rules/x/silence",
 ]
 
 
@@ -387,3 +395,73 @@ def test_the_slot_view_shows_missed_slots_and_the_ranges_not_fired(
     badges = page.text.count('<span class="badge o-missed">missed</span>')
     assert badges == 10 + 2  # the slots, their count's card, the range
     assert "Slots not fired" in page.text and "10 slot(s) from" in page.text
+
+
+ENV_ALERTS = AlertSettings.model_validate(
+    {
+        "channels": [{"name": "env-hook", "type": "webhook", "url": "http://127.0.0.1:9/env"}],
+        "rules": [{"name": "env-failed", "when": "run_failed", "channels": ["env-hook"]}],
+    }
+)
+CONSOLE_SECRET = "console-typed-secret"
+
+
+def test_the_alerts_page_makes_edits_silences_and_deletes_a_policy_with_errors_at_their_field(
+    sessions: sessionmaker[Session],
+) -> None:
+    with served_api(sessions, alerts=ENV_ALERTS) as console, signed_in(console) as (client, csrf):
+        listed = client.get("/alerts")
+        assert listed.status_code == 200, listed.text
+        assert "env-failed" in listed.text and "env file (read-only)" in listed.text
+        # A bad channel: its field says why, what was typed stays, the secret is not echoed.
+        channel = {"csrf_token": csrf, "name": "ops", "type": "webhook", "url": "ftp://x"}
+        channel |= {"format": "ays", "secret": CONSOLE_SECRET}
+        bad = client.post("/alerts/channels", data=channel)
+        assert bad.status_code == 422, bad.text
+        assert "url" in field_errors(bad.text) and 'value="ftp://x"' in bad.text
+        assert CONSOLE_SECRET not in bad.text
+        made = client.post("/alerts/channels", data=channel | {"url": "http://127.0.0.1:9/ops"})
+        assert made.status_code == 303, made.text
+        with sessions() as session:
+            assert session.query(AlertChannelRow).one().secret == CONSOLE_SECRET
+        edit = client.get("/alerts/channels/ops/edit")
+        assert CONSOLE_SECRET not in edit.text and "leave empty to keep it" in edit.text
+        # A bad rule: no channel ticked, a count that is no number.
+        rule = {"csrf_token": csrf, "name": "slow", "when": "running_longer_than"}
+        rule |= {"tasks": "", "node_groups": "", "count": "many", "seconds": "", "factor": ""}
+        rule |= {"history": "", "recovery": "on"}
+        bad = client.post("/alerts/rules", data=rule)
+        assert bad.status_code == 422, bad.text
+        assert set(field_errors(bad.text)) == {"count", "channels"}, field_errors(bad.text)
+        made = client.post(
+            "/alerts/rules", data=rule | {"count": "", "factor": "3", "channels": ["ops"]}
+        )
+        assert made.status_code == 303, made.text
+        assert client.get("/alerts/rules/env-failed/edit").status_code == 409
+        saved = client.post(
+            "/alerts/rules/slow",
+            data=rule | {"count": "", "seconds": "600", "channels": ["ops", "env-hook"]},
+        )
+        assert saved.status_code == 303, saved.text
+        shown = console.client.get("/alerts/rules").json()["rules"]
+        slow = next(r for r in shown if r["name"] == "slow")
+        assert slow["seconds"] == 600 and slow["channels"] == ["ops", "env-hook"]
+        # Silence (an env-file rule too), the test button (htmx), then delete.
+        for name in ("slow", "env-failed"):
+            quiet = client.post(f"/alerts/rules/{name}/silence", data={"csrf_token": csrf})
+            assert quiet.status_code == 303, quiet.text
+        shown = console.client.get("/alerts/rules").json()["rules"]
+        assert all(r["silenced"] for r in shown)
+        htmx = {"X-CSRF-Token": csrf, "HX-Request": "true"}
+        tested = client.post("/alerts/channels/ops/test", headers=htmx)
+        assert tested.status_code == 200 and "queued" in tested.text, tested.text
+        busy = client.post("/alerts/channels/ops/delete", data={"csrf_token": csrf})
+        assert busy.status_code == 409 and "slow" in busy.text
+        for path in ("/alerts/rules/slow/delete", "/alerts/channels/ops/delete"):
+            assert client.post(path, data={"csrf_token": csrf}).status_code == 303
+        page = client.get("/alerts").text
+        assert "slow" not in page and "test notice from manager" in page
+        trail = console.client.get("/audit", params={"limit": 50}).json()["items"]
+        alerts = [e for e in trail if e["target_type"].startswith("alert_")]
+        assert {e["via"] for e in alerts} == {"console"} and len(alerts) == 7
+        assert CONSOLE_SECRET not in str(trail)

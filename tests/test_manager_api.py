@@ -22,6 +22,9 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from ays_runtime.alerts.api import alerts_router
+from ays_runtime.alerts.service import AlertService
+from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager import tasks
@@ -92,8 +95,12 @@ def api(sessions: sessionmaker[Session]) -> Iterator[Api]:
 
 
 @contextmanager
-def served_api(sessions: sessionmaker[Session]) -> Iterator[Api]:
-    """The API on `sessions`, served on an ephemeral port until the block ends."""
+def served_api(
+    sessions: sessionmaker[Session], alerts: AlertSettings | None = None
+) -> Iterator[Api]:
+    """The API on `sessions`, served on an ephemeral port until the block ends; with
+    `alerts`, the alert policies' routes and console page too (the service's loops do not
+    run: nothing is judged or sent)."""
     hooks = Hooks(sessions)
     ctx = ManagerContext(
         config=CONFIG,
@@ -111,7 +118,12 @@ def served_api(sessions: sessionmaker[Session]) -> Iterator[Api]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", lifespan="off"))
+    app = create_app(ctx)
+    if alerts is not None:
+        engine = sessions.kw["bind"]
+        app.state.alerts = AlertService(engine, alerts, "dev", ctx.manager_id)
+        app.include_router(alerts_router(app.state.alerts))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

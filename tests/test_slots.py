@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.exceptions import NotFoundError, ValidationError
 from ays_runtime.manager.slots import slot_ledger
+from ays_runtime.scheduler.ledger import OwedRange, record_owed
 from ays_runtime.scheduler.schedule import Schedule, parse_schedule
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, NodeGroup, SlotMiss, Task
+from ays_runtime.vocabulary import SlotMissReason
 from tests.daemons import (
     Cluster,
     Daemon,
@@ -322,3 +324,37 @@ def test_two_managers_starting_together_on_mariadb_record_the_missed_range_once(
     finally:
         for daemon in running:
             daemon.kill()
+
+
+def test_a_range_recorded_twice_even_by_two_managers_at_once_is_counted_once(
+    engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    task = add_task(sessions)
+    schedule = parse_schedule("0 * * * * *", "UTC")
+    first, end = T0 + timedelta(minutes=1), T0 + timedelta(minutes=11)
+    owed = OwedRange(task, first, end, SlotMissReason.MISSED, schedule)
+    holding, counts = threading.Event(), {}
+
+    def record(name: str, ranges: list[OwedRange], hold: bool) -> None:
+        with engine.begin() as conn:
+            counts[name] = record_owed(conn, name, ranges, utcnow())
+            if hold:  # the other manager writes while this transaction is open
+                holding.set()
+                time.sleep(1.0)
+
+    first_manager = threading.Thread(target=record, args=("m1", [owed], True))
+    first_manager.start()
+    assert holding.wait(30)
+    second_manager = threading.Thread(target=record, args=("m2", [owed], False))
+    second_manager.start()
+    first_manager.join(60)
+    second_manager.join(60)
+    assert counts["m1"]["missed"] + counts["m2"]["missed"] == 10, counts
+    record("m1", [owed], False)  # the same range once more: nothing new
+    assert sum(counts["m1"].values()) == 0
+    wider = OwedRange(task, first, end + timedelta(minutes=5), SlotMissReason.MISSED, schedule)
+    record("m2", [wider, owed], False)  # widened by 5 slots: those 5 count
+    assert counts["m2"]["missed"] == 5
+    with sessions() as session:
+        (stored,) = session.scalars(select(SlotMiss)).all()
+        assert stored.slot_count == 15 and stored.end_at == end + timedelta(minutes=5)

@@ -20,6 +20,10 @@ The contract:
   `AlertService.runs_stored` (thread-safe, no I/O, never raises); everything else happens in
   the service's own task. Runs stored in the moment before a crash may go unjudged; their
   queued notices never are lost.
-- The API (`api.py`): `GET /api/v1/alerts/deliveries`, `POST /api/v1/alerts/test` (a test notice
-  through one channel), `GET /api/v1/alerts/rules`.
+- **Policies** come from the env file and from the database (`policies.py`: channels, rules
+  and silences made through the API, the console or the CLI; secrets write-only; every
+  change audited); the service re-reads them on each change and every few seconds, and a
+  rule whose check raises (not the database) is counted and skipped, never stopping it.
+- The API (`api.py`): the policies' CRUD, silences, open alerts, deliveries, a test notice
+  through one channel; the console's page is `ays_runtime/console/alerts.py`.
 """

@@ -8,6 +8,7 @@ the row to be taken again when the lease ends.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -126,10 +127,59 @@ def next_due(engine: Engine) -> datetime | None:
         ).scalar()
 
 
-def recent(engine: Engine, status: str | None, limit: int) -> list[dict[str, Any]]:
-    """The latest deliveries, newest first."""
+def recent(
+    engine: Engine, status: str | None, limit: int, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The latest deliveries (created at or after `since`, naive UTC), newest first."""
     stmt = select(*AlertDelivery.__table__.c).order_by(AlertDelivery.id.desc()).limit(limit)
     if status is not None:
         stmt = stmt.where(AlertDelivery.status == status)
+    if since is not None:
+        stmt = stmt.where(AlertDelivery.created_at >= since)
     with engine.connect() as conn:
         return [dict(row) for row in conn.execute(stmt).mappings()]
+
+
+def open_alerts(engine: Engine, since: datetime, limit: int = 2000) -> list[dict[str, Any]]:
+    """What fired since `since` and has not been resolved since, newest first: for each rule
+    and subject (a node, a group, a run, a task), its latest firing or resolved notice, when
+    that is a firing one. A run's own notices (a long run, a late start) have no resolved one:
+    they stay open until `since` passes them."""
+    stmt = (
+        select(
+            AlertDelivery.rule,
+            AlertDelivery.dedup_key,
+            AlertDelivery.kind,
+            AlertDelivery.summary,
+            AlertDelivery.payload,
+            AlertDelivery.created_at,
+        )
+        .where(AlertDelivery.kind.in_(("firing", "resolved")), AlertDelivery.created_at >= since)
+        .order_by(AlertDelivery.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    seen: set[tuple[str, str]] = set()
+    found = []
+    for rule, key, kind, summary, payload, created_at in rows:
+        subject = _subject(payload, key)
+        if (rule, subject) in seen:
+            continue
+        seen.add((rule, subject))
+        if kind == "firing":
+            found.append(
+                {"rule": rule, "subject": subject, "summary": summary, "since": created_at}
+            )
+    return found
+
+
+def _subject(payload: str, key: str) -> str:
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return key
+    if document.get("subject"):
+        return str(document["subject"])
+    task = document.get("task")
+    return f"task {task.get('id')}" if isinstance(task, dict) else key

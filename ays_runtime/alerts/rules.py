@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.alerts.settings import AlertRule, AlertSettings
 from ays_runtime.storage.models import JobLog, RunStatus, Task
@@ -117,9 +118,14 @@ def previous(conn: Connection, outcome: Outcome, count: int) -> list[str]:
 
 
 def judge(
-    conn: Connection, settings: AlertSettings, job_ids: Sequence[int], now: datetime
+    conn: Connection,
+    settings: AlertSettings,
+    job_ids: Sequence[int],
+    now: datetime,
+    on_error: Callable[[AlertRule, Exception], None],
 ) -> list[Raised]:
-    """The notices the runs `job_ids`, just stored, raise under `settings.rules` at `now`."""
+    """The notices the runs `job_ids`, just stored, raise under `settings.rules` at `now`. A
+    rule that raises (not the database) is handed to `on_error`; the others still judge."""
     if not settings.rules or not job_ids:
         return []
     moment = now.replace(tzinfo=UTC)
@@ -132,7 +138,13 @@ def judge(
         depth = max(r.count if r.when == "consecutive_failures" else 1 for r in rules)
         before = _Earlier(conn, outcome, depth)
         for rule in rules:
-            notice = _judge_one(rule, outcome, before)
+            try:
+                notice = _judge_one(rule, outcome, before)
+            except SQLAlchemyError:
+                raise  # the database is away: the caller logs it
+            except Exception as err:  # a fault of this rule: the other rules still judge
+                on_error(rule, err)
+                continue
             if notice is not None:
                 raised.append(notice)
     return raised

@@ -21,11 +21,12 @@ from datetime import datetime, timedelta
 import httpx
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from ays_runtime.alerts import outbox, rules
+from ays_runtime.alerts import outbox, policies, rules
 from ays_runtime.alerts.base import Channel, DeliveryFailed
 from ays_runtime.alerts.mail import Mail
-from ays_runtime.alerts.settings import AlertSettings, WebhookChannel
+from ays_runtime.alerts.settings import AlertRule, AlertSettings, WebhookChannel
 from ays_runtime.alerts.watch import Watcher
 from ays_runtime.alerts.webhook import Webhook
 from ays_runtime.exceptions import ValidationError
@@ -35,6 +36,7 @@ from ays_runtime.storage.database import utcnow
 log = logging.getLogger("ays.alerts")
 
 POLL = 1.0  # seconds between looks at the queue when nothing woke the loop
+POLICY_REFRESH = 5.0  # seconds between reads of the policies stored through the API
 BATCH = 50
 
 
@@ -45,16 +47,61 @@ class AlertService:
         self.env = env
         self.manager_id = manager_id
         self.who = f"manager {manager_id}: alerts"
+        self.env_settings = settings  # the env file's section; the API's are added
         self._client = httpx.AsyncClient()
-        self.channels: dict[str, Channel] = {
-            c.name: Webhook(c, self._client) if isinstance(c, WebhookChannel) else Mail(c, env)
-            for c in settings.channels
-        }
+        self.channels: dict[str, Channel] = {}
+        self._use(settings)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stored: list[int] = []
         self._judge_wake = asyncio.Event()
         self._deliver_wake = asyncio.Event()
         self._failing: set[str] = set()  # channels whose last try failed (logged once)
+        self._faulty: set[str] = set()  # rules whose check raised (logged once)
+        self._policies_failed = False  # reading the stored policies raised (logged once)
+
+    def _use(self, settings: AlertSettings) -> None:
+        """Run with `settings` (channel clients are made again only for changed channels)."""
+        kept = {c.name: c for c in self.settings.channels} if self.channels else {}
+        channels: dict[str, Channel] = {}
+        for c in settings.channels:
+            if kept.get(c.name) == c and c.name in self.channels:
+                channels[c.name] = self.channels[c.name]
+            elif isinstance(c, WebhookChannel):
+                channels[c.name] = Webhook(c, self._client)
+            else:
+                channels[c.name] = Mail(c, self.env)
+        self.settings = settings
+        self.channels = channels
+
+    def refresh(self) -> None:
+        """Read the channels, rules and silences stored through the API (blocking: call it in
+        a thread). Raises SQLAlchemyError when the database is away."""
+        with Session(self.engine) as session:
+            merged = policies.settings(session, self.env_settings, utcnow())
+        self._use(merged)
+
+    async def reload(self) -> None:
+        """The API changed a channel, rule or silence: run with it now (other managers see it
+        within POLICY_REFRESH)."""
+        await asyncio.to_thread(self.refresh)
+        self._deliver_wake.set()
+
+    def rule_failed(self, rule: AlertRule, err: Exception) -> None:
+        """A rule's check raised (not the database): count it, log it once, go on."""
+        metrics.ALERT_RULE_ERRORS.labels(rule.name).inc()
+        if rule.name in self._faulty:
+            return
+        self._faulty.add(rule.name)
+        log.error(
+            "%s: rule %s (%s) failed and was skipped; the other rules go on; it is tried "
+            "again at each look (counted in ays_alert_rule_errors_total, logged once): %s: %s",
+            self.who,
+            rule.name,
+            rule.when,
+            type(err).__name__,
+            err,
+            exc_info=err,
+        )
 
     @property
     def active(self) -> bool:
@@ -104,13 +151,29 @@ class AlertService:
         """Judge and deliver until cancelled."""
         self._loop = asyncio.get_running_loop()
         try:
-            if self.active:  # no channel: no rule either, nothing to judge or deliver
-                loops = [self._judge_loop(), self._deliver_loop()]
-                if any(rule.periodic for rule in self.settings.rules):
-                    loops.append(self._watch_loop())
-                await asyncio.gather(*loops)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:  # the policy loop tries again; the env file's are in force
+                log.exception("%s: reading the alert policies failed", self.who)
+            await asyncio.gather(
+                self._judge_loop(), self._deliver_loop(), self._watch_loop(), self._policy_loop()
+            )
         finally:
             await self._client.aclose()
+
+    async def _policy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(POLICY_REFRESH)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except SQLAlchemyError as err:  # keep the policies known; the next look repairs
+                log.warning("%s: cannot read the alert policies: %s", self.who, _reason(err))
+            except Exception:  # never stop on a fault of ours: said once, the policies kept
+                if not self._policies_failed:
+                    log.exception("%s: reading the alert policies failed", self.who)
+                self._policies_failed = True
+            else:
+                self._policies_failed = False
 
     async def _judge_loop(self) -> None:
         while True:
@@ -123,6 +186,9 @@ class AlertService:
                 log.error("%s: cannot judge %d runs: %s", self.who, len(job_ids), _reason(err))
                 await asyncio.sleep(POLL)
                 continue
+            except Exception:  # never stop judging on a fault of ours: said, then go on
+                log.exception("%s: judging %d runs failed", self.who, len(job_ids))
+                continue
             if queued:
                 self._deliver_wake.set()
 
@@ -130,10 +196,16 @@ class AlertService:
         watcher = Watcher(self.settings)
         while True:
             await asyncio.sleep(self.settings.watch_interval)
+            if not any(rule.periodic for rule in self.settings.rules):
+                continue
+            watcher.settings = self.settings
             try:
                 queued = await asyncio.to_thread(self._watch, watcher)
             except SQLAlchemyError as err:  # the next look sees the same state
                 log.warning("%s: cannot look at nodes and runs: %s", self.who, _reason(err))
+                continue
+            except Exception:  # never stop looking on a fault of ours: said, then go on
+                log.exception("%s: looking at nodes and runs failed", self.who)
                 continue
             if queued:
                 self._deliver_wake.set()
@@ -141,12 +213,13 @@ class AlertService:
     def _watch(self, watcher: Watcher) -> int:
         now = utcnow()
         with self.engine.begin() as conn:
-            return self._queue_raised(conn, watcher.look(conn, now), now)
+            return self._queue_raised(conn, watcher.look(conn, now, self.rule_failed), now)
 
     def _judge(self, job_ids: list[int]) -> int:
         now = utcnow()
         with self.engine.begin() as conn:
-            return self._queue_raised(conn, rules.judge(conn, self.settings, job_ids, now), now)
+            raised = rules.judge(conn, self.settings, job_ids, now, self.rule_failed)
+            return self._queue_raised(conn, raised, now)
 
     def _queue_raised(self, conn: Connection, raised: list[rules.Raised], now: datetime) -> int:
         notices = [
@@ -167,6 +240,11 @@ class AlertService:
 
     async def _deliver_loop(self) -> None:
         while True:
+            if not self.active:  # no channel: nothing can be queued for one
+                self._deliver_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deliver_wake.wait(), POLL)
+                continue
             try:
                 taken = await asyncio.to_thread(outbox.take_due, self.engine, utcnow(), BATCH)
             except SQLAlchemyError as err:

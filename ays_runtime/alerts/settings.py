@@ -104,7 +104,9 @@ class AlertRule(_Section):
         "after its retries); consecutive_failures: `count` such runs in a row, once per streak; "
         "started_late: a run that started more than `seconds` after its scheduled time (judged "
         "when it ends); "
-        "running_longer_than: a run still unfinished `seconds` after it was dispatched; "
+        "running_longer_than: a run still unfinished `seconds` after it started, or (with "
+        "`factor`) after `factor` times the task's usual duration, the p95 of its last "
+        "`history` successful runs; "
         "node_offline: a node went offline; group_unhealthy: a node group with enabled tasks "
         "has no online node; slot_missed: slots of a task's schedule that were not fired (a "
         "range of the slot ledger: missed while no manager was running, or skipped by the "
@@ -113,6 +115,16 @@ class AlertRule(_Section):
     count: int = Field(3, ge=2, le=1000, description="runs in a row (consecutive_failures)")
     seconds: float = Field(
         3600.0, gt=0, description="the limit of running_longer_than and started_late"
+    )
+    factor: float | None = Field(
+        None,
+        gt=1,
+        le=1000,
+        description="running_longer_than: also when a run has taken `factor` times the p95 of "
+        "the task's last `history` successful runs (needs 3 of them)",
+    )
+    history: int = Field(
+        20, ge=3, le=1000, description="running_longer_than: successful runs the p95 is of"
     )
     tasks: list[str] = Field([], description="task names it watches (none: every task)")
     node_groups: list[str] = Field([], description="node groups it watches (none: every one)")

@@ -13,11 +13,13 @@ subject's firings: two managers opening the same episode queue it once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.alerts.rules import Raised
 from ays_runtime.alerts.settings import AlertRule, AlertSettings
@@ -47,8 +49,11 @@ class Watcher:
     misses: set[str] = field(default_factory=set)  # keys of recent ranges already raised
     _loaded: bool = False
 
-    def look(self, conn: Connection, now: datetime) -> list[Raised]:
-        """The notices the state raises now."""
+    def look(
+        self, conn: Connection, now: datetime, on_error: Callable[[AlertRule, Exception], None]
+    ) -> list[Raised]:
+        """The notices the state raises now. A rule whose check raises (not the database)
+        is handed to `on_error` and skipped this time; the other rules are judged."""
         if not self._loaded:
             self._load_open(conn)
             self._loaded = True
@@ -60,17 +65,22 @@ class Watcher:
         for rule in self.settings.rules:
             if not rule.periodic or rule.silenced(moment):
                 continue
-            if rule.when == "running_longer_than":
-                found = _long_runs(conn, rule, now)
-                long_runs |= {r.dedup_key for r in found}
-                raised += [r for r in found if r.dedup_key not in self.long_runs]
-            elif rule.when == "slot_missed":
-                found = _slot_misses(conn, rule, recent)
-                misses |= {r.dedup_key for r in found}
-                raised += [r for r in found if r.dedup_key not in self.misses]
-            else:
-                bad = _bad_subjects(conn, rule)
-                raised += self._episodes(conn, rule, bad)
+            try:
+                if rule.when == "running_longer_than":
+                    found = _long_runs(conn, rule, now)
+                    long_runs |= {r.dedup_key for r in found}
+                    raised += [r for r in found if r.dedup_key not in self.long_runs]
+                elif rule.when == "slot_missed":
+                    found = _slot_misses(conn, rule, recent)
+                    misses |= {r.dedup_key for r in found}
+                    raised += [r for r in found if r.dedup_key not in self.misses]
+                else:
+                    bad = _bad_subjects(conn, rule)
+                    raised += self._episodes(conn, rule, bad)
+            except SQLAlchemyError:
+                raise  # the database is away: the caller waits for the next look
+            except Exception as err:  # a fault of this rule's check: the others go on
+                on_error(rule, err)
         self.long_runs = long_runs  # the ones still running: a run that ended is forgotten
         self.misses = misses  # the ones still recent
         return raised
@@ -148,27 +158,72 @@ def _bad_subjects(conn: Connection, rule: AlertRule) -> dict[str, str]:
 
 def _long_runs(conn: Connection, rule: AlertRule, now: datetime) -> list[Raised]:
     limit = now - timedelta(seconds=rule.seconds)
-    rows = conn.execute(
+    query = (
         select(
             JobLog.id, JobLog.task_id, JobLog.node, JobLog.started_at, Task.name, Task.node_group
         )
         .join(Task, Task.id == JobLog.task_id)
-        .where(JobLog.status.in_(_RUNNING), JobLog.started_at < limit)
+        .where(JobLog.status.in_(_RUNNING), JobLog.started_at.is_not(None))
         .order_by(JobLog.started_at)
         .limit(LONG_RUN_LIMIT)
-    ).all()
+    )
+    if rule.factor is None:  # only the fixed limit: the database picks the runs
+        query = query.where(JobLog.started_at < limit)
+    usual: dict[int, float | None] = {}
     raised = []
-    for job_id, task_id, node, started, name, group in rows:
-        if not rule.watches(name, group):
+    for job_id, task_id, node, started, name, group in conn.execute(query).all():
+        if started is None or not rule.watches(name, group):
             continue
+        if started < limit:
+            why = f"longer than {rule.seconds:g}s"
+        else:
+            assert rule.factor is not None
+            if task_id not in usual:
+                usual[task_id] = usual_duration(conn, task_id, rule.history)
+            p95 = usual[task_id]
+            took = (now - started).total_seconds()
+            if p95 is None or took <= p95 * rule.factor:
+                continue
+            why = (
+                f"{took:.1f}s, longer than {rule.factor:g} x its usual {p95:.3f}s "
+                f"(p95 of its last {rule.history} successful runs)"
+            )
         summary = (
-            f"run {job_id} of task {name} (id {task_id}) has run longer than {rule.seconds:g}s "
+            f"run {job_id} of task {name} (id {task_id}) has run {why} "
             f"(since {_iso(started)} on {node or 'a node'})"
         )
         document = _document(rule, f"run {job_id}", summary, "firing")
         document["task"] = {"id": task_id, "name": name, "node_group": group}
         raised.append(Raised(f"{rule.name}:run:{job_id}", rule, "firing", summary, document))
     return raised
+
+
+USUAL_MIN_RUNS = 3  # fewer successful runs than this: no usual duration yet
+
+
+def usual_duration(conn: Connection, task_id: int, history: int) -> float | None:
+    """The p95 of the durations (seconds, start to end) of the task's last `history`
+    successful runs; None with fewer than USUAL_MIN_RUNS of them."""
+    rows = conn.execute(
+        select(JobLog.started_at, JobLog.ended_at)
+        .where(
+            JobLog.task_id == task_id,
+            JobLog.status == RunStatus.SUCCEEDED.value,
+            JobLog.started_at.is_not(None),
+            JobLog.ended_at.is_not(None),
+        )
+        .order_by(JobLog.scheduled_at.desc())
+        .limit(history)
+    ).all()
+    durations = sorted(
+        max((end - start).total_seconds(), 0.0)
+        for start, end in rows
+        if start is not None and end is not None
+    )
+    if len(durations) < USUAL_MIN_RUNS:
+        return None
+    # nearest rank: the smallest duration at or above 95% of the runs
+    return durations[min(len(durations) - 1, -(-95 * len(durations) // 100) - 1)]
 
 
 def _slot_misses(conn: Connection, rule: AlertRule, since: datetime) -> list[Raised]:

@@ -162,6 +162,7 @@ class Manager:
             ),
             transport=cfg.transport.backend,
             task_labels=cfg.metrics.task_labels,
+            firing=cfg.metrics.firing,
         )
         killer = RunKiller(engine, registry, tracker, token)
 
@@ -190,6 +191,7 @@ class Manager:
         app = create_app(ctx)
         alerts = AlertService(engine, cfg.alerts, cfg.env, self.manager_id)
         tracker.on_stored = alerts.runs_stored
+        app.state.alerts = alerts  # the console's alerts page
         app.include_router(alerts_router(alerts))
         from ays_runtime.registry.builtin import BuiltinRegistry
 

@@ -23,6 +23,8 @@ Counted where things happen:
     ays_reconcile_actions_total{action}          add, update, remove, drop-timer, ...
     ays_purged_rows_total{table}                 rows deleted by the retention purge
     ays_alert_deliveries_total{channel,outcome}  alert notices sent, retried, given up
+    ays_alert_rule_errors_total{rule}            checks of a rule that raised (the rule was
+                                                 skipped that time; the others went on)
 
 Read at scrape time (`StateCollector`, from what `attach` names):
 
@@ -130,6 +132,13 @@ RECONCILE_ACTIONS = Counter(
     ["action"],
     registry=REGISTRY,
 )
+ALERT_RULE_ERRORS = Counter(
+    "ays_alert_rule_errors",
+    "Checks of an alert rule that raised an error other than the database's (the rule was "
+    "skipped that time, the other rules were judged)",
+    ["rule"],
+    registry=REGISTRY,
+)
 ALERT_DELIVERIES = Counter(
     "ays_alert_deliveries",
     "Alert notices handed to a channel, by outcome: sent, retry (tried again later), failed "
@@ -162,14 +171,17 @@ _UNFINISHED = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value, RunStatus.RU
 @dataclass
 class _Options:
     task_labels: bool = False
+    firing: bool = True  # count and time fires on the firing path (metrics.firing)
 
 
 OPTIONS = _Options()
 
 
-def configure(task_labels: bool) -> None:
-    """The env's choices (metrics.task_labels); the daemon calls this at start-up."""
+def configure(task_labels: bool, firing: bool = True) -> None:
+    """The env's choices (metrics.task_labels, metrics.firing); the daemon calls this at
+    start-up."""
     OPTIONS.task_labels = task_labels
+    OPTIONS.firing = firing
 
 
 # --- counted where things happen -------------------------------------------------------------
@@ -177,6 +189,8 @@ def configure(task_labels: bool) -> None:
 
 def fires_claimed(dispatches: Sequence[JobDispatch], now: datetime) -> None:
     """`dispatches` were just claimed, at `now` (naive UTC, as the job log stores it)."""
+    if not OPTIONS.firing:
+        return
     claimed = _STAGES["claimed"]
     for job in dispatches:
         counter = _TRIGGERS.get(job.trigger) or FIRES_CLAIMED.labels(job.trigger)
@@ -194,7 +208,7 @@ def slots_not_fired(recorded: Mapping[str, int]) -> None:
 
 def run_dispatched(job: JobDispatch, stage: str) -> None:
     """`job` reached `stage` ("dispatched": handed over; "stored": recorded) just now."""
-    if job.attempt == 0:
+    if job.attempt == 0 and OPTIONS.firing:
         _STAGES[stage].observe(_seconds(utcnow() - job.scheduled_at))
 
 
@@ -338,10 +352,12 @@ for _reason in SlotMissReason:
     SLOTS_MISSED.labels(_reason.value)
 
 
-def attach(state: ManagerState, *, transport: str, task_labels: bool = False) -> None:
+def attach(
+    state: ManagerState, *, transport: str, task_labels: bool = False, firing: bool = True
+) -> None:
     """Name the running manager's state for the scrape-time gauges (the last one wins: a
     process runs one manager), its transport, and the env's choices."""
     STATE.attach(state)
     for direction in ("publish", "consume"):
         TRANSPORT_ERRORS.labels(transport, direction)
-    configure(task_labels)
+    configure(task_labels, firing)

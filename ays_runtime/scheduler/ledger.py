@@ -18,7 +18,8 @@ Rows are written by the claim writer (FireWriter.note_missed) in the transaction
 claim batch, never by the fire loop itself; the slots of a range are counted there too.
 Keyed by (task_id, first_at) with "insert, or widen": managers finding the same range record
 it once, and a longer range from the same first slot (a manager that went down again before
-firing anything) widens the row.
+firing anything) widens the row. Slots are counted (ays_slots_missed_total) once per range:
+by the insert that made the row, and by each widening for the slots it added.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 
 from ays_runtime.scheduler.schedule import Schedule
-from ays_runtime.storage.database import insert_or_widen
+from ays_runtime.storage.database import insert_ignoring_duplicates
 from ays_runtime.storage.models import SlotMiss
 from ays_runtime.vocabulary import SlotMissReason
 
@@ -83,7 +84,14 @@ def record_owed(
     conn: Connection, manager_id: str, ranges: Sequence[OwedRange], now: datetime
 ) -> Counter[str]:
     """Write `ranges` (inside the caller's transaction); returns the slots newly recorded by
-    reason (a range already recorded counts only the slots it widens it by)."""
+    reason: a range this call inserted counts all its slots, a range already recorded (by
+    anyone) counts only the slots this call widened it by, so that a range recorded twice,
+    by one manager or by two at once, is counted once.
+
+    Which rows this call inserted is read back by its mark (this manager, `now`): an insert
+    that met an existing row changes neither. The rows already there are widened under a
+    row lock (a locking read sees the latest committed count), so two managers widening
+    the same range count the difference once."""
     if not ranges:
         return Counter()
     rows: dict[tuple[int, datetime], dict[str, Any]] = {
@@ -98,23 +106,47 @@ def record_owed(
         }
         for r in sorted(ranges, key=lambda r: (r.task_id, r.first_at, r.end_at))
     }  # the widest of a key's ranges last, so the one kept
-    known: dict[tuple[int, datetime], int] = {}
+    insert_ignoring_duplicates(conn, SlotMiss, list(rows.values()), keep="id")
     keys = list(rows)
+    inserted: set[tuple[int, datetime]] = set()
+    existing: dict[tuple[int, datetime], tuple[int, int, datetime]] = {}
     for start in range(0, len(keys), 500):
         chunk = keys[start : start + 500]
-        stmt = select(SlotMiss.task_id, SlotMiss.first_at, SlotMiss.slot_count).where(
-            SlotMiss.task_id.in_({k[0] for k in chunk}),
-            SlotMiss.first_at.in_({k[1] for k in chunk}),
+        stmt = (
+            select(
+                SlotMiss.id,
+                SlotMiss.task_id,
+                SlotMiss.first_at,
+                SlotMiss.slot_count,
+                SlotMiss.end_at,
+                SlotMiss.manager_id,
+                SlotMiss.recorded_at,
+            )
+            .where(
+                SlotMiss.task_id.in_({k[0] for k in chunk}),
+                SlotMiss.first_at.in_({k[1] for k in chunk}),
+            )
+            .with_for_update()
         )
-        known.update({(t, f): n for t, f, n in conn.execute(stmt)})
-    insert_or_widen(
-        conn,
-        SlotMiss,
-        list(rows.values()),
-        key=["task_id", "first_at"],
-        widen=["end_at", "slot_count"],
-    )
+        for row_id, task, first, slots, end, by, at in conn.execute(stmt):
+            key = (task, first)
+            if key not in rows:
+                continue  # another key's task with this key's first slot
+            if by == manager_id and at == now:
+                inserted.add(key)
+            else:
+                existing[key] = (row_id, slots, end)
     counted: Counter[str] = Counter()
-    for key, row in rows.items():
-        counted[str(row["reason"])] += max(int(row["slot_count"]) - known.get(key, 0), 0)
+    for key in inserted:
+        counted[str(rows[key]["reason"])] += int(rows[key]["slot_count"])
+    for key, (row_id, slots, end) in existing.items():
+        row = rows[key]
+        wider = int(row["slot_count"])
+        if wider > slots:  # a longer range from the same first slot: widen it
+            conn.execute(
+                update(SlotMiss)
+                .where(SlotMiss.id == row_id)
+                .values(end_at=max(end, row["end_at"]), slot_count=wider)
+            )
+            counted[str(row["reason"])] += wider - slots
     return counted

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -137,25 +137,6 @@ def insert_ignoring_duplicates(
     elif dialect in ("mysql", "mariadb"):
         stmt = mysql.insert(model)
         conn.execute(stmt.on_duplicate_key_update({keep: stmt.table.c[keep]}), rows)
-    else:  # pragma: no cover - config validation admits only the two
-        raise NotImplementedError(dialect)
-
-
-def insert_or_widen(
-    conn: Connection, model: Any, rows: list[dict[str, Any]], *, key: list[str], widen: list[str]
-) -> None:
-    """INSERT `rows` into `model`'s table; where a row's unique `key` exists, keep the larger
-    value of each `widen` column (the stored one or the row's), and nothing else changes."""
-    table = model.__table__
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        lite = sqlite.insert(model)
-        larger = {c: func.max(table.c[c], lite.excluded[c]) for c in widen}
-        conn.execute(lite.on_conflict_do_update(index_elements=key, set_=larger), rows)
-    elif dialect in ("mysql", "mariadb"):
-        my = mysql.insert(model)
-        greatest = {c: func.greatest(table.c[c], my.inserted[c]) for c in widen}
-        conn.execute(my.on_duplicate_key_update(greatest), rows)
     else:  # pragma: no cover - config validation admits only the two
         raise NotImplementedError(dialect)
 

@@ -321,3 +321,44 @@ class AlertDelivery(Base):
     last_error: Mapped[str] = mapped_column(String(1024), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class AlertChannelRow(Base):
+    """An alert channel made through the API (alerts/policies.py); the env file's own are not
+    stored. `definition` is the channel's settings without its secret, which is kept apart in
+    `secret` (the webhook's HMAC key or the SMTP password) and never read back by the API."""
+
+    __tablename__ = "ays_alert_channel"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    type: Mapped[str] = mapped_column(String(16))
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AlertRuleRow(Base):
+    """An alert rule made through the API: its settings as `AlertRule` takes them."""
+
+    __tablename__ = "ays_alert_rule"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AlertSilence(Base):
+    """A window in which a rule (of the env file or of the API) sends nothing, set through
+    the API or the console. No foreign key: a silence may name an env-file rule."""
+
+    __tablename__ = "ays_alert_silence"
+    __table_args__ = (Index("ix_ays_alert_silence_rule_end_at", "rule", "end_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    start_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    end_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    who: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
