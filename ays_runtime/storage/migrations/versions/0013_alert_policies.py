@@ -3,7 +3,7 @@
 Channels and rules made through the API or the console (the env file's own are not stored),
 and silence windows set on any rule.
 
-Revision ID: 0012_i16c
+Revision ID: 0013
 Revises: 0011
 Create Date: 2026-12-05
 """
@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-revision: str = "0012_i16c"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
