@@ -4,7 +4,7 @@ Channels and rules made through the API or the console (the env file's own are n
 and silence windows set on any rule.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-05
 """
 
