@@ -1,10 +1,10 @@
 """The built-in transport's requests: a burst of runs reaches each node in one request.
 
-The manager side is real (`BuiltinTransport`, `RunTracker`, `BuiltinRegistry`, on SQLite and
-MariaDB); the nodes are stand-ins, small real HTTP servers recording every request, because
-the point is what goes over the wire, and because one of them plays a node of an older
-version (no `/jobs/batch` route), which no process of this version can be. Real nodes receive
-batches in tests/test_end_to_end.py and tests/test_node_daemon.py.
+The manager side is real (`Dispatcher`, `BuiltinTransport`, `RunTracker`, `BuiltinRegistry`,
+on SQLite and MariaDB); the nodes are stand-ins, small real HTTP servers recording every
+request, because the point is what goes over the wire, and because one of them plays a node
+of an older version (no `/jobs/batch` route), which no process of this version can be. Real
+nodes receive batches in tests/test_end_to_end.py and tests/test_node_daemon.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from ays_runtime.config import BuiltinRegistrySettings, BuiltinTransportSettings
+from ays_runtime.manager.dispatch import Dispatcher
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.protocol import Heartbeat
 from ays_runtime.registry.builtin import BuiltinRegistry
@@ -138,8 +139,8 @@ def _read_request(stream: Any) -> dict[str, Any] | None:
 def dispatch(
     engine: Engine, nodes: list[Any], jobs: list[JobDispatch], *later: list[JobDispatch]
 ) -> None:
-    """Register `nodes` as online in group g and hand `jobs` to a real BuiltinTransport,
-    then each burst of `later` once the one before it is dispatched."""
+    """Register `nodes` as online in group g and hand `jobs` to a real Dispatcher over a
+    BuiltinTransport, then each burst of `later` once the one before it is dispatched."""
     registry = BuiltinRegistry(
         engine, BuiltinRegistrySettings(backend="builtin", heartbeat_interval=5), MANAGER
     )
@@ -153,19 +154,18 @@ def dispatch(
         tracker = RunTracker(engine, MANAGER, excerpt_bytes=1024, redispatch=redispatch)
         transport = BuiltinTransport(
             BuiltinTransportSettings(backend="builtin", dispatch_timeout=5),
-            registry,
-            tracker,
             access_token="t0k3n",
             report_to="http://127.0.0.1:1",
         )
+        dispatcher = Dispatcher(registry, tracker, transport)
         await registry.start()
-        await transport.start()
+        await dispatcher.start()
         try:
-            await transport.dispatch(jobs)
+            await dispatcher.dispatch(jobs)
             for burst in later:
                 await _settled(engine, jobs)
-                await transport.dispatch(burst)
-            await transport.stop(10)
+                await dispatcher.dispatch(burst)
+            await dispatcher.stop(10)
         finally:
             await registry.stop()
 

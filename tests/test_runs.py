@@ -470,3 +470,24 @@ def test_of_two_claims_of_one_run_one_wins_and_a_report_from_the_loser_ends_noth
         assert conn.execute(
             select(JobLog.started_at).where(JobLog.id == job.job_log_id)
         ).scalar_one()
+
+
+def test_a_dispatch_failure_recorded_after_a_node_started_the_run_ends_nothing(
+    engine: Engine,
+) -> None:
+    """The transport gave up on a hand-over (a timeout: the node may have had it) but the
+    node had already claimed the run's start: the run is that node's; failing it would also
+    retry it beside the run still going."""
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+    redispatched: list[JobDispatch] = []
+
+    async def scenario() -> Any:
+        runs = tracker(engine, redispatched)
+        answer = await runs.claim_start(job.job_log_id, "10.0.0.1:1")
+        await runs.dispatch_failed(job, "dispatch failed: 10.0.0.1:1: ReadTimeout")
+        await runs.stop()
+        return answer
+
+    assert asyncio.run(scenario()).claimed
+    assert statuses(engine) == {job.job_log_id: ("running", "10.0.0.1:1")}
+    assert redispatched == []

@@ -1,8 +1,8 @@
 """Routing: which of a group's healthy nodes a run goes to.
 
-`candidates()` returns nodes in the order to try. The transport tries only the first, except
-for `failover`, which tries each in turn until one accepts; `broadcast` sends one shard to
-every node.
+`candidates()` returns nodes in the order to try. The dispatcher (manager/dispatch.py) tries
+only the first, except for `failover`, which tries each in turn until one accepts;
+`broadcast` sends one shard to every node.
 """
 
 from __future__ import annotations

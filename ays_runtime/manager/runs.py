@@ -71,6 +71,7 @@ class _Final:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     output: str = ""
+    unstarted: bool = False  # end it only if no node has started it (a dispatch failure)
 
 
 def retry_delay(backoff: str, interval: float, attempt: int) -> float:
@@ -187,7 +188,11 @@ class RunTracker:
         what = f"manager {self.manager_id}: recording {len(claims)} run start(s)"
         return transaction(self.engine, write, what)
 
-    async def dispatch_failed(self, job: JobDispatch, message: str, node: str = "") -> None:
+    async def dispatch_failed(self, job: JobDispatch, message: str) -> None:
+        """The run could not be handed over: failed, and retried per policy, unless a node
+        has claimed its start meanwhile (a hand-over that timed out may have reached its node,
+        a RocketMQ send stored but unanswered was delivered): then it is that node's to end,
+        and a retry now would run the slot twice at once."""
         log.warning(
             "manager %s: run %d of task %d: %s",
             self.manager_id,
@@ -195,7 +200,12 @@ class RunTracker:
             job.task_id,
             message,
         )
-        await self._finish(job.job_log_id, RunStatus.FAILED.value, message, node=node)
+        if not await self._finish(job.job_log_id, RunStatus.FAILED.value, message, unstarted=True):
+            log.info(
+                "manager %s: run %d: not failed: a node started it meanwhile, or it ended",
+                self.manager_id,
+                job.job_log_id,
+            )
 
     async def end_killed(self, job_id: int, message: str) -> bool:
         """End an unfinished run as killed (no retry); False when it had ended already."""
@@ -419,8 +429,11 @@ class RunTracker:
         started_at: datetime | None = None,
         ended_at: datetime | None = None,
         output: str = "",
+        unstarted: bool = False,
     ) -> bool:
-        final = _Final(job_id, status, message, node, exit_code, started_at, ended_at, output)
+        final = _Final(
+            job_id, status, message, node, exit_code, started_at, ended_at, output, unstarted
+        )
         changed, retry, delay = await self._final_writes.submit(final)
         if retry is not None:
             self._schedule_retry(retry, delay)
@@ -457,6 +470,8 @@ class RunTracker:
             if final.started_at is not None:
                 values["started_at"] = final.started_at
             guard = [JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED)]
+            if final.unstarted:
+                guard.append(JobLog.status != RunStatus.RUNNING.value)
             if final.node:  # a node ends only a run it holds, or one no node has started
                 guard.append(
                     or_(JobLog.status != RunStatus.RUNNING.value, JobLog.node == final.node)

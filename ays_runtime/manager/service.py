@@ -1,8 +1,9 @@
 """The manager daemon: startup, main loop, time-boxed shutdown.
 
 Startup: migrate the schema, resolve the access token, bind the listening socket (a clear
-error if the address is taken), pick the registry and transport the env file names, start
-the API, the scheduler, the registry, the reaper and the retention purge.
+error if the address is taken), pick the registry and transport the env file names (the
+dispatcher, manager/dispatch.py, drives the transport), start the API, the scheduler, the
+registry, the reaper and the retention purge.
 Shutdown (SIGINT/SIGTERM record the request; `serve` acts on it): stop firing, flush the
 claim writer (no slot half-fired), finish deliveries in flight, stop the API, close.
 
@@ -36,6 +37,7 @@ from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
+from ays_runtime.manager.dispatch import Dispatcher
 from ays_runtime.manager.forecast import keep_warm
 from ays_runtime.manager.kills import RunKiller
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
@@ -119,33 +121,20 @@ class Manager:
         engine = make_engine(url, cfg.storage.pool_size)
         sessions = session_factory(engine)
 
-        transport_box: list[Transport] = []
-        settling: set[asyncio.Task[None]] = set()
+        # The tracker re-dispatches retries through the dispatcher, made just after it.
+        dispatcher_box: list[Dispatcher] = []
 
         async def dispatch(jobs: list[JobDispatch]) -> None:
-            # Runs for a group whose nodes the registry does not trust yet (this manager has
-            # just started) wait for a beat in the background: the caller never waits, and
-            # their rows stay pending (a stop meanwhile leaves them to the next start).
-            wait = [job for job in jobs if registry.settling(job.node_group)]
-            if wait:
-                task = asyncio.create_task(dispatch_settled(wait), name="dispatch-settling")
-                settling.add(task)
-                task.add_done_callback(settling.discard)
-            if len(wait) < len(jobs):
-                await transport_box[0].dispatch([job for job in jobs if job not in wait])
-
-        async def dispatch_settled(jobs: list[JobDispatch]) -> None:
-            groups = {job.node_group for job in jobs}
-            await asyncio.gather(*(registry.settled(group) for group in groups))
-            await transport_box[0].dispatch(jobs)
+            await dispatcher_box[0].dispatch(jobs)
 
         tracker = RunTracker(engine, self.manager_id, cfg.job_log.excerpt_bytes, dispatch)
         registry = make_registry(cfg, engine, self.manager_id)
         registry.on_node_lost = tracker.node_lost
         transport = self._injected_transport or make_transport(
-            cfg, registry, tracker, token, f"http://{self.manager_id}"
+            cfg, token, f"http://{self.manager_id}", f"manager {self.manager_id}"
         )
-        transport_box.append(transport)
+        dispatcher = Dispatcher(registry, tracker, transport)
+        dispatcher_box.append(dispatcher)
         scheduler = Scheduler(
             engine,
             self.manager_id,
@@ -229,7 +218,7 @@ class Manager:
         )
 
         await registry.start()
-        await transport.start()
+        await dispatcher.start()
         api = asyncio.create_task(server.serve(sockets=[sock]), name="api")
         sched = asyncio.create_task(scheduler.run(), name="scheduler")
         purge = asyncio.create_task(
@@ -279,9 +268,7 @@ class Manager:
         server.should_exit = True
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(api, 10)
-        for waiting in settling:
-            waiting.cancel()
-        await transport.stop(5)
+        await dispatcher.stop(5)
         await run_output.close()
         await tracker.stop()
         await registry.stop()
@@ -358,25 +345,21 @@ def make_registry(config: EnvConfig, engine: Any, manager_id: str) -> NodeRegist
     )
 
 
-def make_transport(
-    config: EnvConfig, registry: NodeRegistry, tracker: RunTracker, token: str, report_to: str
-) -> Transport:
+def make_transport(config: EnvConfig, token: str, report_to: str, who: str) -> Transport:
     """The transport backend the env file names (imported lazily)."""
     backend = config.transport.backend
     if backend == "builtin":
         from ays_runtime.transport.http import BuiltinTransport
 
-        return BuiltinTransport(config.transport, registry, tracker, token, report_to)  # type: ignore[arg-type]
+        return BuiltinTransport(config.transport, token, report_to)  # type: ignore[arg-type]
     if backend == "rocketmq":
         from ays_runtime.transport.rocketmq import RocketMQTransport
 
         return RocketMQTransport(
             config.transport,  # type: ignore[arg-type]
-            registry,
-            tracker,
             report_to,
             log_dir=config.manager.log_dir,
-            who=f"manager {tracker.manager_id}",
+            who=who,
         )
     raise ConfigError(
         f"env {config.env}: transport backend {backend!r} is not available in this version; "

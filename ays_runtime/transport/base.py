@@ -1,17 +1,20 @@
-"""The contract of a dispatch backend: the manager's side (`Transport`) and the node's side
-(`JobSource`, where jobs come from; `ResultSink`, where results go)."""
+"""The contract of a dispatch backend: the manager's side (`Transport`: hand runs to a node or
+a queue, say what became of each) and the node's side (`JobSource`, where jobs come from;
+`ResultSink`, where results go). Routing, broadcast shards and the job log's states are the
+manager's (ays_runtime/manager/dispatch.py), never a transport's."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ays_runtime.protocol import JobResultReport, RunRequest
+from ays_runtime.registry.base import NodeRef
 from ays_runtime.storage.models import RouteStrategy
 
 if TYPE_CHECKING:
@@ -43,12 +46,18 @@ class JobDispatch:
 
     @property
     def is_first_broadcast(self) -> bool:
-        """A broadcast's first send: the transport claims one shard per healthy node."""
+        """A broadcast's first send: the dispatcher claims one shard per healthy node."""
         return (
             self.route_strategy == RouteStrategy.BROADCAST.value
             and self.shard_total == 1
             and self.attempt == 0
         )
+
+    @property
+    def queue_if_busy(self) -> bool:
+        """Whether a full node queues this run. A failover run asks node after node: a full
+        node answers 429 and the next one is asked instead."""
+        return self.route_strategy != RouteStrategy.FAILOVER.value
 
     def run_request(self, report_to: str, queue_if_busy: bool = True) -> RunRequest:
         """What a node is handed for this job, whatever the transport."""
@@ -70,24 +79,76 @@ class JobDispatch:
         )
 
 
-class Transport(ABC):
-    """Hands fired jobs to nodes and brings their results back.
+class Handover(enum.Enum):
+    """What became of one run handed to a node or a queue."""
 
-    `dispatch` is called on the manager's event loop with every batch of newly claimed job
-    logs. It must return quickly (queue the work, never wait for a job to run) and must not
-    raise for a single failed job: a job it cannot deliver is recorded as failed or kept
-    pending for a later attempt by the backend itself. Each job-log id is given once.
+    DELIVERED = "delivered"  # the node (or the queue) took it
+    REFUSED = "refused"  # it answered no (busy, stopping, a bad field, a missing topic)
+    NOT_REACHED = "not_reached"  # no answer came back (the connection failed, or timed out)
+    KEPT = "kept"  # not handed over: the transport is stopping; the row stays pending
+
+
+@dataclass(frozen=True)
+class Handed:
+    """One run's `Handover`, with the reason for the log and the run's message when it is
+    not DELIVERED ("10.0.0.5:18181: HTTP 429 full", "10.0.0.5:18181: ConnectError ...")."""
+
+    outcome: Handover
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a batch goes: one node, or (`node` None) the group's queue, where whichever of
+    the group's nodes takes a run first runs it."""
+
+    node_group: str
+    node: NodeRef | None = None
+
+    @property
+    def address(self) -> str:
+        """The node's ip:port; empty for the group's queue."""
+        return self.node.address if self.node is not None else ""
+
+
+# What a transport calls with each result it receives itself (RocketMQ's result topic):
+# stores it; raises when it could not (the transport then leaves it to come back later).
+ResultHandler = Callable[[JobResultReport], Awaitable[object]]
+
+
+class Transport(ABC):
+    """Hands runs to a node or a queue and says what became of each; nothing else.
+
+    The manager's dispatcher (ays_runtime/manager/dispatch.py) decides everything around a
+    hand-over: it picks the node (`routes_to_nodes`), claims a broadcast's shards, and
+    records each outcome (dispatched, failed with the reason, the next node of a failover).
+    A transport never picks a node, never writes the job log and never imports from
+    `ays_runtime.manager` (tests/test_code_quality.py checks the imports).
+
+    `hand_over` is called on the manager's event loop, from the dispatcher's own tasks, as
+    often and as concurrently as bursts come; it may wait (for the node's answer, for a
+    broker outage to end) but must not raise for a run it could not hand over: it answers
+    one `Handed` per job, in order. A transport may send a run more than once (e.g. again
+    on a fresh connection when the first send provably never reached the node): a node runs
+    a job-log id once, whatever arrives (the start compare-and-set, node/claims.py).
     """
 
+    # True: the manager picks each run's node (HTTP). False: runs go to the group's queue
+    # and the group's nodes take them (RocketMQ); only a broadcast's shards name a node.
+    routes_to_nodes: bool = True
+    # Set by the manager before `start` when the transport brings results back itself.
+    on_result: ResultHandler | None = None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
-        """Connect; called once before the first dispatch."""
+        """Connect; called once before the first hand-over."""
 
     @abstractmethod
-    async def dispatch(self, jobs: Sequence[JobDispatch]) -> None:
-        """Take responsibility for delivering `jobs`."""
+    async def hand_over(self, to: Destination, jobs: Sequence[JobDispatch]) -> list[Handed]:
+        """Hand `jobs` to `to`; one outcome per job, in order."""
 
     async def stop(self, timeout: float) -> None:  # noqa: B027 - optional hook
-        """Finish in-flight deliveries within `timeout` seconds, then disconnect."""
+        """Finish hand-overs in flight within `timeout` seconds (what is left answers KEPT,
+        and so does every later `hand_over`), then disconnect."""
 
 
 # --- the node's side ------------------------------------------------------------------------

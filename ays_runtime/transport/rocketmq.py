@@ -2,36 +2,34 @@
 on the result topic. (The node's side is `ays_runtime/node/rocketmq.py`; topic and group names
 and the client boundary are in `rocketmq_client.py`.)
 
-Dispatch. Each job is one message on `<topic_prefix><group>`: key = job-log id, tag = task
-type, body = the RunRequest JSON. The group's nodes consume it with one consumer group, so
-one node takes it. As with the built-in transport a fire needs at least one healthy node in
-its group ("no healthy node in group g" fails it at once, and the retry policy applies);
-which node runs it is the broker's choice, so route strategies other than broadcast do not
-apply, and the job-log row is `dispatched` with no node until the node that took the job
-claims its start (`running`, with that node: node/claims.py). A message the broker delivers
-twice (a send repeated after its answer was lost) runs once: only one copy wins the claim.
+Hand-over. The manager's dispatcher (ays_runtime/manager/dispatch.py) decides where each run
+goes and records what became of it; this class publishes and answers. A run for the group's
+queue (`Destination` without a node) is one message on `<topic_prefix><group>`: key =
+job-log id, tag = task type, body = the RunRequest JSON. The group's nodes consume it with one
+consumer group, so one node takes it: which one is the broker's choice, so route strategies
+other than broadcast do not apply (`routes_to_nodes` is False), and the job-log row is
+`dispatched` with no node until the node that took the job claims its start (`running`,
+with that node: node/claims.py). A message the broker delivers twice (a send repeated after
+its answer was lost) runs once: only one copy wins the claim.
 
-Broadcast (the first attempt of a `broadcast` task). The manager decides the shard count:
-the group's healthy nodes in the registry at that moment, N. It claims the slot's N shard
-rows (`RunTracker.claim_shards`: shard i of N, one job-log row each) and publishes one message
-per shard on `<topic_prefix><group>_bcast`, tagged with its node (`n_<ip>_<port>`); every
+A run for one node (a broadcast's shard: the dispatcher claimed one shard per healthy node)
+is published on `<topic_prefix><group>_bcast`, tagged with its node (`n_<ip>_<port>`); every
 node consumes that topic with a consumer group of its own, filtered on its own tag, so each
-shard reaches exactly the node it was addressed to. The row records that node, so a node
-that goes offline has its shard failed as node_lost (and retried per policy) exactly as with
-the built-in transport. A retried shard is a plain job on the group topic (any node).
+shard reaches exactly the node it was addressed to. A retried shard is a plain run for the
+group's queue (any node).
 
 Results. Nodes publish JobResultReport JSON to `result_topic`; every manager consumes it with
 the consumer group `<topic_prefix>manager` (one manager stores each result: they share the
 database), stores it (`RunTracker.record_result`, idempotent) and acks it. A result that
 could not be stored is not acked: the broker delivers it again.
 
-Outages. A fire is a pending job-log row before it reaches this class. When the proxy cannot
-be reached, jobs stay queued here (and pending in the database), the outage is logged once,
-sends are retried with backoff (one job at a time until one goes through), and everything
-queued is published when the proxy is back; the return is logged with the outage's length.
-A manager stopped meanwhile publishes its pending rows at its next start
-(`RunTracker.recover_pending`). A missing topic is not an outage: the run fails with the
-`mqadmin updateTopic` command that creates it.
+Outages. When the proxy cannot be reached, runs stay queued here (their hand-over is not
+answered yet, their rows stay pending), the outage is logged once, sends are retried with
+backoff (one run at a time until one goes through), and everything queued is published when
+the proxy is back; the return is logged with the outage's length. Runs still queued at stop
+are answered KEPT: their rows stay pending and the manager's next start publishes them
+(`RunTracker.recover_pending`). A missing topic is not an outage: the run is REFUSED with
+the `mqadmin updateTopic` command that creates it.
 """
 
 from __future__ import annotations
@@ -50,13 +48,11 @@ import pydantic
 
 from ays_runtime.config import RocketMQTransportSettings
 from ays_runtime.exceptions import TransientTransportError, TransportError
-from ays_runtime.manager.runs import RunTracker
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport
-from ays_runtime.registry.base import NodeRef, NodeRegistry
 from ays_runtime.retry import Backoff
 from ays_runtime.transport import rocketmq_client as mq
-from ays_runtime.transport.base import JobDispatch, Transport
+from ays_runtime.transport.base import Destination, Handed, Handover, JobDispatch, Transport
 
 log = logging.getLogger("ays.transport.rocketmq")
 
@@ -69,26 +65,26 @@ RESULT_AWAIT = 10  # long-poll seconds of one receive
 @dataclass(frozen=True)
 class _Outgoing:
     job: JobDispatch
-    node: NodeRef | None = None  # a broadcast shard's node; None: any node of the group
+    to: Destination
+    answer: asyncio.Future[Handed]  # set once published, refused, or kept at stop
 
 
 class RocketMQTransport(Transport):
+    routes_to_nodes = False
+
     def __init__(
         self,
         settings: RocketMQTransportSettings,
-        registry: NodeRegistry,
-        tracker: RunTracker,
         report_to: str,
         log_dir: str | Path,
         who: str,
     ) -> None:
         self.settings = settings
-        self.registry = registry
-        self.tracker = tracker
         self.report_to = report_to
         self.log_dir = Path(log_dir)
         self.who = who
-        self._queue: deque[_Outgoing | JobDispatch] = deque()
+        self._queue: deque[_Outgoing] = deque()
+        self._batch: list[_Outgoing] = []  # being published
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._down_since: float | None = None
@@ -125,9 +121,14 @@ class RocketMQTransport(Transport):
             self.settings.result_topic,
         )
 
-    async def dispatch(self, jobs: Sequence[JobDispatch]) -> None:
-        self._queue.extend(jobs)
+    async def hand_over(self, to: Destination, jobs: Sequence[JobDispatch]) -> list[Handed]:
+        if self._stopping.is_set():
+            return [Handed(Handover.KEPT, "the manager is stopping")] * len(jobs)
+        loop = asyncio.get_running_loop()
+        items = [_Outgoing(job, to, loop.create_future()) for job in jobs]
+        self._queue.extend(items)
         self._wake.set()
+        return list(await asyncio.gather(*(item.answer for item in items)))
 
     async def stop(self, timeout: float) -> None:
         self._stopping.set()
@@ -146,6 +147,9 @@ class RocketMQTransport(Transport):
                 self.who,
                 len(self._queue),
             )
+        for item in [*self._batch, *self._queue]:  # a batch cut short by the time box too
+            _answer(item, Handed(Handover.KEPT, "not published"))
+        self._queue.clear()
         if self._publisher is not None:
             await self._publisher.close()
         self._receive_pool.shutdown(wait=True, cancel_futures=True)
@@ -160,7 +164,7 @@ class RocketMQTransport(Transport):
             self._wake.clear()
             while self._queue and not self._stopping.is_set():
                 count = 1 if self._down_since is not None else min(WINDOW, len(self._queue))
-                batch = [self._queue.popleft() for _ in range(count)]
+                batch = self._batch = [self._queue.popleft() for _ in range(count)]
                 outcomes = await asyncio.gather(*(self._publish(item) for item in batch))
                 again = [item for item, done in zip(batch, outcomes, strict=True) if not done]
                 if not again:
@@ -170,32 +174,9 @@ class RocketMQTransport(Transport):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff.next())
 
-    async def _publish(self, item: _Outgoing | JobDispatch) -> bool:
-        """Publish one job (a broadcast first becomes its shards); False: try again later."""
-        if isinstance(item, JobDispatch):
-            job = item
-            if not self.registry.healthy_nodes(job.node_group):
-                await self.tracker.dispatch_failed(
-                    job, f"no healthy node in group {job.node_group}"
-                )
-                return True
-            if not job.is_first_broadcast:
-                item = _Outgoing(job)
-            else:
-                nodes = self.registry.healthy_nodes(job.node_group)
-                shards = await self.tracker.claim_shards(job, len(nodes))
-                pairs = list(zip(shards, nodes, strict=False))
-                outcomes = await asyncio.gather(
-                    *(self._publish(_Outgoing(shard, node)) for shard, node in pairs)
-                )
-                again = [
-                    _Outgoing(shard, node)
-                    for (shard, node), done in zip(pairs, outcomes, strict=True)
-                    if not done
-                ]
-                self._queue.extend(again)  # shards already claimed: never claimed again
-                return True
-        job, node = item.job, item.node
+    async def _publish(self, item: _Outgoing) -> bool:
+        """Publish one run and answer its hand-over; False: not now, try again later."""
+        job, node = item.job, item.to.node
         assert self._publisher is not None
         if node is None:
             topic, tag = mq.group_topic(self.settings, job.node_group), job.task_type
@@ -219,10 +200,10 @@ class RocketMQTransport(Transport):
             return False
         except TransportError as err:
             metrics.transport_error("rocketmq", "publish")
-            await self.tracker.dispatch_failed(job, str(err))
+            _answer(item, Handed(Handover.REFUSED, str(err)))
             return True
         self._came_back(sent_at)
-        await self.tracker.dispatched(job, node.address if node is not None else "")
+        _answer(item, Handed(Handover.DELIVERED))
         return True
 
     def _went_down(self, why: str) -> None:
@@ -302,7 +283,8 @@ class RocketMQTransport(Transport):
             )
         else:
             try:
-                await self.tracker.record_result(report)
+                assert self.on_result is not None, "the manager sets on_result before start"
+                await self.on_result(report)
             except Exception:  # a database error: leave it to the broker to deliver again
                 log.exception(
                     "%s: cannot store the result of run %d; it comes back in %ds",
@@ -316,3 +298,8 @@ class RocketMQTransport(Transport):
             await loop.run_in_executor(self._ack_pool, self._results.ack, message)
         except TransportError as err:  # stored: a redelivery is ignored as a duplicate
             log.debug("%s: result message %s not acked: %s", self.who, message.message_id, err)
+
+
+def _answer(item: _Outgoing, handed: Handed) -> None:
+    if not item.answer.done():  # a hand-over cancelled meanwhile: nobody waits
+        item.answer.set_result(handed)

@@ -150,6 +150,10 @@ def load_client(log_dir: str | Path, who: str = "rocketmq client") -> None:
         scratch = directory / f".rocketmq-client-home.{os.getpid()}"
         # gRPC's C core logs to stderr; keep its info lines (GOAWAY...) out of Ays's log.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        # gRPC's fork handlers restart its poller threads in every forked child; a node's job
+        # shell, between fork and exec (closing fds), then dies now and then of the poller's
+        # EBADF with SIGABRT (exit 134, ~1% of runs under load). The client never forks.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         if "rocketmq.v5.log" not in sys.modules:
             home = os.environ.get("HOME")
             os.environ["HOME"] = str(scratch)
