@@ -77,6 +77,7 @@ class Scheduler:
             if plan.writes:
                 await asyncio.to_thread(self.reconciler.apply, plan)
             Reconciler.apply_to_memory(plan, self.timers)
+            self.writer.warm([timer.task_id for timer in plan.put_timers])
             metrics.reconciled(time.perf_counter() - began, plan.actions)
             if len(plan.put_timers) >= FREEZE_AFTER:
                 # Move the (long-lived, acyclic) timers out of the cyclic GC's view, so later
