@@ -364,9 +364,9 @@ async def run_step(url: str, n: int, seconds: float) -> dict[str, Any]:
     batches: list[tuple[float, int]] = []  # (ms, fires in the batch)
     real_fire_due, real_claim = sched.fire_due, sched.writer._claim
 
-    def timed_fire_due(now: datetime) -> int:
+    def timed_fire_due(now: datetime, limit: int | None = None) -> int:
         t0 = time.perf_counter()
-        count = real_fire_due(now)
+        count = real_fire_due(now, limit)
         if count:
             bursts.append(((time.perf_counter() - t0) * 1000, count))
         return count
@@ -548,12 +548,44 @@ async def run_burst(url: str, n: int) -> dict[str, Any]:
     }
 
 
+def server_floor(url: str, n: int) -> float:
+    """Seconds the database alone takes to insert n job-log rows in one transaction (one
+    INSERT ... SELECT over a generated series: no driver, no Python per row); the rows are
+    then deleted. What a burst of n cannot go below on this server."""
+    digits = " UNION ALL ".join(f"SELECT {d} AS d" for d in range(10))
+    places = math.ceil(math.log10(max(n, 10)))
+    series = " CROSS JOIN ".join(f"({digits}) AS p{i}" for i in range(places))
+    number = " + ".join(f"p{i}.d * {10**i}" for i in range(places))
+    engine = make_engine(url)
+    try:
+        quote = engine.dialect.identifier_preparer.quote
+        slot = "'2000-01-01 00:00:00.000000'"
+        sql = (
+            f"INSERT INTO {JobLog.__tablename__} (task_id, scheduled_at, {quote('trigger')}, "
+            "attempt, shard_index, shard_total, params, claim, manager_id, node, status, "
+            f"created_at, output, message) SELECT {number} + 1, {slot}, 'cron', 0, 0, 1, '', "
+            f"'floor', 'floor', '', 'pending', {slot}, '', '' FROM {series} "
+            f"WHERE {number} < {n}"
+        )
+        with engine.begin() as conn:
+            t0 = time.perf_counter()
+            conn.exec_driver_sql(sql)
+        took = time.perf_counter() - t0
+        with engine.begin() as conn:
+            conn.execute(delete(JobLog).where(JobLog.claim == "floor"))
+        return took
+    finally:
+        engine.dispose()
+
+
 def bench_bursts(url: str, sizes: list[int]) -> list[dict[str, Any]]:
     results = []
     for n in sizes:
         progress(f"burst of {n:,} slots in one second ({load()})")
         gc.collect()
-        results.append(asyncio.run(run_burst(url, n)))
+        result = asyncio.run(run_burst(url, n))
+        result["server_floor_s"] = server_floor(url, n)
+        results.append(result)
     return results
 
 
@@ -770,7 +802,7 @@ def print_backend(name: str, data: dict[str, Any]) -> None:
             )
             b, c = s["fire_due_burst_ms"], s["claim_batch_ms"]
             print(
-                f"    fire_due per burst p50/max {fmt(b['p50'])}/{fmt(b['max'])} ms "
+                f"    fire_due per call p50/max {fmt(b['p50'])}/{fmt(b['max'])} ms "
                 f"({fmt(b['timers_per_burst_p50'], 0)} timers); claim batch p50/max "
                 f"{fmt(c['p50'])}/{fmt(c['max'])} ms, size p50 {fmt(c['size_p50'], 0)}, "
                 f"{c['batches']} batches, writer busy {c['busy_share']:.0%} "
@@ -785,11 +817,12 @@ def print_backend(name: str, data: dict[str, Any]) -> None:
         print()
         print(
             "Burst: N tasks all 'S * * * * *' (N slots due in the same second); "
-            "seconds from the slot until all N committed; ms per slot"
+            "seconds from the slot until all N committed; ms per slot; floor = seconds the "
+            "database alone takes to insert N job-log rows (INSERT ... SELECT, no driver)"
         )
         print(
             f"{'N':>7} | {'committed':>9} | {'all in s':>8} | {'COMMITTED p50':>13} {'p99':>7} | "
-            f"{'claim p50':>9} {'p99':>7} | load"
+            f"{'claim p50':>9} {'p99':>7} | {'floor s':>7} | load"
         )
         for b in data["bursts"]:
             k, c = b["committed"], b["claim"]
@@ -797,7 +830,8 @@ def print_backend(name: str, data: dict[str, Any]) -> None:
                 f"{b['tasks']:>7,} | {b['committed_all']:>9,} | "
                 f"{fmt(b['all_committed_s'], 2):>8} | "
                 f"{fmt(k['p50_ms']):>13} {fmt(k['p99_ms']):>7} | {fmt(c['p50_ms']):>9} "
-                f"{fmt(c['p99_ms']):>7} | {', '.join(f'{x:.2f}' for x in b['load'])}"
+                f"{fmt(c['p99_ms']):>7} | {fmt(b['server_floor_s'], 2):>7} | "
+                f"{', '.join(f'{x:.2f}' for x in b['load'])}"
             )
     if data.get("profile"):
         print()
@@ -837,7 +871,8 @@ def summarise(args: argparse.Namespace, report: dict[str, Any]) -> None:
             print(
                 f"{name}: burst of {b['tasks']:,} slots in one second: "
                 f"{b['committed_all']:,} committed, the last {fmt(b['all_committed_s'], 2)} s "
-                f"after the slot{bar} (load {', '.join(f'{x:.2f}' for x in b['load'])})"
+                f"after the slot{bar}; the database alone inserts {b['tasks']:,} rows in "
+                f"{fmt(b['server_floor_s'], 2)} s (load {', '.join(f'{x:.2f}' for x in b['load'])})"
             )
         if steps:
             print(
