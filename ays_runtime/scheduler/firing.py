@@ -164,6 +164,19 @@ class TaskCache:
 
     def __init__(self) -> None:
         self._rows: dict[int, dict[str, Any]] = {}
+        self._shared: dict[Any, Any] = {}
+
+    def _keep(self, rows: dict[int, dict[str, Any]], replace: bool) -> None:
+        """Store `rows`, their few-valued strings shared (a row is ~1 KB; 100k are cached)."""
+        shared = self._shared
+        for task_id, row in rows.items():
+            for column in _FEW_VALUES:
+                value = row[column]
+                row[column] = shared.setdefault(value, value)
+            if replace:
+                self._rows[task_id] = row
+            else:
+                self._rows.setdefault(task_id, row)
 
     def current(self, conn: Connection, task_ids: set[int]) -> dict[int, CurrentTask]:
         found: dict[int, tuple[int, bool]] = {}
@@ -175,8 +188,8 @@ class TaskCache:
                 f"SELECT {fields} FROM {Task.__tablename__} WHERE id IN ({listed})"
             ).scalar()
             for item in _items(text):
-                task_id, version, enabled = item.split("|")
-                found[int(task_id)] = (int(version), enabled == "1")
+                id_text, version_text, enabled_text = item.split("|")
+                found[int(id_text)] = (int(version_text), enabled_text == "1")
         for task_id in task_ids - found.keys():
             self._rows.pop(task_id, None)  # deleted
         stale = {
@@ -185,8 +198,8 @@ class TaskCache:
             if self._rows.get(task_id, _NO_ROW)["version"] != version
         }
         if stale:
-            self._rows.update(load_tasks(conn, stale))
-        out = {}
+            self._keep(load_tasks(conn, stale), replace=True)
+        out: dict[int, CurrentTask] = {}
         for task_id, (_, enabled) in found.items():
             # `get`: another batch's thread may have found the task deleted meanwhile.
             row = self._rows.get(task_id)
@@ -200,12 +213,11 @@ class TaskCache:
         ids = [i for i in task_ids if i not in self._rows]
         for start in range(0, len(ids), ID_CHUNK):
             with engine.connect() as conn:
-                rows = load_tasks(conn, set(ids[start : start + ID_CHUNK]))
-            for task_id, row in rows.items():
-                self._rows.setdefault(task_id, row)
+                self._keep(load_tasks(conn, set(ids[start : start + ID_CHUNK])), replace=False)
 
 
 _NO_ROW: dict[str, Any] = {"version": None}
+_FEW_VALUES = ("node_group", "task_type", "route_strategy", "block_strategy", "retry_backoff")
 
 
 def _concat(conn: Connection, *columns: str) -> str:
@@ -301,7 +313,7 @@ class ClaimRows:
         def lit(value: Any) -> str:
             text = quoted.get(value)
             if text is None:
-                escaped = dbapi.escape(value)  # type: ignore[attr-defined]
+                escaped = dbapi.escape(value)
                 text = quoted[value] = escaped.replace("%", "%%")
             return text
 
