@@ -581,3 +581,15 @@ def test_a_cached_task_is_fired_as_it_is_now(
     assert (changed.payload, changed.params) == ({"command": "echo changed"}, "p2")
     again = claim([Fire(t, t1) for t in tasks])
     assert again == []  # every slot of t1 is taken: none twice
+
+
+def test_a_batch_larger_than_mysqls_default_group_concat_is_claimed_whole(
+    engine: Engine,
+) -> None:
+    """The rows won come back as one group_concat string, which MySQL cuts at 1,024 bytes
+    unless the claim raises the limit: 300 rows are ~13 KB."""
+    tasks = [add_task(engine, f"t{i}") for i in range(300)]
+    slot = datetime(2026, 1, 1, 0, 0, 0)
+    won = claim_slots(engine, MANAGER, [Fire(t, slot) for t in tasks], utcnow())
+    assert sorted(d.task_id for d in won) == tasks
+    assert len({d.job_log_id for d in won}) == 300

@@ -144,6 +144,8 @@ def load_tasks(conn: Connection, task_ids: set[int]) -> dict[int, dict[str, Any]
 ID_CHUNK = 5000
 # Rows per INSERT statement on MySQL: ~150 bytes each, far below max_allowed_packet.
 INSERT_CHUNK = 5000
+# Bytes of one GROUP_CONCAT answer on MySQL: a batch of 10,000 rows needs ~0.5 MB.
+GROUP_CONCAT_MAX_LEN = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,12 @@ def _concat(conn: Connection, *columns: str) -> str:
     """`group_concat` of `columns` joined by "|", rows by ",": values that hold neither."""
     if conn.dialect.name == "sqlite":
         return "group_concat(" + " || '|' || ".join(columns) + ")"
+    # MySQL cuts a GROUP_CONCAT at group_concat_max_len bytes (1,024 by default), silently:
+    # raised once per connection, whichever engine made it.
+    info = conn.connection.info
+    if not info.get("ays_group_concat"):
+        conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}")
+        info["ays_group_concat"] = True
     return "GROUP_CONCAT(CONCAT_WS('|', " + ", ".join(columns) + "))"
 
 

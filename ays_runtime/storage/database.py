@@ -22,8 +22,6 @@ T = TypeVar("T")
 
 # Seconds a SQLite connection waits for another process's lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 30
-# Bytes of one GROUP_CONCAT result on MySQL (a claim batch of 10,000 rows needs ~0.5 MB).
-GROUP_CONCAT_MAX_LEN = 64 * 1024 * 1024
 
 
 def utcnow() -> datetime:
@@ -64,25 +62,13 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         return engine
     query = dict(parsed.query)
     query.setdefault("charset", "utf8mb4")
-    engine = create_engine(
+    return create_engine(
         parsed.set(query=query),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=3600,
     )
-
-    @event.listens_for(engine, "connect")
-    def _mysql_session(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        try:
-            # The claim reads a batch's rows back as one GROUP_CONCAT string (firing.py);
-            # MySQL's default cuts it at 1,024 bytes.
-            cur.execute(f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}")
-        finally:
-            cur.close()
-
-    return engine
 
 
 # MySQL/MariaDB errors that roll back (or lose) the whole transaction, whose second try can
