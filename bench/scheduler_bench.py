@@ -14,7 +14,12 @@ What it measures (DESIGN.md, "Timer reconciliation"; performance is reported, ne
      committed lateness = when on_claimed received the slot's dispatch (its row committed)
                           - scheduled_at.
    fires/s achieved = job-log rows whose slot lies in the measured window / window length.
-   "Sustained" = achieved >= 99% of N and claim p99 < 100 ms.
+   "Sustained" = achieved >= 99% of N and COMMITTED p99 < 100 ms (the claim figure is shown
+   beside it and never decides a bar).
+2b. Burst (--bursts): N fresh tasks all `S * * * * *` (the same second S of every minute,
+   like 50,000 tasks on `0 * * * * *`), so N slots fall due in one second; the real
+   Scheduler fires them and the figure is the time from the slot until the last of the N
+   rows was committed (handed to on_claimed), with committed and claim p50/p99.
 3. Manager RSS: a child process (clean heap) reconciles the tasks into a TimerList; RSS
    before and after (psutil), for the largest reconcile size and for each lateness step.
 4. APScheduler 3.x (AsyncIOScheduler, MemoryJobStore, default AsyncIOExecutor) with the same
@@ -57,12 +62,12 @@ import psutil
 from sqlalchemy import Engine, create_engine, delete, func, insert, select, update
 from sqlalchemy.engine import make_url
 
-from ays_runtime.scheduler.firing import Fire, claim_slots
+from ays_runtime.scheduler.firing import Fire, TaskCache, claim_in
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.scheduler.timers import Timer, TimerList
-from ays_runtime.storage.database import make_engine, redacted, utcnow
+from ays_runtime.storage.database import make_engine, redacted, transaction, utcnow
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.storage.models import JobLog, NodeGroup, Task, TimerRow, TriggerKind
 from ays_runtime.transport.base import JobDispatch
@@ -72,6 +77,7 @@ GROUP = "bench_group"
 EVERY_SECOND = "* * * * * *"
 DEFAULT_MYSQL_URL = "mysql+pymysql://ays_test:ays_test@127.0.0.1:3306/ays_test"
 LATENESS_BAR_MS = 100.0
+BURST_BAR_S = 2.0  # 100,000 slots due in one second, all committed (MariaDB)
 SUSTAINED_SHARE = 0.99
 MB = 1024 * 1024
 
@@ -351,21 +357,23 @@ async def run_step(url: str, n: int, seconds: float) -> dict[str, Any]:
         claimed.append((now, [j.scheduled_at for j in jobs if j.trigger == "cron"]))
 
     sched = Scheduler(engine, MANAGER, on_claimed, reconcile_interval=5.0, misfire_grace=5.0)
+    if os.environ.get("AYS_BENCH_IN_FLIGHT"):
+        sched.writer.max_in_flight = int(os.environ["AYS_BENCH_IN_FLIGHT"])
     # Instrument (on this instance only) how long each fire burst and each claim batch take.
     bursts: list[tuple[float, int]] = []  # (ms, timers fired)
     batches: list[tuple[float, int]] = []  # (ms, fires in the batch)
     real_fire_due, real_claim = sched.fire_due, sched.writer._claim
 
-    def timed_fire_due(now: datetime) -> int:
+    def timed_fire_due(now: datetime, limit: int | None = None) -> int:
         t0 = time.perf_counter()
-        count = real_fire_due(now)
+        count = real_fire_due(now, limit)
         if count:
             bursts.append(((time.perf_counter() - t0) * 1000, count))
         return count
 
-    async def timed_claim(batch: list[Fire]) -> None:
+    async def timed_claim(batch: list[Fire], owed: list[Any]) -> None:
         t0 = time.perf_counter()
-        await real_claim(batch)
+        await real_claim(batch, owed)
         batches.append(((time.perf_counter() - t0) * 1000, len(batch)))
 
     sched.fire_due = timed_fire_due  # type: ignore[method-assign]
@@ -463,9 +471,8 @@ async def run_step(url: str, n: int, seconds: float) -> dict[str, Any]:
         },
         "self_cpu_pct": self_cpu,
         "db_cpu_pct": db_cpu,
-        "sustained": achieved >= SUSTAINED_SHARE * n and claim["p99_ms"] < LATENESS_BAR_MS,
-        "sustained_committed": achieved >= SUSTAINED_SHARE * n
-        and committed["p99_ms"] < LATENESS_BAR_MS,
+        # The bar is on the committed figure: a claimed row not yet durable is not a fire.
+        "sustained": achieved >= SUSTAINED_SHARE * n and committed["p99_ms"] < LATENESS_BAR_MS,
     }
 
 
@@ -486,11 +493,107 @@ def bench_lateness(url: str, steps: list[int], seconds: float) -> list[dict[str,
     return results
 
 
+# --- 2b. burst ---------------------------------------------------------------------------------
+
+
+async def run_burst(url: str, n: int) -> dict[str, Any]:
+    """N tasks due in the same second of every minute: how long until all N slots of one
+    such second are committed."""
+    engine = make_engine(url)
+    reset_tables(engine)
+    # The second S: far enough ahead to insert and install the tasks (else the next minute).
+    lead = 8 + n / 10_000
+    second = int((utcnow() + timedelta(seconds=lead)).second)
+    insert_tasks(engine, n, lambda _i: f"{second} * * * * *")
+    committed: dict[datetime, list[datetime]] = {}
+
+    async def on_claimed(jobs: list[JobDispatch]) -> None:
+        now = utcnow()
+        for job in jobs:
+            if job.trigger == TriggerKind.CRON.value:
+                committed.setdefault(job.scheduled_at, []).append(now)
+
+    sched = Scheduler(engine, MANAGER, on_claimed, reconcile_interval=30.0, misfire_grace=5.0)
+    runner = asyncio.create_task(sched.run(), name="scheduler")
+    while len(sched.timers) < n:
+        if runner.done():
+            runner.result()
+            raise RuntimeError("the scheduler stopped before installing its timers")
+        await asyncio.sleep(0.05)
+    slot = sched.timers.next_deadline()
+    assert slot is not None
+    progress(f"burst of {n:,}: timers installed, slot {slot:%H:%M:%S} ({load()})")
+    give_up = slot + timedelta(seconds=60)
+    while len(committed.get(slot, ())) < n and utcnow() < give_up:
+        await asyncio.sleep(0.05)
+    sched.stop()
+    await runner
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(JobLog.scheduled_at, JobLog.created_at).where(JobLog.scheduled_at == slot)
+        ).all()
+    engine.dispose()
+    times = committed.get(slot, [])
+    committed_ms = [(at - slot).total_seconds() * 1000 for at in times]
+    claim_ms = [(c - s).total_seconds() * 1000 for s, c in rows]
+    return {
+        "tasks": n,
+        "slot": slot.isoformat(),
+        "committed_all": len(times),
+        "rows": len(rows),
+        "all_committed_s": max(committed_ms) / 1000 if committed_ms else math.nan,
+        "committed": lateness_stats(committed_ms),
+        "claim": lateness_stats(claim_ms),
+        "load": os.getloadavg(),
+    }
+
+
+def server_floor(url: str, n: int) -> float:
+    """Seconds the database alone takes to insert n job-log rows in one transaction (one
+    INSERT ... SELECT over a generated series: no driver, no Python per row); the rows are
+    then deleted. What a burst of n cannot go below on this server."""
+    digits = " UNION ALL ".join(f"SELECT {d} AS d" for d in range(10))
+    places = math.ceil(math.log10(max(n, 10)))
+    series = " CROSS JOIN ".join(f"({digits}) AS p{i}" for i in range(places))
+    number = " + ".join(f"p{i}.d * {10**i}" for i in range(places))
+    engine = make_engine(url)
+    try:
+        quote = engine.dialect.identifier_preparer.quote
+        slot = "'2000-01-01 00:00:00.000000'"
+        sql = (
+            f"INSERT INTO {JobLog.__tablename__} (task_id, scheduled_at, {quote('trigger')}, "
+            "attempt, shard_index, shard_total, params, claim, manager_id, node, status, "
+            f"created_at, output, message) SELECT {number} + 1, {slot}, 'cron', 0, 0, 1, '', "
+            f"'floor', 'floor', '', 'pending', {slot}, '', '' FROM {series} "
+            f"WHERE {number} < {n}"
+        )
+        with engine.begin() as conn:
+            t0 = time.perf_counter()
+            conn.exec_driver_sql(sql)
+        took = time.perf_counter() - t0
+        with engine.begin() as conn:
+            conn.execute(delete(JobLog).where(JobLog.claim == "floor"))
+        return took
+    finally:
+        engine.dispose()
+
+
+def bench_bursts(url: str, sizes: list[int]) -> list[dict[str, Any]]:
+    results = []
+    for n in sizes:
+        progress(f"burst of {n:,} slots in one second ({load()})")
+        gc.collect()
+        result = asyncio.run(run_burst(url, n))
+        result["server_floor_s"] = server_floor(url, n)
+        results.append(result)
+    return results
+
+
 # --- profile of the hot paths -----------------------------------------------------------------
 
 
 def profile_hot_paths(url: str, n: int) -> dict[str, str]:
-    """cProfile of fire_due() over n due timers, and of claim_slots() for one 2,000 batch."""
+    """cProfile of fire_due() over n due timers, and of claim_in() for one 2,000 batch."""
     engine = make_engine(url)
     reset_tables(engine)
     insert_tasks(engine, n, every_second)
@@ -508,16 +611,23 @@ def profile_hot_paths(url: str, n: int) -> dict[str, str]:
         return text, list(sched.writer._queue)
 
     fire_text, fires = asyncio.run(fire())
-    batch = fires[:2000]
-    claim_text = profiled(lambda: claim_slots(engine, MANAGER, batch, utcnow()))
+    # As the claim writer does: the tasks' fields are cached (read when the timers were
+    # installed); each batch reads only their versions and enabled flags.
+    tasks = TaskCache()
+    tasks.warm(engine, list(range(1, n + 1)))
+
+    def claim(batch: list[Fire]) -> object:
+        return transaction(engine, lambda c: claim_in(c, MANAGER, batch, utcnow(), tasks), "b")
+
+    claim_text = profiled(lambda: claim(fires[:2000]))
     t0 = time.perf_counter()
-    claim_slots(engine, MANAGER, fires[2000:4000], utcnow())
+    claim(fires[2000:4000])
     claim_ms = (time.perf_counter() - t0) * 1000
     engine.dispose()
     return {
         "fire_due": fire_text,
-        "claim_slots_2000": claim_text,
-        "claim_slots_2000_ms": f"{claim_ms:.1f}",
+        "claim_in_2000": claim_text,
+        "claim_in_2000_ms": f"{claim_ms:.1f}",
     }
 
 
@@ -668,22 +778,21 @@ def print_backend(name: str, data: dict[str, Any]) -> None:
             "per step (ms; claim = created_at - slot, committed = on_claimed - slot)"
         )
         print(
-            f"{'N':>6} | {'fires/s':>8} | {'claim p50':>9} {'p99':>7} {'max':>7} | "
-            f"{'commit p50':>10} {'p99':>7} {'max':>7} | {'loop lag p99/max':>16} | "
-            f"{'backlog':>7} | {'cpu% self/db':>12} | {'RSS MB':>6} | p99<100"
+            f"{'N':>6} | {'fires/s':>8} | {'COMMITTED p50':>13} {'p99':>7} {'max':>7} | "
+            f"{'claim p50':>9} {'p99':>7} {'max':>7} | {'loop lag p99/max':>16} | "
+            f"{'backlog':>7} | {'cpu% self/db':>12} | {'RSS MB':>6} | committed p99<100"
         )
         for s in data["lateness"]:
             c, k = s["claim"], s["committed"]
             print(
-                f"{s['tasks']:>6,} | {fmt(s['fires_per_s'], 0):>8} | {fmt(c['p50_ms']):>9} "
-                f"{fmt(c['p99_ms']):>7} {fmt(c['max_ms']):>7} | {fmt(k['p50_ms']):>10} "
-                f"{fmt(k['p99_ms']):>7} {fmt(k['max_ms']):>7} | "
+                f"{s['tasks']:>6,} | {fmt(s['fires_per_s'], 0):>8} | {fmt(k['p50_ms']):>13} "
+                f"{fmt(k['p99_ms']):>7} {fmt(k['max_ms']):>7} | {fmt(c['p50_ms']):>9} "
+                f"{fmt(c['p99_ms']):>7} {fmt(c['max_ms']):>7} | "
                 f"{fmt(s['loop_lag_p99_ms']) + '/' + fmt(s['loop_lag_max_ms']):>16} | "
                 f"{s['writer_backlog_max']:>7,} | "
                 f"{fmt(s['self_cpu_pct'], 0) + '/' + fmt(s['db_cpu_pct'], 0):>12} | "
                 f"{s['rss']['rss_after'] / MB:>6.0f} | "
                 f"{'yes' if s['sustained'] else 'no'}"
-                f"{'' if s['sustained'] == s['sustained_committed'] else ' (committed: ' + ('yes' if s['sustained_committed'] else 'no') + ')'}"  # noqa: E501
             )
         for s in data["lateness"]:
             print(
@@ -693,16 +802,37 @@ def print_backend(name: str, data: dict[str, Any]) -> None:
             )
             b, c = s["fire_due_burst_ms"], s["claim_batch_ms"]
             print(
-                f"    fire_due per burst p50/max {fmt(b['p50'])}/{fmt(b['max'])} ms "
+                f"    fire_due per call p50/max {fmt(b['p50'])}/{fmt(b['max'])} ms "
                 f"({fmt(b['timers_per_burst_p50'], 0)} timers); claim batch p50/max "
                 f"{fmt(c['p50'])}/{fmt(c['max'])} ms, size p50 {fmt(c['size_p50'], 0)}, "
-                f"{c['batches']} batches, writer busy {c['busy_share']:.0%}"
+                f"{c['batches']} batches, writer busy {c['busy_share']:.0%} "
+                "(batches overlap: over 100% is more than one in flight)"
             )
         best = data.get("sustained")
         print(
-            "Highest sustained fires/s with claim p99 < 100 ms: "
+            "Highest sustained fires/s with committed p99 < 100 ms: "
             + (f"{best['fires_per_s']:,.0f} (N={best['tasks']:,})" if best else "none of the steps")
         )
+    if data.get("bursts"):
+        print()
+        print(
+            "Burst: N tasks all 'S * * * * *' (N slots due in the same second); "
+            "seconds from the slot until all N committed; ms per slot; floor = seconds the "
+            "database alone takes to insert N job-log rows (INSERT ... SELECT, no driver)"
+        )
+        print(
+            f"{'N':>7} | {'committed':>9} | {'all in s':>8} | {'COMMITTED p50':>13} {'p99':>7} | "
+            f"{'claim p50':>9} {'p99':>7} | {'floor s':>7} | load"
+        )
+        for b in data["bursts"]:
+            k, c = b["committed"], b["claim"]
+            print(
+                f"{b['tasks']:>7,} | {b['committed_all']:>9,} | "
+                f"{fmt(b['all_committed_s'], 2):>8} | "
+                f"{fmt(k['p50_ms']):>13} {fmt(k['p99_ms']):>7} | {fmt(c['p50_ms']):>9} "
+                f"{fmt(c['p99_ms']):>7} | {fmt(b['server_floor_s'], 2):>7} | "
+                f"{', '.join(f'{x:.2f}' for x in b['load'])}"
+            )
     if data.get("profile"):
         print()
         print(f"--- cProfile ({name}) ---")
@@ -723,14 +853,26 @@ def summarise(args: argparse.Namespace, report: dict[str, Any]) -> None:
             print(f"{name}: 100k tasks, no-change reconcile {ms:,.0f} ms ({verdict} the < 1 s bar)")
         best = data.get("sustained")
         steps = data.get("lateness", [])
-        s2k = [s for s in steps if s["tasks"] == 2000]
-        if s2k:
-            s = s2k[0]
+        for s in steps:
+            if s["tasks"] not in (2000, 10000):
+                continue
             verdict = "meets" if s["sustained"] else "misses"
             print(
-                f"{name}: 2,000 fires/s step: {s['fires_per_s']:,.0f}/s, claim p99 "
-                f"{fmt(s['claim']['p99_ms'])} ms, committed p99 {fmt(s['committed']['p99_ms'])} "
-                f"ms ({verdict} the 2,000/s p99 < 100 ms bar)"
+                f"{name}: {s['tasks']:,} fires/s step: {s['fires_per_s']:,.0f}/s, committed p99 "
+                f"{fmt(s['committed']['p99_ms'])} ms (claim p99 {fmt(s['claim']['p99_ms'])} ms): "
+                f"{verdict} the {s['tasks']:,}/s committed p99 < 100 ms bar "
+                f"(load {', '.join(f'{x:.2f}' for x in s['load'])})"
+            )
+        for b in data.get("bursts", []):
+            bar = ""
+            if b["tasks"] == 100_000 and name == "mysql":
+                ok = b["committed_all"] == b["tasks"] and b["all_committed_s"] < BURST_BAR_S
+                bar = f": {'meets' if ok else 'misses'} the 100,000 in < {BURST_BAR_S:g} s bar"
+            print(
+                f"{name}: burst of {b['tasks']:,} slots in one second: "
+                f"{b['committed_all']:,} committed, the last {fmt(b['all_committed_s'], 2)} s "
+                f"after the slot{bar}; the database alone inserts {b['tasks']:,} rows in "
+                f"{fmt(b['server_floor_s'], 2)} s (load {', '.join(f'{x:.2f}' for x in b['load'])})"
             )
         if steps:
             print(
@@ -784,8 +926,9 @@ def summarise(args: argparse.Namespace, report: dict[str, Any]) -> None:
         "transaction."
     )
     print(
-        f"- Sustained = rows in the window >= {SUSTAINED_SHARE:.0%} of N x seconds and claim "
-        f"p99 < {LATENESS_BAR_MS:g} ms. Shared machine: {report['load_end']} at the end."
+        f"- Sustained = rows in the window >= {SUSTAINED_SHARE:.0%} of N x seconds and "
+        f"COMMITTED p99 < {LATENESS_BAR_MS:g} ms; the claim figure never decides a bar. "
+        f"Shared machine: {report['load_end']} at the end."
     )
 
 
@@ -822,6 +965,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-apscheduler", action="store_true")
     p.add_argument("--skip-reconcile", action="store_true")
     p.add_argument("--skip-lateness", action="store_true")
+    p.add_argument(
+        "--bursts",
+        type=int_list,
+        default=[10000, 50000, 100000],
+        help="burst sizes: N slots due in the same second (default 10000,50000,100000)",
+    )
+    p.add_argument("--skip-bursts", action="store_true")
     p.add_argument("--apscheduler-jobs", type=int, default=10000)
     p.add_argument(
         "--mysql-url",
@@ -834,6 +984,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.step_seconds <= 0:
         p.error(f"--step-seconds {args.step_seconds}: must be > 0")
+    if args.skip_bursts:
+        args.bursts = []
     return args
 
 
@@ -879,8 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_lateness:
                 data["lateness"] = bench_lateness(url, args.steps, args.step_seconds)
                 data["sustained"] = best_sustained(data["lateness"])
+            if args.bursts:
+                data["bursts"] = bench_bursts(url, args.bursts)
             if args.profile:
-                progress("profiling fire_due and claim_slots")
+                progress("profiling fire_due and claim_in")
                 data["profile"] = profile_hot_paths(url, max(4000, *args.steps))
                 for r in data.get("reconcile", []):
                     if "profile_no_change" in r:

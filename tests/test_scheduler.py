@@ -14,12 +14,13 @@ from sqlalchemy import Engine, delete, event, func, insert, select, update
 
 from ays_runtime.exceptions import ScheduleError
 from ays_runtime.metrics import manager as metrics
+from ays_runtime.scheduler import firing
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.scheduler.timers import TimerList
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import JobLog, NodeGroup, SlotMiss, Task, TimerRow, TriggerKind
 from ays_runtime.transport.base import JobDispatch
 
@@ -526,3 +527,69 @@ def test_a_timer_late_beyond_the_grace_with_policy_skip_records_a_skipped_range(
 def metric_value(reason: str) -> float:
     value = metrics.REGISTRY.get_sample_value("ays_slots_missed_total", {"reason": reason})
     return value or 0.0
+
+
+def test_a_claim_stores_params_and_manager_id_exactly_as_written(engine: Engine) -> None:
+    """The claim renders its rows as SQL text on MySQL: quotes, backslashes, "%" and
+    non-ASCII must come back unchanged, on both backends."""
+    task = add_task(engine, "a")
+    odd = '50%s %% it\'s a \\ "q" %(x)s ünï'
+    slot = datetime(2026, 1, 1, 0, 0, 5, 250)
+    [job] = claim_slots(engine, "m'%s", [Fire(task, slot, params=odd, due_at=slot)], utcnow())
+    assert (job.params, job.scheduled_at) == (odd, slot)
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(JobLog.params, JobLog.manager_id, JobLog.scheduled_at, JobLog.due_at)
+        ).one()
+    assert tuple(row) == (odd, "m'%s", slot, slot)
+
+
+def test_a_cached_task_is_fired_as_it_is_now(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim writer keeps tasks' fields between batches: a change (a new version), a
+    disable (read fresh) and a delete are seen by the next batch. Small chunks make one
+    batch several statements."""
+    monkeypatch.setattr(firing, "INSERT_CHUNK", 2)
+    monkeypatch.setattr(firing, "ID_CHUNK", 2)
+    tasks = [add_task(engine, f"t{i}") for i in range(5)]
+    cache = firing.TaskCache()
+    t0 = datetime(2026, 1, 1, 0, 0, 0)
+
+    def claim(fires: list[Fire]) -> list[JobDispatch]:
+        return transaction(
+            engine, lambda conn: firing.claim_in(conn, MANAGER, fires, utcnow(), cache), "test"
+        )
+
+    first = claim([Fire(t, t0) for t in tasks])
+    assert sorted(d.task_id for d in first) == tasks
+    assert len({d.job_log_id for d in first}) == 5
+    change_task(engine, tasks[0], payload={"command": "echo changed"}, params="p2")
+    with engine.begin() as conn:  # disabled without a new version: the flag is read fresh
+        conn.execute(update(Task).where(Task.id == tasks[1]).values(enabled=False))
+        conn.execute(delete(Task).where(Task.id == tasks[2]))
+    t1 = t0 + timedelta(seconds=1)
+    second = claim([Fire(t, t1) for t in tasks] + [Fire(tasks[1], t1, TriggerKind.MANUAL.value)])
+    by_task = {(d.task_id, d.trigger): d for d in second}
+    assert set(by_task) == {
+        (tasks[0], "cron"),
+        (tasks[1], "manual"),
+        (tasks[3], "cron"),
+        (tasks[4], "cron"),
+    }
+    changed = by_task[(tasks[0], "cron")]
+    assert (changed.payload, changed.params) == ({"command": "echo changed"}, "p2")
+    again = claim([Fire(t, t1) for t in tasks])
+    assert again == []  # every slot of t1 is taken: none twice
+
+
+def test_a_batch_larger_than_mysqls_default_group_concat_is_claimed_whole(
+    engine: Engine,
+) -> None:
+    """The rows won come back as one group_concat string, which MySQL cuts at 1,024 bytes
+    unless the claim raises the limit: 300 rows are ~13 KB."""
+    tasks = [add_task(engine, f"t{i}") for i in range(300)]
+    slot = datetime(2026, 1, 1, 0, 0, 0)
+    won = claim_slots(engine, MANAGER, [Fire(t, slot) for t in tasks], utcnow())
+    assert sorted(d.task_id for d in won) == tasks
+    assert len({d.job_log_id for d in won}) == 300

@@ -2,12 +2,17 @@
 
 A fire is only real once its job-log row exists. Rows are inserted with "insert, or do nothing
 if the slot key exists" (`uq_job_log_slot`), so when two managers, a restart or a retry fire
-the same slot, exactly one insert wins and only the winner dispatches. MySQL has no
-RETURNING, so each batch carries a random claim token and the winner learns its rows by
-selecting that token.
+the same slot, exactly one insert wins and only the winner dispatches. Each batch carries a
+random claim token and the winner learns its rows by selecting that token.
 
-Batching is what makes thousands of fires per second possible: one INSERT (multi-row) and two
-SELECTs per batch, not per fire.
+Batching is what makes thousands of fires per second possible. A batch is one transaction of
+three statements, whatever its size: the tasks' versions and enabled flags, the multi-row
+INSERT, the rows won. Both reads come back as one `group_concat` string, not a row per fire:
+PyMySQL decodes rows in pure Python, and that decoding was most of a batch. (`INSERT ...
+RETURNING`, which MariaDB >= 10.5 and SQLite >= 3.35 have, would still be a row per fire, and
+MySQL, the production database, has none.) The tasks' dispatch fields are cached by version
+(`TaskCache`), and the claim writer keeps two batches in flight on MySQL, so the event loop
+never waits for one and the server writes one batch while Python builds the next.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.ledger import OwedRange, record_owed
-from ays_runtime.storage.database import insert_ignoring_duplicates, transaction, utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import JobLog, RunStatus, Task, TriggerKind
 from ays_runtime.transport.base import JobDispatch
 
@@ -36,6 +41,8 @@ MAX_BATCH = 2000
 # How long the first fire of a batch may wait for company. Small: lateness is measured from
 # the slot time, and a lone fire should not wait at all when the writer is idle.
 MAX_BATCH_DELAY = 0.002
+# Claim batches in flight at once on MySQL (FireWriter.max_in_flight).
+MAX_IN_FLIGHT = 2
 # Slot-ledger ranges written with one claim batch: a manager starting after a long stop finds
 # one per task, and counting their slots must not hold the claims back for long.
 MAX_OWED_BATCH = 500
@@ -66,71 +73,48 @@ def claim_slots(
 
 
 def claim_in(
-    conn: Connection, manager_id: str, fires: Sequence[Fire], now: datetime
+    conn: Connection,
+    manager_id: str,
+    fires: Sequence[Fire],
+    now: datetime,
+    tasks: TaskCache | None = None,
 ) -> list[JobDispatch]:
-    """`claim_slots` inside the caller's transaction."""
-    task_ids = {f.task_id for f in fires}
-    tasks = load_tasks(conn, task_ids)
+    """`claim_slots` inside the caller's transaction. `tasks` keeps the tasks' dispatch
+    fields between batches (the claim writer's); without it they are read for this call."""
+    if not fires:
+        return []
+    cache = tasks if tasks is not None else TaskCache()
+    current = cache.current(conn, {f.task_id for f in fires})
     token = uuid.uuid4().hex
-    rows = []
+    rows = ClaimRows(manager_id, token, now)
     for f in fires:
-        task = tasks.get(f.task_id)
+        task = current.get(f.task_id)
         if task is None:
             continue  # deleted between the timer firing and now
-        if f.trigger != TriggerKind.MANUAL.value and not task["enabled"]:
+        if f.trigger != TriggerKind.MANUAL.value and not task.enabled:
             continue  # disabled after the timer fired: a disabled task runs only by hand
-        rows.append(
-            {
-                "task_id": f.task_id,
-                "scheduled_at": f.scheduled_at,
-                "trigger": f.trigger,
-                "attempt": f.attempt,
-                "shard_index": f.shard_index,
-                "shard_total": f.shard_total,
-                "params": task["params"] if f.params is None else f.params,
-                "claim": token,
-                "manager_id": manager_id,
-                "node": "",
-                "status": RunStatus.PENDING.value,
-                "created_at": now,
-                "due_at": f.due_at,
-                "output": "",
-                "message": "",
-            }
-        )
+        rows.add(f, task.row["params"] if f.params is None else f.params)
     if not rows:
         return []
-    insert_ignoring_duplicates(conn, JobLog, rows, keep="claim")
-    won = conn.execute(select(*_CLAIMED_COLUMNS).where(JobLog.claim == token)).all()
+    rows.insert(conn)
     return [
         make_dispatch(
-            tasks[r.task_id],
-            r.id,
-            r.scheduled_at,
-            r.trigger,
-            r.attempt,
-            r.params,
-            r.shard_index,
-            r.shard_total,
+            current[f.task_id].row,
+            job_id,
+            f.scheduled_at,
+            f.trigger,
+            f.attempt,
+            params,
+            f.shard_index,
+            f.shard_total,
         )
-        for r in won
+        for job_id, f, params in rows.won(conn)
     ]
-
-
-_CLAIMED_COLUMNS = (
-    JobLog.id,
-    JobLog.task_id,
-    JobLog.scheduled_at,
-    JobLog.trigger,
-    JobLog.attempt,
-    JobLog.params,
-    JobLog.shard_index,
-    JobLog.shard_total,
-)
 
 
 _TASK_COLUMNS = (
     Task.id,
+    Task.version,
     Task.name,
     Task.node_group,
     Task.enabled,
@@ -154,6 +138,219 @@ def load_tasks(conn: Connection, task_ids: set[int]) -> dict[int, dict[str, Any]
         for row in conn.execute(stmt).mappings():
             out[row["id"]] = dict(row)
     return out
+
+
+# Task ids per query of the claim: the id list is rendered into the SQL (they are ints).
+ID_CHUNK = 5000
+# Rows per INSERT statement on MySQL: ~150 bytes each, far below max_allowed_packet.
+INSERT_CHUNK = 5000
+# Bytes of one GROUP_CONCAT answer on MySQL: a batch of 10,000 rows needs ~0.5 MB.
+GROUP_CONCAT_MAX_LEN = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CurrentTask:
+    enabled: bool
+    row: dict[str, Any]  # the `_TASK_COLUMNS` of the task's current version
+
+
+class TaskCache:
+    """The dispatch fields of the tasks this writer fired, kept between claim batches.
+
+    Each claim reads, in its own transaction, only each task's id, version and enabled flag,
+    as one string (`group_concat`: one row instead of one per task, which is most of what a
+    pure-Python driver spends on a read), and the full fields only of tasks whose version it
+    has not seen. Every change of a task bumps its version (manager/tasks.py), so a cached
+    row is the task as it is; the enabled flag is read fresh every time.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, dict[str, Any]] = {}
+        self._shared: dict[Any, Any] = {}
+
+    def _keep(self, rows: dict[int, dict[str, Any]], replace: bool) -> None:
+        """Store `rows`, their few-valued strings shared (a row is ~1 KB; 100k are cached)."""
+        shared = self._shared
+        for task_id, row in rows.items():
+            for column in _FEW_VALUES:
+                value = row[column]
+                row[column] = shared.setdefault(value, value)
+            if replace:
+                self._rows[task_id] = row
+            else:
+                self._rows.setdefault(task_id, row)
+
+    def current(self, conn: Connection, task_ids: set[int]) -> dict[int, CurrentTask]:
+        found: dict[int, tuple[int, bool]] = {}
+        ids = sorted(task_ids)
+        for start in range(0, len(ids), ID_CHUNK):
+            listed = ",".join(str(int(i)) for i in ids[start : start + ID_CHUNK])
+            fields = _concat(conn, "id", "version", "enabled")
+            text = conn.exec_driver_sql(
+                f"SELECT {fields} FROM {Task.__tablename__} WHERE id IN ({listed})"
+            ).scalar()
+            for item in _items(text):
+                id_text, version_text, enabled_text = item.split("|")
+                found[int(id_text)] = (int(version_text), enabled_text == "1")
+        for task_id in task_ids - found.keys():
+            self._rows.pop(task_id, None)  # deleted
+        stale = {
+            task_id
+            for task_id, (version, _) in found.items()
+            if self._rows.get(task_id, _NO_ROW)["version"] != version
+        }
+        if stale:
+            self._keep(load_tasks(conn, stale), replace=True)
+        out: dict[int, CurrentTask] = {}
+        for task_id, (_, enabled) in found.items():
+            # `get`: another batch's thread may have found the task deleted meanwhile.
+            row = self._rows.get(task_id)
+            if row is not None:
+                out[task_id] = CurrentTask(enabled, row)
+        return out
+
+    def warm(self, engine: Engine, task_ids: Sequence[int]) -> None:
+        """Read the fields of `task_ids` ahead of their first fire (blocking: a worker
+        thread), so that a burst right after start-up does not read them all at once."""
+        ids = [i for i in task_ids if i not in self._rows]
+        for start in range(0, len(ids), ID_CHUNK):
+            with engine.connect() as conn:
+                self._keep(load_tasks(conn, set(ids[start : start + ID_CHUNK])), replace=False)
+
+
+_NO_ROW: dict[str, Any] = {"version": None}
+_FEW_VALUES = ("node_group", "task_type", "route_strategy", "block_strategy", "retry_backoff")
+
+
+def _concat(conn: Connection, *columns: str) -> str:
+    """`group_concat` of `columns` joined by "|", rows by ",": values that hold neither."""
+    if conn.dialect.name == "sqlite":
+        return "group_concat(" + " || '|' || ".join(columns) + ")"
+    # MySQL cuts a GROUP_CONCAT at group_concat_max_len bytes (1,024 by default), silently:
+    # raised once per connection, whichever engine made it.
+    info = conn.connection.info
+    if not info.get("ays_group_concat"):
+        conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}")
+        info["ays_group_concat"] = True
+    return "GROUP_CONCAT(CONCAT_WS('|', " + ", ".join(columns) + "))"
+
+
+def _items(text: str | None) -> list[str]:
+    return text.split(",") if text else []
+
+
+def _stamp(when: datetime) -> str:
+    """A naive datetime as both backends store it (SQLAlchemy's SQLite text, MySQL DATETIME(6))."""
+    return when.isoformat(" ", "microseconds")
+
+
+class ClaimRows:
+    """One batch's job-log rows: inserted with "or do nothing" on the slot key, and read
+    back by the batch's claim token.
+
+    The rows are written as multi-row INSERTs whose constant part (token, manager, status,
+    created_at, empty texts) is rendered once: on MySQL binding 15 values a row through
+    PyMySQL's escaping was the largest cost of a batch. The rows won come back as one
+    `group_concat` string keyed by (task, slot, attempt, shard), not one row each.
+    """
+
+    _COLUMNS = (
+        "task_id",
+        "scheduled_at",
+        "trigger",
+        "attempt",
+        "shard_index",
+        "shard_total",
+        "params",
+        "due_at",
+        "claim",
+        "manager_id",
+        "node",
+        "status",
+        "created_at",
+        "output",
+        "message",
+    )
+
+    def __init__(self, manager_id: str, token: str, now: datetime) -> None:
+        self.token = token
+        self._tail = (token, manager_id, "", RunStatus.PENDING.value, _stamp(now), "", "")
+        self._rows: list[tuple[Any, ...]] = []
+        self._fires: dict[tuple[int, str, int, int], tuple[Fire, str]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def add(self, fire: Fire, params: str) -> None:
+        slot = _stamp(fire.scheduled_at)
+        key = (fire.task_id, slot, fire.attempt, fire.shard_index)
+        if key in self._fires:
+            return  # the same slot twice in one batch: one row
+        self._fires[key] = (fire, params)
+        due = None if fire.due_at is None else _stamp(fire.due_at)
+        self._rows.append(
+            (
+                int(fire.task_id),
+                slot,
+                fire.trigger,
+                int(fire.attempt),
+                int(fire.shard_index),
+                int(fire.shard_total),
+                params,
+                due,
+            )
+        )
+
+    def insert(self, conn: Connection) -> None:
+        quote = conn.dialect.identifier_preparer.quote  # `trigger` is a reserved word
+        table, columns = JobLog.__tablename__, ", ".join(quote(c) for c in self._COLUMNS)
+        if conn.dialect.name == "sqlite":
+            marks = ", ".join("?" * len(self._COLUMNS))
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING",
+                [row + self._tail for row in self._rows],
+            )
+            return
+        # MySQL: literal SQL with the driver's own escaping of each distinct value. It goes
+        # through exec_driver_sql without parameters, where PyMySQL still applies
+        # "%"-formatting: a "%" in a value is written "%%".
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        quoted: dict[Any, str] = {None: "NULL"}
+
+        def lit(value: Any) -> str:
+            text = quoted.get(value)
+            if text is None:
+                escaped = dbapi.escape(value)
+                text = quoted[value] = escaped.replace("%", "%%")
+            return text
+
+        tail = ",".join(lit(v) for v in self._tail)
+        for start in range(0, len(self._rows), INSERT_CHUNK):
+            values = ",".join(
+                f"({task_id},'{slot}',{lit(trigger)},{attempt},{index},{total},"
+                f"{lit(params)},{lit(due)},{tail})"
+                for task_id, slot, trigger, attempt, index, total, params, due in self._rows[
+                    start : start + INSERT_CHUNK
+                ]
+            )
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} ({columns}) VALUES {values} "
+                "ON DUPLICATE KEY UPDATE claim = claim"
+            )
+
+    def won(self, conn: Connection) -> list[tuple[int, Fire, str]]:
+        """(job-log id, fire, params) of each row this batch inserted."""
+        fields = _concat(conn, "id", "task_id", "attempt", "shard_index", "scheduled_at")
+        text = conn.exec_driver_sql(
+            f"SELECT {fields} FROM {JobLog.__tablename__} WHERE claim = '{self.token}'"
+        ).scalar()
+        out = []
+        for item in _items(text):
+            job_id, task_id, attempt, index, slot = item.split("|")
+            fire, params = self._fires[(int(task_id), slot, int(attempt), int(index))]
+            out.append((int(job_id), fire, params))
+        return out
 
 
 def make_dispatch(
@@ -202,11 +399,18 @@ class FireWriter:
         manager_id: str,
         on_claimed: Callable[[list[JobDispatch]], Awaitable[None]],
         max_batch: int = MAX_BATCH,
+        max_in_flight: int | None = None,
     ) -> None:
         self.engine = engine
         self.manager_id = manager_id
         self.on_claimed = on_claimed
         self.max_batch = max_batch
+        # Batches claimed at once, each in its own thread and transaction: while the server
+        # writes one, Python builds the next. SQLite has one writer: a second batch would
+        # only wait for the lock (or fail to upgrade its read and start again).
+        if max_in_flight is None:
+            max_in_flight = 1 if engine.dialect.name == "sqlite" else MAX_IN_FLIGHT
+        self.max_in_flight = max_in_flight
         self._queue: list[Fire] = []
         self._owed: list[OwedRange] = []
         self._waiters: dict[tuple[int, datetime], asyncio.Future[int | None]] = {}
@@ -214,6 +418,23 @@ class FireWriter:
         self._closing = False
         self._failing = False
         self.claimed_total = 0
+        self._tasks = TaskCache()
+        self._warming: set[asyncio.Task[None]] = set()
+
+    def warm(self, task_ids: Sequence[int]) -> None:
+        """Read the tasks of newly installed timers in the background (TaskCache.warm)."""
+        if not task_ids:
+            return
+
+        async def read() -> None:
+            try:
+                await asyncio.to_thread(self._tasks.warm, self.engine, list(task_ids))
+            except SQLAlchemyError as err:  # only a head start: the claim reads them anyway
+                log.warning("manager %s: cannot read tasks ahead: %s", self.manager_id, err)
+
+        task = asyncio.get_running_loop().create_task(read(), name="warm-tasks")
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
 
     def submit(self, fire: Fire) -> None:
         self._queue.append(fire)
@@ -235,20 +456,37 @@ class FireWriter:
         return len(self._queue)
 
     async def run(self) -> None:
-        while True:
-            if not self._queue and not self._owed:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if len(self._queue) < self.max_batch and not self._closing:
-                await asyncio.sleep(MAX_BATCH_DELAY)
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
-            owed = self._owed[:MAX_OWED_BATCH]
-            del self._owed[:MAX_OWED_BATCH]
-            await self._claim(batch, owed)
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not self._queue and not self._owed:
+                    if self._closing and not in_flight:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if len(self._queue) < self.max_batch and not self._closing:
+                    await asyncio.sleep(MAX_BATCH_DELAY)
+                if len(in_flight) >= self.max_in_flight:
+                    # Fires keep queueing meanwhile: the next batch is the fuller for it.
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                owed = self._owed[:MAX_OWED_BATCH]
+                del self._owed[:MAX_OWED_BATCH]
+                task = asyncio.create_task(self._claim(batch, owed), name="claim-batch")
+                in_flight.add(task)
+                task.add_done_callback(self._finished)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._wakeup.set()  # `run` may be waiting for the last batch to finish
+        if not task.cancelled() and task.exception() is not None:
+            log.error("manager %s: claim batch failed", self.manager_id, exc_info=task.exception())
 
     def _write(
         self, batch: list[Fire], owed: list[OwedRange]
@@ -257,7 +495,7 @@ class FireWriter:
         now = utcnow()
 
         def work(conn: Connection) -> tuple[list[JobDispatch], Counter[str]]:
-            dispatches = claim_in(conn, self.manager_id, batch, now) if batch else []
+            dispatches = claim_in(conn, self.manager_id, batch, now, self._tasks) if batch else []
             return dispatches, record_owed(conn, self.manager_id, owed, now)
 
         what = f"manager {self.manager_id}: claiming {len(batch)} slot(s)"
@@ -283,8 +521,7 @@ class FireWriter:
             log.warning("manager %s: database is back, claiming again", self.manager_id)
             self._failing = False
         self.claimed_total += len(dispatches)
-        metrics.slots_not_fired(recorded)
-        metrics.fires_claimed(dispatches, utcnow())
+        claimed_at = utcnow()
         won = {(d.task_id, d.scheduled_at): d.job_log_id for d in dispatches}
         for fire in batch:
             future = self._waiters.pop((fire.task_id, fire.scheduled_at), None)
@@ -292,6 +529,9 @@ class FireWriter:
                 future.set_result(won.get((fire.task_id, fire.scheduled_at)))
         if dispatches:
             await self.on_claimed(dispatches)
+        # After the hand-over: the metrics are bookkeeping, not on the path of a fire.
+        metrics.slots_not_fired(recorded)
+        metrics.fires_claimed(dispatches, claimed_at)
 
     def close(self) -> None:
         """Make `run` return once everything submitted is claimed (the caller bounds the wait)."""

@@ -60,18 +60,20 @@ class TimerList:
         self._drop_stale_head()
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: datetime) -> list[Timer]:
-        """Remove and return every timer due at or before `now`, earliest first.
+    def pop_due(self, now: datetime, limit: int | None = None) -> list[Timer]:
+        """Remove and return the timers due at or before `now`, earliest first: all of
+        them, or the first `limit`.
 
         The caller reschedules each (with `put`) after computing its next slot.
         """
         due: list[Timer] = []
-        while True:
+        while limit is None or len(due) < limit:
             self._drop_stale_head()
             if not self._heap or self._heap[0][0] > now:
                 return due
             _, _, task_id = heapq.heappop(self._heap)
             due.append(self._timers.pop(task_id))
+        return due
 
     def _drop_stale_head(self) -> None:
         heap = self._heap
