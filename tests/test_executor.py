@@ -59,6 +59,19 @@ def http(url: str, job_id: int = 1, timeout_s: float = 0, **payload: Any) -> Job
     )
 
 
+def run_once(spec: JobSpec) -> JobResult:
+    """Run one job on a new executor, then close the executor (its HTTP client)."""
+
+    async def main() -> JobResult:
+        executor = make_executor()
+        try:
+            return await executor.run(spec)
+        finally:
+            await executor.aclose()
+
+    return asyncio.run(main())
+
+
 def run(coro: Awaitable[T]) -> T:
     async def main() -> T:
         return await coro
@@ -415,6 +428,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/slow":
             self.release.wait(10)
             self._answer(200, b"late")
+        elif self.path == "/set-cookie":
+            self.send_response(200)
+            self.send_header("Set-Cookie", "session=of-another-task; Path=/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/whoami":
+            seen = {"cookie": self.headers.get("Cookie"), "port": self.client_address[1]}
+            self._answer(200, json.dumps(seen).encode())
         else:
             self._answer(404, b"no such page")
 
@@ -441,7 +462,7 @@ def server() -> Iterator[str]:
 
 
 def test_an_http_job_that_gets_its_expected_status_succeeds(server: str) -> None:
-    result = run(make_executor().run(http(f"{server}/ok")))
+    result = run_once(http(f"{server}/ok"))
 
     assert result.status == "succeeded", result.message
     assert result.exit_code is None
@@ -457,7 +478,7 @@ def test_an_http_job_sends_method_headers_and_json_body(server: str) -> None:
         body={"n": 1},
         expected_status=[201, 202],
     )
-    result = run(make_executor().run(spec))
+    result = run_once(spec)
 
     assert result.status == "succeeded", result.message
     seen = json.loads(result.output_excerpt.split("\n", 1)[1])
@@ -465,7 +486,7 @@ def test_an_http_job_sends_method_headers_and_json_body(server: str) -> None:
 
 
 def test_an_http_500_is_failed_with_the_status_in_the_message(server: str) -> None:
-    result = run(make_executor().run(http(f"{server}/boom", expected_status=200)))
+    result = run_once(http(f"{server}/boom", expected_status=200))
 
     assert result.status == "failed"
     assert result.message == "HTTP 500, expected 200"
@@ -477,17 +498,37 @@ def test_an_http_job_that_cannot_connect_is_failed_naming_the_url() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/nobody-home"
-    result = run(make_executor().run(http(url)))
+    result = run_once(http(url))
 
     assert result.status == "failed"
     assert f"GET {url}: cannot connect" in result.message
 
 
 def test_an_http_job_over_its_timeout_is_timed_out(server: str) -> None:
-    result = run(make_executor().run(http(f"{server}/slow", timeout_s=0.5)))
+    result = run_once(http(f"{server}/slow", timeout_s=0.5))
 
     assert result.status == "timed_out"
     assert result.message == "timed out after 0.5s"
+
+
+def test_http_jobs_share_connections_but_never_cookies(server: str) -> None:
+    executor = make_executor(http_keep_alive=60.0)  # not timing: a loaded machine may be slow
+
+    async def scenario() -> list[JobResult]:
+        try:
+            results = [await executor.run(http(f"{server}/set-cookie", job_id=1))]
+            for job_id in (2, 3):
+                results.append(await executor.run(http(f"{server}/whoami", job_id=job_id)))
+            return results
+        finally:
+            await executor.aclose()
+
+    results = run(scenario())
+
+    assert [r.status for r in results] == ["succeeded"] * 3, [r.message for r in results]
+    seen = [json.loads(r.output_excerpt.split("\n", 1)[1]) for r in results[1:]]
+    assert seen[0]["cookie"] is None and seen[1]["cookie"] is None
+    assert seen[0]["port"] == seen[1]["port"]  # the second job reused the first's connection
 
 
 def test_kill_ends_a_running_http_job(server: str) -> None:
@@ -497,7 +538,10 @@ def test_kill_ends_a_running_http_job(server: str) -> None:
         job = asyncio.create_task(executor.run(http(f"{server}/slow")))
         await until(lambda: executor.is_running(1))
         await asyncio.sleep(0.1)
-        return await executor.kill(1, "killed: covered by a newer run"), await job
+        try:
+            return await executor.kill(1, "killed: covered by a newer run"), await job
+        finally:
+            await executor.aclose()
 
     killed, result = run(scenario())
 

@@ -592,6 +592,7 @@ class NodeDaemon:
         await asyncio.gather(*background, return_exceptions=True)
         if self._source is not None:
             await self._source.close()
+        await self._executor.aclose()
         if self._membership is not None and not self._handing_over:
             self._gone = True
             await self._membership.leave()

@@ -45,7 +45,10 @@ The contract
   `payload.body` is sent as is when a string, as JSON otherwise. Redirects are not followed.
   `payload.expected_status` (an int or a list of ints; default any 2xx) decides success. The
   output is the status line and the response body. Without a task timeout, each network
-  step may take 30 s.
+  step may take 30 s. HTTP jobs share one client per executor (`aclose()` ends it): its
+  connections are kept for a few seconds between jobs, since opening one per job was about
+  half of an HTTP job's CPU on the node's event loop; it keeps no cookies, so one job never
+  sees what another's server set.
 - A job does not outlive its node. `on_spawn(spec, pid)`, when given, is awaited twice for a
   shell job: with pid None just before its shell is spawned (the node journals the run
   ahead, so a node killed at any moment after the spawn leaves an entry behind), and with
@@ -62,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import http.cookiejar
 import logging
 import os
 import signal
@@ -92,6 +96,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 SHELL = "/bin/sh"
 HTTP_STEP_TIMEOUT = 30.0  # seconds per network step of an HTTP job that has no timeout
+# Seconds an HTTP job's idle connection is kept for the next job to the same server: short,
+# because servers of every kind close idle connections, some after 2-5 s, and a job sent on
+# a connection closing at that instant would fail.
+HTTP_JOB_KEEP_ALIVE_S = 1.5
 KEEP_FINISHED = 200
 KEEP_OUTPUT_BYTES = 64 * 1024 * 1024
 PIPE_GRACE = 1.0
@@ -182,6 +190,7 @@ class Executor:
         keep_finished: int = KEEP_FINISHED,
         keep_output_bytes: int = KEEP_OUTPUT_BYTES,
         pipe_grace: float = PIPE_GRACE,
+        http_keep_alive: float = HTTP_JOB_KEEP_ALIVE_S,
         speaker: str = "executor",
         on_spawn: Callable[[JobSpec, int | None], Awaitable[None]] | None = None,
     ) -> None:
@@ -199,6 +208,7 @@ class Executor:
         self.keep_finished = keep_finished
         self.keep_output_bytes = keep_output_bytes
         self.pipe_grace = pipe_grace
+        self.http_keep_alive = http_keep_alive
         self.speaker = speaker  # who speaks in log lines, e.g. "node 10.0.0.5:18181"
         self.on_spawn = on_spawn
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -206,6 +216,7 @@ class Executor:
         self._running = 0
         self._finished: OrderedDict[int, _Finished] = OrderedDict()
         self._kept_bytes = 0
+        self._http: httpx.AsyncClient | None = None
 
     @classmethod
     def from_config(
@@ -294,6 +305,12 @@ class Executor:
             tasks = {run.task for run in self._active.values() if run.task is not None}
             await asyncio.wait(tasks, timeout=left)
         return True
+
+    async def aclose(self) -> None:
+        """Close the HTTP jobs' shared client (after the last job ended)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     def output(self, job_id: int) -> bytes | None:
         """The captured output of an active or kept job (at most `output_cap_bytes` of it,
@@ -555,14 +572,13 @@ class Executor:
         step = run.spec.timeout_s if run.spec.timeout_s > 0 else HTTP_STEP_TIMEOUT
         where = f"{request.method} {request.url}"
         try:
-            async with httpx.AsyncClient(timeout=step, verify=_tls_context()) as client:
-                async with client.stream(
-                    request.method, request.url, headers=request.headers, **request.body
-                ) as response:
-                    line = f"{response.http_version} {response.status_code} "
-                    run.output.write(f"{line}{response.reason_phrase}\n".encode())
-                    async for chunk in response.aiter_bytes():
-                        run.output.write(chunk)
+            async with self._http_client().stream(
+                request.method, request.url, headers=request.headers, timeout=step, **request.body
+            ) as response:
+                line = f"{response.http_version} {response.status_code} "
+                run.output.write(f"{line}{response.reason_phrase}\n".encode())
+                async for chunk in response.aiter_bytes():
+                    run.output.write(chunk)
         except httpx.TimeoutException:
             return RunStatus.TIMED_OUT, f"{where}: no response within {step:g}s"
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
@@ -575,6 +591,18 @@ class Executor:
         if request.expected(code):
             return RunStatus.SUCCEEDED, f"HTTP {code}"
         return RunStatus.FAILED, f"HTTP {code}, expected {request.expected_text}"
+
+    def _http_client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                verify=_tls_context(),
+                limits=httpx.Limits(max_connections=None, keepalive_expiry=self.http_keep_alive),
+            )
+            # A job's server must not set cookies that the next job (another task) sends.
+            self._http.cookies.jar.set_policy(
+                http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+            )
+        return self._http
 
 
 @functools.cache
