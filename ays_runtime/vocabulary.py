@@ -76,6 +76,22 @@ class TriggerKind(enum.StrEnum):
     MANUAL = "manual"
     MISFIRE = "misfire"
     RETRY = "retry"
+    DEPENDENCY = "dependency"  # a parent task's run ended meeting the condition of an edge
+
+
+class AfterCondition(enum.StrEnum):
+    """When a parent's run fires its child (`ays_runtime.dependencies`)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    ALWAYS = "always"
+
+
+class AfterMode(enum.StrEnum):
+    """How a child with several parents fires (`ays_runtime.dependencies`)."""
+
+    ALL = "all"  # once per slot, when every parent's run of that slot met its condition
+    ANY = "any"  # once per parent run that met its condition
 
 
 class SlotMissReason(enum.StrEnum):

@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, or_, select, update
 
+from ays_runtime.dependencies.triggers import fire_children
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport, StartClaimAnswer
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
@@ -71,6 +72,11 @@ class _Final:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     output: str = ""
+
+
+# A final's answer: stored (False: it had ended), its retry and the retry's delay, and the
+# children's runs its slot's end claimed (ays_runtime.dependencies).
+_Answer = tuple[bool, JobDispatch | None, float, list[JobDispatch]]
 
 
 def retry_delay(backoff: str, interval: float, attempt: int) -> float:
@@ -421,14 +427,16 @@ class RunTracker:
         output: str = "",
     ) -> bool:
         final = _Final(job_id, status, message, node, exit_code, started_at, ended_at, output)
-        changed, retry, delay = await self._final_writes.submit(final)
+        changed, retry, delay, children = await self._final_writes.submit(final)
         if retry is not None:
             self._schedule_retry(retry, delay)
+        if children:  # claimed with the parent's end: pending rows of this manager's
+            task = asyncio.get_running_loop().create_task(self.redispatch(children))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return changed
 
-    def _write_finals(
-        self, finals: Sequence[_Final]
-    ) -> list[tuple[bool, JobDispatch | None, float]]:
+    def _write_finals(self, finals: Sequence[_Final]) -> list[_Answer]:
         answers = transaction(
             self.engine,
             lambda conn: self._write_finals_in(conn, finals),
@@ -440,10 +448,12 @@ class RunTracker:
             self.on_stored(stored)
         return answers
 
-    def _write_finals_in(
-        self, conn: Connection, finals: Sequence[_Final]
-    ) -> list[tuple[bool, JobDispatch | None, float]]:
-        answers: list[tuple[bool, JobDispatch | None, float]] = []
+    def _write_finals_in(self, conn: Connection, finals: Sequence[_Final]) -> list[_Answer]:
+        """The finals' statuses, their retries, and (in the same transaction) the fires of
+        the children of the slots that ended for good (`ays_runtime.dependencies`); each
+        child's dispatch is handed back with the answer of the run that ended its slot."""
+        answers: list[_Answer] = []
+        ended: dict[tuple[int, datetime], int] = {}  # parent slot -> index of its answer
         for final in finals:
             values: dict[str, Any] = {
                 "status": final.status,
@@ -462,10 +472,22 @@ class RunTracker:
                     or_(JobLog.status != RunStatus.RUNNING.value, JobLog.node == final.node)
                 )
             changed = conn.execute(update(JobLog).where(*guard).values(**values)).rowcount
-            if not changed or final.status not in RETRYABLE:
-                answers.append((bool(changed), None, 0.0))
-            else:
-                answers.append((True, *self._claim_retry(conn, final)))
+            retry: JobDispatch | None = None
+            delay = 0.0
+            if changed and final.status in RETRYABLE:
+                retry, delay = self._claim_retry(conn, final)
+            answers.append((bool(changed), retry, delay, []))
+            if changed and retry is None:
+                slot = conn.execute(
+                    select(JobLog.task_id, JobLog.scheduled_at).where(JobLog.id == final.job_id)
+                ).first()
+                if slot is not None:
+                    ended.setdefault((slot.task_id, slot.scheduled_at), len(answers) - 1)
+        if ended:
+            children = fire_children(conn, self.manager_id, ended, utcnow())
+            if children:
+                first = min(ended.values())
+                answers[first] = (*answers[first][:3], children)
         return answers
 
     def _claim_retry(self, conn: Connection, final: _Final) -> tuple[JobDispatch | None, float]:

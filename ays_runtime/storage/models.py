@@ -30,6 +30,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ays_runtime.vocabulary import (  # the columns' choices and states
+    AfterMode,
     BlockStrategy,
     MisfirePolicy,
     NodeSource,
@@ -119,6 +120,12 @@ class Task(Base):
     misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.SKIP.value)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
     tags: Mapped[list[str]] = mapped_column(TagList, default=list, server_default="")
+    # Parent tasks, each {"task": name, "condition": AfterCondition}; the definition as the
+    # API gives it. `ays_task_edge` holds the same edges for the lookups (dependencies/).
+    after: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=list)
+    after_mode: Mapped[str] = mapped_column(
+        String(8), default=AfterMode.ALL.value, server_default=AfterMode.ALL.value
+    )
     # Bumped on every change; the timer list installs a (schedule, version) pair.
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -128,6 +135,23 @@ class Task(Base):
 def has_tag(tag: str) -> ColumnElement[bool]:
     """The tasks that carry `tag` (see TagList)."""
     return Task.tags.contains(f",{tag},", autoescape=True)
+
+
+class TaskEdge(Base):
+    """One edge of the dependency graph: `child_id` fires after the task named `parent_name`
+    (`ays_runtime.dependencies`). By name, not id, so that a parent deleted is seen as such
+    on its child, and a task created again under that name is the parent again; a rename
+    rewrites the edges (and the children's `after`)."""
+
+    __tablename__ = "ays_task_edge"
+    __table_args__ = (UniqueConstraint("child_id", "parent_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    child_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("ays_task.id", ondelete="CASCADE"), index=True
+    )
+    parent_name: Mapped[str] = mapped_column(String(128), index=True)
+    condition: Mapped[str] = mapped_column(String(16))
 
 
 class TaskVersion(Base):
