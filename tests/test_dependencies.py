@@ -292,3 +292,39 @@ def test_two_managers_on_one_mariadb_database_fire_each_child_slot_exactly_once(
             counts = Counter(r.scheduled_at for r in rows)
             assert counts and max(counts.values()) == 1
     engine.dispose()
+
+
+def test_a_child_gets_its_parents_results_as_json(ays: Cluster) -> None:
+    seen = ays.tmp / "seen.json"
+    with ays.api() as api:
+        add(
+            api,
+            "extract",
+            'printf \'{"rows": 42, "day": "%s"}\' "$AYS_PARAMS" > "$AYS_RESULT_FILE"',
+        )
+        add(api, "quiet", "true")
+        add(api, "noisy", 'echo "not json" > "$AYS_RESULT_FILE"')
+        child = add(
+            api,
+            "load",
+            f'printf "%s" "$AYS_PARENT_RESULTS" > {seen}',
+            after=[{"task": "extract"}, {"task": "quiet"}, {"task": "noisy"}],
+            after_mode="any",
+        )
+        extract = api.get("/tasks", params={"name": "extract"}).json()["items"][0]
+        trigger = api.post(f"/tasks/{extract['id']}/trigger", json={"params": "2026-12-05"})
+        assert trigger.status_code == 202
+        wait_for(lambda: ended(api, child["id"], "succeeded", 1), 60, "the child's run")
+        parent_run = runs(api, extract["id"])[0]
+        assert json.loads(parent_run["result"]) == {"rows": 42, "day": "2026-12-05"}
+        # the other parents have not run this slot: null
+        assert json.loads(seen.read_text()) == {
+            "extract": {"rows": 42, "day": "2026-12-05"},
+            "noisy": None,
+            "quiet": None,
+        }
+        noisy = api.get("/tasks", params={"name": "noisy"}).json()["items"][0]
+        assert api.post(f"/tasks/{noisy['id']}/trigger", json={}).status_code == 202
+        wait_for(lambda: ended(api, noisy["id"], "succeeded", 1), 60, "the noisy run")
+        bad = runs(api, noisy["id"])[0]
+        assert bad["result"] is None and "result file is not JSON: not kept" in bad["message"]

@@ -22,6 +22,7 @@ retried after its backoff alone, as any failure.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, or_, select, update
 
+from ays_runtime.dependencies.results import with_parent_results
 from ays_runtime.dependencies.triggers import fire_children
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport, StartClaimAnswer
@@ -72,6 +74,7 @@ class _Final:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     output: str = ""
+    result: str = ""  # the job's JSON result (AYS_RESULT_FILE), "" for none
 
 
 # A final's answer: stored (False: it had ended), its retry and the retry's delay, and the
@@ -210,17 +213,24 @@ class RunTracker:
     async def record_result(self, report: JobResultReport) -> bool:
         """Store a node's report; False when the run was already final (a duplicate)."""
         output = report.output
+        result, message = report.result, report.message
+        if result:
+            try:
+                json.loads(result)
+            except ValueError:  # a node's word: the children must get JSON
+                result, message = "", f"{message}; result is not JSON: not kept"
         if len(output.encode()) > self.excerpt_bytes:
             output = output.encode()[-self.excerpt_bytes :].decode("utf-8", "replace")
         changed = await self._finish(
             report.job_log_id,
             report.status,
-            report.message,
+            message,
             node=report.node,
             exit_code=report.exit_code,
             started_at=report.started_at,
             ended_at=report.ended_at,
             output=output,
+            result=result,
         )
         if changed and self.on_finished is not None:
             self.on_finished(report.node)
@@ -425,8 +435,11 @@ class RunTracker:
         started_at: datetime | None = None,
         ended_at: datetime | None = None,
         output: str = "",
+        result: str = "",
     ) -> bool:
-        final = _Final(job_id, status, message, node, exit_code, started_at, ended_at, output)
+        final = _Final(
+            job_id, status, message, node, exit_code, started_at, ended_at, output, result
+        )
         changed, retry, delay, children = await self._final_writes.submit(final)
         if retry is not None:
             self._schedule_retry(retry, delay)
@@ -462,6 +475,8 @@ class RunTracker:
                 "exit_code": final.exit_code,
                 "output": final.output,
             }
+            if final.result:
+                values["result"] = final.result
             if final.node:
                 values["node"] = final.node
             if final.started_at is not None:
@@ -560,7 +575,7 @@ class RunTracker:
         task = load_tasks(conn, {r.task_id}).get(r.task_id)
         if task is None:
             return None
-        return make_dispatch(
+        dispatch = make_dispatch(
             task,
             job_id,
             r.scheduled_at,
@@ -570,6 +585,7 @@ class RunTracker:
             r.shard_index,
             r.shard_total,
         )
+        return with_parent_results(conn, [dispatch])[0]
 
     def _schedule_retry(self, retry: JobDispatch, delay: float) -> None:
         log.info(

@@ -542,6 +542,9 @@ class JobLogOut(_Response):
     exit_code: int | None
     output: str
     message: str
+    result: str | None = Field(
+        None, description="the JSON the job wrote to AYS_RESULT_FILE (its children get it)"
+    )
 
 
 class JobLogPage(BaseModel):

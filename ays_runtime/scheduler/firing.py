@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from ays_runtime.dependencies.results import with_parent_results
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.ledger import OwedRange, record_owed
 from ays_runtime.storage.database import insert_ignoring_duplicates, transaction, utcnow
@@ -102,7 +103,7 @@ def claim_in(
         return []
     insert_ignoring_duplicates(conn, JobLog, rows, keep="claim")
     won = conn.execute(select(*_CLAIMED_COLUMNS).where(JobLog.claim == token)).all()
-    return [
+    dispatches = [
         make_dispatch(
             tasks[r.task_id],
             r.id,
@@ -115,6 +116,7 @@ def claim_in(
         )
         for r in won
     ]
+    return with_parent_results(conn, dispatches)
 
 
 _CLAIMED_COLUMNS = (

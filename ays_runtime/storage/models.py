@@ -291,6 +291,8 @@ class JobLog(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output: Mapped[str] = mapped_column(Text, default="")
     message: Mapped[str] = mapped_column(String(1024), default="")
+    # The JSON the job wrote to AYS_RESULT_FILE (its children's AYS_PARENT_RESULTS); None: none
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class SlotMiss(Base):

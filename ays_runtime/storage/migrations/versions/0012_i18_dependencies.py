@@ -3,6 +3,7 @@
 `ays_task.after` is the definition as the API gives it (a JSON list of {task, condition});
 `ays_task_edge` holds the same edges, one row per (child, parent name), for the lookups a
 parent's result makes (ays_runtime/dependencies/). Existing tasks have no parents.
+`ays_job_log.result`: the JSON a job wrote to AYS_RESULT_FILE, handed to its children.
 
 Revision ID: 0012_i18
 Revises: 0011
@@ -54,9 +55,12 @@ def upgrade() -> None:
     )
     op.create_index("ix_ays_task_edge_child_id", "ays_task_edge", ["child_id"])
     op.create_index("ix_ays_task_edge_parent_name", "ays_task_edge", ["parent_name"])
+    op.add_column("ays_job_log", sa.Column("result", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("ays_job_log") as batch:
+        batch.drop_column("result")
     op.drop_table("ays_task_edge")
     with op.batch_alter_table("ays_task") as batch:
         batch.drop_column("after_mode")
