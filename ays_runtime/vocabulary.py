@@ -77,6 +77,8 @@ class TriggerKind(enum.StrEnum):
     MISFIRE = "misfire"
     RETRY = "retry"
     DEPENDENCY = "dependency"  # a parent task's run ended meeting the condition of an edge
+    WORKFLOW = "workflow"  # a workflow run started (its first tasks)
+    RERUN = "rerun"  # a failed workflow run rerun from its failed tasks on
 
 
 class AfterCondition(enum.StrEnum):
@@ -85,6 +87,19 @@ class AfterCondition(enum.StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
     ALWAYS = "always"
+
+
+class WorkflowRunStatus(enum.StrEnum):
+    """The life of one start of a workflow (`ays_runtime.workflows`)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every task of it succeeded
+    FAILED = "failed"  # a task of it failed (or the workflow timed out)
+    PARTLY_SKIPPED = "partly_skipped"  # none failed, some were skipped or not fired
+
+    @property
+    def is_final(self) -> bool:
+        return self != WorkflowRunStatus.RUNNING
 
 
 class AfterMode(enum.StrEnum):

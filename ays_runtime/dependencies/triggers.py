@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import Connection, select
 
 from ays_runtime.scheduler.firing import Fire, claim_in
 from ays_runtime.storage.database import insert_ignoring_duplicates
-from ays_runtime.storage.models import JobLog, Task, TaskEdge
+from ays_runtime.storage.models import (
+    JobLog,
+    Task,
+    TaskEdge,
+    WorkflowRun,
+    WorkflowTask,
+)
 from ays_runtime.transport.base import JobDispatch
 from ays_runtime.vocabulary import AfterCondition, AfterMode, RunStatus, TriggerKind
 
@@ -132,7 +138,8 @@ def _decide_slot(
             fires.extend(Fire(c.id, at, TriggerKind.DEPENDENCY.value, c.params) for c in ready)
             skips.update(skipped)
         if fires:
-            claimed.extend(claim_in(conn, manager_id, _unique(fires), now))
+            fires = _in_workflow_runs(conn, _next_attempts(conn, _unique(fires), at), at)
+            claimed.extend(claim_in(conn, manager_id, fires, now))
         # A child skipped is a parent ended in turn: its own children are decided next.
         parents = _write_skips(conn, manager_id, skips, at, now)
     return claimed
@@ -220,6 +227,47 @@ def _write_skips(
     for task_id in set(skips) - before:
         log.info("manager %s: task %d slot %s: %s", manager_id, task_id, at, skips[task_id])
     return set(skips)
+
+
+def _next_attempts(conn: Connection, fires: list[Fire], at: datetime) -> list[Fire]:
+    """A child whose slot ended `skipped` by its parents fires as the slot's next attempt
+    (its parents' outcome changed: a workflow rerun); otherwise as attempt 0 (the slot key
+    makes a second fire of it nothing)."""
+    latest: dict[int, tuple[int, str, str]] = {}
+    for r in conn.execute(
+        select(JobLog.task_id, JobLog.attempt, JobLog.status, JobLog.trigger)
+        .where(
+            JobLog.task_id.in_([f.task_id for f in fires]),
+            JobLog.scheduled_at == at,
+            JobLog.shard_index == 0,
+        )
+        .order_by(JobLog.attempt)
+    ):
+        latest[r.task_id] = (r.attempt, r.status, r.trigger)
+    out = []
+    for fire in fires:
+        last = latest.get(fire.task_id)
+        if last is not None and last[1:] == (RunStatus.SKIPPED.value, TriggerKind.DEPENDENCY.value):
+            fire = replace(fire, attempt=last[0] + 1)
+        out.append(fire)
+    return out
+
+
+def _in_workflow_runs(conn: Connection, fires: list[Fire], at: datetime) -> list[Fire]:
+    """A child in a workflow run of this slot runs with the run's params."""
+    params = dict(
+        conn.execute(
+            select(WorkflowTask.task_id, WorkflowRun.params)
+            .join(WorkflowRun, WorkflowRun.workflow_id == WorkflowTask.workflow_id)
+            .where(
+                WorkflowTask.task_id.in_([f.task_id for f in fires]),
+                WorkflowRun.scheduled_at == at,
+            )
+        ).all()
+    )
+    if not params:
+        return fires
+    return [replace(f, params=params[f.task_id]) if f.task_id in params else f for f in fires]
 
 
 def _unique(fires: list[Fire]) -> list[Fire]:

@@ -136,6 +136,7 @@ from ays_runtime.web.guard import (
     protect,
 )
 from ays_runtime.web.refusals import RefusalLog
+from ays_runtime.workflows import api as workflows_api
 
 API_PREFIX = "/api/v1"
 # The only routes a caller without a token or console session reaches; every other path is
@@ -729,6 +730,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         groups_router,
         audit_api.router,
         insight_api.router,
+        workflows_api.router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -418,6 +418,38 @@ class TaskUpdate(_Request):
     after_mode: AfterModeField | None = None
 
 
+class WorkflowCreate(_Request):
+    """A workflow: a named set of tasks started together (`ays_runtime.workflows`)."""
+
+    name: TaskName = Field(description="unique name of the workflow")
+    description: Description = ""
+    tasks: list[TaskName] = Field(
+        min_length=1,
+        max_length=MAX_PARENTS,
+        description="its tasks, by name; their `after` are its edges",
+    )
+    schedule: ScheduleText = ""
+    timezone: TimezoneName = "UTC"
+    params: Params = Field("", description="handed to every task of a run (AYS_PARAMS)")
+    timeout_s: TimeoutS = Field(0, description="a run still running after this is ended")
+    enabled: bool = True
+
+
+class WorkflowUpdate(_Request):
+    name: TaskName | None = None
+    description: Description | None = None
+    tasks: list[TaskName] | None = Field(None, min_length=1, max_length=MAX_PARENTS)
+    schedule: ScheduleText | None = None
+    timezone: TimezoneName | None = None
+    params: Params | None = None
+    timeout_s: TimeoutS | None = None
+    enabled: bool | None = None
+
+
+class WorkflowStart(_Request):
+    params: Params | None = Field(None, description="replaces the workflow's params this run")
+
+
 class TriggerRequest(_Request):
     params: Params | None = Field(None, description="replaces the task's params for this run")
 
@@ -669,3 +701,49 @@ class ErrorOut(BaseModel):
     errors: Sequence[dict[str, Any]] | None = Field(
         None, description="validation: every problem found, each {field, value, error}"
     )
+
+
+class WorkflowOut(_Response):
+    id: int
+    name: str
+    description: str
+    tasks: list[str]
+    schedule: str
+    timezone: str
+    params: str
+    timeout_s: int
+    enabled: bool
+    created_at: UtcOut
+    updated_at: UtcOut
+
+
+class WorkflowNodeOut(BaseModel):
+    task: str
+    task_id: int
+    depth: int = Field(description="0 for a first task; a child is below its deepest parent")
+    parents: list[str] = Field(description="its parents inside the workflow")
+    status: str = Field(description="its last attempt's run status, or not_run")
+    job_log_id: int | None
+    attempt: int | None
+    node: str = Field(description="the node that ran it")
+    message: str
+
+
+class WorkflowRunOut(BaseModel):
+    id: int
+    workflow: str
+    scheduled_at: UtcOut = Field(description="the slot every task of the run has")
+    trigger: str
+    params: str
+    status: str = Field(description="running, succeeded, failed or partly_skipped")
+    message: str
+    started_at: UtcOut
+    deadline_at: UtcOut | None
+    ended_at: UtcOut | None
+    nodes: list[WorkflowNodeOut] = Field(default_factory=list)
+
+
+class WorkflowView(BaseModel):
+    workflow: WorkflowOut
+    latest_run: WorkflowRunOut | None
+    runs: list[WorkflowRunOut] = Field(description="the latest runs, newest first")

@@ -50,6 +50,7 @@ from ays_runtime.storage.database import make_engine, redacted, session_factory,
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
 from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S
+from ays_runtime.workflows.service import WorkflowService
 
 log = logging.getLogger("ays.manager")
 
@@ -174,6 +175,7 @@ class Manager:
             plan = await scheduler.reconcile_now()
             return [str(action) for action in plan.actions]
 
+        workflows = WorkflowService(engine, self.manager_id, scheduler.writer.submit, kill_run)
         ctx = ManagerContext(
             config=cfg,
             sessions=sessions,
@@ -185,6 +187,7 @@ class Manager:
             run_output=run_output,
             reconcile=reconcile,
             version=__version__,
+            workflows=workflows,
         )
         app = create_app(ctx)
         alerts = AlertService(engine, cfg.alerts, cfg.env, self.manager_id)
@@ -245,6 +248,7 @@ class Manager:
         reaper = asyncio.create_task(self._reap(tracker), name="reaper")
         alerting = asyncio.create_task(alerts.run(), name="alerts")
         recovery = asyncio.create_task(self._recover(tracker), name="recover-pending")
+        flows = asyncio.create_task(workflows.run(), name="workflows")
         while not self._up(server, scheduler) and not (
             api.done() or sched.done() or self._stop.is_set()
         ):
@@ -268,6 +272,7 @@ class Manager:
         if self._handing_over:
             await release_listener(server, closer)
         self._stop.set()
+        workflows.stop()
         scheduler.stop()
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(sched, SHUTDOWN_TIMEOUT)
@@ -280,9 +285,9 @@ class Manager:
         await run_output.close()
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop, recovery, alerting):
+        for task in (purge, reaper, stop, recovery, alerting, flows):
             task.cancel()
-        await asyncio.gather(purge, reaper, stop, recovery, alerting, return_exceptions=True)
+        await asyncio.gather(purge, reaper, stop, recovery, alerting, flows, return_exceptions=True)
         engine.dispose()
         sock.close()
         log.info("manager %s: stopped", self.manager_id)

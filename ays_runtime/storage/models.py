@@ -154,6 +154,61 @@ class TaskEdge(Base):
     condition: Mapped[str] = mapped_column(String(16))
 
 
+class Workflow(Base):
+    """A named set of tasks started together (`ays_runtime.workflows`): by its schedule, or
+    by hand; its edges are its tasks' `after`."""
+
+    __tablename__ = "ays_workflow"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    schedule: Mapped[str] = mapped_column(String(255), default="")  # "": by hand only
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    params: Mapped[str] = mapped_column(String(1024), default="")
+    timeout_s: Mapped[int] = mapped_column(Integer, default=0)  # the whole run; 0 = none
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class WorkflowTask(Base):
+    """A task of a workflow; a task belongs to one workflow at most."""
+
+    __tablename__ = "ays_workflow_task"
+
+    task_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("ays_task.id", ondelete="CASCADE"), primary_key=True
+    )
+    workflow_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("ays_workflow.id", ondelete="CASCADE"), index=True
+    )
+
+
+class WorkflowRun(Base):
+    """One start of a workflow: every task of it runs with the slot `scheduled_at` (the key
+    of their job-log rows) and the params `params`. Unique per (workflow, slot): a schedule's
+    slot is started once, whichever manager gets there first."""
+
+    __tablename__ = "ays_workflow_run"
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "scheduled_at"),
+        Index("ix_ays_workflow_run_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(Integer)  # no FK: the history outlives it
+    scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    trigger: Mapped[str] = mapped_column(String(16))  # cron or manual
+    params: Mapped[str] = mapped_column(String(1024), default="")
+    status: Mapped[str] = mapped_column(String(16))  # WorkflowRunStatus
+    message: Mapped[str] = mapped_column(String(1024), default="")
+    manager_id: Mapped[str] = mapped_column(String(64), default="")
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    deadline_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
 class TaskVersion(Base):
     """One version of a task's definition: written with every change of the task, in the
     change's own transaction, with who made it, through what and when.
