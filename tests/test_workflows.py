@@ -157,3 +157,56 @@ def test_a_scheduled_workflow_starts_each_slot_once_and_partly_skipped_says_so(
         assert bad.status_code == 422 and "nope" in bad.text
         taken = api.post("/workflows", json={"name": "y", "tasks": ["ok"]})
         assert taken.status_code == 422 and "tick" in taken.text
+
+
+@pytest.mark.slow
+def test_the_console_draws_the_workflow_and_each_tasks_state_in_its_latest_run(
+    ays: Cluster,
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_console_browser import CHROMIUM, WIDE, Recorder, shot
+
+    with ays.api() as api:
+        add(api, "extract")
+        add(api, "check", "exit 4", after=[{"task": "extract"}])
+        add(api, "load", after=[{"task": "check"}])
+        assert api.post(
+            "/workflows", json={"name": "etl", "tasks": ["extract", "check", "load"]}
+        ).is_success
+    base = f"http://127.0.0.1:{ays.manager_port}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), chromium_sandbox=False, args=["--no-sandbox"]
+        )
+        try:
+            context = browser.new_context(viewport=WIDE, base_url=base)
+            context.set_default_timeout(30_000)
+            page = context.new_page()
+            requests = Recorder(page)
+            page.goto("/workflows")
+            page.get_by_label("Access token").fill(TOKEN)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.get_by_role("link", name="etl")).to_be_visible()
+            page.get_by_role("link", name="etl").click()
+            expect(page.locator("#wf-graph")).to_contain_text("Never run")
+            page.get_by_label("Params").fill("day=1")
+            page.get_by_role("button", name="Start now").click()
+            # htmx refreshes the graph while the run goes on, until it ends.
+            expect(page.locator("[data-run-status]")).to_have_attribute(
+                "data-run-status", "failed", timeout=60_000
+            )
+            states = {
+                task: page.locator(f'g.wf-node[data-task="{task}"]').get_attribute("data-status")
+                for task in ("extract", "check", "load")
+            }
+            assert states == {"extract": "succeeded", "check": "failed", "load": "skipped"}
+            expect(page.locator('g.wf-node[data-task="extract"]')).to_contain_text(
+                f"127.0.0.1:{ays.node_port}"
+            )
+            assert page.locator("line.wf-edge").count() == 2
+            shot(page, "workflow")
+            expect(page.get_by_role("button", name="Rerun from the failed tasks")).to_be_visible()
+            assert requests.external() == []
+        finally:
+            browser.close()
