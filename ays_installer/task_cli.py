@@ -514,13 +514,12 @@ def add_task(
 ) -> None:
     """Create a task.
 
-    It needs -g GROUP, -s CRON (or --after PARENT, or both), and -c COMMAND (a shell task) or
-    --http-url URL (an HTTP task); the other fields take their defaults unless given."""
-    missing = [
-        flag
-        for flag, value in (("-g GROUP", group), ("-s CRON or --after PARENT", schedule or after))
-        if not value
-    ]
+    It needs -g GROUP, -s CRON (or --after PARENT, or both; -s '' for a task run only by
+    hand or by its workflow), and -c COMMAND (a shell task) or --http-url URL (an HTTP task);
+    the other fields take their defaults unless given."""
+    missing = [] if group else ["-g GROUP"]
+    if schedule is None and not after:  # -s '' says: no schedule, on purpose
+        missing.append("-s CRON (or -s '' for none), or --after PARENT")
     if not (command or http_url):
         missing.append("-c COMMAND (a shell task) or --http-url URL (an HTTP task)")
     if missing:

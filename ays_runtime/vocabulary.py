@@ -146,6 +146,11 @@ class AuditAction(enum.StrEnum):
     GROUP_DELETED = "node_group.deleted"
     NODE_ADDED = "node.added"
     NODE_REMOVED = "node.removed"
+    WORKFLOW_CREATED = "workflow.created"
+    WORKFLOW_UPDATED = "workflow.updated"
+    WORKFLOW_DELETED = "workflow.deleted"
+    WORKFLOW_STARTED = "workflow.started"
+    WORKFLOW_RERUN = "workflow.rerun"
 
     @property
     def target_type(self) -> str:

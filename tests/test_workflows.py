@@ -72,6 +72,9 @@ def test_a_workflow_started_by_hand_runs_every_task_once_with_its_slot_and_param
         assert slots == {latest["scheduled_at"]}
     lines = log.read_text().splitlines()
     assert len(lines) == 4 and {line.split()[1] for line in lines} == {"day=2026-12-05"}
+    with ays.api() as api:
+        trail = api.get("/audit", params={"target_type": "workflow"}).json()["items"]
+        assert {e["action"] for e in trail} == {"workflow.created", "workflow.started"}
     shown = cli(ays, "workflow", "show", "etl")
     assert shown.returncode == 0, shown.stderr
     assert "load" in shown.stdout and "clean, enrich" in shown.stdout

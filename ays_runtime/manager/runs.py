@@ -444,7 +444,7 @@ class RunTracker:
         if retry is not None:
             self._schedule_retry(retry, delay)
         if children:  # claimed with the parent's end: pending rows of this manager's
-            task = asyncio.get_running_loop().create_task(self.redispatch(children))
+            task = asyncio.ensure_future(self.redispatch(children))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return changed

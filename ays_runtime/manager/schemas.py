@@ -237,7 +237,7 @@ ScheduleText = Annotated[
         max_length=255,
         description="6-field cron, seconds first (`*/10 * * * * *`), 5-field cron (minute "
         "granularity), `@every 10s`, or @hourly/@daily/@weekly/@monthly/@yearly; empty for "
-        "a task fired only by its parents (`after`) or by hand",
+        "a task fired only by its parents (`after`), its workflow, or by hand",
         examples=["0 */5 * * * *"],
     ),
 ]

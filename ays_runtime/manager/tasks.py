@@ -280,14 +280,8 @@ def task_columns(spec: TaskCreate) -> dict[str, Any]:
     """The columns of a task as stored, from a valid request; raises ValidationError on what
     the request model alone cannot see (the schedule in its time zone, the payload of the
     task type). The database checks (node group, name) are the caller's."""
-    if spec.schedule:
+    if spec.schedule:  # empty: fired only by its parents, its workflow, or by hand
         parse_schedule(spec.schedule, spec.timezone)  # names `timezone` or `schedule`
-    elif not spec.after:
-        raise ValidationError(
-            "schedule",
-            spec.schedule,
-            "a schedule (e.g. `0 */5 * * * *`), or parent tasks in `after` (or both)",
-        )
     payload = validated(PAYLOAD_MODELS[spec.task_type], spec.payload, prefix="payload")
     columns = spec.model_dump(mode="json")
     columns["payload"] = payload.model_dump(mode="json", exclude_none=True)

@@ -20,6 +20,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.orm import Session
 
+from ays_runtime.audit import trail
+from ays_runtime.audit.api import Who
 from ays_runtime.exceptions import ConflictError
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.schemas import (
@@ -33,6 +35,7 @@ from ays_runtime.manager.schemas import (
     WorkflowView,
 )
 from ays_runtime.storage.models import Workflow, WorkflowRun
+from ays_runtime.vocabulary import AuditAction
 from ays_runtime.web.fields import Id
 from ays_runtime.workflows import store
 
@@ -123,8 +126,8 @@ def list_workflows(session: DbSession) -> list[WorkflowOut]:
 
 
 @router.post("/workflows", response_model=WorkflowOut, status_code=201)
-def create_workflow(body: WorkflowCreate, session: DbSession) -> WorkflowOut:
-    wf = store.create_workflow(session, body.model_dump(mode="json", exclude_unset=True))
+def create_workflow(body: WorkflowCreate, session: DbSession, who: Who) -> WorkflowOut:
+    wf = store.create_workflow(session, body.model_dump(mode="json", exclude_unset=True), who)
     return workflow_out(session, wf)
 
 
@@ -134,20 +137,23 @@ def get_workflow(name: str, session: DbSession) -> WorkflowView:
 
 
 @router.patch("/workflows/{name}", response_model=WorkflowOut)
-def update_workflow(name: str, body: WorkflowUpdate, session: DbSession) -> WorkflowOut:
-    wf = store.update_workflow(session, name, body.model_dump(mode="json", exclude_unset=True))
+def update_workflow(name: str, body: WorkflowUpdate, session: DbSession, who: Who) -> WorkflowOut:
+    changes = body.model_dump(mode="json", exclude_unset=True)
+    wf = store.update_workflow(session, name, changes, who)
     return workflow_out(session, wf)
 
 
 @router.delete("/workflows/{name}", status_code=204)
-def delete_workflow(name: str, session: DbSession) -> None:
-    store.delete_workflow(session, name)
+def delete_workflow(name: str, session: DbSession, who: Who) -> None:
+    store.delete_workflow(session, name, who)
 
 
 @router.post("/workflows/{name}/start", response_model=WorkflowRunOut, status_code=202)
-async def start_workflow(name: str, body: WorkflowStart, ctx: Ctx) -> WorkflowRunOut:
+async def start_workflow(name: str, body: WorkflowStart, ctx: Ctx, who: Who) -> WorkflowRunOut:
     run_id = await _service(ctx).start(name, body.params)
     with ctx.sessions() as session:
+        done = {"run": run_id, "params": body.params}
+        trail.record_done(session, who, AuditAction.WORKFLOW_STARTED, name, done)
         return run_out(session, store.get_run(session, run_id), name, nodes=True)
 
 
@@ -159,11 +165,13 @@ def get_run(run_id: Id, session: DbSession) -> WorkflowRunOut:
 
 
 @router.post("/workflow-runs/{run_id}/rerun", response_model=WorkflowRunOut, status_code=202)
-async def rerun(run_id: Id, ctx: Ctx) -> WorkflowRunOut:
+async def rerun(run_id: Id, ctx: Ctx, who: Who) -> WorkflowRunOut:
     await _service(ctx).rerun(run_id)
     with ctx.sessions() as session:
         run = store.get_run(session, run_id)
         wf = session.get(Workflow, run.workflow_id)
+        what = {"run": run_id, "message": run.message}
+        trail.record_done(session, who, AuditAction.WORKFLOW_RERUN, wf.name if wf else "", what)
         return run_out(session, run, wf.name if wf else "", nodes=True)
 
 

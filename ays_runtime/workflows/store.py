@@ -15,9 +15,11 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from ays_runtime.audit import trail
 from ays_runtime.dependencies.triggers import slot_outcomes
 from ays_runtime.exceptions import ConflictError, NotFoundError, ValidationError
 from ays_runtime.manager.schemas import WorkflowCreate, WorkflowUpdate, validated
+from ays_runtime.manager.versions import API_ACTOR, Actor
 from ays_runtime.scheduler.firing import Fire
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.storage.database import insert_ignoring_duplicates, utcnow
@@ -29,7 +31,7 @@ from ays_runtime.storage.models import (
     WorkflowRun,
     WorkflowTask,
 )
-from ays_runtime.vocabulary import RunStatus, TriggerKind, WorkflowRunStatus
+from ays_runtime.vocabulary import AuditAction, RunStatus, TriggerKind, WorkflowRunStatus
 
 _UNFINISHED = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value, RunStatus.RUNNING.value)
 
@@ -37,7 +39,9 @@ _UNFINISHED = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value, RunStatus.RU
 # --- definitions ----------------------------------------------------------------------------
 
 
-def create_workflow(session: Session, data: Mapping[str, Any]) -> Workflow:
+def create_workflow(
+    session: Session, data: Mapping[str, Any], actor: Actor = API_ACTOR
+) -> Workflow:
     spec = validated(WorkflowCreate, data)
     if session.scalar(select(Workflow.id).where(Workflow.name == spec.name)) is not None:
         raise ConflictError(f"name: workflow {spec.name!r} already exists; choose another")
@@ -47,14 +51,18 @@ def create_workflow(session: Session, data: Mapping[str, Any]) -> Workflow:
     session.add(wf)
     session.flush()
     _set_tasks(session, wf, spec.tasks)
+    trail.record(session, actor, AuditAction.WORKFLOW_CREATED, wf.name, after=spec_of(spec))
     session.commit()
     return wf
 
 
-def update_workflow(session: Session, name: str, changes: Mapping[str, Any]) -> Workflow:
+def update_workflow(
+    session: Session, name: str, changes: Mapping[str, Any], actor: Actor = API_ACTOR
+) -> Workflow:
     patch = validated(WorkflowUpdate, changes).model_dump(mode="json", exclude_unset=True)
     wf = get_workflow(session, name)
-    current = {**definition(session, wf), **patch}
+    before_def = definition(session, wf)
+    current = {**before_def, **patch}
     spec = validated(WorkflowCreate, current)
     if spec.name != wf.name and session.scalar(
         select(Workflow.id).where(Workflow.name == spec.name)
@@ -65,13 +73,17 @@ def update_workflow(session: Session, name: str, changes: Mapping[str, Any]) -> 
         setattr(wf, key, value)
     wf.updated_at = utcnow()
     _set_tasks(session, wf, spec.tasks)
+    trail.record(
+        session, actor, AuditAction.WORKFLOW_UPDATED, name, before=before_def, after=spec_of(spec)
+    )
     session.commit()
     return wf
 
 
-def delete_workflow(session: Session, name: str) -> None:
+def delete_workflow(session: Session, name: str, actor: Actor = API_ACTOR) -> None:
     """The workflow goes (its tasks stay, as tasks of no workflow); its runs' rows stay."""
     wf = get_workflow(session, name)
+    trail.record(session, actor, AuditAction.WORKFLOW_DELETED, name, before=definition(session, wf))
     session.execute(delete(WorkflowTask).where(WorkflowTask.workflow_id == wf.id))
     session.delete(wf)
     session.commit()
@@ -110,6 +122,10 @@ def definition(session: Session, wf: Workflow) -> dict[str, Any]:
         "timeout_s": wf.timeout_s,
         "enabled": wf.enabled,
     }
+
+
+def spec_of(spec: WorkflowCreate) -> dict[str, Any]:
+    return spec.model_dump(mode="json")
 
 
 def _check_schedule(schedule: str, timezone: str) -> None:
