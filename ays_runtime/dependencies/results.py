@@ -37,31 +37,42 @@ def with_parent_results(conn: Connection, dispatches: Sequence[JobDispatch]) -> 
             parents.setdefault(child_id, []).append(name)
     if not parents:
         return list(dispatches)
-    cache: dict[tuple[int, datetime], str] = {}
+    # One read per slot for every parent its children have (a fan-out of 1,000 children
+    # reads its parent's result once).
+    by_slot: dict[datetime, set[str]] = {}
+    for d in dispatches:
+        by_slot.setdefault(d.scheduled_at, set()).update(parents.get(d.task_id, ()))
+    results = {at: _results(conn, names, at) for at, names in by_slot.items() if names}
     out = []
     for d in dispatches:
         names = parents.get(d.task_id)
         if names:
-            key = (d.task_id, d.scheduled_at)
-            if key not in cache:
-                cache[key] = _results(conn, names, d.scheduled_at)
-            d = replace(d, parent_results=cache[key])
+            d = replace(d, parent_results=_object(names, results[d.scheduled_at]))
         out.append(d)
     return out
 
 
-def _results(conn: Connection, names: list[str], at: datetime) -> str:
+def _results(conn: Connection, names: set[str], at: datetime) -> dict[str, Any]:
+    """Each parent's result of slot `at` (its latest attempt's; a broadcast's shard 0)."""
     rows = conn.execute(
         select(Task.name, JobLog.attempt, JobLog.shard_index, JobLog.result)
         .join(JobLog, JobLog.task_id == Task.id)
-        .where(Task.name.in_(names), JobLog.scheduled_at == at)
+        .where(Task.name.in_(sorted(names)), JobLog.scheduled_at == at)
         .order_by(Task.name, JobLog.attempt, JobLog.shard_index)
     ).all()
-    found: dict[str, Any] = dict.fromkeys(sorted(names))
-    for r in rows:  # the latest attempt's (of shard 0 first: a broadcast's first shard)
-        if r.result is not None and (r.shard_index == 0 or found[r.name] is None):
+    found: dict[str, Any] = {}
+    for r in rows:
+        if r.result is not None and (r.shard_index == 0 or found.get(r.name) is None):
             found[r.name] = json.loads(r.result)
-    text = json.dumps(found, ensure_ascii=False, separators=(",", ":"))
+    return found
+
+
+def _object(names: list[str], results: dict[str, Any]) -> str:
+    text = json.dumps(
+        {name: results.get(name) for name in sorted(names)},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     if len(text.encode()) > MAX_PARENT_RESULTS_BYTES:
         # Too much to hand on: the names, with null, say which parents there were.
         text = json.dumps(dict.fromkeys(sorted(names)))
