@@ -97,6 +97,17 @@ def fire_children(
     by_slot: dict[datetime, set[int]] = {}
     for task_id, scheduled_at in ended:
         by_slot.setdefault(scheduled_at, set()).add(task_id)
+    # Most tasks have no child: one read says so for the whole batch.
+    ids = sorted({t for tasks in by_slot.values() for t in tasks})
+    has_children = set(
+        conn.execute(
+            select(Task.id)
+            .join(TaskEdge, TaskEdge.parent_name == Task.name)
+            .where(Task.id.in_(ids))
+            .distinct()
+        ).scalars()
+    )
+    by_slot = {at: tasks & has_children for at, tasks in by_slot.items() if tasks & has_children}
     claimed: list[JobDispatch] = []
     for scheduled_at, parents in by_slot.items():
         claimed.extend(_decide_slot(conn, manager_id, parents, scheduled_at, now))
