@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ays_installer import alerts_cli, apply_cli, audit_cli, run_cli, task_cli
+from ays_installer import alerts_cli, apply_cli, audit_cli, run_cli, task_cli, workflow_cli
 from ays_installer.api_client import JsonOption, UrlOption
 from ays_installer.options import (
     ConfigOption,
@@ -40,6 +40,7 @@ app = typer.Typer(
 add_version_option(app, "aysManager")
 app.add_typer(task_cli.app, name="task")
 app.add_typer(run_cli.app, name="run")
+app.add_typer(workflow_cli.app, name="workflow")
 app.add_typer(alerts_cli.app, name="alerts")
 app.command("audit")(audit_cli.audit)
 db_app = typer.Typer(no_args_is_help=True, help="Manage the database schema.")

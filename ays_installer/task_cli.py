@@ -23,7 +23,14 @@ from ays_installer.api_client import (
 )
 from ays_installer.options import ConfigOption, EnvOption, RootOption, fail
 from ays_installer.tables import fields, local_time, print_table
-from ays_runtime.vocabulary import BlockStrategy, MisfirePolicy, RetryBackoff, RouteStrategy
+from ays_runtime.vocabulary import (
+    AfterCondition,
+    AfterMode,
+    BlockStrategy,
+    MisfirePolicy,
+    RetryBackoff,
+    RouteStrategy,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -149,6 +156,26 @@ Tags = Annotated[
         help="A label to find the task by (task list --tag): 1-32 of a-z 0-9 _ . - (repeat, "
         "or a,b, for more). On edit, the task's tags become those given.",
     ),
+]
+After = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--after",
+        metavar="PARENT[:CONDITION]",
+        help="Fire when the run of task PARENT ends; CONDITION is success (default), failure "
+        "or always (repeat for more parents). On edit, the task's parents become those given.",
+    ),
+]
+AfterModeOption = Annotated[
+    AfterMode | None,
+    typer.Option(
+        "--after-mode",
+        help="With several parents: all = once per slot when every parent's run met its "
+        "condition (default); any = once per parent run that met it.",
+    ),
+]
+NoAfter = Annotated[
+    bool, typer.Option("--no-after", help="Take every parent off the task.", show_default=False)
 ]
 NoTags = Annotated[
     bool, typer.Option("--no-tags", help="Take every tag off the task.", show_default=False)
@@ -276,7 +303,8 @@ def show_task(
 ) -> None:
     """Show a task's whole definition and its latest runs."""
     with connect(env, config, root, url) as api:
-        found = find_task(api, task)
+        # by id: the single task's view also says what is wrong with its parents
+        found = api.get(f"/tasks/{find_task(api, task)['id']}")
         runs = api.get("/job-logs", params={"task_id": found["id"], "limit": 5})["items"]
     if as_json:
         print_json(found)
@@ -287,7 +315,16 @@ def show_task(
             ("name", found["name"]),
             ("description", found["description"]),
             ("node group", found["node_group"]),
-            ("schedule", f"{found['schedule']} ({found['timezone']})"),
+            (
+                "schedule",
+                f"{found['schedule']} ({found['timezone']})" if found["schedule"] else "none",
+            ),
+            (
+                "after",
+                ", ".join(f"{e['task']}:{e['condition']}" for e in found.get("after") or [])
+                + (f" (mode {found.get('after_mode')})" if found.get("after") else "none"),
+            ),
+            *(("  problem", p) for p in found.get("after_problems") or []),
             ("enabled", found["enabled"]),
             ("tags", ", ".join(found["tags"]) or "none"),
             ("type", found["task_type"]),
@@ -334,6 +371,22 @@ def pairs(values: list[str] | None, separator: str, option: str) -> dict[str, st
     return out
 
 
+def parent_list(values: list[str] | None) -> list[dict[str, str]]:
+    """The parents of `--after PARENT[:CONDITION]` options."""
+    conditions = [c.value for c in AfterCondition]
+    out = []
+    for value in values or ():
+        name, _, condition = value.rpartition(":") if ":" in value else (value, "", "success")
+        condition = condition or "success"
+        if not name.strip() or condition not in conditions:
+            raise fail(
+                f"error: --after {value!r} is not PARENT[:CONDITION] with CONDITION one of "
+                f"{', '.join(conditions)}"
+            )
+        out.append({"task": name.strip(), "condition": condition})
+    return out
+
+
 def tag_list(values: list[str] | None) -> list[str]:
     """The tags of `--tag` options, each of which may hold several (a,b)."""
     return [tag.strip() for value in values or () for tag in value.split(",") if tag.strip()]
@@ -355,6 +408,7 @@ FIELD_OF_OPTION = {
     "block": "block_strategy",
     "misfire": "misfire_policy",
     "enabled": "enabled",
+    "after_mode": "after_mode",
 }
 
 
@@ -372,6 +426,12 @@ def definition_changes(current: dict[str, Any] | None, given: dict[str, Any]) ->
         changes["tags"] = tag_list(given["tag"])
     elif given.get("no_tags"):
         changes["tags"] = []
+    if given.get("after") and given.get("no_after"):
+        raise fail("error: give --after PARENT or --no-after, not both")
+    if given.get("after"):
+        changes["after"] = parent_list(given["after"])
+    elif given.get("no_after"):
+        changes["after"] = []
     command, job_env, workdir = given.get("command"), given.get("job_env"), given.get("workdir")
     http_url, http_header = given.get("http_url"), given.get("http_header")
     http_method, http_body = given.get("http_method"), given.get("http_body")
@@ -444,6 +504,8 @@ def add_task(
     misfire: Misfire = None,
     enabled: Enabled = None,
     tag: Tags = None,
+    after: After = None,
+    after_mode: AfterModeOption = None,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,
@@ -452,9 +514,12 @@ def add_task(
 ) -> None:
     """Create a task.
 
-    It needs -g GROUP, -s CRON, and -c COMMAND (a shell task) or --http-url URL (an HTTP
-    task); the other fields take their defaults unless given."""
-    missing = [flag for flag, value in (("-g GROUP", group), ("-s CRON", schedule)) if not value]
+    It needs -g GROUP, -s CRON (or --after PARENT, or both; -s '' for a task run only by
+    hand or by its workflow), and -c COMMAND (a shell task) or --http-url URL (an HTTP task);
+    the other fields take their defaults unless given."""
+    missing = [] if group else ["-g GROUP"]
+    if schedule is None and not after:  # -s '' says: no schedule, on purpose
+        missing.append("-s CRON (or -s '' for none), or --after PARENT")
     if not (command or http_url):
         missing.append("-c COMMAND (a shell task) or --http-url URL (an HTTP task)")
     if missing:
@@ -469,9 +534,13 @@ def add_task(
         print_json(task)
         return
     state = "" if task["enabled"] else " (disabled)"
+    fires = f"{task['schedule']} {task['timezone']}" if task["schedule"] else ""
+    if task.get("after"):
+        parents = ", ".join(f"{e['task']}:{e['condition']}" for e in task["after"])
+        fires += f"{' and ' if fires else ''}after {parents} ({task['after_mode']})"
     typer.echo(
-        f"created task {task['name']!r} (id {task['id']}): {task['schedule']} "
-        f"{task['timezone']} in node group {task['node_group']}{state}"
+        f"created task {task['name']!r} (id {task['id']}): {fires} "
+        f"in node group {task['node_group']}{state}"
     )
 
 
@@ -506,6 +575,9 @@ def edit_task(
     enabled: Enabled = None,
     tag: Tags = None,
     no_tags: NoTags = False,
+    after: After = None,
+    after_mode: AfterModeOption = None,
+    no_after: NoAfter = False,
     as_json: JsonOption = False,
     env: EnvOption = None,
     config: ConfigOption = None,

@@ -57,6 +57,10 @@ from ays_runtime.web.fields import Id, Int32, NonNegativeInt32, StorableText, Ut
 API = "/api/v1"
 # A result batch holds at most this many results (a node sends up to 100 at a time).
 MAX_RESULTS_PER_BATCH = 1000
+# A job's result (the JSON its shell job wrote to AYS_RESULT_FILE), and all of a child's
+# parents' results together (AYS_PARENT_RESULTS): bounded, as they travel with every run.
+MAX_JOB_RESULT_BYTES = 65_536
+MAX_PARENT_RESULTS_BYTES = 1_048_576
 OUTPUT_NEXT_HEADER = "X-Ays-Output-Next"
 RUN_STATE_HEADER = "X-Ays-Run-State"
 # Who makes a change through the manager's API (the CLI sends user@host), kept in task history.
@@ -84,6 +88,8 @@ class RunRequest(_Message):
     queue_if_busy: bool = True
     # Where to report the result: the manager's base URL, e.g. http://127.0.0.1:18080
     report_to: str = Field(max_length=2048)
+    # The parents' results, a JSON object keyed by parent task name (ays_runtime.dependencies)
+    parent_results: str = Field("", max_length=MAX_PARENT_RESULTS_BYTES)
 
 
 class RunAccepted(_Message):
@@ -119,6 +125,8 @@ class JobResultReport(_Message):
     output: str = Field("", max_length=1_048_576)
     output_truncated: bool = False
     message: str = Field("", max_length=65_536)  # stored cut to 1024 characters
+    # What the job wrote to AYS_RESULT_FILE: valid JSON, or "" for nothing.
+    result: str = Field("", max_length=MAX_JOB_RESULT_BYTES)
 
 
 class ResultBatch(_Message):

@@ -76,6 +76,37 @@ class TriggerKind(enum.StrEnum):
     MANUAL = "manual"
     MISFIRE = "misfire"
     RETRY = "retry"
+    DEPENDENCY = "dependency"  # a parent task's run ended meeting the condition of an edge
+    WORKFLOW = "workflow"  # a workflow run started (its first tasks)
+    RERUN = "rerun"  # a failed workflow run rerun from its failed tasks on
+
+
+class AfterCondition(enum.StrEnum):
+    """When a parent's run fires its child (`ays_runtime.dependencies`)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    ALWAYS = "always"
+
+
+class WorkflowRunStatus(enum.StrEnum):
+    """The life of one start of a workflow (`ays_runtime.workflows`)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every task of it succeeded
+    FAILED = "failed"  # a task of it failed (or the workflow timed out)
+    PARTLY_SKIPPED = "partly_skipped"  # none failed, some were skipped or not fired
+
+    @property
+    def is_final(self) -> bool:
+        return self != WorkflowRunStatus.RUNNING
+
+
+class AfterMode(enum.StrEnum):
+    """How a child with several parents fires (`ays_runtime.dependencies`)."""
+
+    ALL = "all"  # once per slot, when every parent's run of that slot met its condition
+    ANY = "any"  # once per parent run that met its condition
 
 
 class SlotMissReason(enum.StrEnum):
@@ -123,6 +154,11 @@ class AuditAction(enum.StrEnum):
     ALERT_RULE_DELETED = "alert_rule.deleted"
     ALERT_RULE_SILENCED = "alert_rule.silenced"
     ALERT_RULE_UNSILENCED = "alert_rule.unsilenced"
+    WORKFLOW_CREATED = "workflow.created"
+    WORKFLOW_UPDATED = "workflow.updated"
+    WORKFLOW_DELETED = "workflow.deleted"
+    WORKFLOW_STARTED = "workflow.started"
+    WORKFLOW_RERUN = "workflow.rerun"
 
     @property
     def target_type(self) -> str:

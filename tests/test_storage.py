@@ -281,6 +281,8 @@ def test_a_task_reads_back_as_stored_with_its_json_payload(
         misfire_policy="fire_once_now",
         enabled=False,
         tags=["billing", "nightly_2"],
+        after=[{"task": "extract", "condition": "failure"}],
+        after_mode="any",
         version=7,
         updated_at=T0 + timedelta(microseconds=1),
     )

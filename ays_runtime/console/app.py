@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ays_runtime.auth import token_matches
-from ays_runtime.console import alerts, csrf, nodes, overview, runs, tasks
+from ays_runtime.console import alerts, csrf, nodes, overview, runs, tasks, workflows
 from ays_runtime.console.render import STATIC, first, page
 from ays_runtime.console.session import COOKIE, LOGIN_PATH, SessionGate, cookie_value
 from ays_runtime.exceptions import ConflictError, NotFoundError, StorageError, ValidationError
@@ -143,6 +143,13 @@ def mount(app: FastAPI, ctx: ManagerContext) -> SessionGate:
     app.mount("/static", StaticFiles(directory=STATIC), name="console-static")
     _docs_routes(app)
     app.include_router(auth_router)
-    for router in (overview.router, tasks.router, runs.router, nodes.router, alerts.router):
+    for router in (
+        overview.router,
+        tasks.router,
+        runs.router,
+        nodes.router,
+        workflows.router,
+        alerts.router,
+    ):
         app.include_router(router)
     return gate

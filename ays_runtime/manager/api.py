@@ -79,6 +79,7 @@ from ays_runtime.audit import trail
 from ays_runtime.audit.api import Who
 from ays_runtime.auth import Caller, authenticate
 from ays_runtime.console import app as console
+from ays_runtime.dependencies import graph
 from ays_runtime.exceptions import (
     ConfigError,
     ConflictError,
@@ -135,6 +136,7 @@ from ays_runtime.web.guard import (
     protect,
 )
 from ays_runtime.web.refusals import RefusalLog
+from ays_runtime.workflows import api as workflows_api
 
 API_PREFIX = "/api/v1"
 # The only routes a caller without a token or console session reaches; every other path is
@@ -246,12 +248,17 @@ def list_tasks(
         return TaskPage(items=[TaskOut.model_validate(t) for t in items], total=total)
 
 
+def _task_out(session: Any, task: Any) -> TaskOut:
+    """A task as the API shows it, with what is wrong with its parents (deleted, disabled)."""
+    out = TaskOut.model_validate(task)
+    out.after_problems = graph.problems(session, task)
+    return out
+
+
 @tasks_router.post("", response_model=TaskOut, status_code=201, responses=_CONFLICT)
 async def create_task(body: TaskCreate, ctx: Ctx, who: Who) -> TaskOut:
     data = body.model_dump(mode="json", exclude_unset=True)
-    out = await _in_session(
-        ctx, lambda s: TaskOut.model_validate(tasks.create_task(s, data, actor=who))
-    )
+    out = await _in_session(ctx, lambda s: _task_out(s, tasks.create_task(s, data, actor=who)))
     await _tasks_changed(ctx)
     return out
 
@@ -259,7 +266,7 @@ async def create_task(body: TaskCreate, ctx: Ctx, who: Who) -> TaskOut:
 @tasks_router.get("/{task_id:int}", response_model=TaskOut, responses=_NOT_FOUND)
 def get_task(task_id: Id, ctx: Ctx) -> TaskOut:
     with ctx.sessions() as session:
-        return TaskOut.model_validate(tasks.get_task(session, task_id))
+        return _task_out(session, tasks.get_task(session, task_id))
 
 
 @tasks_router.put("/{task_id:int}", response_model=TaskOut, responses={**_NOT_FOUND, **_CONFLICT})
@@ -268,7 +275,7 @@ async def update_task(task_id: Id, body: TaskUpdate, ctx: Ctx, who: Who) -> Task
     """Change any subset of the task's fields; the others keep their values."""
     changes = body.model_dump(mode="json", exclude_unset=True)
     out = await _in_session(
-        ctx, lambda s: TaskOut.model_validate(tasks.update_task(s, task_id, changes, actor=who))
+        ctx, lambda s: _task_out(s, tasks.update_task(s, task_id, changes, actor=who))
     )
     await _tasks_changed(ctx)
     return out
@@ -723,6 +730,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         groups_router,
         audit_api.router,
         insight_api.router,
+        workflows_api.router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

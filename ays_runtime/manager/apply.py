@@ -267,7 +267,7 @@ def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) ->
             group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
             tasks.describe_node_group(session, group, groups[step.name].description, actor)
     session.flush()
-    for step in by_kind["task"]:
+    for step in _parents_first(by_kind["task"], specs):
         if step.action == Action.CREATE:
             tasks.insert_task(session, specs[step.name], actor)
         elif step.action == Action.UPDATE:
@@ -280,6 +280,28 @@ def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) ->
             group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
             tasks.remove_node_group(session, group, actor)
     session.flush()
+
+
+def _parents_first(steps: list[Step], specs: Mapping[str, TaskCreate]) -> list[Step]:
+    """The task steps with each task after the document's tasks it runs after (a task is
+    saved only once its parents exist); a cycle keeps its order and is refused at save."""
+    left = list(steps)
+    placed: set[str] = set()
+    out: list[Step] = []
+    while left:
+        ready = [
+            step
+            for step in left
+            if step.name not in specs
+            or all(e.task in placed or e.task not in specs for e in specs[step.name].after or [])
+        ]
+        if not ready:
+            ready = left[:1]
+        for step in ready:
+            placed.add(step.name)
+            left.remove(step)
+        out += ready
+    return out
 
 
 def _one(session: Session, table: type[Any], where: Any, step: Step) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,5 +30,7 @@ class ManagerContext:
     run_output: RunOutput
     # Reconciles now (POST /reconcile); the actions it took, one line each.
     reconcile: Callable[[], Awaitable[list[str]]] | None = None
+    # Starts and reruns workflows (ays_runtime.workflows.service.WorkflowService).
+    workflows: Any = None
     version: str = ""
     started_at: datetime = field(default_factory=utcnow)

@@ -22,6 +22,7 @@ retried after its backoff alone, as any failure.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, or_, select, update
 
+from ays_runtime.dependencies.results import with_parent_results
+from ays_runtime.dependencies.triggers import fire_children
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport, StartClaimAnswer
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
@@ -72,6 +75,12 @@ class _Final:
     ended_at: datetime | None = None
     output: str = ""
     unstarted: bool = False  # end it only if no node has started it (a dispatch failure)
+    result: str = ""  # the job's JSON result (AYS_RESULT_FILE), "" for none
+
+
+# A final's answer: stored (False: it had ended), its retry and the retry's delay, and the
+# children's runs its slot's end claimed (ays_runtime.dependencies).
+_Answer = tuple[bool, JobDispatch | None, float, list[JobDispatch]]
 
 
 def retry_delay(backoff: str, interval: float, attempt: int) -> float:
@@ -214,17 +223,24 @@ class RunTracker:
     async def record_result(self, report: JobResultReport) -> bool:
         """Store a node's report; False when the run was already final (a duplicate)."""
         output = report.output
+        result, message = report.result, report.message
+        if result:
+            try:
+                json.loads(result)
+            except ValueError:  # a node's word: the children must get JSON
+                result, message = "", f"{message}; result is not JSON: not kept"
         if len(output.encode()) > self.excerpt_bytes:
             output = output.encode()[-self.excerpt_bytes :].decode("utf-8", "replace")
         changed = await self._finish(
             report.job_log_id,
             report.status,
-            report.message,
+            message,
             node=report.node,
             exit_code=report.exit_code,
             started_at=report.started_at,
             ended_at=report.ended_at,
             output=output,
+            result=result,
         )
         if changed and self.on_finished is not None:
             self.on_finished(report.node)
@@ -430,18 +446,30 @@ class RunTracker:
         ended_at: datetime | None = None,
         output: str = "",
         unstarted: bool = False,
+        result: str = "",
     ) -> bool:
         final = _Final(
-            job_id, status, message, node, exit_code, started_at, ended_at, output, unstarted
+            job_id,
+            status,
+            message,
+            node,
+            exit_code,
+            started_at,
+            ended_at,
+            output,
+            unstarted,
+            result,
         )
-        changed, retry, delay = await self._final_writes.submit(final)
+        changed, retry, delay, children = await self._final_writes.submit(final)
         if retry is not None:
             self._schedule_retry(retry, delay)
+        if children:  # claimed with the parent's end: pending rows of this manager's
+            task = asyncio.ensure_future(self.redispatch(children))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return changed
 
-    def _write_finals(
-        self, finals: Sequence[_Final]
-    ) -> list[tuple[bool, JobDispatch | None, float]]:
+    def _write_finals(self, finals: Sequence[_Final]) -> list[_Answer]:
         answers = transaction(
             self.engine,
             lambda conn: self._write_finals_in(conn, finals),
@@ -453,10 +481,12 @@ class RunTracker:
             self.on_stored(stored)
         return answers
 
-    def _write_finals_in(
-        self, conn: Connection, finals: Sequence[_Final]
-    ) -> list[tuple[bool, JobDispatch | None, float]]:
-        answers: list[tuple[bool, JobDispatch | None, float]] = []
+    def _write_finals_in(self, conn: Connection, finals: Sequence[_Final]) -> list[_Answer]:
+        """The finals' statuses, their retries, and (in the same transaction) the fires of
+        the children of the slots that ended for good (`ays_runtime.dependencies`); each
+        child's dispatch is handed back with the answer of the run that ended its slot."""
+        answers: list[_Answer] = []
+        ended: dict[tuple[int, datetime], int] = {}  # parent slot -> index of its answer
         for final in finals:
             values: dict[str, Any] = {
                 "status": final.status,
@@ -465,6 +495,8 @@ class RunTracker:
                 "exit_code": final.exit_code,
                 "output": final.output,
             }
+            if final.result:
+                values["result"] = final.result
             if final.node:
                 values["node"] = final.node
             if final.started_at is not None:
@@ -477,10 +509,22 @@ class RunTracker:
                     or_(JobLog.status != RunStatus.RUNNING.value, JobLog.node == final.node)
                 )
             changed = conn.execute(update(JobLog).where(*guard).values(**values)).rowcount
-            if not changed or final.status not in RETRYABLE:
-                answers.append((bool(changed), None, 0.0))
-            else:
-                answers.append((True, *self._claim_retry(conn, final)))
+            retry: JobDispatch | None = None
+            delay = 0.0
+            if changed and final.status in RETRYABLE:
+                retry, delay = self._claim_retry(conn, final)
+            answers.append((bool(changed), retry, delay, []))
+            if changed and retry is None:
+                slot = conn.execute(
+                    select(JobLog.task_id, JobLog.scheduled_at).where(JobLog.id == final.job_id)
+                ).first()
+                if slot is not None:
+                    ended.setdefault((slot.task_id, slot.scheduled_at), len(answers) - 1)
+        if ended:
+            children = fire_children(conn, self.manager_id, ended, utcnow())
+            if children:
+                first = min(ended.values())
+                answers[first] = (*answers[first][:3], children)
         return answers
 
     def _claim_retry(self, conn: Connection, final: _Final) -> tuple[JobDispatch | None, float]:
@@ -553,7 +597,7 @@ class RunTracker:
         task = load_tasks(conn, {r.task_id}).get(r.task_id)
         if task is None:
             return None
-        return make_dispatch(
+        dispatch = make_dispatch(
             task,
             job_id,
             r.scheduled_at,
@@ -563,6 +607,7 @@ class RunTracker:
             r.shard_index,
             r.shard_total,
         )
+        return with_parent_results(conn, [dispatch])[0]
 
     def _schedule_retry(self, retry: JobDispatch, delay: float) -> None:
         log.info(

@@ -41,6 +41,7 @@ from ays_runtime.storage.models import (
     RouteStrategy,
     TaskType,
 )
+from ays_runtime.vocabulary import AfterCondition, AfterMode
 from ays_runtime.web.fields import INT32_MAX, StorableText, UtcOut
 
 # Where FastAPI says a request error sits; dropped from the field path we report.
@@ -233,10 +234,10 @@ GroupName = Annotated[
 ScheduleText = Annotated[
     str,
     Field(
-        min_length=1,
         max_length=255,
         description="6-field cron, seconds first (`*/10 * * * * *`), 5-field cron (minute "
-        "granularity), `@every 10s`, or @hourly/@daily/@weekly/@monthly/@yearly",
+        "granularity), `@every 10s`, or @hourly/@daily/@weekly/@monthly/@yearly; empty for "
+        "a task fired only by its parents (`after`), its workflow, or by hand",
         examples=["0 */5 * * * *"],
     ),
 ]
@@ -319,6 +320,44 @@ PAYLOAD_MODELS: dict[TaskType, type[_Request]] = {
 }
 
 
+# --- dependencies ---------------------------------------------------------------------------
+
+MAX_PARENTS = 1000
+
+
+def _none_is_empty(value: Any) -> Any:
+    return [] if value is None else value
+
+
+class ParentEdge(_Request):
+    """One parent of a task (`ays_runtime.dependencies`)."""
+
+    task: TaskName = Field(description="the parent task's name")
+    condition: Annotated[AfterCondition, Strict(False)] = Field(
+        AfterCondition.SUCCESS,
+        description="success, failure or always: which end of the parent's run fires this task",
+    )
+
+
+After = Annotated[
+    list[ParentEdge] | None,
+    BeforeValidator(_none_is_empty),
+    Field(
+        max_length=MAX_PARENTS,
+        description="parent tasks: this task fires when their runs end (see after_mode)",
+        examples=[[{"task": "extract", "condition": "success"}]],
+    ),
+]
+AfterModeField = Annotated[
+    AfterMode,
+    Strict(False),
+    Field(
+        description="all: once per slot, when every parent's run of that slot met its "
+        "condition (else the slot is skipped); any: once per parent run that met it"
+    ),
+]
+
+
 # --- task requests --------------------------------------------------------------------------
 
 
@@ -326,7 +365,7 @@ class TaskCreate(_Request):
     name: TaskName
     description: Description = ""
     node_group: GroupRef
-    schedule: ScheduleText
+    schedule: ScheduleText = ""
     timezone: TimezoneName = "UTC"
     task_type: Annotated[TaskType, Strict(False)] = TaskType.SHELL
     payload: dict[str, Any] = Field(
@@ -350,6 +389,8 @@ class TaskCreate(_Request):
     misfire_policy: Annotated[MisfirePolicy, Strict(False)] = MisfirePolicy.SKIP
     enabled: bool = True
     tags: Tags = Field(default_factory=list)
+    after: After = Field(default_factory=list)
+    after_mode: AfterModeField = AfterMode.ALL
 
 
 class TaskUpdate(_Request):
@@ -373,6 +414,40 @@ class TaskUpdate(_Request):
     misfire_policy: Annotated[MisfirePolicy, Strict(False)] | None = None
     enabled: bool | None = None
     tags: Tags | None = None
+    after: After = None
+    after_mode: AfterModeField | None = None
+
+
+class WorkflowCreate(_Request):
+    """A workflow: a named set of tasks started together (`ays_runtime.workflows`)."""
+
+    name: TaskName = Field(description="unique name of the workflow")
+    description: Description = ""
+    tasks: list[TaskName] = Field(
+        min_length=1,
+        max_length=MAX_PARENTS,
+        description="its tasks, by name; their `after` are its edges",
+    )
+    schedule: ScheduleText = ""
+    timezone: TimezoneName = "UTC"
+    params: Params = Field("", description="handed to every task of a run (AYS_PARAMS)")
+    timeout_s: TimeoutS = Field(0, description="a run still running after this is ended")
+    enabled: bool = True
+
+
+class WorkflowUpdate(_Request):
+    name: TaskName | None = None
+    description: Description | None = None
+    tasks: list[TaskName] | None = Field(None, min_length=1, max_length=MAX_PARENTS)
+    schedule: ScheduleText | None = None
+    timezone: TimezoneName | None = None
+    params: Params | None = None
+    timeout_s: TimeoutS | None = None
+    enabled: bool | None = None
+
+
+class WorkflowStart(_Request):
+    params: Params | None = Field(None, description="replaces the workflow's params this run")
 
 
 class TriggerRequest(_Request):
@@ -401,10 +476,6 @@ class NodeGroupUpdate(_Request):
 
     name: GroupName | None = None
     description: Description | None = None
-
-
-def _none_is_empty(value: Any) -> Any:
-    return [] if value is None else value
 
 
 class TasksDocument(_Request):
@@ -447,6 +518,13 @@ class TaskOut(_Response):
     misfire_policy: str
     enabled: bool
     tags: list[str]
+    after: Annotated[list[dict[str, str]], BeforeValidator(_none_is_empty)] = Field(
+        default_factory=list, description="parent tasks, each {task, condition}"
+    )
+    after_mode: str = AfterMode.ALL.value
+    after_problems: list[str] = Field(
+        default_factory=list, description="parents deleted or disabled (they will not fire it)"
+    )
     version: int = Field(description="bumped on every change")
     created_at: UtcOut
     updated_at: UtcOut
@@ -496,6 +574,9 @@ class JobLogOut(_Response):
     exit_code: int | None
     output: str
     message: str
+    result: str | None = Field(
+        None, description="the JSON the job wrote to AYS_RESULT_FILE (its children get it)"
+    )
 
 
 class JobLogPage(BaseModel):
@@ -625,3 +706,49 @@ class ErrorOut(BaseModel):
     errors: Sequence[dict[str, Any]] | None = Field(
         None, description="validation: every problem found, each {field, value, error}"
     )
+
+
+class WorkflowOut(_Response):
+    id: int
+    name: str
+    description: str
+    tasks: list[str]
+    schedule: str
+    timezone: str
+    params: str
+    timeout_s: int
+    enabled: bool
+    created_at: UtcOut
+    updated_at: UtcOut
+
+
+class WorkflowNodeOut(BaseModel):
+    task: str
+    task_id: int
+    depth: int = Field(description="0 for a first task; a child is below its deepest parent")
+    parents: list[str] = Field(description="its parents inside the workflow")
+    status: str = Field(description="its last attempt's run status, or not_run")
+    job_log_id: int | None
+    attempt: int | None
+    node: str = Field(description="the node that ran it")
+    message: str
+
+
+class WorkflowRunOut(BaseModel):
+    id: int
+    workflow: str
+    scheduled_at: UtcOut = Field(description="the slot every task of the run has")
+    trigger: str
+    params: str
+    status: str = Field(description="running, succeeded, failed or partly_skipped")
+    message: str
+    started_at: UtcOut
+    deadline_at: UtcOut | None
+    ended_at: UtcOut | None
+    nodes: list[WorkflowNodeOut] = Field(default_factory=list)
+
+
+class WorkflowView(BaseModel):
+    workflow: WorkflowOut
+    latest_run: WorkflowRunOut | None
+    runs: list[WorkflowRunOut] = Field(description="the latest runs, newest first")

@@ -53,6 +53,7 @@ from ays_runtime.storage.database import make_engine, redacted, session_factory,
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
 from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S
+from ays_runtime.workflows.service import WorkflowService
 
 log = logging.getLogger("ays.manager")
 
@@ -165,6 +166,7 @@ class Manager:
             plan = await scheduler.reconcile_now()
             return [str(action) for action in plan.actions]
 
+        workflows = WorkflowService(engine, self.manager_id, scheduler.writer.submit, kill_run)
         ctx = ManagerContext(
             config=cfg,
             sessions=sessions,
@@ -176,6 +178,7 @@ class Manager:
             run_output=run_output,
             reconcile=reconcile,
             version=__version__,
+            workflows=workflows,
         )
         app = create_app(ctx)
         alerts = AlertService(engine, cfg.alerts, cfg.env, self.manager_id)
@@ -237,6 +240,7 @@ class Manager:
         reaper = asyncio.create_task(self._reap(tracker), name="reaper")
         alerting = asyncio.create_task(alerts.run(), name="alerts")
         recovery = asyncio.create_task(self._recover(tracker), name="recover-pending")
+        flows = asyncio.create_task(workflows.run(), name="workflows")
         while not self._up(server, scheduler) and not (
             api.done() or sched.done() or self._stop.is_set()
         ):
@@ -262,6 +266,7 @@ class Manager:
         if self._handing_over:
             await release_listener(server, closer)
         self._stop.set()
+        workflows.stop()
         scheduler.stop()
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(sched, SHUTDOWN_TIMEOUT)
@@ -272,10 +277,10 @@ class Manager:
         await run_output.close()
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop, recovery, alerting, warming):
+        for task in (purge, reaper, stop, recovery, alerting, warming, flows):
             task.cancel()
         await asyncio.gather(
-            purge, reaper, stop, recovery, alerting, warming, return_exceptions=True
+            purge, reaper, stop, recovery, alerting, warming, flows, return_exceptions=True
         )
         engine.dispose()
         sock.close()

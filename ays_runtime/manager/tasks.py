@@ -27,11 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, select, update
+from sqlalchemy import ColumnElement, Select, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from ays_runtime.audit import trail
+from ays_runtime.dependencies import graph
 from ays_runtime.exceptions import (
     AysError,
     ConflictError,
@@ -60,6 +61,7 @@ from ays_runtime.storage.models import (
     NodeStatus,
     RunStatus,
     Task,
+    TaskEdge,
     TaskVersion,
     has_tag,
 )
@@ -238,6 +240,7 @@ def insert_task(session: Session, spec: TaskCreate, actor: Actor) -> Task:
     now = utcnow()
     task = Task(**columns, version=1, created_at=now, updated_at=now)
     session.add(task)
+    graph.save_edges(session, task)
     versions.record(session, task, TaskChange.CREATED, actor)
     return task
 
@@ -246,11 +249,21 @@ def change_task(session: Session, task: Task, spec: TaskCreate, actor: Actor) ->
     """Give `task` the definition `spec` (flushed, not committed); False when it had it."""
     columns = _checked_columns(session, spec, task_id=task.id)
     changed = {k: v for k, v in columns.items() if getattr(task, k) != v}
+    if changed.keys() == {"after"} and not task.after and not columns["after"]:
+        changed = {}  # None (a task from before migration 0012) and [] say the same
     if not changed:
         return False
+    old_name = task.name
     for key, value in changed.items():
         setattr(task, key, value)
     _bump(task)
+    if "name" in changed:
+        for child in graph.rename_parent(session, old_name, task.name):
+            if child.id != task.id:
+                _bump(child)
+                versions.record(session, child, TaskChange.UPDATED, actor)
+    if "after" in changed or "name" in changed:
+        graph.save_edges(session, task)
     versions.record(session, task, TaskChange.UPDATED, actor)
     return True
 
@@ -259,6 +272,7 @@ def remove_task(session: Session, task: Task, actor: Actor) -> None:
     """Delete `task` (not committed), recording the deletion in its history."""
     versions.record(session, task, TaskChange.DELETED, actor)
     versions.detach(session, task.id)
+    session.execute(delete(TaskEdge).where(TaskEdge.child_id == task.id))  # SQLite: no FK
     session.delete(task)
 
 
@@ -266,7 +280,8 @@ def task_columns(spec: TaskCreate) -> dict[str, Any]:
     """The columns of a task as stored, from a valid request; raises ValidationError on what
     the request model alone cannot see (the schedule in its time zone, the payload of the
     task type). The database checks (node group, name) are the caller's."""
-    parse_schedule(spec.schedule, spec.timezone)  # names `timezone` or `schedule`
+    if spec.schedule:  # empty: fired only by its parents, its workflow, or by hand
+        parse_schedule(spec.schedule, spec.timezone)  # names `timezone` or `schedule`
     payload = validated(PAYLOAD_MODELS[spec.task_type], spec.payload, prefix="payload")
     columns = spec.model_dump(mode="json")
     columns["payload"] = payload.model_dump(mode="json", exclude_none=True)
@@ -289,6 +304,7 @@ def _bump(task: Task) -> None:
 def _checked_columns(session: Session, spec: TaskCreate, task_id: int | None) -> dict[str, Any]:
     """The columns of a valid task; raises on what the request model alone cannot see."""
     columns = task_columns(spec)
+    graph.check_parents(session, spec.name, columns["after"])
     if _group_id(session, spec.node_group) is None:
         raise ValidationError(
             "node_group",

@@ -66,7 +66,9 @@ def completed(stored: dict[str, Any]) -> dict[str, Any]:
 
 def definition(task: Task) -> dict[str, Any]:
     """The task's definition as stored: every field a client sets (TaskCreate's)."""
-    return {name: getattr(task, name) for name in TaskCreate.model_fields}
+    out = {name: getattr(task, name) for name in TaskCreate.model_fields}
+    out["after"] = out["after"] or []  # NULL: a task from before migration 0012
+    return out
 
 
 def record(session: Session, task: Task, change: TaskChange, actor: Actor) -> TaskVersion:

@@ -402,6 +402,7 @@ class NodeDaemon:
             output=result.output_excerpt,
             output_truncated=result.output_truncated,
             message=result.message,
+            result=result.result,
         )
         assert self._reporter is not None
         await self._reporter.report(SpooledResult(request.report_to, report))
@@ -673,6 +674,7 @@ def _spec(request: RunRequest) -> JobSpec:
         shard_total=request.shard_total,
         attempt=request.attempt,
         scheduled_at=_naive_utc(request.scheduled_at).isoformat(),
+        parent_results=request.parent_results,
     )
 
 

@@ -40,7 +40,11 @@ The contract
   environment is built, not inherited: PATH, HOME, LANG, LC_ALL, TZ, USER and LOGNAME from the
   node (so no secret of the node's environment reaches a job), then `payload.env`, then the
   AYS_* variables, which a task cannot override: AYS_JOB_ID, AYS_TASK_ID, AYS_PARAMS,
-  AYS_SHARD_INDEX, AYS_SHARD_TOTAL, AYS_ATTEMPT, AYS_SCHEDULED_AT.
+  AYS_SHARD_INDEX, AYS_SHARD_TOTAL, AYS_ATTEMPT, AYS_SCHEDULED_AT, AYS_PARENT_RESULTS (the
+  results of the task's parents' runs of this slot, a JSON object by parent name; `{}` for
+  none) and AYS_RESULT_FILE: a file (mode 0600) the job may write a JSON result to, at most
+  MAX_JOB_RESULT_BYTES, read when the job ends and reported with its result (its children get
+  it in their AYS_PARENT_RESULTS); the file is deleted then.
 - HTTP jobs send `payload.method` (default GET) to `payload.url` with `payload.headers`;
   `payload.body` is sent as is when a string, as JSON otherwise. Redirects are not followed.
   `payload.expected_status` (an int or a list of ints; default any 2xx) decides success. The
@@ -63,14 +67,17 @@ The contract
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import http.cookiejar
+import json
 import logging
 import os
 import signal
 import ssl
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -85,6 +92,7 @@ from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.node import limits
 from ays_runtime.node.output import OutputBuffer, PipeReader
+from ays_runtime.protocol import MAX_JOB_RESULT_BYTES
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import RunStatus, TaskType
 
@@ -124,6 +132,7 @@ class JobSpec:
     shard_total: int = 1
     attempt: int = 0
     scheduled_at: str = ""  # ISO 8601, naive UTC
+    parent_results: str = ""  # JSON object by parent task name (AYS_PARENT_RESULTS)
 
 
 @dataclass
@@ -139,6 +148,7 @@ class JobResult:
     output_truncated: bool
     message: str
     output_bytes: int = 0  # everything the job wrote, kept or not
+    result: str = ""  # the JSON the job wrote to AYS_RESULT_FILE, "" for none
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, datetimes as ISO 8601 strings."""
@@ -464,6 +474,24 @@ class Executor:
                 await self.on_spawn(spec, None)
             except OSError as err:  # the job runs on, as it would have without a journal
                 self._unjournaled(spec, err)
+        result_fd, result_file = tempfile.mkstemp(prefix=f"ays-result-{spec.job_id}-")
+        os.close(result_fd)  # mode 0600: the job (the node's user) writes it, we read it
+        env["AYS_RESULT_FILE"] = result_file
+        try:
+            result = await self._run_shell_in(run, command, env, workdir)
+        finally:
+            job_result, problem = _read_result(result_file)
+            with contextlib.suppress(OSError):
+                os.unlink(result_file)
+        result.result = job_result
+        if problem:
+            result.message += f"; {problem}"
+        return result
+
+    async def _run_shell_in(
+        self, run: _Run, command: str, env: dict[str, str], workdir: str
+    ) -> JobResult:
+        spec = run.spec
         read_fd, write_fd = os.pipe()  # our own pipe: closing it is ours to decide
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -620,6 +648,25 @@ def _check(name: str, value: object, ok: bool, expected: str) -> None:
         raise ValidationError(name, value, expected)
 
 
+def _read_result(path: str) -> tuple[str, str]:
+    """The JSON a job wrote to AYS_RESULT_FILE ("" for none), and what was wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JOB_RESULT_BYTES + 1)
+    except OSError as err:
+        return "", f"result file not read: {err.strerror}"
+    if not data.strip():
+        return "", ""
+    if len(data) > MAX_JOB_RESULT_BYTES:
+        return "", f"result file over {MAX_JOB_RESULT_BYTES} bytes: not kept"
+    try:
+        text = data.decode()
+        json.loads(text)
+    except ValueError:
+        return "", "result file is not JSON: not kept"
+    return text.strip(), ""
+
+
 def _shell_job(spec: JobSpec) -> tuple[str, dict[str, str], str]:
     """(command, environment, workdir) of a shell job, or _Invalid naming the field (the
     rules of `limits`, which the manager applies when the task is saved)."""
@@ -648,6 +695,7 @@ def _shell_job(spec: JobSpec) -> tuple[str, dict[str, str], str]:
         AYS_SHARD_TOTAL=str(spec.shard_total),
         AYS_ATTEMPT=str(spec.attempt),
         AYS_SCHEDULED_AT=spec.scheduled_at,
+        AYS_PARENT_RESULTS=spec.parent_results or "{}",
     )
     workdir = payload.get("workdir") or ""
     if not isinstance(workdir, str):

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from ays_runtime.dependencies.results import with_parent_results
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.ledger import OwedRange, record_owed
 from ays_runtime.storage.database import transaction, utcnow
@@ -97,7 +98,7 @@ def claim_in(
     if not rows:
         return []
     rows.insert(conn)
-    return [
+    dispatches = [
         make_dispatch(
             current[f.task_id].row,
             job_id,
@@ -110,6 +111,9 @@ def claim_in(
         )
         for job_id, f, params in rows.won(conn)
     ]
+    if not any(current[d.task_id].row.get("after") for d in dispatches):
+        return dispatches  # the hot path: no task of the batch has parents
+    return with_parent_results(conn, dispatches)
 
 
 _TASK_COLUMNS = (
@@ -127,6 +131,7 @@ _TASK_COLUMNS = (
     Task.retry_count,
     Task.retry_backoff,
     Task.retry_interval_s,
+    Task.after,
 )
 
 

@@ -158,7 +158,9 @@ class Reconciler:
         """(b) when memory and the rows agree: only the tasks that differ come back."""
         plan = Plan()
         mine = and_(TimerRow.task_id == Task.id, TimerRow.manager_id == self.manager_id)
-        enabled = Task.enabled.is_(True)
+        # A task with no schedule (fired only by its parents, ays_runtime.dependencies, or by
+        # hand) has no timer, as a disabled one.
+        enabled = and_(Task.enabled.is_(True), Task.schedule != "")
         has_row = TimerRow.task_id.is_not(None)
         differs = or_(
             TimerRow.version != Task.version,
@@ -174,7 +176,7 @@ class Reconciler:
         ).all()
         adding: list[tuple[Row, bool]] = []
         for task in changed:
-            if task.enabled:
+            if task.enabled and task.schedule:
                 adding.append((task, not task.has_row))
             else:
                 self._remove(plan, task.id)
@@ -223,7 +225,7 @@ class Reconciler:
         enabled_ids: set[int] = set()
         adding: list[tuple[Row, bool]] = []  # (task, is_new)
         for task in tasks:
-            if not task.enabled:
+            if not task.enabled or not task.schedule:
                 continue
             enabled_ids.add(task.id)
             row = rows.get(task.id)

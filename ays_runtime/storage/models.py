@@ -30,6 +30,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ays_runtime.vocabulary import (  # the columns' choices and states
+    AfterMode,
     BlockStrategy,
     MisfirePolicy,
     NodeSource,
@@ -119,6 +120,12 @@ class Task(Base):
     misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.SKIP.value)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
     tags: Mapped[list[str]] = mapped_column(TagList, default=list, server_default="")
+    # Parent tasks, each {"task": name, "condition": AfterCondition}; the definition as the
+    # API gives it. `ays_task_edge` holds the same edges for the lookups (dependencies/).
+    after: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=list)
+    after_mode: Mapped[str] = mapped_column(
+        String(8), default=AfterMode.ALL.value, server_default=AfterMode.ALL.value
+    )
     # Bumped on every change; the timer list installs a (schedule, version) pair.
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -128,6 +135,78 @@ class Task(Base):
 def has_tag(tag: str) -> ColumnElement[bool]:
     """The tasks that carry `tag` (see TagList)."""
     return Task.tags.contains(f",{tag},", autoescape=True)
+
+
+class TaskEdge(Base):
+    """One edge of the dependency graph: `child_id` fires after the task named `parent_name`
+    (`ays_runtime.dependencies`). By name, not id, so that a parent deleted is seen as such
+    on its child, and a task created again under that name is the parent again; a rename
+    rewrites the edges (and the children's `after`)."""
+
+    __tablename__ = "ays_task_edge"
+    __table_args__ = (UniqueConstraint("child_id", "parent_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    child_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("ays_task.id", ondelete="CASCADE"), index=True
+    )
+    parent_name: Mapped[str] = mapped_column(String(128), index=True)
+    condition: Mapped[str] = mapped_column(String(16))
+
+
+class Workflow(Base):
+    """A named set of tasks started together (`ays_runtime.workflows`): by its schedule, or
+    by hand; its edges are its tasks' `after`."""
+
+    __tablename__ = "ays_workflow"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    schedule: Mapped[str] = mapped_column(String(255), default="")  # "": by hand only
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    params: Mapped[str] = mapped_column(String(1024), default="")
+    timeout_s: Mapped[int] = mapped_column(Integer, default=0)  # the whole run; 0 = none
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class WorkflowTask(Base):
+    """A task of a workflow; a task belongs to one workflow at most."""
+
+    __tablename__ = "ays_workflow_task"
+
+    task_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("ays_task.id", ondelete="CASCADE"), primary_key=True
+    )
+    workflow_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("ays_workflow.id", ondelete="CASCADE"), index=True
+    )
+
+
+class WorkflowRun(Base):
+    """One start of a workflow: every task of it runs with the slot `scheduled_at` (the key
+    of their job-log rows) and the params `params`. Unique per (workflow, slot): a schedule's
+    slot is started once, whichever manager gets there first."""
+
+    __tablename__ = "ays_workflow_run"
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "scheduled_at"),
+        Index("ix_ays_workflow_run_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(Integer)  # no FK: the history outlives it
+    scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    trigger: Mapped[str] = mapped_column(String(16))  # cron or manual
+    params: Mapped[str] = mapped_column(String(1024), default="")
+    status: Mapped[str] = mapped_column(String(16))  # WorkflowRunStatus
+    message: Mapped[str] = mapped_column(String(1024), default="")
+    manager_id: Mapped[str] = mapped_column(String(64), default="")
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    deadline_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class TaskVersion(Base):
@@ -272,6 +351,8 @@ class JobLog(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output: Mapped[str] = mapped_column(Text, default="")
     message: Mapped[str] = mapped_column(String(1024), default="")
+    # The JSON the job wrote to AYS_RESULT_FILE (its children's AYS_PARENT_RESULTS); None: none
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class SlotMiss(Base):

@@ -43,6 +43,7 @@ class JobDispatch:
     retry_interval_s: float = 10.0
     shard_index: int = 0
     shard_total: int = 1
+    parent_results: str = ""  # JSON object by parent name; "" for a task without parents
 
     @property
     def is_first_broadcast(self) -> bool:
@@ -76,6 +77,7 @@ class JobDispatch:
             block_strategy=self.block_strategy,
             queue_if_busy=queue_if_busy,
             report_to=report_to,
+            parent_results=self.parent_results,
         )
 
 
