@@ -6,8 +6,8 @@ table, job results, and workflows (ays_workflow, ays_workflow_task, ays_workflow
 parent's result makes (ays_runtime/dependencies/). Existing tasks have no parents.
 `ays_job_log.result`: the JSON a job wrote to AYS_RESULT_FILE, handed to its children.
 
-Revision ID: 0012_i18
-Revises: 0011
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-05
 """
 
@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-revision: str = "0012_i18"
-down_revision: str | None = "0011"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
