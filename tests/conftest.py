@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 from sqlalchemy import Engine, create_engine
@@ -34,6 +34,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime.storage.database import make_engine, redacted, session_factory
 from ays_runtime.storage.migrate import upgrade
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 MYSQL_URL_VAR = "AYS_TEST_MYSQL_URL"
 # Per-test databases are named with this prefix; scripts/test grants the test user `ays\_t%`.
@@ -173,3 +176,21 @@ def engine(database_url: str) -> Iterator[Engine]:
 def sessions(engine: Engine) -> sessionmaker[Session]:
     """Sessions on `engine` (expire_on_commit off, as the daemons use them)."""
     return session_factory(engine)
+
+
+# --- screenshots of the console (browser tests) ----------------------------------------------
+
+DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+@pytest.fixture
+def shot(tmp_path: Path) -> Callable[[Page, str], None]:
+    """Take a screenshot of the page as `name`.png: into the test's temporary directory, or
+    into docs/screenshots when AYS_UPDATE_SCREENSHOTS=1 asks to refresh the README's."""
+    into = DOCS_SHOTS if os.environ.get("AYS_UPDATE_SCREENSHOTS") == "1" else tmp_path / "shots"
+    into.mkdir(parents=True, exist_ok=True)
+
+    def take(page: Page, name: str) -> None:
+        page.screenshot(path=str(into / f"{name}.png"), full_page=False)
+
+    return take

@@ -15,7 +15,6 @@ scripts/test installs chromium when it is missing.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,6 @@ from tests.daemons import TOKEN, Cluster, cluster
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 WIDE = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 # A job that writes a line a second for a minute: long enough to watch, then to kill.
@@ -67,19 +65,6 @@ class Recorder:
             if urlsplit(url).scheme not in ("data", "blob", "about")
             and urlsplit(url).hostname != "127.0.0.1"
         ]
-
-
-@pytest.fixture
-def shot(tmp_path: Path) -> Callable[[Page, str], None]:
-    """Take a screenshot of the page as `name`.png: into the test's temporary directory, or
-    into docs/screenshots when AYS_UPDATE_SCREENSHOTS=1 asks to refresh the README's."""
-    into = DOCS_SHOTS if os.environ.get("AYS_UPDATE_SCREENSHOTS") == "1" else tmp_path / "shots"
-    into.mkdir(parents=True, exist_ok=True)
-
-    def take(page: Page, name: str) -> None:
-        page.screenshot(path=str(into / f"{name}.png"), full_page=False)
-
-    return take
 
 
 def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
@@ -246,7 +231,7 @@ def test_an_operator_creates_watches_kills_and_disables_a_task_then_signs_out(
 
 
 def test_an_operator_creates_an_alert_policy_in_the_console_fixing_a_field_first(
-    browser: Browser, ays: Cluster
+    browser: Browser, ays: Cluster, shot: Callable[[Page, str], None]
 ) -> None:
     base = f"http://127.0.0.1:{ays.manager_port}"
     context = browser.new_context(viewport=WIDE, base_url=base)

@@ -5,14 +5,18 @@ from its failed task on, a run past its timeout ends failed, a schedule starts i
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from tests.daemons import BIN, TOKEN, Cluster, cluster, wait_for
 from tests.test_dependencies import add, runs
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 
 @pytest.fixture
@@ -164,11 +168,11 @@ def test_a_scheduled_workflow_starts_each_slot_once_and_partly_skipped_says_so(
 
 @pytest.mark.slow
 def test_the_console_draws_the_workflow_and_each_tasks_state_in_its_latest_run(
-    ays: Cluster,
+    ays: Cluster, shot: Callable[[Page, str], None]
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    from tests.test_console_browser import CHROMIUM, WIDE, Recorder, shot
+    from tests.test_console_browser import CHROMIUM, WIDE, Recorder
 
     with ays.api() as api:
         add(api, "extract")
