@@ -16,12 +16,16 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, select
 
+from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.scheduler.ownership import BUCKETS, buckets_of, owner_of
+from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
+from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, TimerRow, TriggerKind
 from tests.daemons import TOKEN, Daemon, client, free_port, manager, wait_for, write_config
@@ -250,3 +254,65 @@ def test_a_killed_manager_s_tasks_move_to_the_others_and_back_when_it_returns(
             select(JobLog.id).where(JobLog.manager_id == victim, JobLog.scheduled_at >= back_at)
         ).first()
     assert theirs and fired_by_returned is not None, ays.logs()
+
+
+# --- the parts, in one process ------------------------------------------------------------
+
+
+def test_rendezvous_shares_cover_every_bucket_once_and_a_join_moves_only_the_joiners_share() -> (
+    None
+):
+    two = ["10.0.0.1:18080", "10.0.0.2:18080"]
+    three = [*two, "10.0.0.3:18080"]
+    before = {m: buckets_of(m, two) for m in two}
+    after = {m: buckets_of(m, three) for m in three}
+    assert sum(len(s) for s in after.values()) == BUCKETS
+    assert set().union(*after.values()) == set(range(BUCKETS))
+    for m in two:  # each old manager only gives buckets away, to the new one
+        assert after[m] <= before[m]
+    assert all(200 < len(s) < 480 for s in after.values()), [len(s) for s in after.values()]
+    assert buckets_of("10.0.0.1:18080", ["10.0.0.1:18080"]) == set(range(BUCKETS))
+
+
+def _every_second_task_fired(engine: Any, at: datetime) -> int:
+    from tests.test_scheduler import add_task
+
+    task = add_task(
+        engine, "tick", "* * * * * *", misfire_policy="skip", updated_at=at - timedelta(hours=1)
+    )
+    claim_slots(engine, "127.0.0.1:1", [Fire(task, at)], at)  # the last fire, by a peer
+    return task
+
+
+def test_a_task_gained_in_a_handover_fires_every_slot_since_its_last_fire(engine: Any) -> None:
+    now = datetime(2026, 5, 1, 12, 0, 10, 300000)
+    task = _every_second_task_fired(engine, datetime(2026, 5, 1, 12, 0, 1))
+    rec = Reconciler(engine, "127.0.0.1:2", misfire_grace=5)
+    plan = rec.plan({}, now, None, timedelta(seconds=13))
+    # 12:00:02 .. 12:00:05 are later than the grace: fired now; 12:00:06 on is the timer's.
+    assert [m.scheduled_at.second for m in plan.catch_up] == [2, 3, 4, 5]
+    assert [t.fire_at.second for t in plan.put_timers] == [6]
+    assert not plan.missed
+    # A manager that never saw a peer keeps the single-manager rules: skip, and the ledger.
+    alone = rec.plan({}, now)
+    assert not alone.catch_up and [r.task_id for r in alone.missed] == [task]
+
+
+def test_a_manager_installs_only_its_share_and_drops_what_moved_away(engine: Any) -> None:
+    from tests.test_scheduler import add_task
+
+    ids = [add_task(engine, f"t{i}", "0 0 * * * *") for i in range(6)]
+    rec = Reconciler(engine, "127.0.0.1:2", misfire_grace=5)
+    timers = TimerList()
+    plan = rec.plan({}, utcnow())
+    rec.apply(plan)
+    Reconciler.apply_to_memory(plan, timers)
+    assert {t.task_id for t in timers} == set(ids)
+    mine = frozenset(i % BUCKETS for i in ids[:3])
+    plan = rec.plan(memory_snapshot(timers), utcnow(), mine)
+    rec.apply(plan)
+    Reconciler.apply_to_memory(plan, timers)
+    assert {t.task_id for t in timers} == set(ids[:3])
+    assert {a.task_id for a in plan.actions if "another live manager" in a.detail} == set(ids[3:])
+    again = rec.plan(memory_snapshot(timers), utcnow(), mine)
+    assert not again and not again.full_read  # the cheap tick, restricted to the share
