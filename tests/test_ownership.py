@@ -22,12 +22,13 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, select
 
+from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.scheduler.firing import Fire, claim_slots
-from ays_runtime.scheduler.ownership import BUCKETS, buckets_of, owner_of
+from ays_runtime.scheduler.ownership import BUCKETS, buckets_of, mark_stopped, owner_of
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
 from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, TimerRow, TriggerKind
+from ays_runtime.storage.models import JobLog, Manager, TimerRow, TriggerKind
 from tests.daemons import TOKEN, Daemon, client, free_port, manager, wait_for, write_config
 
 TASKS = 12
@@ -317,3 +318,28 @@ def test_a_manager_installs_only_its_share_and_drops_what_moved_away(engine: Any
     assert {a.task_id for a in plan.actions if "another live manager" in a.detail} == set(ids[3:])
     again = rec.plan(memory_snapshot(timers), utcnow(), mine)
     assert not again and not again.full_read  # the cheap tick, restricted to the share
+
+
+def test_a_stopped_manager_s_pending_runs_are_adopted_at_once_by_the_owner_of_each_task(
+    engine: Any,
+) -> None:
+    from tests.test_scheduler import add_task
+
+    peer = "127.0.0.1:1"
+    first, second = add_task(engine, "a"), add_task(engine, "b")
+    record_alive(engine, peer, "test", utcnow())
+    at = whole_second(utcnow())
+    claim_slots(engine, peer, [Fire(first, at), Fire(second, at)], at)
+    long = timedelta(minutes=1)
+    assert adopt_from_silent(engine, "127.0.0.1:2", long) is None  # alive: left alone
+    mark_stopped(engine, peer)
+    token = adopt_from_silent(engine, "127.0.0.1:2", long, {first % BUCKETS}, BUCKETS)
+    assert token is not None
+    with engine.connect() as conn:
+        owners = dict(conn.execute(select(JobLog.task_id, JobLog.manager_id)).all())
+    assert owners == {first: "127.0.0.1:2", second: peer}  # only the task it owns
+    assert adopt_from_silent(engine, "127.0.0.1:3", long, {second % BUCKETS}, BUCKETS)
+    record_alive(engine, peer, "test", utcnow())  # started again: not stopped any more
+    with engine.connect() as conn:
+        row = conn.execute(select(Manager.stopped_at).where(Manager.manager_id == peer)).one()
+    assert row.stopped_at is None
