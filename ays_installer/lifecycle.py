@@ -344,6 +344,9 @@ class Lifecycle:
         say(f"  version:   {health.get('version', 'unknown (no health answer)')}")
         for line in _registry_lines(self.inst.role, self.config, health):
             say(f"  {line}")
+        if self.inst.role == "manager":
+            for line in _managers_lines(self.config):
+                say(f"  {line}")
         latest = ReloadRecord.read(self.files.reload_record)
         if latest is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.at))
@@ -523,9 +526,11 @@ def _ago(stamp: object) -> str:
     return f"{duration((datetime.now(UTC) - moment).total_seconds())} ago"
 
 
-def _manager_view(role: str, config: EnvConfig, base: str | None = None) -> str:
-    """What the manager's API says (the manager at `base`, default the config's): about
-    this node, or (for a manager) about every node."""
+def _api_get(
+    config: EnvConfig, path: str, params: dict[str, Any], base: str | None = None
+) -> dict[str, Any] | str:
+    """GET `path` of the manager's API (the manager at `base`, default the config's): the
+    JSON answer, or a line saying why there is none."""
     from ays_runtime.auth import auth_headers, resolve_access_token
     from ays_runtime.exceptions import ConfigError
 
@@ -538,13 +543,37 @@ def _manager_view(role: str, config: EnvConfig, base: str | None = None) -> str:
         return f"cannot ask {base} (no access token: {err})"
     try:
         response = httpx.get(
-            f"{base}{API}/nodes", params={"limit": 1000}, headers=auth_headers(token), timeout=5
+            f"{base}{API}{path}", params=params, headers=auth_headers(token), timeout=5
         )
     except httpx.HTTPError as err:
         return f"no answer from {base} ({type(err).__name__}: {err})"
     if response.status_code != 200:
-        return f"{base} answered HTTP {response.status_code} to GET {API}/nodes"
-    nodes = response.json().get("items", [])
+        return f"{base} answered HTTP {response.status_code} to GET {API}{path}"
+    body = response.json()
+    return body if isinstance(body, dict) else f"{base} answered GET {API}{path} with no object"
+
+
+def _managers_lines(config: EnvConfig) -> list[str]:
+    """The live managers sharing the database and the tasks each owns (GET /managers)."""
+    answer = _api_get(config, "/managers", {})
+    if isinstance(answer, str):
+        return [f"managers:  {answer}"]
+    me = answer.get("answered_by")
+    live = [m for m in answer.get("managers", []) if m.get("alive")]
+    lines = [f"managers:  {len(live)} live, dividing the enabled tasks"]
+    for m in live:
+        this = " (this one)" if m.get("manager_id") == me else ""
+        lines.append(f"  {m.get('manager_id')}{this}: owns {m.get('tasks_owned', 0)} task(s)")
+    return lines
+
+
+def _manager_view(role: str, config: EnvConfig, base: str | None = None) -> str:
+    """What the manager's API says (the manager at `base`, default the config's): about
+    this node, or (for a manager) about every node."""
+    answer = _api_get(config, "/nodes", {"limit": 1000}, base)
+    if isinstance(answer, str):
+        return answer
+    nodes = answer.get("items", [])
     if role == "node":
         me = f"{config.node.ip}:{config.node.port}"
         row = next((n for n in nodes if f"{n['ip']}:{n['port']}" == me), None)

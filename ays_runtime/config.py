@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.exceptions import ConfigError, MissingSecretError
@@ -174,6 +174,21 @@ class ManagerSettings(_Section):
         description="seconds a peer manager may be silent before this one adopts its pending "
         "runs (claimed but never sent, retries waiting)",
     )
+    beat_interval: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="seconds between this manager's liveness beats (its ays_manager row); "
+        "each beat also reads which managers are live, so shares move on the next one",
+    )
+    silent_after: float = Field(
+        6.0,
+        gt=0,
+        le=600,
+        description="seconds without a beat after which a manager counts as gone and its "
+        "tasks move to the live ones (at least twice beat_interval). A silent manager's "
+        "tasks fire again within silent_after + beat_interval + one reconcile",
+    )
     max_body_bytes: int = Field(
         1_048_576,
         ge=65_536,
@@ -191,6 +206,16 @@ class ManagerSettings(_Section):
     @classmethod
     def _ip(cls, v: str) -> str:
         return check_ip(v)
+
+    @model_validator(mode="after")
+    def _silent_after_two_beats(self) -> ManagerSettings:
+        if self.silent_after < 2 * self.beat_interval:
+            raise ValueError(
+                f"silent_after ({self.silent_after:g}) must be at least twice beat_interval "
+                f"({self.beat_interval:g}), so that one late beat does not move the shares: "
+                "raise manager.silent_after or lower manager.beat_interval"
+            )
+        return self
 
 
 class NodeSettings(_Section):

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import create_engine, insert
 
 from ays_runtime.scheduler.firing import Fire, claim_slots
+from ays_runtime.scheduler.ownership import owner_of
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Manager
 from tests.daemons import TOKEN, Daemon, client, free_port, manager, node, wait_for, write_config
@@ -512,9 +513,17 @@ def test_the_pending_runs_of_a_manager_gone_silent_are_adopted_and_run_and_no_ot
     task = add_task(cluster, "echo adopted by $AYS_JOB_ID")
     engine = create_engine(sqlite_url)
     now = utcnow().replace(microsecond=0)
+    # The live managers share the tasks and each adopts for its own (scheduler/ownership.py):
+    # the alive peer gets an id that leaves this task to the real manager.
+    real = f"127.0.0.1:{cluster.manager_port}"
+    alive = next(
+        f"10.9.9.8:{port}"
+        for port in range(18080, 18280)
+        if owner_of(task, sorted([real, f"10.9.9.8:{port}"])) == real
+    )
     managers = {
         "10.9.9.9:18080": now - timedelta(minutes=10),  # silent: its host died
-        "10.9.9.8:18080": now + timedelta(hours=1),  # alive (seen "later" than any tick)
+        alive: now + timedelta(hours=1),  # alive (seen "later" than any tick)
     }
     try:
         with engine.begin() as conn:
@@ -542,7 +551,7 @@ def test_the_pending_runs_of_a_manager_gone_silent_are_adopted_and_run_and_no_ot
         assert run["manager_id"] == f"127.0.0.1:{cluster.manager_port}"
         time.sleep(6)  # another liveness tick: the others stay where they are
         others = {r["id"]: r for r in runs(cluster, task) if r["id"] != adopted}
-        for who in ("10.9.9.8:18080", "10.9.9.7:18080"):
+        for who in (alive, "10.9.9.7:18080"):
             row = others[claimed[who].job_log_id]
             assert (row["status"], row["manager_id"]) == ("pending", who)
         assert "adopted 1 pending run(s) of silent manager(s) 10.9.9.9:18080" in (

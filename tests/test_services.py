@@ -773,6 +773,8 @@ def test_node_status_shows_its_registration_and_the_managers_view_and_says_when_
         code, text = status_of(stage, "manager")
         assert code == 0, text
         assert f"nodes:     1 of 1 online (builtin registry); by group: {GROUP} 1/1" in text
+        assert "managers:  1 live, dividing the enabled tasks" in text, text
+        assert re.search(rf"127\.0\.0\.1:{stage.manager_port} \(this one\): owns \d+ task", text)
 
         ok(lifecycle(stage, "manager", "stop"))
         text = wait_for(

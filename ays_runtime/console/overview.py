@@ -51,7 +51,7 @@ def _series_chart(
 
 @router.get("/", response_class=HTMLResponse)
 async def dashboard(request: Request) -> HTMLResponse:
-    silent_after = timedelta(seconds=context_of(request).config.manager.adopt_after)
+    silent_after = timedelta(seconds=context_of(request).config.manager.silent_after)
     figures = await in_session(
         request, lambda s: overview.overview(s, manager_silent_after=silent_after)
     )

@@ -30,6 +30,8 @@
     DELETE /api/v1/node-groups/{name}          204; 409 while tasks use the group
     GET    /api/v1/audit                       ?target_type ?target ?who ?action ?since ?until
                                                ?limit ?offset: the audit trail (ays_runtime.audit)
+    GET    /api/v1/managers                    the managers sharing the database, each alive or
+                                               not, with the tasks it owns
     GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
                                                the console's figures (manager/insight_api.py)
 

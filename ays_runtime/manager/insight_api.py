@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from ays_runtime.manager import forecast, overview, slots
@@ -62,14 +63,28 @@ def get_overview(
 ) -> overview.Overview:
     """The dashboard's figures: nodes per group, runs of the last hour and day by status and
     their success rate, fires and p99 lateness per minute over 24 h, the runs going now,
-    recent failures and the managers sharing the database (alive: seen within
-    manager.adopt_after)."""
+    recent failures and the managers sharing the database (alive: not stopped and seen
+    within manager.silent_after) with the tasks each owns."""
     return overview.overview(
         session,
-        manager_silent_after=timedelta(seconds=ctx.config.manager.adopt_after),
+        manager_silent_after=timedelta(seconds=ctx.config.manager.silent_after),
         failures=failures,
         running=running,
     )
+
+
+class Managers(BaseModel):
+    answered_by: str = Field(description="the manager that answered")
+    live: int = Field(description="managers alive now; they divide the enabled tasks")
+    managers: list[overview.ManagerAlive]
+
+
+@router.get("/managers", response_model=Managers)
+def get_managers(session: DbSession, ctx: Ctx) -> Managers:
+    """The managers sharing this database (scheduler/ownership.py): alive when not stopped
+    and seen within manager.silent_after, each with the tasks it owns (timers it holds)."""
+    rows = overview.managers(session, utcnow(), timedelta(seconds=ctx.config.manager.silent_after))
+    return Managers(answered_by=ctx.manager_id, live=sum(m.alive for m in rows), managers=rows)
 
 
 @router.get("/forecast", response_model=forecast.Forecast)

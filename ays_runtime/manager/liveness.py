@@ -5,6 +5,10 @@ never sent, retries waiting their backoff. A live manager adopts them (one guard
 two adopters never take the same row) and sends each when it is due: no run stays pending
 for ever because the manager that claimed it is gone.
 
+A manager that stopped cleanly (`stopped_at`, scheduler/ownership.py) is adopted from at
+once. With several live managers, each adopts only the runs of the tasks it owns (its
+buckets), so the runs follow the tasks.
+
 Only managers with a row are ever adopted from; a manager of an older version, which writes
 none, is left alone.
 """
@@ -13,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ays_runtime.storage.database import utcnow
@@ -31,7 +36,7 @@ def record_alive(engine: Engine, manager_id: str, version: str, started_at: date
         changed = conn.execute(
             update(Manager)
             .where(Manager.manager_id == manager_id)
-            .values(last_seen=now, version=version, started_at=started_at)
+            .values(last_seen=now, version=version, started_at=started_at, stopped_at=None)
         ).rowcount
     if changed:
         return
@@ -46,28 +51,37 @@ def record_alive(engine: Engine, manager_id: str, version: str, started_at: date
         pass
 
 
-def adopt_from_silent(engine: Engine, manager_id: str, silent_for: timedelta) -> str | None:
-    """Take over the pending runs of managers silent for longer than `silent_for`; the claim
+def adopt_from_silent(
+    engine: Engine,
+    manager_id: str,
+    silent_for: timedelta,
+    buckets: Collection[int] | None = None,
+    bucket_count: int = 1,
+) -> str | None:
+    """Take over the pending runs of managers silent for longer than `silent_for` or stopped
+    cleanly; only those of tasks in `buckets` (task_id % bucket_count) when given. The claim
     token the adopted rows now carry (select them by it), or None when there were none."""
     with engine.begin() as conn:
         silent = list(
             conn.execute(
                 select(Manager.manager_id).where(
-                    Manager.last_seen < utcnow() - silent_for, Manager.manager_id != manager_id
+                    or_(
+                        Manager.last_seen < utcnow() - silent_for,
+                        Manager.stopped_at.is_not(None),
+                    ),
+                    Manager.manager_id != manager_id,
                 )
             ).scalars()
         )
         if not silent:
             return None
         token = uuid.uuid4().hex
-        adopted = conn.execute(
-            update(JobLog)
-            .where(
-                JobLog.status == RunStatus.PENDING.value,
-                JobLog.manager_id.in_(silent),
-            )
-            .values(manager_id=manager_id, claim=token)
-        ).rowcount
+        stmt = update(JobLog).where(
+            JobLog.status == RunStatus.PENDING.value, JobLog.manager_id.in_(silent)
+        )
+        if buckets is not None:
+            stmt = stmt.where((JobLog.task_id % bucket_count).in_(sorted(buckets)))
+        adopted = conn.execute(stmt.values(manager_id=manager_id, claim=token)).rowcount
     if not adopted:
         return None
     log.warning(

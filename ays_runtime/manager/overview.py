@@ -23,8 +23,11 @@ Contract (stable; the console builds on it):
                           unfinished runs and the newest `running` of them that a node holds
     recent_failures       [RecentFailure(id, task_id, task_name, status, scheduled_at,
                           created_at, ended_at, node, message)], newest first, at most `failures`
-    managers              [ManagerAlive(manager_id, version, started_at, last_seen, alive)],
-                          alive when last seen within `manager_silent_after`
+    managers              [ManagerAlive(manager_id, version, started_at, last_seen, alive,
+                          stopped_at, tasks_owned)] (managers(session, now, silent_after)):
+                          alive when not stopped and last seen within `manager_silent_after`;
+                          tasks_owned: the timers an alive one holds (its share of the
+                          enabled tasks, scheduler/ownership.py), 0 for the others
 
 A *fire* is a slot claim: a job-log row of a cron or misfire trigger, attempt 0, shard 0.
 Its lateness is `created_at - scheduled_at`: from the slot's time to the moment a manager
@@ -53,7 +56,7 @@ from sqlalchemy import ColumnElement, and_, case, func, literal_column, or_, sel
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, Manager, Node, NodeGroup, Task
+from ays_runtime.storage.models import JobLog, Manager, Node, NodeGroup, Task, TimerRow
 from ays_runtime.vocabulary import NodeStatus, RunStatus, TriggerKind
 from ays_runtime.web.fields import UtcOut
 
@@ -131,6 +134,8 @@ class ManagerAlive(BaseModel):
     started_at: UtcOut
     last_seen: UtcOut
     alive: bool
+    stopped_at: UtcOut | None = Field(None, description="when it stopped cleanly, if it did")
+    tasks_owned: int = Field(0, description="timers it holds: its share of the enabled tasks")
 
 
 class Overview(BaseModel):
@@ -166,17 +171,32 @@ def overview(
         timeline=_timeline(minutes, start),
         going=_going(session, running),
         recent_failures=_recent_failures(session, failures),
-        managers=[
+        managers=managers(session, now, manager_silent_after),
+    )
+
+
+def managers(session: Session, now: datetime, silent_after: timedelta) -> list[ManagerAlive]:
+    """Every manager that has run against this database, by id, with the tasks it owns."""
+    held = dict(
+        session.execute(
+            select(TimerRow.manager_id, func.count()).group_by(TimerRow.manager_id)
+        ).all()
+    )
+    out = []
+    for m in session.scalars(select(Manager).order_by(Manager.manager_id)):
+        alive = m.stopped_at is None and m.last_seen >= now - silent_after
+        out.append(
             ManagerAlive(
                 manager_id=m.manager_id,
                 version=m.version,
                 started_at=m.started_at,
                 last_seen=m.last_seen,
-                alive=m.last_seen >= now - manager_silent_after,
+                alive=alive,
+                stopped_at=m.stopped_at,
+                tasks_owned=int(held.get(m.manager_id, 0)) if alive else 0,
             )
-            for m in session.scalars(select(Manager).order_by(Manager.manager_id))
-        ],
-    )
+        )
+    return out
 
 
 def _nodes(session: Session) -> list[GroupNodes]:

@@ -40,16 +40,17 @@ from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.dispatch import Dispatcher
 from ays_runtime.manager.forecast import keep_warm
 from ays_runtime.manager.kills import RunKiller
-from ays_runtime.manager.liveness import adopt_from_silent, record_alive
+from ays_runtime.manager.liveness import adopt_from_silent
 from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.output import RunOutput
 from ays_runtime.manager.retention import AUDIT_ENTRIES, JOB_LOGS, SLOT_MISSES, retention_loop
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.registry.base import NodeRegistry
+from ays_runtime.scheduler.ownership import BUCKETS, Ownership
 from ays_runtime.scheduler.scheduler import Scheduler
 from ays_runtime.service.handover import ConnectionCloser, release_listener
-from ays_runtime.storage.database import make_engine, redacted, session_factory, utcnow
+from ays_runtime.storage.database import make_engine, redacted, session_factory
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
 from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S
@@ -136,6 +137,14 @@ class Manager:
         )
         dispatcher = Dispatcher(registry, tracker, transport)
         dispatcher_box.append(dispatcher)
+        ownership = Ownership(
+            engine,
+            self.manager_id,
+            __version__,
+            beat_interval=cfg.manager.beat_interval,
+            silent_after=cfg.manager.silent_after,
+            misfire_grace=cfg.manager.misfire_grace,
+        )
         scheduler = Scheduler(
             engine,
             self.manager_id,
@@ -143,8 +152,10 @@ class Manager:
             reconcile_interval=cfg.manager.reconcile_interval,
             misfire_grace=cfg.manager.misfire_grace,
             ledger_horizon=cfg.manager.ledger_horizon,
+            ownership=ownership,
         )
         self.scheduler = scheduler
+        self.ownership = ownership
         self.engine = engine
         metrics.attach(
             metrics.ManagerState(
@@ -270,6 +281,13 @@ class Manager:
         scheduler.stop()
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(sched, SHUTDOWN_TIMEOUT)
+        if not self._handing_over:  # a reload's successor carries this id on: no leaving
+            try:
+                await asyncio.to_thread(ownership.leave)
+            except SQLAlchemyError as err:  # the peers find this one silent instead
+                log.warning(
+                    "manager %s: could not mark this manager stopped: %s", self.manager_id, err
+                )
         server.should_exit = True
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(api, 10)
@@ -300,18 +318,20 @@ class Manager:
         self._recovered.set()
 
     async def _reap(self, tracker: RunTracker) -> None:
-        started_at = utcnow()
+        # The liveness beat itself is the scheduler's (scheduler/ownership.py).
         silent_for = timedelta(seconds=self.config.manager.adopt_after)
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
                 await tracker.reap_orphans()
             try:
-                await asyncio.to_thread(
-                    record_alive, self.engine, self.manager_id, __version__, started_at
-                )
                 if self._recovered.is_set():  # own leftovers first, then a peer's
                     token = await asyncio.to_thread(
-                        adopt_from_silent, self.engine, self.manager_id, silent_for
+                        adopt_from_silent,
+                        self.engine,
+                        self.manager_id,
+                        silent_for,
+                        self.ownership.owned,
+                        BUCKETS,
                     )
                     if token is not None:
                         await tracker.recover_pending(claim=token)

@@ -69,6 +69,13 @@ FIRES_CLAIMED = Counter(
     ["trigger"],
     registry=REGISTRY,
 )
+FIRES_SUBMITTED = Counter(
+    "ays_fires_submitted",
+    "Scheduled slots (cron, misfire, catch-up after a handover) this manager sent to be "
+    "claimed: one job-log insert tried each. Summed over the managers sharing a database and "
+    "divided by the slots fired: the inserts per slot (1 when each task has one owner)",
+    registry=REGISTRY,
+)
 FIRES_MISFIRED = Counter(
     "ays_fires_misfired",
     "Timers found later than misfire_grace; their task's misfire policy applied",

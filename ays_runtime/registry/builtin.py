@@ -48,8 +48,9 @@ _BEAT_STATUS = {
     "offline": NodeStatus.OFFLINE.value,
 }
 _BEATING = (NodeStatus.ONLINE.value, NodeStatus.LEAVING.value)
-# Managers refresh their ays_manager row every 5 s (manager/service.py, REAP_INTERVAL); one
-# silent for longer than this is not offered to nodes as a place to beat and report to.
+# Managers refresh their ays_manager row every manager.beat_interval (scheduler/ownership.py);
+# one silent for longer than this, or stopped cleanly, is not offered to nodes as a place to
+# beat and report to.
 MANAGER_ALIVE_WITHIN = timedelta(seconds=20)
 
 
@@ -212,7 +213,10 @@ class BuiltinRegistry(NodeRegistry):
         with self.engine.connect() as conn:
             alive = conn.execute(
                 select(Manager.manager_id)
-                .where(Manager.last_seen >= utcnow() - MANAGER_ALIVE_WITHIN)
+                .where(
+                    Manager.last_seen >= utcnow() - MANAGER_ALIVE_WITHIN,
+                    Manager.stopped_at.is_(None),
+                )
                 .order_by(Manager.manager_id)
             ).scalars()
             self.live_managers = sorted({self.manager_id, *alive})

@@ -25,6 +25,11 @@ misfire policy, and whether this is a start-up or a task enabled again. A task t
 fired has no range (nothing says since when it was owed); the common case costs nothing, as
 the range is only looked for where the misfire policy applies.
 
+With several live managers each reconciles only its share (scheduler/ownership.py): `plan`
+is given the buckets this manager owns, tasks outside them count as not this manager's (their
+rows and timers are removed, "moved"), and a task gained in a handover catches up the slots
+no one fired since its last fire, within `catch_up` (the plan's `catch_up` fires).
+
 `plan()` does the reads and may run in a worker thread; `apply()` writes the rows (thread) and
 `apply_to_memory()` changes the timer list (event loop thread only).
 """
@@ -48,11 +53,13 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    true,
     update,
 )
 
 from ays_runtime.exceptions import ScheduleError
 from ays_runtime.scheduler.ledger import DEFAULT_HORIZON, OwedRange, owed_range
+from ays_runtime.scheduler.ownership import BUCKETS
 from ays_runtime.scheduler.schedule import Schedule, parse_schedule
 from ays_runtime.scheduler.timers import Timer, TimerList
 from ays_runtime.storage.models import JobLog, MisfirePolicy, Task, TimerRow, TriggerKind
@@ -73,6 +80,10 @@ _TASK_COLUMNS = (
     Task.misfire_policy,
     Task.updated_at,
 )
+
+# Slots one task catches up after a handover: the window is seconds, so a few dozen at most
+# for an every-second task; the bound keeps a sub-second `@every` from flooding the writer.
+MAX_CATCH_UP = 100
 
 ActionKind = Literal["drop-timer", "drop-row", "add", "update", "remove", "misfire", "invalid"]
 
@@ -104,6 +115,9 @@ class Plan:
     update_rows: list[dict[str, object]] = field(default_factory=list)
     put_timers: list[Timer] = field(default_factory=list)
     misfires: list[Misfire] = field(default_factory=list)
+    # Slots of a task gained in a handover that no manager fired, later than the grace but
+    # within the catch-up window: fired now as the cron slots they are.
+    catch_up: list[Misfire] = field(default_factory=list)
     # Slots owed while no manager was running, for the slot ledger (not an action: a plan
     # with only these changes nothing).
     missed: list[OwedRange] = field(default_factory=list)
@@ -131,16 +145,26 @@ class Reconciler:
         self.grace = timedelta(seconds=misfire_grace)
         self.horizon = ledger_horizon
 
-    def plan(self, memory: dict[int, int], now: datetime) -> Plan:
-        """Compare `memory` ({task_id: version} of the timer list) with the database."""
+    def plan(
+        self,
+        memory: dict[int, int],
+        now: datetime,
+        owned: frozenset[int] | None = None,
+        catch_up: timedelta | None = None,
+    ) -> Plan:
+        """Compare `memory` ({task_id: version} of the timer list) with the database.
+
+        `owned`: the buckets of this manager's share (None: every task); `catch_up`: how far
+        back a task being added fires the slots no manager fired (default: the grace)."""
         with self.engine.connect() as conn:
             if self._rows_fingerprint(conn) == memory_fingerprint(memory):
-                plan, adding = self._plan_from_differences(conn)
+                plan, adding = self._plan_from_differences(conn, owned)
             else:
-                plan, adding = self._plan_in_full(conn, memory)
+                plan, adding = self._plan_in_full(conn, memory, owned)
             last_fired = self._last_fired(conn, [t.id for t, new in adding if new])
+        window = max(catch_up or self.grace, self.grace)
         for task, is_new in adding:
-            self._install(plan, task, is_new, last_fired.get(task.id), now)
+            self._install(plan, task, is_new, last_fired.get(task.id), now, window)
         return plan
 
     def _rows_fingerprint(self, conn: Connection) -> tuple[int, int, int, int]:
@@ -154,13 +178,16 @@ class Reconciler:
         ).one()
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
-    def _plan_from_differences(self, conn: Connection) -> tuple[Plan, list[tuple[Row, bool]]]:
+    def _plan_from_differences(
+        self, conn: Connection, owned: frozenset[int] | None
+    ) -> tuple[Plan, list[tuple[Row, bool]]]:
         """(b) when memory and the rows agree: only the tasks that differ come back."""
         plan = Plan()
         mine = and_(TimerRow.task_id == Task.id, TimerRow.manager_id == self.manager_id)
         # A task with no schedule (fired only by its parents, ays_runtime.dependencies, or by
         # hand) has no timer, as a disabled one.
-        enabled = and_(Task.enabled.is_(True), Task.schedule != "")
+        in_share = true() if owned is None else (Task.id % BUCKETS).in_(sorted(owned))
+        enabled = and_(Task.enabled.is_(True), Task.schedule != "", in_share)
         has_row = TimerRow.task_id.is_not(None)
         differs = or_(
             TimerRow.version != Task.version,
@@ -176,10 +203,10 @@ class Reconciler:
         ).all()
         adding: list[tuple[Row, bool]] = []
         for task in changed:
-            if task.enabled and task.schedule:
+            if task.enabled and task.schedule and _in(owned, task.id):
                 adding.append((task, not task.has_row))
             else:
-                self._remove(plan, task.id)
+                self._remove(plan, task.id, moved=bool(task.enabled))
         orphans = conn.execute(
             select(TimerRow.task_id)
             .outerjoin(Task, Task.id == TimerRow.task_id)
@@ -191,7 +218,7 @@ class Reconciler:
         return plan, adding
 
     def _plan_in_full(
-        self, conn: Connection, memory: dict[int, int]
+        self, conn: Connection, memory: dict[int, int], owned: frozenset[int] | None
     ) -> tuple[Plan, list[tuple[Row, bool]]]:
         """(a) and (b) on both lists read in full."""
         plan = Plan(full_read=True)
@@ -223,9 +250,13 @@ class Reconciler:
 
         # (b) all tasks vs the rows left: add, update, remove.
         enabled_ids: set[int] = set()
+        moved: set[int] = set()
         adding: list[tuple[Row, bool]] = []  # (task, is_new)
         for task in tasks:
             if not task.enabled or not task.schedule:
+                continue
+            if not _in(owned, task.id):
+                moved.add(task.id)
                 continue
             enabled_ids.add(task.id)
             row = rows.get(task.id)
@@ -239,17 +270,26 @@ class Reconciler:
                 adding.append((task, False))
         for task_id in rows:
             if task_id not in enabled_ids:
-                self._remove(plan, task_id)
+                self._remove(plan, task_id, moved=task_id in moved)
         return plan, adding
 
     @staticmethod
-    def _remove(plan: Plan, task_id: int) -> None:
+    def _remove(plan: Plan, task_id: int, moved: bool = False) -> None:
         plan.delete_rows.append(task_id)
         plan.drop_timers.append(task_id)
-        plan.actions.append(Action("remove", task_id, "task is disabled or deleted"))
+        why = (
+            "task is owned by another live manager now" if moved else "task is disabled or deleted"
+        )
+        plan.actions.append(Action("remove", task_id, why))
 
     def _install(
-        self, plan: Plan, task: Row, is_new: bool, last: datetime | None, now: datetime
+        self,
+        plan: Plan,
+        task: Row,
+        is_new: bool,
+        last: datetime | None,
+        now: datetime,
+        window: timedelta,
     ) -> None:
         try:
             schedule = parse_schedule(task.schedule, task.timezone)
@@ -265,6 +305,9 @@ class Reconciler:
             expected = schedule.next_after(last)
             if expected >= now - self.grace:
                 fire_at = min(fire_at, expected)  # late by less than the grace: still fire it
+            elif expected >= now - window:
+                # A task gained in a handover: its slots since the last fire, nobody's meanwhile.
+                fire_at = min(fire_at, self._catch_up(plan, task, schedule, expected, now))
             else:
                 fired_once = None
                 if task.misfire_policy == MisfirePolicy.FIRE_ONCE_NOW.value:
@@ -310,6 +353,28 @@ class Reconciler:
                 f"next {fire_at.isoformat()}",
             )
         )
+
+    def _catch_up(
+        self, plan: Plan, task: Row, schedule: Schedule, expected: datetime, now: datetime
+    ) -> datetime:
+        """Fire the slots from `expected` that are later than the grace (at most
+        MAX_CATCH_UP; not those before the task's last change, when it may have been
+        disabled); the first slot left to the timer."""
+        slot = expected
+        if task.updated_at is not None and task.updated_at >= expected:
+            slot = schedule.next_after(task.updated_at)
+        caught = 0
+        while slot < now - self.grace and caught < MAX_CATCH_UP:
+            plan.catch_up.append(Misfire(task.id, slot))
+            slot = schedule.next_after(slot)
+            caught += 1
+        if caught:
+            plan.actions.append(
+                Action(
+                    "misfire", task.id, f"{caught} slot(s) since {expected.isoformat()} fire late"
+                )
+            )
+        return slot
 
     def _note_missed(
         self,
@@ -381,6 +446,10 @@ class Reconciler:
             timers.remove(task_id)
         for timer in plan.put_timers:
             timers.put(timer)
+
+
+def _in(owned: frozenset[int] | None, task_id: int) -> bool:
+    return owned is None or task_id % BUCKETS in owned
 
 
 def memory_snapshot(timers: TimerList) -> dict[int, int]:

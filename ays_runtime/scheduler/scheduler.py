@@ -1,8 +1,10 @@
 """The scheduler: reconciles the timer list, fires due timers, claims their slots.
 
-Phases: `run()` reconciles once, then runs three loops (fire, claim writer, reconcile tick)
-until `stop()`; stopping ends the fire loop first, then flushes the claim writer, so no
-slot is left half-fired.
+Phases: `run()` beats once (when it shares the database: scheduler/ownership.py) and
+reconciles, then runs its loops (fire, claim writer, reconcile tick, beat) until `stop()`;
+stopping ends the fire loop first, then flushes the claim writer, so no slot is left
+half-fired. Each beat that finds the live managers changed reconciles at once, so this
+manager's timers follow its share.
 
 The fire loop sleeps until the earliest timer is due (or until a reconcile changes the
 list); it never polls.
@@ -25,6 +27,7 @@ from ays_runtime.exceptions import NotFoundError
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.scheduler.firing import Fire, FireWriter
 from ays_runtime.scheduler.ledger import DEFAULT_HORIZON, owed_range
+from ays_runtime.scheduler.ownership import Ownership
 from ays_runtime.scheduler.reconcile import Plan, Reconciler, memory_snapshot
 from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
@@ -51,6 +54,7 @@ class Scheduler:
         misfire_grace: float = 5.0,
         clock: Callable[[], datetime] = utcnow,
         ledger_horizon: float = DEFAULT_HORIZON.total_seconds(),
+        ownership: Ownership | None = None,
     ) -> None:
         self.engine = engine
         self.manager_id = manager_id
@@ -67,6 +71,9 @@ class Scheduler:
         self.ready = asyncio.Event()  # the first reconcile has installed the timers
         self._db_failing = False
         self.fired_total = 0
+        # None: this manager holds every task (tests, tools); else its share of them.
+        self.ownership = ownership
+        self._beat_failing = False
 
     # -- reconciliation -------------------------------------------------------------------
 
@@ -74,8 +81,13 @@ class Scheduler:
         """Reconcile at once (the API calls this after a change); one at a time."""
         async with self._reconcile_lock:
             began = time.perf_counter()
+            share = self.ownership
             plan = await asyncio.to_thread(
-                self.reconciler.plan, memory_snapshot(self.timers), self.clock()
+                self.reconciler.plan,
+                memory_snapshot(self.timers),
+                self.clock(),
+                None if share is None else share.owned,
+                None if share is None else share.catch_up,
             )
             if plan.writes:
                 await asyncio.to_thread(self.reconciler.apply, plan)
@@ -91,6 +103,9 @@ class Scheduler:
                 self.writer.submit(
                     Fire(misfire.task_id, misfire.scheduled_at, TriggerKind.MISFIRE.value)
                 )
+            for late in plan.catch_up:
+                self.writer.submit(Fire(late.task_id, late.scheduled_at))
+            metrics.FIRES_SUBMITTED.inc(len(plan.misfires) + len(plan.catch_up))
             for owed in plan.missed:
                 self.writer.note_missed(owed)
             for action in plan.actions:
@@ -118,6 +133,44 @@ class Scheduler:
             if self._db_failing:
                 log.warning("manager %s: database is back, reconcile resumed", self.manager_id)
                 self._db_failing = False
+
+    # -- ownership ------------------------------------------------------------------------
+
+    async def beat(self) -> bool:
+        """One liveness beat; True when the live managers changed. A failed beat keeps the
+        last view (and the timers): the peers may fire this one's tasks too, never neither."""
+        if self.ownership is None:
+            return False
+        try:
+            changed = await asyncio.to_thread(self.ownership.beat)
+        except SQLAlchemyError as err:
+            if not self._beat_failing:
+                log.error(
+                    "manager %s: liveness beat failed, keeping this manager's share: %s",
+                    self.manager_id,
+                    getattr(err, "orig", None) or err,
+                )
+                self._beat_failing = True
+            return False
+        self._beat_failing = False
+        return changed
+
+    async def _beat_loop(self) -> None:
+        if self.ownership is None:
+            return
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.ownership.beat_interval)
+                return
+            if await self.beat():
+                try:
+                    await self.reconcile_now()
+                except SQLAlchemyError as err:  # the reconcile tick tries again
+                    log.error(
+                        "manager %s: reconcile after a change of managers failed: %s",
+                        self.manager_id,
+                        getattr(err, "orig", None) or err,
+                    )
 
     # -- firing ---------------------------------------------------------------------------
 
@@ -154,6 +207,7 @@ class Scheduler:
                 late.append(timer.task_id)
                 timer.fire_at = next_at
             self.timers.put(timer)
+        metrics.FIRES_SUBMITTED.inc(submitted)
         if late:
             metrics.FIRES_MISFIRED.inc(len(late))
             # One line per burst, not per timer: an overloaded manager must not log more.
@@ -213,9 +267,10 @@ class Scheduler:
     async def run(self) -> None:
         writer = asyncio.create_task(self.writer.run(), name="claim-writer")
         try:
+            await self.beat()  # the share first, so the first reconcile installs only it
             await self.reconcile_now()
             self.ready.set()
-            await asyncio.gather(self._fire_loop(), self._reconcile_loop())
+            await asyncio.gather(self._fire_loop(), self._reconcile_loop(), self._beat_loop())
         finally:
             self.writer.close()
             try:

@@ -263,8 +263,9 @@ class TimerRow(Base):
 
     __tablename__ = "ays_timer_list"
 
-    # Every manager sharing the database holds every timer (the job-log slot key stops a
-    # double fire), so each manager has its own rows; its id is its stable ip:port.
+    # Each manager holds the timers of its share of the tasks (scheduler/ownership.py) and has
+    # its own rows; its id is its stable ip:port. During a move two may hold one task for a
+    # moment (the job-log slot key stops a double fire).
     manager_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     task_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     schedule: Mapped[str] = mapped_column(String(255))
@@ -302,7 +303,8 @@ class Node(Base):
 
 class Manager(Base):
     """A manager that has run against this database, and when it was last seen alive (it
-    refreshes `last_seen` every few seconds while it runs)."""
+    refreshes `last_seen` every `manager.beat_interval` while it runs). The live ones divide
+    the tasks among themselves (scheduler/ownership.py)."""
 
     __tablename__ = "ays_manager"
 
@@ -310,6 +312,8 @@ class Manager(Base):
     version: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(UtcDateTime)
     last_seen: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Set by a clean stop (not by a reload's old process): gone at once, not when silent.
+    stopped_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class JobLog(Base):
