@@ -4,8 +4,8 @@ Managers sharing a database divide the tasks among the live ones (scheduler/owne
 manager that stops cleanly says so here, so that its share moves at the peers' next beat
 instead of after `manager.silent_after`, and its pending runs are adopted at once.
 
-Revision ID: 0012_i19a
-Revises: 0011
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-05
 """
 
@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-revision: str = "0012_i19a"
-down_revision: str | None = "0011"
+revision: str = "0015"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
