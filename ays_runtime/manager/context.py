@@ -29,5 +29,8 @@ class ManagerContext:
     run_output: RunOutput
     # Reconciles now (POST /reconcile); the actions it took, one line each.
     reconcile: Callable[[], Awaitable[list[str]]] | None = None
+    # What managers and nodes present to each other (ays_runtime.auth); "" in tests that
+    # have no nodes: only the access token then opens the node routes.
+    cluster_secret: str = ""
     version: str = ""
     started_at: datetime = field(default_factory=utcnow)
