@@ -10,6 +10,7 @@ Everything runs against a real manager (and node) on loopback, on SQLite.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sqlite3
 import stat
@@ -385,3 +386,61 @@ def test_an_env_outside_dev_without_a_cluster_secret_is_a_config_error_naming_it
         resolve_cluster_secret(config, generate=True)
     assert "field cluster_secret is empty" in str(refused.value)
     assert "AYS_CLUSTER_SECRET" in str(refused.value)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_the_cli_adds_lists_changes_and_removes_users_and_their_tokens(ays: Users) -> None:
+    from tests.test_cli import cli
+
+    def run(*args: str, stdin: str | None = None, **extra: str) -> str:
+        done = cli(*args, "--config", str(ays.config), stdin=stdin, **extra)
+        assert done.returncode == 0, f"{args}: {done.returncode}\n{done.stdout}{done.stderr}"
+        assert "Traceback" not in done.stderr
+        return done.stdout
+
+    added = run(
+        "user",
+        "add",
+        "carl",
+        "-r",
+        "operator",
+        "-g",
+        "g1",
+        "--password-stdin",
+        stdin="a long password\n",
+    )
+    assert "added user carl (operator, groups g1)" in added
+    assert "carl" in run("user", "list") and "a long password" not in run("user", "list")
+    assert "is now operator, groups g1, g2" in run("user", "set", "carl", "-g", "g1", "-g", "g2")
+    run("user", "passwd", "carl", "--password-stdin", stdin="another long password\n")
+    with ays.console("carl", "another long password") as (browser, _):
+        assert "carl (operator)" in browser.get("/").text
+
+    secret = run("token", "create", "ci", "-u", "carl").strip()
+    assert secret.startswith("ays_")
+    listed = run("token", "list", "-u", "carl")
+    assert "ci" in listed and secret[:12] in listed and secret not in listed
+    # the token is the CLI's credential too (AYS_TOKEN): the caller's own tokens
+    own = run("token", "list", "--json", AYS_TOKEN=secret)
+    token_id = json.loads(own)[0]["id"]
+    run("token", "revoke", str(token_id), "-u", "carl")
+    refused = cli("token", "list", "--config", str(ays.config), AYS_TOKEN=secret)
+    assert refused.returncode == 4 and "refused" in refused.stderr
+
+    short = cli(
+        "user",
+        "add",
+        "dora",
+        "-r",
+        "viewer",
+        "--password-stdin",
+        "--config",
+        str(ays.config),
+        stdin="short\n",
+    )
+    assert short.returncode == 2 and "password" in short.stderr and "short" not in short.stdout
+    assert "removed user carl" in run("user", "remove", "carl")
+    gone = cli("user", "remove", "carl", "--config", str(ays.config))
+    assert gone.returncode == 3 and "carl" in gone.stderr
