@@ -21,7 +21,17 @@ from sqlalchemy import create_engine, insert
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Manager
-from tests.daemons import TOKEN, Daemon, client, free_port, manager, node, wait_for, write_config
+from tests.daemons import (
+    CLUSTER_SECRET,
+    TOKEN,
+    Daemon,
+    client,
+    free_port,
+    manager,
+    node,
+    wait_for,
+    write_config,
+)
 
 FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
 
@@ -669,7 +679,7 @@ def test_a_run_sent_by_a_manager_killed_before_recording_it_runs_once_when_sent_
     finally:
         engine.dispose()
     request = job.run_request(f"http://{manager_id}").model_dump(mode="json")
-    with client(cluster.node_ports[other]) as node:
+    with client(cluster.node_ports[other], CLUSTER_SECRET) as node:
         assert node.post("/jobs", json=request).status_code == 202
     cluster.manager = manager(cluster.config, cluster.tmp / "manager2.log", cluster.manager_port)
     cluster.manager.start()
