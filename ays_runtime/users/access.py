@@ -152,9 +152,7 @@ RULES: dict[tuple[str, str], Rule] = {
 }
 
 
-_PATTERNS = [
-    (method, compile_path(path)[0], rule) for (method, path), rule in RULES.items()
-]
+_PATTERNS = [(method, compile_path(path)[0], rule) for (method, path), rule in RULES.items()]
 
 
 def rule_of(method: str, path: str) -> Rule | None:
