@@ -35,13 +35,14 @@ def write_config(
     manager_port: int,
     data_dir: Path,
     token: str = TOKEN,
+    cluster_secret: str = CLUSTER_SECRET,
     **sections: dict[str, Any],
 ) -> Path:
     """A complete env config (the form installConfig renders) for a test manager/node."""
     config: dict[str, Any] = {
         "env": "dev",
         "access_token": token,
-        "cluster_secret": CLUSTER_SECRET,
+        "cluster_secret": cluster_secret,
         "storage": {"url": storage_url},
         "registry": {"backend": "builtin", "heartbeat_interval": 0.5, "offline_after_missed": 3},
         "transport": {"backend": "builtin", "dispatch_timeout": 3},

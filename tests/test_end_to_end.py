@@ -377,6 +377,7 @@ def test_a_node_with_the_wrong_token_is_refused_and_never_goes_online(
         cluster.manager_port,
         tmp_path / "bad",
         token="wrong-token-for-tests",
+        cluster_secret="wrong-secret-for-tests",
     )
     port = free_port()
     intruder = node(bad, tmp_path / "intruder.log", "g1", port).start()
@@ -385,6 +386,7 @@ def test_a_node_with_the_wrong_token_is_refused_and_never_goes_online(
         assert f"127.0.0.1:{port}" not in online_nodes(cluster)
         assert "refused POST /api/v1/nodes/heartbeat" in cluster.manager.log()
         assert "wrong-token-for-tests" not in cluster.manager.log()
+        assert "wrong-secret-for-tests" not in cluster.manager.log()
     finally:
         intruder.kill()
 
