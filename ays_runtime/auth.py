@@ -83,7 +83,7 @@ def _resolve(config: EnvConfig, field: str, value: str, file: str, generate: boo
         "manager %s:%d: generated the dev %s; it is stored in %s (mode 0600)",
         config.manager.ip,
         config.manager.port,
-        field,
+        field.replace("_", " "),
         path,
     )
     return secret

@@ -32,6 +32,8 @@
                                                ?limit ?offset: the audit trail (ays_runtime.audit)
     GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
                                                the console's figures (manager/insight_api.py)
+    /api/v1/users, /users/{name}, /users/{name}/tokens, /me, /me/tokens
+                                               users and personal tokens (ays_runtime/users)
 
     GET    /metrics                            Prometheus metrics (ays_runtime/metrics/)
 
