@@ -11,7 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ays_installer import alerts_cli, apply_cli, audit_cli, run_cli, task_cli, workflow_cli
+from ays_installer import (
+    alerts_cli,
+    apply_cli,
+    audit_cli,
+    run_cli,
+    task_cli,
+    users_cli,
+    workflow_cli,
+)
 from ays_installer.api_client import JsonOption, UrlOption
 from ays_installer.options import (
     ConfigOption,
@@ -43,6 +51,8 @@ app.add_typer(run_cli.app, name="run")
 app.add_typer(workflow_cli.app, name="workflow")
 app.add_typer(alerts_cli.app, name="alerts")
 app.command("audit")(audit_cli.audit)
+app.add_typer(users_cli.user_app, name="user")
+app.add_typer(users_cli.token_app, name="token")
 db_app = typer.Typer(no_args_is_help=True, help="Manage the database schema.")
 
 

@@ -341,6 +341,12 @@ class EnvConfig(_Section):
         description="shared secret for the manager API and node API; empty only in dev, "
         "where the manager generates one on first start",
     )
+    cluster_secret: SecretStr = Field(
+        SecretStr(""),
+        description="secret managers and nodes present to each other (dispatch, heartbeats, "
+        "results); nodes take no other credential. Empty only in dev, where the manager "
+        "generates one on first start",
+    )
     storage: StorageSettings
     registry: RegistrySettings
     transport: TransportSettings
@@ -352,7 +358,7 @@ class EnvConfig(_Section):
     audit: AuditSettings = AuditSettings()
     console: ConsoleSettings = ConsoleSettings()
 
-    @field_validator("access_token")
+    @field_validator("access_token", "cluster_secret")
     @classmethod
     def _header_token(cls, v: SecretStr) -> SecretStr:
         check_header_text(v.get_secret_value())

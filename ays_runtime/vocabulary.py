@@ -133,6 +133,19 @@ class TaskChange(enum.StrEnum):
     BASELINE = "baseline"  # recorded by migration 0004 for a task that existed before it
 
 
+class Role(enum.StrEnum):
+    """What a user may do (ays_runtime/users/access.py): each role can do what the one
+    before it can, and more."""
+
+    VIEWER = "viewer"  # read everything
+    OPERATOR = "operator"  # and change tasks and runs of the node groups granted to them
+    ADMIN = "admin"  # and everything else: groups, nodes, users, tokens, apply, reconcile
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+
 class AuditAction(enum.StrEnum):
     """What an audit-trail entry records (`ays_runtime.audit`)."""
 
@@ -159,6 +172,11 @@ class AuditAction(enum.StrEnum):
     WORKFLOW_DELETED = "workflow.deleted"
     WORKFLOW_STARTED = "workflow.started"
     WORKFLOW_RERUN = "workflow.rerun"
+    USER_CREATED = "user.created"
+    USER_UPDATED = "user.updated"  # role, groups or password (never the password itself)
+    USER_DELETED = "user.deleted"
+    TOKEN_CREATED = "token.created"
+    TOKEN_REVOKED = "token.revoked"
 
     @property
     def target_type(self) -> str:

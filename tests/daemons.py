@@ -19,6 +19,8 @@ import yaml
 
 BIN = Path(sys.executable).parent
 TOKEN = "t0k3n-for-tests"
+# What the manager and nodes present to each other; nodes take nothing else.
+CLUSTER_SECRET = "c1uster-secret-for-tests"
 
 
 def free_port() -> int:
@@ -33,12 +35,14 @@ def write_config(
     manager_port: int,
     data_dir: Path,
     token: str = TOKEN,
+    cluster_secret: str = CLUSTER_SECRET,
     **sections: dict[str, Any],
 ) -> Path:
     """A complete env config (the form installConfig renders) for a test manager/node."""
     config: dict[str, Any] = {
         "env": "dev",
         "access_token": token,
+        "cluster_secret": cluster_secret,
         "storage": {"url": storage_url},
         "registry": {"backend": "builtin", "heartbeat_interval": 0.5, "offline_after_missed": 3},
         "transport": {"backend": "builtin", "dispatch_timeout": 3},

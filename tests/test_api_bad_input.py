@@ -19,7 +19,17 @@ from sqlalchemy import create_engine, insert, select
 
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Task
-from tests.daemons import TOKEN, Daemon, client, free_port, manager, node, wait_for, write_config
+from tests.daemons import (
+    CLUSTER_SECRET,
+    TOKEN,
+    Daemon,
+    client,
+    free_port,
+    manager,
+    node,
+    wait_for,
+    write_config,
+)
 
 BIG = 2**64  # beyond any 64-bit integer
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,7 +48,9 @@ class Stack:
 
     def node_api(self) -> httpx.Client:
         return httpx.Client(
-            base_url=f"http://127.0.0.1:{self.node_port}/api/v1", headers=AUTH, timeout=10
+            base_url=f"http://127.0.0.1:{self.node_port}/api/v1",
+            headers={"Authorization": f"Bearer {CLUSTER_SECRET}"},  # nodes take only this
+            timeout=10,
         )
 
     def logs(self) -> str:

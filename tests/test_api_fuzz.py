@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import BIN, TOKEN, Daemon, client, free_port, manager, node, write_config
+from tests.daemons import (
+    BIN,
+    CLUSTER_SECRET,
+    TOKEN,
+    Daemon,
+    client,
+    free_port,
+    manager,
+    node,
+    write_config,
+)
 
 FUZZ = Path(__file__).parent / "fuzz"
 NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens
@@ -55,6 +65,8 @@ def fenced_daemons(tmp: Path, url: str) -> Iterator[tuple[Daemon, int, Daemon, i
 def schemathesis_run(
     port: int, manager_port: int, report: Path
 ) -> subprocess.CompletedProcess[str]:
+    # A node takes only the cluster secret; the manager, the access token (an admin).
+    token = TOKEN if port == manager_port else CLUSTER_SECRET
     return subprocess.run(
         [
             str(BIN / "schemathesis"),
@@ -63,7 +75,7 @@ def schemathesis_run(
             "run",
             f"http://127.0.0.1:{port}/openapi.json",
             "--header",
-            f"Authorization: Bearer {TOKEN}",
+            f"Authorization: Bearer {token}",
             "--workers",
             "1",
             "--checks",

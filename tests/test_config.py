@@ -22,6 +22,7 @@ from ays_runtime.storage.database import redacted
 
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tok-5b1e0c9d",
+    "AYS_CLUSTER_SECRET": "tok-5b1e0c9d-cluster",
     "AYS_DB_PASSWORD": "pw-77aa31f0",
     "AYS_CONSUL_TOKEN": "consul-9c0de4",
     "AYS_ROCKETMQ_SECRET": "rmq-1f2e3d",

@@ -271,3 +271,45 @@ def test_an_operator_creates_an_alert_policy_in_the_console_fixing_a_field_first
     expect(page.locator("#tested-ops-hook")).to_contain_text("queued")
     shot(page, "alerts")
     context.close()
+
+
+def test_users_sign_in_with_a_password_and_a_viewer_sees_no_write_action(
+    browser: Browser, tmp_path: Path
+) -> None:
+    with cluster(tmp_path, Cluster, with_node=False) as ays:
+        base = f"http://127.0.0.1:{ays.manager_port}"
+        admin_password = (tmp_path / "manager" / "admin_password").read_text().strip()
+        context = browser.new_context(viewport=WIDE, base_url=base)
+        context.set_default_timeout(30_000)
+        page = context.new_page()
+
+        # The dev env's first admin, with the password from its 0600 file.
+        page.goto("/tasks")
+        page.get_by_label("User").fill("admin")
+        page.get_by_label("Password").fill("not the password")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#token-error")).to_contain_text("do not match")
+        page.get_by_label("Password").fill(admin_password)
+        page.get_by_label("Password").press("Enter")
+        expect(page).to_have_url(f"{base}/tasks")
+        expect(page.locator("#signed-in")).to_have_text("admin (admin)")
+        expect(page.get_by_role("link", name="New task")).to_be_visible()
+        page.get_by_role("button", name="Sign out").click()
+
+        with ays.api() as api:
+            made = api.post(
+                "/users", json={"name": "vera", "role": "viewer", "password": "a viewer's password"}
+            )
+            assert made.status_code == 201, made.text
+        page.get_by_label("User").fill("vera")
+        page.get_by_label("Password").fill("a viewer's password")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#signed-in")).to_have_text("vera (viewer)")
+        expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+        page.goto("/tasks")
+        expect(page.get_by_role("heading", name="Tasks")).to_be_visible()
+        expect(page.get_by_role("link", name="New task")).to_have_count(0)
+        # Typed by hand, the form's address is refused all the same.
+        answer = page.request.post(f"{base}/tasks/new", form={"name": "x"})
+        assert answer.status == 403
+        context.close()

@@ -654,6 +654,7 @@ def test_consul_down_for_30s_loses_no_fire_and_the_node_states_resynchronise_aft
 
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tok-4f1c9e27-access",
+    "AYS_CLUSTER_SECRET": "tok-4f1c9e27-access-cluster",
     "AYS_DB_PASSWORD": "pw-9a#b",
     "AYS_CONSUL_TOKEN": "consul-0d6e7a1b-acl",
     "AYS_ROCKETMQ_SECRET": "rmq-58c2-secret",

@@ -22,7 +22,17 @@ from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.scheduler.ownership import owner_of
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import Manager
-from tests.daemons import TOKEN, Daemon, client, free_port, manager, node, wait_for, write_config
+from tests.daemons import (
+    CLUSTER_SECRET,
+    TOKEN,
+    Daemon,
+    client,
+    free_port,
+    manager,
+    node,
+    wait_for,
+    write_config,
+)
 
 FINAL = {"succeeded", "failed", "timed_out", "killed", "node_lost", "skipped", "discarded"}
 
@@ -368,6 +378,7 @@ def test_a_node_with_the_wrong_token_is_refused_and_never_goes_online(
         cluster.manager_port,
         tmp_path / "bad",
         token="wrong-token-for-tests",
+        cluster_secret="wrong-secret-for-tests",
     )
     port = free_port()
     intruder = node(bad, tmp_path / "intruder.log", "g1", port).start()
@@ -376,6 +387,7 @@ def test_a_node_with_the_wrong_token_is_refused_and_never_goes_online(
         assert f"127.0.0.1:{port}" not in online_nodes(cluster)
         assert "refused POST /api/v1/nodes/heartbeat" in cluster.manager.log()
         assert "wrong-token-for-tests" not in cluster.manager.log()
+        assert "wrong-secret-for-tests" not in cluster.manager.log()
     finally:
         intruder.kill()
 
@@ -678,7 +690,7 @@ def test_a_run_sent_by_a_manager_killed_before_recording_it_runs_once_when_sent_
     finally:
         engine.dispose()
     request = job.run_request(f"http://{manager_id}").model_dump(mode="json")
-    with client(cluster.node_ports[other]) as node:
+    with client(cluster.node_ports[other], CLUSTER_SECRET) as node:
         assert node.post("/jobs", json=request).status_code == 202
     cluster.manager = manager(cluster.config, cluster.tmp / "manager2.log", cluster.manager_port)
     cluster.manager.start()

@@ -31,6 +31,7 @@ DIRS = ("conf_dir", "log_dir", "data_dir")
 # Awkward on purpose: quotes, YAML syntax and a URL-ish @ must survive rendering unharmed.
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tok-4f1c9e27-access",
+    "AYS_CLUSTER_SECRET": "tok-4f1c9e27-access-cluster",
     "AYS_DB_PASSWORD": "pw-9a#b: \"c'd",
     "AYS_CONSUL_TOKEN": "consul-0d6e7a1b-acl",
     "AYS_ROCKETMQ_SECRET": "rmq-58c2}{x-secret",
@@ -628,7 +629,9 @@ def test_every_missing_secret_is_named_in_one_run(run: Run, stage: Path) -> None
         "field storage.url: environment variable AYS_DB_PASSWORD is not set",
         "field registry.token: environment variable AYS_CONSUL_TOKEN is not set",
         "field transport.secret_key: environment variable AYS_ROCKETMQ_SECRET is not set",
-        "export AYS_ACCESS_TOKEN=... AYS_DB_PASSWORD=... AYS_CONSUL_TOKEN=... "
+        "field cluster_secret: environment variable AYS_CLUSTER_SECRET is not set",
+        "export AYS_ACCESS_TOKEN=... AYS_CLUSTER_SECRET=... AYS_DB_PASSWORD=... "
+        "AYS_CONSUL_TOKEN=... "
         "AYS_ROCKETMQ_SECRET=... before running this command",
     )
     assert not stage.exists()

@@ -18,7 +18,7 @@ from ays_runtime.metrics import manager as manager_metrics
 from ays_runtime.metrics import node as node_metrics
 from ays_runtime.metrics.manager import ManagerState
 from ays_runtime.metrics.node import NodeState
-from tests.daemons import TOKEN, Cluster, cluster, wait_for
+from tests.daemons import CLUSTER_SECRET, TOKEN, Cluster, cluster, wait_for
 from tests.test_end_to_end import add_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_the_metrics_of_a_manager_and_its_node_move_as_runs_happen(tmp_path: Pat
         # No task id on the run series unless the env asks for it.
         assert value(first, "ays_task_runs_finished_total") == 0
 
-        on_node = scrape(ays.node_port)
+        on_node = scrape(ays.node_port, CLUSTER_SECRET)
         assert value(on_node, "ays_node_info", node_group="g1") == 1
         assert value(on_node, "ays_node_runs_finished_total", status="succeeded") >= 2
         assert value(on_node, "ays_node_runs_finished_total", status="failed") >= 1
@@ -104,7 +104,7 @@ def test_the_metrics_of_a_manager_and_its_node_move_as_runs_happen(tmp_path: Pat
 
         # The counters go on counting: later scrapes see more runs, on both sides.
         def moved() -> bool:
-            later, node_later = scrape(ays.manager_port), scrape(ays.node_port)
+            later, node_later = scrape(ays.manager_port), scrape(ays.node_port, CLUSTER_SECRET)
             name, node_name = "ays_runs_finished_total", "ays_node_runs_finished_total"
             return (
                 value(later, name) > value(first, name)
@@ -129,7 +129,18 @@ def test_metrics_need_the_access_token_unless_the_env_opens_them(tmp_path: Path)
                 timeout=30,
             )
             assert wrong.status_code == 401
-            assert scrape(port)  # with the token: the metrics
+        assert scrape(ays.manager_port)  # with the token: the metrics
+        # A node takes only the cluster secret (which the manager takes for /metrics too).
+        assert (
+            httpx.get(
+                f"http://127.0.0.1:{ays.node_port}/metrics",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=30,
+            ).status_code
+            == 401
+        )
+        assert scrape(ays.node_port, CLUSTER_SECRET)
+        assert scrape(ays.manager_port, CLUSTER_SECRET)
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from ays_runtime.protocol import JobResultReport
 from tests.stand_in import JsonServer
 
 TOKEN = "t0k3n-for-tests"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CLUSTER = "c1uster-secret-for-tests"  # nodes take only this (tests.daemons.CLUSTER_SECRET)
+AUTH = {"Authorization": f"Bearer {CLUSTER}"}
 PROGRAM = Path(sys.executable).parent / "aysNode"
 READY_TIMEOUT = 20.0
 RESULT_TIMEOUT = 15.0
@@ -276,6 +277,7 @@ def start_node(tmp_path: Path, manager: FakeManager) -> Iterator[Callable[..., N
         config = {
             "env": "dev",
             "access_token": TOKEN,
+            "cluster_secret": CLUSTER,
             "storage": {"url": f"sqlite:///{tmp_path / 'ays.db'}"},
             "registry": {"backend": "builtin", "heartbeat_interval": 0.5},
             "transport": {"backend": "builtin"},
@@ -325,7 +327,7 @@ def test_a_node_heartbeats_to_the_manager_with_its_group_and_address(
     assert beat["node_group"] == "g1"
     assert (beat["ip"], beat["port"]) == ("127.0.0.1", node.port)
     assert beat["max_concurrent_jobs"] == 3
-    assert manager.heartbeat_auth[-1] == f"Bearer {TOKEN}"
+    assert manager.heartbeat_auth[-1] == f"Bearer {CLUSTER}"
 
 
 def test_a_shell_job_runs_and_its_result_is_posted_to_the_manager(
@@ -366,7 +368,9 @@ def test_calls_without_the_right_token_are_refused_and_logged_without_the_token(
     assert node.get("/api/v1/jobs/3/output", headers={}).status_code == 401
     assert node.post("/api/v1/jobs/3/kill", headers={}).status_code == 401
     assert node.get("/api/v1/health", headers={}).status_code == 200
-    accepted(node.post("/api/v1/jobs", body, headers={"X-Ays-Token": TOKEN}))
+    # The env's access token is an operator's credential: a node takes only the cluster secret.
+    assert node.post("/api/v1/jobs", body, headers={"X-Ays-Token": TOKEN}).status_code == 401
+    accepted(node.post("/api/v1/jobs", body, headers={"X-Ays-Token": CLUSTER}))
     assert manager.result(3)["status"] == "succeeded"
     log = node.log
     assert re.search(
@@ -374,7 +378,7 @@ def test_calls_without_the_right_token_are_refused_and_logged_without_the_token(
         "bad or missing access token",
         log,
     )
-    assert "wrong-token" not in log and TOKEN not in log
+    assert "wrong-token" not in log and TOKEN not in log and CLUSTER not in log
 
 
 def test_a_job_log_id_given_twice_runs_once(
@@ -625,6 +629,7 @@ def test_a_daemon_serves_the_socket_it_is_given_and_stops_when_asked(
         {
             "env": "dev",
             "access_token": TOKEN,
+            "cluster_secret": CLUSTER,
             "storage": {"url": "sqlite:///x.db"},
             "registry": {"backend": "builtin", "heartbeat_interval": 0.5},
             "transport": {"backend": "builtin"},
@@ -683,6 +688,7 @@ def test_debug_refuses_a_bad_address_or_group_with_a_clear_error(
             {
                 "env": "dev",
                 "access_token": TOKEN,
+                "cluster_secret": CLUSTER,
                 "storage": {"url": "sqlite:///x.db"},
                 "registry": {"backend": "builtin"},
                 "transport": {"backend": "builtin"},

@@ -18,6 +18,7 @@ from tests.emulators.rocketmq import RocketMQEmulator
 INSTALL_CONFIG = Path(sys.executable).parent / "installConfig"
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tok-preflight",
+    "AYS_CLUSTER_SECRET": "tok-preflight-cluster",
     "AYS_DB_PASSWORD": "pw-preflight",
     "AYS_CONSUL_TOKEN": "consul-preflight",
     "AYS_ROCKETMQ_SECRET": "rmq-preflight",

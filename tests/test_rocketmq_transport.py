@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.daemons import client, free_port, manager, wait_for, write_config
+from tests.daemons import CLUSTER_SECRET, client, free_port, manager, wait_for, write_config
 from tests.emulators.rocketmq import RocketMQEmulator
 from tests.test_end_to_end import (
     FINAL,
@@ -101,7 +101,7 @@ def _holder(ays: Cluster, job_log_id: int) -> str | None:
         daemon = ays.nodes.get(name)
         if daemon is None or daemon.proc is None or daemon.proc.poll() is not None:
             continue
-        with client(port) as api:
+        with client(port, CLUSTER_SECRET) as api:  # a node takes only the cluster secret
             try:
                 if api.get(f"/jobs/{job_log_id}/output").status_code == 200:
                     return name

@@ -46,6 +46,7 @@ INSTALL_CONFIG = str(BIN / "installConfig")
 GROUP = "g1"
 UAT_SECRETS = {
     "AYS_ACCESS_TOKEN": "tok-uat-access",
+    "AYS_CLUSTER_SECRET": "tok-uat-access-cluster",
     "AYS_DB_PASSWORD": "pw-uat-db",
     "AYS_CONSUL_TOKEN": "consul-uat-acl",
     "AYS_ROCKETMQ_SECRET": "rmq-uat-secret",

@@ -39,6 +39,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 1800  # two freezes on a loaded 2-core machine take up to about 6 minutes
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tarball-test-token",
+    "AYS_CLUSTER_SECRET": "tarball-test-token-cluster",
     "AYS_DB_PASSWORD": "tarball-test-db-password",
     "AYS_CONSUL_TOKEN": "tarball-test-consul-token",
     "AYS_ROCKETMQ_SECRET": "tarball-test-rocketmq-secret",
@@ -132,8 +133,8 @@ def test_the_tarball_holds_the_three_programs_the_env_templates_install_version_
     assert "./installConfig manager -e uat -p 172.21.16.81 -P 18080" in install
     assert "./aysNode install -e uat -g node_group_ksa -p 172.21.16.121 -P 18181" in install
     assert (
-        "export AYS_ACCESS_TOKEN=... AYS_DB_PASSWORD=... AYS_CONSUL_TOKEN=... "
-        "AYS_ROCKETMQ_SECRET=..." in install
+        "export AYS_ACCESS_TOKEN=... AYS_CLUSTER_SECRET=... AYS_DB_PASSWORD=... "
+        "AYS_CONSUL_TOKEN=... AYS_ROCKETMQ_SECRET=..." in install
     )
     version = (top / "VERSION").read_text()
     assert re.match(r"ays \d+\.\d+\.\d+\+g[0-9a-f]{7}", version) and "env uat" in version

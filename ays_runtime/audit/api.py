@@ -20,11 +20,15 @@ ACTOR_NAME_MAX = 64
 
 
 def request_actor(request: Request) -> Actor:
-    """Who makes this request's changes: the token's holder, by the name it gives if any
-    (`X-Ays-Actor`), and the address it calls from."""
+    """Who makes this request's changes, and the address it calls from: the user whose
+    personal token it is; for the env's shared token, its holder by the name it gives if any
+    (`X-Ays-Actor`)."""
+    source = request.client.host if request.client else ""
+    caller = getattr(request.state, "caller", None)
+    if caller is not None and caller.user_id is not None:
+        return Actor(caller.name, ChangeVia.API, source)
     named = "".join(c for c in request.headers.get(ACTOR_HEADER, "") if c.isprintable())
     named = named.strip()[:ACTOR_NAME_MAX]
-    source = request.client.host if request.client else ""
     return Actor(f"{named} (token)" if named else "token", ChangeVia.API, source)
 
 
@@ -35,7 +39,9 @@ TARGET_TYPES = sorted({action.target_type for action in AuditAction})
 class AuditEntryOut(BaseModel):
     id: int
     at: UtcOut
-    who: str = Field(description="'token', or the name a caller gave with it")
+    who: str = Field(
+        description="the user; for the env's token, 'token' or the name a caller gave with it"
+    )
     via: str = Field(description="api, console, apply, rollback")
     source: str = Field(description="the caller's address ('' when none)")
     action: AuditAction

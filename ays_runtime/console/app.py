@@ -13,14 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ays_runtime.auth import token_matches
+from ays_runtime.auth import Caller, token_matches
 from ays_runtime.console import alerts, csrf, nodes, overview, runs, tasks, workflows
 from ays_runtime.console.render import STATIC, first, page
 from ays_runtime.console.session import COOKIE, LOGIN_PATH, SessionGate, cookie_value
 from ays_runtime.exceptions import ConflictError, NotFoundError, StorageError, ValidationError
 from ays_runtime.manager.context import ManagerContext
+from ays_runtime.storage.models import User
+from ays_runtime.users import service as users
 
 STATIC_PREFIX = "/static/"
 SWAGGER = "/static/vendor/swagger-ui-dist-5.35.0"
@@ -41,7 +45,26 @@ def _safe_next(target: str) -> str:
 
 @auth_router.get(LOGIN_PATH, response_class=HTMLResponse)
 async def login_form(request: Request, next: str = "/") -> HTMLResponse:
-    return page(request, "login.html", next=_safe_next(next), error="")
+    return page(request, "login.html", next=_safe_next(next), username="", error="")
+
+
+def _verify(ctx: ManagerContext, name: str, password: str) -> str | None:
+    """The user's name if the password is theirs (argon2: in the thread pool)."""
+    with ctx.sessions() as session:
+        user = users.verify_login(session, name, password)
+        return user.name if user is not None else None
+
+
+def _user_lookup(ctx: ManagerContext) -> Callable[[str], Awaitable[Caller | None]]:
+    def lookup(name: str) -> Caller | None:
+        with ctx.sessions() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            return users.caller_of(user, "session") if user is not None else None
+
+    async def current(name: str) -> Caller | None:
+        return await run_in_threadpool(lookup, name)
+
+    return current
 
 
 @auth_router.post(LOGIN_PATH, response_model=None)
@@ -49,16 +72,31 @@ async def login(request: Request) -> Response:
     form = await csrf.form(request)
     target = _safe_next(first(form, "next", "/"))
     ctx: ManagerContext = request.app.state.ays
-    if not token_matches(first(form, "token").strip(), ctx.access_token):
+    name, password = first(form, "username").strip(), first(form, "password")
+    user = ""
+    if name:
+        found = await run_in_threadpool(_verify, ctx, name, password)
+        if found is None:
+            return page(
+                request,
+                "login.html",
+                status_code=401,
+                next=target,
+                username=name,
+                error="That name and password do not match a user of this environment.",
+            )
+        user = found
+    elif not token_matches(first(form, "token").strip(), ctx.access_token):
         return page(
             request,
             "login.html",
             status_code=401,
             next=target,
+            username="",
             error="That is not this environment's access token.",
         )
     gate: SessionGate = request.app.state.console_sessions
-    _, value = gate.issue()
+    _, value = gate.issue(user)
     response = RedirectResponse(target, status_code=303)
     response.headers.append("set-cookie", gate.cookie_header(value))
     return response
@@ -139,6 +177,7 @@ def mount(app: FastAPI, ctx: ManagerContext) -> SessionGate:
     settings = ctx.config.console
     key = settings.secret.get_secret_value() or ctx.access_token
     gate = SessionGate(key, settings.session_hours, settings.secure_cookie)
+    gate.users = _user_lookup(ctx)
     app.state.console_sessions = gate
     app.mount("/static", StaticFiles(directory=STATIC), name="console-static")
     _docs_routes(app)

@@ -22,6 +22,7 @@ from ays_runtime.console import csrf
 from ays_runtime.console.render import (
     PAGE_SIZE,
     PageNo,
+    console_actor,
     context_of,
     first,
     in_session,
@@ -41,7 +42,8 @@ async def _api(request: Request, method: str, path: str, body: Any = None) -> ht
     """Call the manager's own API in-process (its guard, validation and registry writes)."""
     transport = httpx.ASGITransport(app=request.app)
     headers = auth_headers(context_of(request).access_token)
-    headers["X-Ays-Actor"] = "console"
+    who = console_actor(request).who
+    headers["X-Ays-Actor"] = "console" if who == "token" else who
     async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
         return await client.request(method, f"{API}{path}", json=body, headers=headers)
 

@@ -31,7 +31,7 @@ from ays_runtime.console.session import COOKIE
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.versions import Actor
-from ays_runtime.vocabulary import AuditAction, ChangeVia
+from ays_runtime.vocabulary import AuditAction, ChangeVia, Role
 from ays_runtime.web.fields import UtcIn
 
 HERE = Path(__file__).resolve().parent
@@ -41,9 +41,11 @@ STATIC = HERE / "static"
 
 def console_actor(request: Request) -> Actor:
     """Who makes a console change, as the task history and the audit trail record it: the
-    token's holder (the one credential the console signs in with), via the console, from the
-    browser's address."""
-    return Actor("token", ChangeVia.CONSOLE, request.client.host if request.client else "")
+    signed-in user ("token" after a sign-in with the access token), via the console, from
+    the browser's address."""
+    caller = getattr(request.state, "caller", None)
+    who = caller.name if caller is not None and caller.user_id is not None else "token"
+    return Actor(who, ChangeVia.CONSOLE, request.client.host if request.client else "")
 
 
 async def audit_done(
@@ -117,9 +119,22 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
         csrf_token=token,
         csrf_field=csrf.FIELD,
         signed_in=session is not None,
+        **_standing(request),
         **context,
     )
     return HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
+
+
+def _standing(request: Request) -> dict[str, Any]:
+    """Who is signed in and what the page may offer them (access.py refuses the rest)."""
+    caller = getattr(request.state, "caller", None)
+    role = Role(caller.role) if caller is not None and caller.role else Role.VIEWER
+    return {
+        "user_name": caller.name if caller is not None else "",
+        "user_role": role.value,
+        "can_operate": role.rank >= Role.OPERATOR.rank,
+        "is_admin": role == Role.ADMIN,
+    }
 
 
 def _cookie(request: Request) -> str | None:

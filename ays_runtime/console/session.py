@@ -1,9 +1,13 @@
 """Console sign-in: the signed session cookie, and the gate the HTTP guard asks about it.
 
-A user signs in with the env's access token (checked by `ays_runtime.auth.token_matches`,
-in constant time). The manager then sets one cookie, `ays_session`:
+A user signs in with their name and password (ays_runtime/users, argon2), or with the env's
+access token (checked by `ays_runtime.auth.token_matches`, in constant time; an admin). The
+manager then sets one cookie, `ays_session`:
 
-    base64url({"sid": <random>, "exp": <unix seconds>}) "." base64url(HMAC-SHA256)
+    base64url({"sid": <random>, "exp": <unix seconds>, "user": <name>}) "." base64url(HMAC-SHA256)
+
+(`user` is absent for a sign-in with the access token). The user's role and groups are read
+on every request, so a user removed or given another role is so at once.
 
 HttpOnly (no script reads it), SameSite=Strict (no other site's page sends it), Path=/,
 Max-Age = `console.session_hours`, Secure when `console.secure_cookie`. The signing key is
@@ -16,7 +20,7 @@ would have expired anyway) and clears the cookie.
 
 `SessionGate` is what the guard (ays_runtime/web/guard.py) asks for every path it `covers`
 (the console's: every path outside /api/, /openapi.json and the public ones): a valid
-cookie is a `Caller("session", ...)`; without one, a page asks the browser to sign in (303 to
+cookie is a `Caller("session", <the user>)`; without one, a page asks the browser to sign in (303 to
 /login?next=...), an htmx fragment gets 401 with `HX-Redirect: /login`, anything else 401.
 """
 
@@ -28,7 +32,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -46,6 +50,12 @@ _SALT = b"ays console session v1"
 class Session:
     sid: str
     expires: float  # unix seconds
+    user: str = ""  # "": signed in with the env's access token
+
+
+# The signed-in user's current standing (ays_runtime/users), by name; None: no such user now.
+UserLookup = Callable[[str], Awaitable[Caller | None]]
+TOKEN_SESSION = Caller("session", "token", role="admin")
 
 
 @dataclass(frozen=True)
@@ -73,13 +83,17 @@ class SessionGate:
         self.secure = secure
         self.clock = clock
         self._revoked: dict[str, float] = {}  # sid -> its expiry
+        self.users: UserLookup | None = None  # set by the console's mount
 
     # --- issuing and reading ----------------------------------------------------------------
 
-    def issue(self) -> tuple[Session, str]:
-        """A new session and its cookie value."""
-        session = Session(secrets.token_urlsafe(18), self.clock() + self.seconds)
-        payload = json.dumps({"sid": session.sid, "exp": int(session.expires)}).encode()
+    def issue(self, user: str = "") -> tuple[Session, str]:
+        """A new session (of `user`; "": the access token's) and its cookie value."""
+        session = Session(secrets.token_urlsafe(18), self.clock() + self.seconds, user)
+        data: dict[str, object] = {"sid": session.sid, "exp": int(session.expires)}
+        if user:
+            data["user"] = user
+        payload = json.dumps(data).encode()
         body = _b64(payload)
         return session, f"{body}.{_b64(self._sign(body.encode()))}"
 
@@ -95,13 +109,13 @@ class SessionGate:
             return None
         if not isinstance(data, dict):
             return None
-        sid, expires = data.get("sid"), data.get("exp")
-        if not isinstance(sid, str) or not isinstance(expires, int):
+        sid, expires, user = data.get("sid"), data.get("exp"), data.get("user", "")
+        if not isinstance(sid, str) or not isinstance(expires, int) or not isinstance(user, str):
             return None
         now = self.clock()
         if expires <= now or sid in self._revoked:
             return None
-        return Session(sid, float(expires))
+        return Session(sid, float(expires), user)
 
     def revoke(self, session: Session) -> None:
         now = self.clock()
@@ -134,7 +148,11 @@ class SessionGate:
         session = self.read(cookie_value(headers.get("cookie", ""), COOKIE))
         if session is None:
             return None
-        return Caller("session", "console session")
+        if not session.user:
+            return TOKEN_SESSION
+        if self.users is None:
+            return None
+        return await self.users(session.user)
 
     def refusal(self, method: str, path: str, query: str, headers: Mapping[str, str]) -> Refusal:
         """What a request without a valid session gets."""

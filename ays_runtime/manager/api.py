@@ -34,6 +34,8 @@
                                                not, with the tasks it owns
     GET    /api/v1/overview, /forecast, /forecast/tasks, /tasks/{id}/slots
                                                the console's figures (manager/insight_api.py)
+    /api/v1/users, /users/{name}, /users/{name}/tokens, /me, /me/tokens
+                                               users and personal tokens (ays_runtime/users)
 
     GET    /metrics                            Prometheus metrics (ays_runtime/metrics/)
 
@@ -41,17 +43,21 @@ The OpenAPI document (/openapi.json) and its viewer (/docs, from the vendored sw
 public: they hold no secret; /metrics too when the env says `metrics.public: true`. The web
 console (ays_runtime/console) is mounted at / on the same app: its pages need a console
 session (the guard asks its `SessionGate`), never a token.
-Every other call needs the env's access token, as `Authorization: Bearer <token>` or
+Every other call needs a credential, as `Authorization: Bearer <token>` or
 `X-Ays-Token: <token>`, checked by the guard in front of the app (ays_runtime/web/guard.py)
-before any body is read; the routes that need none are declared in `PUBLIC`. Bodies are
+before any body is read: a user's personal token, the env's access token (an admin), or the
+cluster secret (managers and nodes: only the routes nodes call); the routes that need none
+are declared in `PUBLIC`. What each caller may do is decided by one table for the whole app
+(ays_runtime/users/access.py): 403 names the role or the node group that is missing.
+Users and tokens: /api/v1/users, /api/v1/me/tokens (ays_runtime/users/api.py). Bodies are
 bounded (`manager.max_body_bytes`; results `manager.max_result_body_bytes`): 413 past it.
 Errors are JSON `{"error": ...}`; validation errors (422) also carry `field` and `value`, and
 `errors` lists every problem found. Every integer a route takes is bounded and every date-time
 it answers carries its time zone (ays_runtime/web/fields.py).
 
-Every change of a task is recorded in its history as made by "token" via "api"; a caller may
-name itself with `X-Ays-Actor: <name>` (the CLI sends user@host), recorded as
-"<name> (token)".
+Every change of a task is recorded in its history as made by the user whose token it was;
+with the env's access token, by "token", or by the name the caller gives with
+`X-Ays-Actor: <name>` (the CLI sends user@host), recorded as "<name> (token)".
 
 Database work runs in the thread pool (`def` endpoints, or `run_in_threadpool`), so the event
 loop that fires timers is never blocked. A change is committed first and the manager is told
@@ -127,6 +133,9 @@ from ays_runtime.metrics import base as metrics
 from ays_runtime.metrics import manager as manager_metrics
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
+from ays_runtime.users import access
+from ays_runtime.users import api as users_api
+from ays_runtime.users import service as users
 from ays_runtime.vocabulary import AuditAction
 from ays_runtime.web.fields import Id, Position, UtcIn
 from ays_runtime.web.guard import (
@@ -714,6 +723,9 @@ def create_app(ctx: ManagerContext) -> FastAPI:
             "(in dev the manager generates one on first start)"
         )
     app = FastAPI(
+        # Every route, including those added later (alerts, node routes), is decided by the
+        # one table of ays_runtime/users/access.py.
+        dependencies=[Depends(access.authorize)],
         docs_url=None,  # served by the console from local assets (no CDN)
         redoc_url=None,
         title="Ays manager",
@@ -733,6 +745,7 @@ def create_app(ctx: ManagerContext) -> FastAPI:
         audit_api.router,
         insight_api.router,
         workflows_api.router,
+        users_api.router,
     )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
@@ -741,8 +754,15 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     results = BodyLimit(settings.max_result_body_bytes, "manager.max_result_body_bytes")
     token = ctx.access_token
 
+    def user_of(presented: str) -> Caller | None:
+        with ctx.sessions() as session:
+            return users.authenticate_token(session, presented)
+
+    async def personal(presented: str) -> Caller | None:
+        return await run_in_threadpool(user_of, presented)
+
     async def caller(headers: Mapping[str, str]) -> Caller | None:
-        return await authenticate(headers, token)
+        return await authenticate(headers, token, ctx.cluster_secret, personal)
 
     gate = console.mount(app, ctx)
     protect(

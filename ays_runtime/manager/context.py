@@ -32,5 +32,8 @@ class ManagerContext:
     reconcile: Callable[[], Awaitable[list[str]]] | None = None
     # Starts and reruns workflows (ays_runtime.workflows.service.WorkflowService).
     workflows: Any = None
+    # What managers and nodes present to each other (ays_runtime.auth); "" in tests that
+    # have no nodes: only the access token then opens the node routes.
+    cluster_secret: str = ""
     version: str = ""
     started_at: datetime = field(default_factory=utcnow)

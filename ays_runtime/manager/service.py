@@ -24,15 +24,17 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from ays_runtime import __version__
 from ays_runtime.alerts.api import alerts_router
 from ays_runtime.alerts.service import AlertService
-from ays_runtime.auth import resolve_access_token
+from ays_runtime.auth import resolve_access_token, resolve_cluster_secret
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.manager.api import create_app
@@ -53,6 +55,7 @@ from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import make_engine, redacted, session_factory
 from ays_runtime.storage.migrate import upgrade
 from ays_runtime.transport.base import JobDispatch, Transport
+from ays_runtime.users import service as users
 from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S
 from ays_runtime.workflows.service import WorkflowService
 
@@ -119,9 +122,20 @@ class Manager:
         url = cfg.storage_url()
         await asyncio.to_thread(upgrade, url)
         token = resolve_access_token(cfg, generate=True)
+        # What this manager presents to nodes, and takes from them (never the access token).
+        cluster = resolve_cluster_secret(cfg, generate=True)
         sock = self._sock or listen(cfg.manager.ip, cfg.manager.port)
         engine = make_engine(url, cfg.storage.pool_size)
         sessions = session_factory(engine)
+        if cfg.is_dev:
+            admin = await asyncio.to_thread(_bootstrap_admin, sessions, cfg)
+            if admin is not None:
+                log.info(
+                    "manager %s: created the dev admin user 'admin'; its password is in %s "
+                    "(mode 0600)",
+                    self.manager_id,
+                    admin,
+                )
 
         # The tracker re-dispatches retries through the dispatcher, made just after it.
         dispatcher_box: list[Dispatcher] = []
@@ -133,7 +147,7 @@ class Manager:
         registry = make_registry(cfg, engine, self.manager_id)
         registry.on_node_lost = tracker.node_lost
         transport = self._injected_transport or make_transport(
-            cfg, token, f"http://{self.manager_id}", f"manager {self.manager_id}"
+            cfg, cluster, f"http://{self.manager_id}", f"manager {self.manager_id}"
         )
         dispatcher = Dispatcher(registry, tracker, transport)
         dispatcher_box.append(dispatcher)
@@ -165,13 +179,13 @@ class Manager:
             task_labels=cfg.metrics.task_labels,
             firing=cfg.metrics.firing,
         )
-        killer = RunKiller(engine, registry, tracker, token)
+        killer = RunKiller(engine, registry, tracker, cluster)
 
         async def kill_run(job_log_id: int, reason: str) -> tuple[bool, str, str]:
             outcome = await killer.kill(job_log_id, reason)
             return outcome.killed, outcome.status, outcome.detail
 
-        run_output = RunOutput(sessions, token)
+        run_output = RunOutput(sessions, cluster)
 
         async def reconcile() -> list[str]:
             plan = await scheduler.reconcile_now()
@@ -182,6 +196,7 @@ class Manager:
             config=cfg,
             sessions=sessions,
             access_token=token,
+            cluster_secret=cluster,
             manager_id=self.manager_id,
             on_tasks_changed=_discard(scheduler.reconcile_now),
             trigger_now=scheduler.trigger_now,
@@ -368,6 +383,11 @@ def make_registry(config: EnvConfig, engine: Any, manager_id: str) -> NodeRegist
         f"env {config.env}: registry backend {backend!r} is not available in this version; "
         "use registry: {backend: builtin}"
     )
+
+
+def _bootstrap_admin(sessions: sessionmaker[Session], cfg: EnvConfig) -> Path | None:
+    with sessions() as session:
+        return users.bootstrap_dev_admin(session, Path(cfg.manager.data_dir))
 
 
 def make_transport(config: EnvConfig, token: str, report_to: str, who: str) -> Transport:

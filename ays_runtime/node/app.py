@@ -2,7 +2,8 @@
 
 `GET /metrics` serves the node's Prometheus metrics (ays_runtime/metrics/node.py).
 Every route but health (and the OpenAPI document; /metrics when `metrics.public: true`)
-needs the access token (`Authorization: Bearer ...` or `X-Ays-Token`), checked by the guard
+needs the env's cluster secret (`Authorization: Bearer ...` or `X-Ays-Token`): only managers
+send jobs, never an operator's token (personal or the shared access token); checked by the guard
 in front of the app before any body is read (ays_runtime/web/guard.py); bodies are bounded
 by `node.max_body_bytes` (413 past it). Refusals are logged once per caller per minute,
 never with the token. Errors are JSON `{"detail": "..."}`. The routes only translate HTTP
@@ -102,7 +103,8 @@ def create_app(node: NodeDaemon) -> FastAPI:
     guarded = APIRouter(prefix=API, responses=_errors(401, 404, 422))
 
     async def caller(headers: Mapping[str, str]) -> Caller | None:
-        return await authenticate(headers, node.token)
+        # Only managers (and nodes) of this env: the cluster secret, nothing else.
+        return await authenticate(headers, "", node.token)
 
     protect(
         app,

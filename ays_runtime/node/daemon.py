@@ -51,7 +51,7 @@ import httpx
 import uvicorn
 
 from ays_runtime import __version__
-from ays_runtime.auth import resolve_access_token
+from ays_runtime.auth import resolve_cluster_secret
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
 from ays_runtime.metrics import node as node_metrics
@@ -132,7 +132,9 @@ class NodeDaemon:
         self.group: str = config.node.group
         self.address = f"{http_host(config.node.ip)}:{config.node.port}"
         self.who = f"node {self.address}"
-        self.token = resolve_access_token(config, generate=False)
+        # Managers and this node present the cluster secret to each other; nothing else opens
+        # the node (an operator's token, personal or shared, runs nothing here).
+        self.token = resolve_cluster_secret(config, generate=False)
         self.drain_timeout = drain_timeout
         self._sock = sock
         self._spool = ResultSpool(Path(config.node.data_dir) / RESULTS_DIR, self.who)

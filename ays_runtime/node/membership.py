@@ -265,7 +265,7 @@ class Membership:
             return ""
         why = f"HTTP {response.status_code}"
         if response.status_code == 401:
-            why += " (the manager does not accept this node's access token)"
+            why += " (the manager does not accept this node's cluster_secret)"
         return why
 
     def _learn(self, response: httpx.Response) -> None:

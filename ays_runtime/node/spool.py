@@ -440,7 +440,7 @@ def _outcome(code: int, text: str) -> tuple[Delivery, str]:
     if 400 <= code <= 499 and code not in RETRYABLE_4XX:
         return Delivery.REFUSED, why
     if code == 401:
-        why += " (the manager does not accept this node's access token)"
+        why += " (the manager does not accept this node's cluster_secret)"
     return Delivery.RETRY, why
 
 

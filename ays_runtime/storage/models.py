@@ -254,6 +254,37 @@ class AuditEntry(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class User(Base):
+    """A person who signs in to the console or calls the API with a personal token
+    (`ays_runtime.users`). `groups`: the node groups an operator may change."""
+
+    __tablename__ = "ays_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    password_hash: Mapped[str] = mapped_column(String(255), default="")  # "": no password
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class UserToken(Base):
+    """A personal API token: only its SHA-256 is kept (the token is shown once), with its
+    first characters (`prefix`) so that its holder can tell which one it is."""
+
+    __tablename__ = "ays_user_token"
+    __table_args__ = (UniqueConstraint("user_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("ays_user.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
 class TimerRow(Base):
     """One installed timer: which task version a manager's in-memory timer list holds.
 

@@ -44,12 +44,16 @@ Authenticate = Callable[[Mapping[str, str]], Awaitable[Caller | None]]
 REFUSALS = frozenset({400, 401, 403, 405, 411, 413, 415, 422, 431})
 TOKEN_HEADER = "X-Ays-Token"
 SECURITY_SCHEMES = {
-    "bearer": {"type": "http", "scheme": "bearer", "description": "the env's access_token"},
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a personal token, the env's access_token, or (nodes) its cluster_secret",
+    },
     "ays_token": {
         "type": "apiKey",
         "in": "header",
         "name": TOKEN_HEADER,
-        "description": "the env's access_token",
+        "description": "a personal token, the env's access_token, or (nodes) its cluster_secret",
     },
 }
 
@@ -176,7 +180,9 @@ class Guard:
             if caller is None:
                 why = (
                     "bad or missing access token: send 'Authorization: Bearer <token>' or "
-                    f"'{TOKEN_HEADER}: <token>' with the access_token of this environment"
+                    f"'{TOKEN_HEADER}: <token>' with a token this server takes (the manager: a "
+                    "user's personal token or the env's access_token; a node: the env's "
+                    "cluster_secret)"
                 )
                 self.refusals.refused(source, 401, what, "bad or missing access token")
                 await self._refuse(send, headers, 401, why, {"WWW-Authenticate": "Bearer"})
@@ -369,6 +375,9 @@ def complete(schema: dict[str, Any], public: PublicRoutes, error_key: str) -> No
             if path not in public:
                 operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
                 responses.setdefault("401", {"description": "bad or missing access token", **error})
+                responses.setdefault(
+                    "403", {"description": "the caller's role does not allow it", **error}
+                )
             if "requestBody" in operation:
                 responses.setdefault(
                     "413", {"description": "the body is larger than the route takes", **error}
