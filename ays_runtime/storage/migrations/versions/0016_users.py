@@ -4,8 +4,8 @@ A user has a role (viewer, operator, admin), the node groups an operator may cha
 argon2 hash of the console password; a token is kept as its SHA-256 only, with its first
 characters to tell it apart.
 
-Revision ID: 0012_i17u
-Revises: 0011
+Revision ID: 0016
+Revises: 0015
 Create Date: 2026-12-05
 """
 
@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-revision: str = "0012_i17u"
-down_revision: str | None = "0011"
+revision: str = "0016"
+down_revision: str | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
