@@ -229,6 +229,28 @@ def test_an_operator_changes_tasks_and_runs_of_their_groups_only(ays: Users) -> 
         assert [(e["who"], e["via"]) for e in audit[:2]] == [("otto", "console"), ("otto", "api")]
 
 
+def test_an_operator_starts_only_workflows_whose_tasks_are_all_in_their_groups(
+    ays: Users,
+) -> None:
+    with ays.api() as env, ays.as_user("otto") as otto:
+        env.post("/tasks", json={**task_body("wf-a", "g1"), "schedule": ""})
+        env.post("/tasks", json={**task_body("wf-b", "g2"), "schedule": ""})
+        env.post("/tasks", json={**task_body("wf-c", "g1"), "schedule": ""})
+        for name, tasks in (("mixed", ["wf-a", "wf-b"]), ("mine", ["wf-c"])):
+            made = env.post("/workflows", json={"name": name, "tasks": tasks})
+            assert made.status_code == 201, made.text
+        assert otto.post("/workflows", json={"name": "x", "tasks": ["wf-c"]}).status_code == 403
+
+        refused = otto.post("/workflows/mixed/start", json={})
+        assert refused.status_code == 403 and "'g2' is not granted" in refused.json()["error"]
+        started = otto.post("/workflows/mine/start", json={})
+        assert started.status_code in (200, 201, 202), started.text
+        run_id = started.json()["id"]
+        mixed_run = env.post("/workflows/mixed/start", json={}).json()["id"]
+        assert otto.post(f"/workflow-runs/{mixed_run}/rerun").status_code == 403
+        assert otto.get(f"/workflow-runs/{run_id}").status_code == 200
+
+
 def test_the_console_hides_the_writes_a_viewer_may_not_make(ays: Users) -> None:
     with ays.api() as env:
         task = env.post("/tasks", json=task_body("shown-to-vera", "g1")).json()

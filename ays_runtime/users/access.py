@@ -10,6 +10,7 @@ call it with the cluster secret, and for an operator which node groups it acts o
     body     the `node_group` the body names (a new task)
     run      the task of the run in the path
     bulk     the tasks ticked in the console's form (`task_id`)
+    workflow the tasks of the workflow in the path (`name`), or of its run (`run_id`)
 
 An operator may call a scoped operation only if every group it acts on is granted to them;
 what does not exist resolves to no group, so the route answers its own 404. The env's
@@ -26,11 +27,12 @@ from urllib.parse import parse_qs
 
 from fastapi import HTTPException, Request
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import compile_path
 
 from ays_runtime.auth import Caller
-from ays_runtime.storage.models import JobLog, Task
+from ays_runtime.storage.models import JobLog, Task, Workflow, WorkflowRun, WorkflowTask
 from ays_runtime.vocabulary import Role
 
 V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
@@ -97,7 +99,7 @@ RULES: dict[tuple[str, str], Rule] = {
             ("GET", "/alerts/rules"): Rule(V),
             ("GET", "/alerts/deliveries"): Rule(V),
             ("POST", "/alerts/test"): Rule(A),
-            # alert policies through the API (issue 16's i16c: on main, not yet on this branch)
+            # alert policies through the API
             ("POST", "/alerts/rules"): Rule(A),
             ("PUT", "/alerts/rules/{name}"): Rule(A),
             ("DELETE", "/alerts/rules/{name}"): Rule(A),
@@ -110,6 +112,16 @@ RULES: dict[tuple[str, str], Rule] = {
             ("DELETE", "/alerts/channels/{name}"): Rule(A),
             ("GET", "/alerts/open"): Rule(V),
             ("POST", "/registry/consul/watch"): Rule(A, cluster=True),
+            ("GET", "/managers"): Rule(V),
+            ("GET", "/workflows"): Rule(V),
+            ("GET", "/workflows/{name}"): Rule(V),
+            # A workflow may join tasks of several groups: defining one is an admin's.
+            ("POST", "/workflows"): Rule(A),
+            ("PATCH", "/workflows/{name}"): Rule(A),
+            ("DELETE", "/workflows/{name}"): Rule(A),
+            ("POST", "/workflows/{name}/start"): Rule(OP, "workflow"),
+            ("GET", "/workflow-runs/{run_id}"): Rule(V),
+            ("POST", "/workflow-runs/{run_id}/rerun"): Rule(OP, "workflow"),
             ("GET", "/users"): Rule(A),
             ("POST", "/users"): Rule(A),
             ("GET", "/users/{name}"): Rule(A),
@@ -175,6 +187,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/alerts/channels/{name}"): Rule(A),
     ("POST", "/alerts/channels/{name}/delete"): Rule(A),
     ("POST", "/alerts/channels/{name}/test"): Rule(A),
+    ("GET", "/workflows"): Rule(V),
+    ("GET", "/workflows/{name}"): Rule(V),
+    ("POST", "/workflows/{name}/start"): Rule(OP, "workflow"),
+    ("POST", "/workflow-runs/{run_id:int}/rerun"): Rule(OP, "workflow"),
 }
 
 
@@ -259,12 +275,39 @@ async def groups_of(request: Request, scope: str) -> set[str]:
                     return set()
                 group = session.scalar(select(Task.node_group).where(Task.id == run.task_id))
                 return {group or "(a deleted task's)"}
+            if scope == "workflow":
+                return _workflow_groups(session, params)
             if scope == "bulk":
                 ids = [int(v) for v in body.get("task_id", []) if str(v).isdigit()]
                 return set(session.scalars(select(Task.node_group).where(Task.id.in_(ids))))
             return set()
 
     return groups | await run_in_threadpool(lookup)
+
+
+def _workflow_groups(session: Session, params: dict[str, Any]) -> set[str]:
+    """The groups of the tasks of the workflow named in the path, or of the run's."""
+    if "name" in params:
+        workflow_id = session.scalar(select(Workflow.id).where(Workflow.name == params["name"]))
+    else:
+        run_id = _int(params.get("run_id"))
+        workflow_id = (
+            None
+            if run_id is None
+            else session.scalar(select(WorkflowRun.workflow_id).where(WorkflowRun.id == run_id))
+        )
+    if workflow_id is None:
+        return set()
+    members = select(WorkflowTask.task_id).where(WorkflowTask.workflow_id == workflow_id)
+    return set(session.scalars(select(Task.node_group).where(Task.id.in_(members))))
+
+
+def _int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < 2**63 else None
 
 
 async def _body(request: Request) -> dict[str, Any]:
