@@ -35,6 +35,7 @@ from ays_runtime.alerts import outbox, policies
 from ays_runtime.alerts.service import AlertService
 from ays_runtime.audit.api import Who
 from ays_runtime.exceptions import ValidationError
+from ays_runtime.manager.schemas import ErrorOut
 from ays_runtime.storage.database import utcnow
 from ays_runtime.web.fields import UtcIn
 
@@ -81,7 +82,13 @@ class SilenceIn(BaseModel):
 
 
 def alerts_router(service: AlertService) -> APIRouter:
-    router = APIRouter(prefix=API, tags=["alerts"])
+    # A rule or channel named in the path may not exist (404), or come from the env file,
+    # which the API does not change (409).
+    router = APIRouter(
+        prefix=API,
+        tags=["alerts"],
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    )
 
     env = service.env_settings
 
