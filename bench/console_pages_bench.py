@@ -14,24 +14,66 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastapi.testclient import TestClient  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
 
+from ays_runtime.manager import forecast, overview  # noqa: E402
 from ays_runtime.storage.database import make_engine, utcnow  # noqa: E402
+from ays_runtime.storage.models import JobLog  # noqa: E402
 from bench.console_bench import (  # noqa: E402
     TOKEN,
     Data,
     Entry,
     app_client,
     database,
+    job_row,
     seed,
     time_entry,
 )
+
+
+def _ms(work: object) -> float:
+    started = time.perf_counter()
+    work()  # type: ignore[operator]
+    return (time.perf_counter() - started) * 1000
+
+
+def dashboard(data: Data, client: TestClient, loads: int) -> None:
+    """The dashboard's loads as a manager serves them: none warmed (what a load read before
+    keep_warm), after the start's warm-up (overview.warm, as keep_warm runs it), warm, and
+    right after new runs arrive in the current minute."""
+
+    def get() -> None:
+        answer = client.get("/")
+        if answer.status_code != 200:
+            raise SystemExit(f"/: {answer.status_code} {answer.text[:300]}")
+
+    overview._KEPT.clear()  # a process that kept nothing
+    cold = _ms(get)
+    overview._KEPT.clear()
+    warm_up = _ms(lambda: overview.warm(data.sessions))
+    first = _ms(get)
+    warm = sorted(_ms(get) for _ in range(loads))
+    rng, now = random.Random(14), utcnow()
+    rows = [job_row(rng, task_id, now, ["node-0"], False) for task_id in range(1, 501)]
+    with data.sessions() as session:
+        session.execute(insert(JobLog), rows)
+        session.commit()
+    after_new = _ms(get)
+    print(
+        f"  dashboard: no warm-up {cold:.1f} ms; keep_warm's start read {warm_up:.1f} ms, then "
+        f"1st load {first:.1f} ms; warm p50 {warm[len(warm) // 2]:.1f} / max {warm[-1]:.1f} ms "
+        f"({loads} loads); after 500 new runs {after_new:.1f} ms",
+        flush=True,
+    )
 
 
 def pages(data: Data, client: TestClient) -> list[Entry]:
@@ -74,6 +116,10 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
             client.headers.pop("Authorization")  # a browser: the session cookie only
             signed = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
             assert signed.status_code == 303, signed.text
+            dashboard(data, client, args.loads)
+            # As the manager does at start (forecast.keep_warm): the page's forecast computed.
+            warmed = _ms(lambda: forecast._warm(data.sessions, *forecast.WARM_AT_START))
+            print(f"  forecast: keep_warm's start computation {warmed:.1f} ms", flush=True)
             print(f"  {'page':<22} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'1st ms':>9}  loads")
             for entry in pages(data, client):
                 f = time_entry(entry, args.loads)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ays_runtime.manager.overview import TIMELINE_MINUTES, overview
+from ays_runtime.manager import overview as overview_module
+from ays_runtime.manager.overview import TIMELINE_MINUTES, keep_warm, overview, warm
+from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Manager, Node, NodeGroup, Task
 
 NOW = datetime(2026, 12, 4, 12, 30, 15)
@@ -207,3 +211,55 @@ def test_settled_minutes_are_kept_and_minutes_with_unfinished_runs_read_again(
     hour = second.last_hour.by_status
     assert (hour["running"], hour["failed"], hour["pending"]) == (0, 1, 1)
     assert hour["succeeded"] == 1  # the 20-minute-old insert: its minute was kept, not re-read
+
+
+def _kept_minutes(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        kept = overview_module._kept_for(session)
+    with kept.lock:
+        return len(kept.minutes)
+
+
+def test_warm_keeps_the_day_and_the_figures_stay_those_read_without_it(
+    sessions: sessionmaker[Session],
+) -> None:
+    seed(sessions)
+    warm(sessions, now=NOW)
+    # Every settled minute of the day is kept (those with an unfinished run are read again).
+    assert _kept_minutes(sessions) >= TIMELINE_MINUTES - 5
+    with sessions() as session:
+        warmed = overview(session, now=NOW)
+        overview_module._KEPT.clear()  # the same day, read whole by the load itself
+        read = overview(session, now=NOW)
+    assert warmed.model_dump() == read.model_dump()
+    assert warmed.last_hour.by_status["succeeded"] == 101
+
+
+def test_keep_warm_reads_the_day_at_start_and_stops_with_the_manager(
+    sessions: sessionmaker[Session],
+) -> None:
+    now = utcnow()
+    with sessions() as session:
+        session.add(NodeGroup(name="g1", created_at=now, updated_at=now))
+        session.flush()
+        task = add_task(session, "alpha")
+        session.commit()
+        session.execute(insert(JobLog), [run(task, now - timedelta(minutes=m)) for m in (9, 30)])
+        session.commit()
+    done = threading.Event()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        warming = asyncio.create_task(keep_warm(sessions, stop))
+        for _ in range(600):  # up to 60 s on a loaded machine
+            if _kept_minutes(sessions) >= TIMELINE_MINUTES - 5:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(warming, 30)
+        done.set()
+
+    asyncio.run(main())
+    assert done.is_set() and _kept_minutes(sessions) >= TIMELINE_MINUTES - 5
+    with sessions() as session:
+        assert overview(session).last_hour.by_status["succeeded"] == 2

@@ -264,6 +264,35 @@ def test_the_console_hides_the_writes_a_viewer_may_not_make(ays: Users) -> None:
             assert "Add node" not in nodes and "Create group" not in nodes
 
 
+def test_the_alerts_pages_show_their_write_controls_to_an_admin_only(ays: Users) -> None:
+    hook = {"name": "vera-hook", "type": "webhook", "url": "http://127.0.0.1:9/in"}
+    rule = {"name": "vera-rule", "when": "run_failed", "channels": ["vera-hook"]}
+    with ays.api() as env:
+        assert env.post("/alerts/channels", json=hook).status_code == 201
+        assert env.post("/alerts/rules", json=rule).status_code == 201
+    controls = (
+        'href="/alerts/rules/new"',
+        'href="/alerts/channels/new"',
+        'href="/alerts/rules/vera-rule/edit"',
+        'action="/alerts/rules/vera-rule/silence"',
+        'action="/alerts/rules/vera-rule/delete"',
+        'action="/alerts/channels/vera-hook/test"',
+        'action="/alerts/channels/vera-hook/delete"',
+    )
+    for name, shown in (("vera", False), ("otto", False), ("ada", True)):
+        with ays.console(name) as (browser, csrf_token):
+            page = browser.get("/alerts")
+            assert page.status_code == 200 and "vera-rule" in page.text and "vera-hook" in page.text
+            assert [c in page.text for c in controls] == [shown] * len(controls), name
+            form = browser.get("/alerts/rules/vera-rule/edit").text
+            assert ("Save rule" in form) is shown and ("Only an admin" in form) is not shown
+            if not shown:  # and the write itself is still refused
+                refused = browser.post(
+                    "/alerts/rules/vera-rule/delete", data={"csrf_token": csrf_token}
+                )
+                assert refused.status_code == 403, refused.text
+
+
 # --- tokens ---------------------------------------------------------------------------------
 
 

@@ -5,6 +5,9 @@ Contract (stable; the console builds on it):
 
     overview(session, *, now=None, manager_silent_after=timedelta(seconds=60),
              failures=10, running=20) -> Overview
+    keep_warm(sessions, stop)   the manager's task: reads the day's minutes at start, then
+                                the new ones each minute, before a dashboard asks for them
+    warm(sessions, now=None)    one such round (what keep_warm runs in a thread)
 
 `Overview` is a pydantic model (its date-times are aware, in UTC; JSON sends them with `Z`):
 
@@ -38,14 +41,20 @@ that bucket's bound, to the millisecond (SQLite's julianday arithmetic is no fin
 
 The day's figures are read per minute of `created_at`; a minute over SETTLE (2 min) old with
 no unfinished run is kept in this process (per database) and never read again, so a dashboard
-reloaded every few seconds reads only its last minutes: the first load reads the whole day
-(about 0.5-1 s with 1M rows over a week, bench/console_bench.py), the next ones milliseconds.
+reloaded every few seconds reads only its last minutes. Reading the whole day takes about
+0.5-1.3 s with 1M rows over a week (bench/console_pages_bench.py), so no page load does it:
+`keep_warm`, started with the manager, reads it in a thread at start and the minutes that
+settle at each new minute (a few rows). One database's minutes are read by one caller at a
+time: a load arriving while the start's read runs waits for it, then reads only what is left.
 This holds while rows are created with the claiming manager's clock (a peer whose clock is
 minutes behind would add to minutes already kept) and a run that ended keeps its status.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,7 +62,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement, and_, case, func, literal_column, or_, select
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import JobLog, Manager, Node, NodeGroup, Task, TimerRow
@@ -72,6 +82,10 @@ FIRE_TRIGGERS = (TriggerKind.CRON.value, TriggerKind.MISFIRE.value)
 # kept in memory, per database, and not read again (runs that ended stay ended).
 SETTLE = timedelta(minutes=2)
 MAX_RANGES = 20  # minutes to read, as ranges in one statement; more: one range over them all
+# keep_warm reads this long after each minute starts (the minute SETTLE ago has just settled).
+WARM_AFTER_S = 1.0
+
+log = logging.getLogger("ays.manager.overview")
 
 
 class GroupNodes(BaseModel):
@@ -159,8 +173,7 @@ def overview(
 ) -> Overview:
     """The dashboard's figures as of `now` (naive UTC; default: the clock)."""
     now = now or utcnow()
-    end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    start = end - timedelta(minutes=TIMELINE_MINUTES)
+    start, end = _day(now)
     minutes = _day_by_minute(session, start, end, now)
     last_hour, last_day = _run_counts(minutes, end)
     return Overview(
@@ -173,6 +186,43 @@ def overview(
         recent_failures=_recent_failures(session, failures),
         managers=managers(session, now, manager_silent_after),
     )
+
+
+async def keep_warm(sessions: sessionmaker[Session], stop: asyncio.Event) -> None:
+    """The manager's task: read the day's minutes once at start, in a thread, then the minutes
+    since at the start of each minute, so a dashboard load finds them kept (a whole day read
+    by a load: 0.5-1.3 s). A database error is logged once, and the next round tries again."""
+    failing = False
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(warm, sessions)
+            if failing:
+                log.info("manager: dashboard figures kept warm again")
+            failing = False
+        except SQLAlchemyError as err:
+            if not failing:
+                log.warning(
+                    "manager: dashboard figures not kept warm: %s", getattr(err, "orig", err)
+                )
+            failing = True
+        now = utcnow()
+        next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        wait = (next_minute - now).total_seconds() + WARM_AFTER_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+
+
+def warm(sessions: sessionmaker[Session], now: datetime | None = None) -> None:
+    """Read and keep the settled minutes of the day before `now` that are not kept yet."""
+    now = now or utcnow()
+    with sessions() as session:
+        _day_by_minute(session, *_day(now), now)
+
+
+def _day(now: datetime) -> tuple[datetime, datetime]:
+    """The timeline's [start, end): the 1440 minutes up to the end of `now`'s minute."""
+    end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    return end - timedelta(minutes=TIMELINE_MINUTES), end
 
 
 def managers(session: Session, now: datetime, silent_after: timedelta) -> list[ManagerAlive]:
@@ -276,6 +326,8 @@ class _Kept:
     """The settled minutes of one database (see SETTLE)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Held while minutes are read: a second caller waits, then reads only what is still missing.
+    reading: threading.Lock = field(default_factory=threading.Lock)
     minutes: dict[datetime, _Minute] = field(default_factory=dict)
 
 
@@ -294,6 +346,13 @@ def _day_by_minute(
 ) -> dict[datetime, _Minute]:
     """Every minute of [start, end): the settled ones from what is kept, the others read."""
     kept = _kept_for(session)
+    with kept.reading:
+        return _day_read(session, kept, start, end, now)
+
+
+def _day_read(
+    session: Session, kept: _Kept, start: datetime, end: datetime, now: datetime
+) -> dict[datetime, _Minute]:
     settled_before = (now - SETTLE).replace(second=0, microsecond=0)
     # Minutes with an unfinished run are read again until it ends (status index: few rows).
     open_minutes = {

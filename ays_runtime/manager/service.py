@@ -37,6 +37,7 @@ from ays_runtime.alerts.service import AlertService
 from ays_runtime.auth import resolve_access_token, resolve_cluster_secret
 from ays_runtime.config import EnvConfig
 from ays_runtime.exceptions import ConfigError
+from ays_runtime.manager import overview
 from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.dispatch import Dispatcher
@@ -276,6 +277,10 @@ class Manager:
             log.info("manager %s: serving", self.manager_id)
         # After the scheduler's first reconcile: the schedules are parsed (a shared cache).
         warming = asyncio.create_task(keep_warm(sessions, self._stop), name="forecast-warm")
+        # The dashboard's day of minutes, read once here rather than by the first page load.
+        dashboard = asyncio.create_task(
+            overview.keep_warm(sessions, self._stop), name="overview-warm"
+        )
 
         stop = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({stop, api, sched}, return_when=asyncio.FIRST_COMPLETED)
@@ -310,10 +315,18 @@ class Manager:
         await run_output.close()
         await tracker.stop()
         await registry.stop()
-        for task in (purge, reaper, stop, recovery, alerting, warming, flows):
+        for task in (purge, reaper, stop, recovery, alerting, warming, dashboard, flows):
             task.cancel()
         await asyncio.gather(
-            purge, reaper, stop, recovery, alerting, warming, flows, return_exceptions=True
+            purge,
+            reaper,
+            stop,
+            recovery,
+            alerting,
+            warming,
+            dashboard,
+            flows,
+            return_exceptions=True,
         )
         engine.dispose()
         sock.close()
