@@ -371,3 +371,41 @@ def test_in_chromium_the_button_signs_in_through_the_provider(setup: Setup) -> N
             assert page.inner_text("#signed-in") == "cleo (operator)"
         finally:
             chromium.close()
+
+
+def test_install_config_renders_console_oidc_with_its_secret_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ays_installer.install_config import app
+    from ays_installer.resources import resource_root
+    from ays_runtime.config import load_config_file
+
+    resources = tmp_path / "resources"
+    for part in ("templates", "envs"):
+        shutil.copytree(resource_root() / part, resources / part)
+    oidc = {**_config()["console"]["oidc"], "client_secret": "${AYS_OIDC_CLIENT_SECRET}"}
+    with (resources / "envs/dev.yaml").open("a", encoding="utf-8") as env:
+        env.write("\nconsole:\n  oidc: " + json.dumps(oidc) + "\n")  # JSON is YAML
+    monkeypatch.setenv("AYS_RESOURCES", str(resources))
+    monkeypatch.chdir(tmp_path)  # the checkout's own envs/ would come first
+    stage = tmp_path / "stage"
+    secrets_env = {"AYS_OIDC_CLIENT_SECRET": "first-oidc-s3cret"}
+    done = CliRunner(env=secrets_env).invoke(app, ["manager", "-e", "dev", "--root", str(stage)])
+    assert done.exit_code == 0, done.output
+    assert "first-oidc-s3cret" not in done.output
+    config = load_config_file(stage / "etc/ays/manager.yaml")
+    assert config.console.oidc is not None
+    assert config.console.oidc.client_secret.get_secret_value() == "first-oidc-s3cret"
+    assert config.console.oidc.mapping[0].groups == ["g1"]
+    # A dry run with another secret shows the change masked: neither the old nor the new one.
+    secrets_env = {"AYS_OIDC_CLIENT_SECRET": "second-oidc-s3cret"}
+    dry = CliRunner(env=secrets_env).invoke(
+        app, ["manager", "-e", "dev", "--root", str(stage), "--dry-run"]
+    )
+    assert dry.exit_code == 0, dry.output
+    assert "oidc" in dry.output
+    assert "first-oidc-s3cret" not in dry.output and "second-oidc-s3cret" not in dry.output
