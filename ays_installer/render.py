@@ -139,7 +139,9 @@ def render_config(prepared: Prepared) -> str:
         "env": config.env,
         "source": _shown_source(prepared.source),
         "top": {s.name: s for s in settings if not s.is_section},
-        "sections": {s.name: _settings(getattr(config, s.name)) for s in settings if s.is_section},
+        "sections": {
+            s.name: _settings(getattr(config, s.name), top=False) for s in settings if s.is_section
+        },
     }
     try:
         text = environment.get_template(template_path.name).render(context)
@@ -239,12 +241,14 @@ class Setting:
     is_section: bool = False
 
 
-def _settings(model: BaseModel) -> list[Setting]:
+def _settings(model: BaseModel, top: bool = True) -> list[Setting]:
+    """The settings of `model`: at the top, a model is a section; inside a section, one
+    flow mapping on its line (console.oidc)."""
     result = []
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         doc = " ".join((info.description or "").split())
-        if isinstance(value, BaseModel):
+        if isinstance(value, BaseModel) and top:
             result.append(Setting(name, "", doc, is_section=True))
         else:
             result.append(Setting(name, yaml_value(value), doc))

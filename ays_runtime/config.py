@@ -283,6 +283,67 @@ class JobLogSettings(_Section):
     purge_batch: int = Field(1000, ge=1, description="rows deleted per purge statement")
 
 
+class OidcRoleMapping(_Section):
+    """One value of the roles claim and what it grants."""
+
+    value: str = Field(min_length=1, description="a value of the claim (e.g. a group name)")
+    role: Literal["admin", "operator", "viewer"]
+    groups: list[str] = Field(
+        default_factory=list, description="for an operator: the node groups granted"
+    )
+
+    @model_validator(mode="after")
+    def _operator_groups(self) -> OidcRoleMapping:
+        if self.role == "operator" and not self.groups:
+            raise ValueError(
+                f"mapping of {self.value!r}: an operator needs groups (the node groups granted)"
+            )
+        if self.role != "operator" and self.groups:
+            raise ValueError(f"mapping of {self.value!r}: groups are only for role operator")
+        return self
+
+
+class OidcSettings(_Section):
+    """Optional console sign-in with an OpenID Connect provider (ays_runtime/console/oidc.py)."""
+
+    name: str = Field("OIDC", min_length=1, max_length=40, description="shown on the button")
+    issuer: str = Field(description="the provider's issuer URL (discovery at /.well-known/...)")
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr = Field(description="the client's secret at the provider")
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    username_claim: str = Field("preferred_username", description="claim naming the user")
+    roles_claim: str = Field("groups", min_length=1, description="claim holding roles/groups")
+    mapping: list[OidcRoleMapping] = Field(min_length=1)
+    default_role: Literal["refuse", "viewer"] = Field(
+        "refuse", description="when no value of the claim maps: refuse sign-in, or viewer"
+    )
+    redirect_base: str = Field(
+        description="the console's URL as the browser reaches it; the provider redirects to "
+        "{redirect_base}/login/oidc/callback (register that URL with the client)"
+    )
+
+    @field_validator("issuer", "redirect_base")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", v):
+            raise ValueError("must be an http(s) URL without query, e.g. https://sso.example.com")
+        return v.rstrip("/")
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, v: list[str]) -> list[str]:
+        if "openid" not in v:
+            raise ValueError("must include openid")
+        return v
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_set(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise ValueError("must not be empty")
+        return v
+
+
 class ConsoleSettings(_Section):
     """The web console the manager serves at / (ays_runtime/console)."""
 
@@ -298,6 +359,9 @@ class ConsoleSettings(_Section):
         False,
         description="mark the session cookie Secure: set it when the console is reached "
         "through HTTPS (a TLS proxy), never on plain HTTP (the browser would drop it)",
+    )
+    oidc: OidcSettings | None = Field(
+        None, description="optional sign-in with an OpenID Connect provider; none: off"
     )
 
 
@@ -469,10 +533,12 @@ def _format_validation_error(
             for p in e["loc"]
             if not str(p).startswith("function-") and p not in {"builtin", "consul", "rocketmq"}
         )
-        # Secrets must not be echoed back, even when wrong.
+        # Secrets must not be echoed back, even when wrong; nor a whole mapping or list (a
+        # missing field's input is the section around it, secrets and all).
         shown = (
             ""
             if any(word in loc for word in ("url", "token", "key", "password", "secret"))
+            or isinstance(e.get("input"), dict | list)
             else f" (got {e.get('input')!r})"
         )
         names = sources.get(loc)

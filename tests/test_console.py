@@ -143,7 +143,8 @@ def test_no_page_or_fragment_answers_without_a_session(console: Api) -> None:
 
 def test_only_the_sign_in_page_and_static_assets_are_public_in_the_console() -> None:
     console_public = {p for p in PUBLIC.paths if not p.startswith(("/api/", "/docs", "/open"))}
-    assert console_public == {"/login", "/favicon.ico"}
+    # the OIDC sign-in's start and callback (console/oidc.py) come before any session
+    assert console_public == {"/login", "/login/oidc", "/login/oidc/callback", "/favicon.ico"}
     assert PUBLIC.prefixes == ("/static/",)
 
 

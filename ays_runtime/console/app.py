@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ays_runtime.auth import Caller, token_matches
-from ays_runtime.console import alerts, csrf, nodes, overview, runs, tasks, workflows
+from ays_runtime.console import alerts, csrf, nodes, oidc, overview, runs, tasks, workflows
 from ays_runtime.console.render import STATIC, first, page
 from ays_runtime.console.session import COOKIE, LOGIN_PATH, SessionGate, cookie_value
 from ays_runtime.exceptions import ConflictError, NotFoundError, StorageError, ValidationError
@@ -29,7 +29,7 @@ from ays_runtime.users import service as users
 STATIC_PREFIX = "/static/"
 SWAGGER = "/static/vendor/swagger-ui-dist-5.35.0"
 # The paths a browser without a session may load (manager/api.py adds them to PUBLIC).
-PUBLIC_PATHS = frozenset({LOGIN_PATH, "/favicon.ico"})
+PUBLIC_PATHS = frozenset({LOGIN_PATH, oidc.START_PATH, oidc.CALLBACK_PATH, "/favicon.ico"})
 PUBLIC_PREFIXES = (STATIC_PREFIX,)
 
 auth_router = APIRouter(include_in_schema=False)
@@ -182,6 +182,7 @@ def mount(app: FastAPI, ctx: ManagerContext) -> SessionGate:
     app.mount("/static", StaticFiles(directory=STATIC), name="console-static")
     _docs_routes(app)
     app.include_router(auth_router)
+    app.include_router(oidc.router)
     for router in (
         overview.router,
         tasks.router,

@@ -119,6 +119,7 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
         csrf_token=token,
         csrf_field=csrf.FIELD,
         signed_in=session is not None,
+        oidc_name=_oidc_name(request),
         **_standing(request),
         **context,
     )
@@ -135,6 +136,12 @@ def _standing(request: Request) -> dict[str, Any]:
         "can_operate": role.rank >= Role.OPERATOR.rank,
         "is_admin": role == Role.ADMIN,
     }
+
+
+def _oidc_name(request: Request) -> str:
+    """The provider's name for the login page's button; "": OIDC sign-in is off."""
+    oidc = request.app.state.ays.config.console.oidc
+    return oidc.name if oidc is not None else ""
 
 
 def _cookie(request: Request) -> str | None:

@@ -136,6 +136,24 @@ class SessionGate:
         secure = "; Secure" if self.secure else ""
         return f"{COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict{secure}"
 
+    def seal(self, data: dict[str, object]) -> str:
+        """`data` signed with the session key (not encrypted: no secret goes in it)."""
+        body = _b64(json.dumps(data).encode())
+        return f"{body}.{_b64(self._sign(b'sealed:' + body.encode()))}"
+
+    def unseal(self, value: str | None) -> dict[str, object] | None:
+        """What `seal` made, if the signature holds; None otherwise."""
+        if not value or value.count(".") != 1:
+            return None
+        body, signature = value.split(".")
+        try:
+            if not hmac.compare_digest(_unb64(signature), self._sign(b"sealed:" + body.encode())):
+                return None
+            data = json.loads(_unb64(body))
+        except (ValueError, UnicodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
     def _sign(self, data: bytes) -> bytes:
         return hmac.new(self._key, data, hashlib.sha256).digest()
 

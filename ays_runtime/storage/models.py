@@ -265,6 +265,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)
     password_hash: Mapped[str] = mapped_column(String(255), default="")  # "": no password
+    # "local", or "oidc": made and updated by an OIDC sign-in (ays_runtime/console/oidc.py)
+    source: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

@@ -143,6 +143,8 @@ RULES: dict[tuple[str, str], Rule] = {
     # the console (ays_runtime/console)
     ("GET", "/login"): PUBLIC,
     ("POST", "/login"): PUBLIC,
+    ("GET", "/login/oidc"): PUBLIC,
+    ("GET", "/login/oidc/callback"): PUBLIC,
     ("GET", "/favicon.ico"): PUBLIC,
     ("POST", "/logout"): Rule(V),
     ("GET", "/"): Rule(V),

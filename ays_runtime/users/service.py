@@ -103,6 +103,7 @@ def create_user(
     role: str,
     groups: Iterable[str] = (),
     password: str | None = None,
+    source: str = "local",
 ) -> User:
     now = utcnow()
     user = User(
@@ -110,6 +111,7 @@ def create_user(
         role=check_role(role).value,
         groups=check_groups(groups),
         password_hash=passwords.hash_password(password) if password else "",
+        source=source,
         created_at=now,
         updated_at=now,
     )
