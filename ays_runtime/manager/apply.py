@@ -306,14 +306,14 @@ def _plan(session: Session, checked: _Checked, prune: bool) -> Plan:
         if name not in used_groups and not group.auto_created
     )
     stored_flows = {w.name: w for w in session.scalars(select(Workflow).order_by(Workflow.name))}
-    for spec in checked.workflows:
-        wf = stored_flows.get(spec.name)
+    for flow in checked.workflows:
+        wf = stored_flows.get(flow.name)
         if wf is None:
-            steps.append(Step("workflow", spec.name, Action.CREATE))
+            steps.append(Step("workflow", flow.name, Action.CREATE))
             continue
-        diff = _diff(_flow_definition(session, wf), _flow_spec(spec))
-        steps.append(Step("workflow", spec.name, Action.UPDATE if diff else Action.UNCHANGED, diff))
-    named_flows = {spec.name for spec in checked.workflows}
+        diff = _diff(_flow_definition(session, wf), _flow_spec(flow))
+        steps.append(Step("workflow", flow.name, Action.UPDATE if diff else Action.UNCHANGED, diff))
+    named_flows = {flow.name for flow in checked.workflows}
     extra_flows = [name for name in stored_flows if name not in named_flows]
 
     if not prune:
