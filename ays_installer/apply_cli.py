@@ -33,6 +33,7 @@ HEADER = (
 EXPORT_MODE = 0o600  # payloads may hold secrets (headers, environment)
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_KINDS = {"tasks": "task", "node_groups": "node group", "workflows": "workflow"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -76,13 +77,13 @@ class TasksFile:
             raise fail(f"{label}: not valid YAML: {err}") from None
         if root is None:
             raise fail(
-                f"{label}: the file is empty; a tasks file holds node_groups and/or tasks "
-                "(write `tasks: []` to mean none)"
+                f"{label}: the file is empty; a tasks file holds node_groups, tasks and/or "
+                "workflows (write `tasks: []` to mean none)"
             )
         if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
             raise fail(
-                f"{self.at(root)}: the file must be a mapping with node_groups and/or "
-                "tasks (see: aysManager export)"
+                f"{self.at(root)}: the file must be a mapping with node_groups, tasks "
+                "and/or workflows (see: aysManager export)"
             )
         self.root: yaml.MappingNode = root
         self.data: dict[str, Any] = data
@@ -125,11 +126,11 @@ class TasksFile:
         parts = [m.group(1) or int(m.group(2)) for m in _PATH_PART.finditer(path)]
         owner = None
         inner = path
-        if len(parts) >= 2 and parts[0] in ("tasks", "node_groups") and isinstance(parts[1], int):
+        if len(parts) >= 2 and parts[0] in _KINDS and isinstance(parts[1], int):
             entries = self.data.get(parts[0])
             entry = entries[parts[1]] if isinstance(entries, list) else None
             name = entry.get("name") if isinstance(entry, dict) else None
-            kind = "task" if parts[0] == "tasks" else "node group"
+            kind = _KINDS[parts[0]]
             owner = f"{kind} {name!r}" if isinstance(name, str) else f"{parts[0]}[{parts[1]}]"
             inner = ".".join(str(p) for p in parts[2:])
         shown: yaml.Node = node  # the line to name: the deepest key found
@@ -178,7 +179,8 @@ def apply(
     prune: Annotated[
         bool,
         typer.Option(
-            "--prune", help="Also delete the tasks and node groups the file does not name."
+            "--prune",
+            help="Also delete the tasks, node groups and workflows the file does not name.",
         ),
     ] = False,
     dry_run: Annotated[
@@ -224,6 +226,7 @@ def print_plan(result: dict[str, Any], label: str) -> None:
             typer.echo(f"    {change['field']}: {_shown(change['old'])} -> {_shown(change['new'])}")
     kept = [f"node group {n}" for n in result["kept_node_groups"]]
     kept += [f"task {n}" for n in result["kept_tasks"]]
+    kept += [f"workflow {n}" for n in result.get("kept_workflows", [])]
     if kept:
         typer.echo(f"not in {label}, kept (--prune deletes them): {', '.join(kept)}")
     counts = ", ".join(
@@ -273,9 +276,10 @@ def export(
     root: RootOption = None,
     url: UrlOption = None,
 ) -> None:
-    """Write the tasks file of the manager's tasks.
+    """Write the tasks file of the manager's tasks and workflows.
 
-    All node groups and tasks, or those named; each field only when it differs from its
+    All node groups, tasks and workflows, or the tasks named (with their groups and the
+    workflows all of whose tasks are named); each field only when it differs from its
     default. apply takes the file back unchanged."""
     with connect(env, config, root, url) as api:
         params: dict[str, Any] = {}
@@ -292,7 +296,10 @@ def export(
         return
     write_private(output, text)
     count = len(document["tasks"])
-    typer.echo(f"wrote {output}: {count} task(s), {len(document['node_groups'])} node group(s)")
+    typer.echo(
+        f"wrote {output}: {count} task(s), {len(document['node_groups'])} node group(s), "
+        f"{len(document.get('workflows') or [])} workflow(s)"
+    )
 
 
 def write_private(path: Path, text: str) -> None:

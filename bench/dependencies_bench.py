@@ -149,7 +149,7 @@ async def fan_out(engine: Engine, n: int, tag: str) -> dict[str, float]:
     }
 
 
-async def fan_in(engine: Engine, n: int, tag: str) -> dict[str, float]:
+async def fan_in(engine: Engine, n: int, tag: str, one_by_one: bool = False) -> dict[str, float]:
     names = [f"{tag}_parent_{i}" for i in range(n)]
     ids = add_tasks(engine, names, [[]] * n, "all")
     (child,) = add_tasks(engine, [f"{tag}_child"], [names], "all")
@@ -158,7 +158,11 @@ async def fan_in(engine: Engine, n: int, tag: str) -> dict[str, float]:
     recorder = Recorder()
     tracker = RunTracker(engine, MANAGER, 1024, recorder)
     began = time.perf_counter()
-    await asyncio.gather(*(tracker.record_result(report(job)) for job in jobs[:-1]))
+    if one_by_one:  # each parent's end its own transaction (parents ending apart)
+        for job in jobs[:-1]:
+            await tracker.record_result(report(job))
+    else:
+        await asyncio.gather(*(tracker.record_result(report(job)) for job in jobs[:-1]))
     burst = time.perf_counter() - began
     assert not recorder.handed, "the child fired before its last parent ended"
     last = time.perf_counter()
@@ -177,10 +181,11 @@ async def fan_in(engine: Engine, n: int, tag: str) -> dict[str, float]:
 async def bench(url: str, n: int, repeat: int) -> None:
     engine = make_engine(url)
     try:
-        outs, ins = [], []
+        outs, ins, apart = [], [], []
         for r in range(repeat):
             outs.append(await fan_out(engine, n, f"out{r}"))
             ins.append(await fan_in(engine, n, f"in{r}"))
+            apart.append(await fan_in(engine, n, f"apart{r}", one_by_one=True))
             print(
                 f"  round {r + 1}: fan-out {outs[-1]['all_dispatched_ms']:.0f} ms, "
                 f"fan-in last parent -> child {ins[-1]['last_parent_to_child_ms']:.1f} ms",
@@ -213,6 +218,11 @@ async def bench(url: str, n: int, repeat: int) -> None:
         f"{med(i['last_parent_to_child_ms'] for i in ins):,.1f} ms"
     )
     print(f"  child runs: {ins[-1]['child_runs']:.0f} (1 expected)")
+    print(
+        f"  {n - 1} parents' results one after another (each its own transaction): "
+        f"{med(i['burst_of_n_minus_1_ms'] for i in apart):,.0f} ms"
+    )
+    print(f"  child runs: {apart[-1]['child_runs']:.0f} (1 expected)")
 
 
 def main(argv: list[str] | None = None) -> int:

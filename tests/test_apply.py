@@ -295,3 +295,108 @@ def test_a_group_its_nodes_created_is_not_pruned(api: Api) -> None:
     assert ("node_group", "joined_by_a_node", "delete") not in actions(pruned)
     names = [g["name"] for g in api.client.get("/node-groups").json()["items"]]
     assert "joined_by_a_node" in names
+
+
+def flows_document() -> dict[str, Any]:
+    """DOCUMENT with a chain (report -> billing) and a workflow of the two."""
+    doc = copy.deepcopy(DOCUMENT)
+    doc["tasks"][1]["after"] = [{"task": "nightly-report"}]
+    doc["workflows"] = [
+        {
+            "name": "nightly",
+            "description": "report then billing",
+            "tasks": ["ping-billing", "nightly-report"],
+            "schedule": "0 0 3 * * *",
+            "timezone": "Asia/Riyadh",
+            "params": "full",
+            "timeout_s": 900,
+        }
+    ]
+    return doc
+
+
+def test_workflows_are_applied_after_their_tasks_and_an_export_brings_them_back_unchanged(
+    api: Api,
+) -> None:
+    first = apply(api, flows_document())
+    assert actions(first)[-1] == ("workflow", "nightly", "create")
+    flow = api.client.get("/workflows/nightly").json()["workflow"]
+    assert flow["tasks"] == ["nightly-report", "ping-billing"]
+    assert (flow["schedule"], flow["params"], flow["timeout_s"]) == ("0 0 3 * * *", "full", 900)
+    created = api.client.get("/audit", params={"target": "nightly"}).json()["items"]
+    assert [(e["action"], e["via"]) for e in created] == [("workflow.created", "apply")]
+
+    again = apply(api, flows_document())  # the tasks' order in the file does not matter
+    assert again["applied"] is False and {s["action"] for s in again["steps"]} == {"unchanged"}
+
+    exported = api.client.get("/export").json()
+    assert exported["workflows"] == [
+        {
+            "name": "nightly",
+            "description": "report then billing",
+            "tasks": ["nightly-report", "ping-billing"],
+            "schedule": "0 0 3 * * *",
+            "timezone": "Asia/Riyadh",
+            "params": "full",
+            "timeout_s": 900,
+        }
+    ]
+    round_trip = apply(api, exported, prune=True)
+    assert round_trip["applied"] is False
+    assert {s["action"] for s in round_trip["steps"]} == {"unchanged"}
+    assert api.client.get("/export", params={"node_group": "uae"}).json()["workflows"] == []
+
+
+def test_a_workflow_is_updated_field_by_field_and_dropped_from_the_file_only_pruned(
+    api: Api,
+) -> None:
+    apply(api, flows_document())
+    changed = flows_document()
+    changed["workflows"][0].update(tasks=["nightly-report"], enabled=False, timeout_s=0)
+    plan = apply(api, changed, dry_run=True)
+    step = next(s for s in plan["steps"] if s["kind"] == "workflow")
+    assert step["action"] == "update"
+    assert {c["field"]: (c["old"], c["new"]) for c in step["changes"]} == {
+        "tasks": (["nightly-report", "ping-billing"], ["nightly-report"]),
+        "timeout_s": (900, 0),
+        "enabled": (True, False),
+    }
+    assert api.client.get("/workflows/nightly").json()["workflow"]["timeout_s"] == 900  # a dry run
+    apply(api, changed)
+    flow = api.client.get("/workflows/nightly").json()["workflow"]
+    assert (flow["tasks"], flow["enabled"]) == (["nightly-report"], False)
+
+    without = flows_document()
+    del without["workflows"]
+    kept = apply(api, without)
+    assert kept["kept_workflows"] == ["nightly"]
+    assert api.client.get("/workflows/nightly").status_code == 200
+    pruned = apply(api, without, prune=True)
+    assert actions(pruned) == [
+        ("node_group", "ksa", "unchanged"),
+        ("node_group", "uae", "unchanged"),
+        ("task", "nightly-report", "unchanged"),
+        ("task", "ping-billing", "unchanged"),
+        ("workflow", "nightly", "delete"),
+    ]
+    assert api.client.get("/workflows/nightly").status_code == 404
+    assert [t["name"] for t in api.client.get("/tasks").json()["items"]] == [
+        "nightly-report",
+        "ping-billing",
+    ]
+
+
+def test_a_bad_workflow_is_refused_naming_its_field_and_nothing_is_applied(api: Api) -> None:
+    doc = flows_document()
+    doc["workflows"] += [
+        {"name": "ghost", "tasks": ["nope"]},
+        {"name": "twice", "tasks": ["nightly-report"]},
+        {"name": "late", "tasks": ["ping-billing"], "schedule": "every tuesday"},
+    ]
+    response = api.client.post("/apply", json=doc)
+    assert response.status_code == 422, response.text
+    errors = {e["field"]: e["error"] for e in response.json()["errors"]}
+    assert set(errors) == {"workflows[1].tasks", "workflows[2].tasks", "workflows[3].schedule"}
+    assert "'nope' is not" in errors["workflows[1].tasks"]
+    assert "is in workflow 'nightly'" in errors["workflows[2].tasks"]
+    assert api.client.get("/tasks").json()["items"] == []  # all or nothing

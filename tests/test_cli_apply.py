@@ -207,3 +207,34 @@ def test_a_bad_file_is_refused_at_its_line_with_the_task_and_field_and_nothing_i
     assert done.stderr.startswith(expected.format(file=path)), done.stderr
     assert "Traceback" not in done.stderr
     assert ays.ok("export") == before
+
+
+def test_a_workflow_in_the_file_is_applied_exported_and_pruned_only_with_prune(ays: Ays) -> None:
+    group, prefix = names()
+    flow = f"w-{prefix}"
+    text = document(group, prefix) + (
+        f"workflows:\n  - name: {flow}\n    tasks: [{prefix}-report, {prefix}-ping]\n"
+        "    params: quick\n"
+    )
+    created = ays.ok("apply", "-f", str(tasks_file(ays.tmp, text)))
+    assert f"create workflow {flow}" in created
+
+    exported = yaml.safe_load(ays.ok("export", "--group", group))
+    assert exported["workflows"] == [
+        {"name": flow, "tasks": sorted([f"{prefix}-ping", f"{prefix}-report"]), "params": "quick"}
+    ]
+    round_trip = ays.run("apply", "-f", "-", "--dry-run", stdin=yaml.safe_dump(exported))
+    assert round_trip.returncode == 0, round_trip.stderr
+    assert round_trip.stdout.splitlines()[-1].startswith("no change: ")
+
+    bad = text.replace("params: quick", "params: quick\n    timeout_s: -1")
+    refused = ays.run("apply", "-f", str(tasks_file(ays.tmp, bad)))
+    assert refused.returncode != 0
+    assert f"workflow '{flow}': timeout_s" in refused.stderr
+
+    everything = yaml.safe_load(ays.ok("export"))  # the other tests' tasks stay
+    everything["workflows"] = [w for w in everything["workflows"] if w["name"] != flow]
+    without = tasks_file(ays.tmp, yaml.safe_dump(everything))
+    assert f"workflow {flow}" in ays.ok("apply", "-f", str(without))  # kept
+    pruned = ays.ok("apply", "-f", str(without), "--prune")
+    assert f"delete workflow {flow}" in pruned

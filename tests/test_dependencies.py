@@ -4,6 +4,7 @@ managers and a manager killed mid-way; a cycle is refused; a missing parent is r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections import Counter
@@ -12,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import Engine, create_engine, insert, select, update
 
-from ays_runtime.storage.models import JobLog, Task
+from ays_runtime.storage.models import JobLog, RunStatus, Task, TaskEdge
 from tests.daemons import (
     BIN,
     TOKEN,
@@ -27,6 +28,8 @@ from tests.daemons import (
     wait_for,
     write_config,
 )
+from tests.test_runs import NODE, claimed_runs, report, tracker
+from tests.test_scheduler import add_task
 
 NEVER = "0 0 0 1 1 *"  # once a year: a parent fired by hand in these tests
 
@@ -341,3 +344,67 @@ def test_a_child_gets_its_parents_results_as_json(ays: Cluster) -> None:
         wait_for(lambda: ended(api, noisy["id"], "succeeded", 1), 60, "the noisy run")
         bad = runs(api, noisy["id"])[0]
         assert bad["result"] is None and "result file is not JSON: not kept" in bad["message"]
+
+
+# --- a parent's slot ended by its retry's skip (the manager's own result path, no node) ----
+
+
+def _child_of_burst(engine: Engine) -> int:
+    """A child `after` the task "burst" of tests.test_runs.claimed_runs (mode all)."""
+    parent = [{"task": "burst", "condition": "success"}]
+    child = add_task(engine, "child", schedule="", after=parent, after_mode="all")
+    with engine.begin() as conn:
+        conn.execute(
+            insert(TaskEdge).values(child_id=child, parent_name="burst", condition="success")
+        )
+    return child
+
+
+def _slot_rows(engine: Engine, task_id: int) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(JobLog.status, JobLog.message).where(JobLog.task_id == task_id)
+        ).all()
+    return [(r.status, r.message) for r in rows]
+
+
+def test_a_lost_parent_that_succeeded_after_all_while_its_retry_is_skipped_decides_the_child(
+    engine: Engine,
+) -> None:
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+    child = _child_of_burst(engine)
+
+    async def scenario() -> None:
+        runs = tracker(engine, [])
+        await runs.dispatched(job, NODE)
+        await runs.node_lost(NODE)
+        assert not await runs.record_result(report(job))  # its retry is skipped
+        await runs.stop()
+
+    asyncio.run(scenario())
+    assert _slot_rows(engine, child) == [("skipped", "skipped: parent burst was skipped")]
+
+
+def test_a_parent_retry_skipped_because_its_task_was_disabled_decides_the_child(
+    engine: Engine,
+) -> None:
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=1.0)
+    child = _child_of_burst(engine)
+
+    async def scenario() -> None:
+        runs = tracker(engine, [])
+        await runs.dispatched(job, NODE)
+        await runs.record_result(report(job, RunStatus.FAILED.value, exit_code=1))
+        with engine.begin() as conn:  # while its retry waits
+            conn.execute(update(Task).where(Task.id == job.task_id).values(enabled=False))
+        for _ in range(400):  # bounded: the retry is due in 1 s
+            if _slot_rows(engine, child):
+                break
+            await asyncio.sleep(0.05)
+        await runs.stop()
+
+    asyncio.run(scenario())
+    assert ("skipped", "not retried: the task was disabled or deleted") in _slot_rows(
+        engine, job.task_id
+    )
+    assert _slot_rows(engine, child) == [("skipped", "skipped: parent burst was skipped")]

@@ -27,8 +27,12 @@ The contract a parent's end keeps:
   has ended meeting its condition; as soon as one ended otherwise, the child's slot is
   written `skipped` ("skipped: parent X failed") and its own children are decided in turn
   (a skipped parent meets only `always`). Parents deleted or disabled are left out of the
-  fan-in (and reported on the child, `graph.problems`). The parents' rows are read with a
-  locking read, so two parents ending at once on two managers cannot both miss the other
-  (one waits, or one deadlocks and its transaction runs again: `database.transaction`).
+  fan-in (and reported on the child, `graph.problems`). Each parent's end that meets its
+  condition is counted once on the child's slot (`ays_fan_in_parent`'s key) and bumps the
+  slot's count (`ays_fan_in`) under its row lock, so two parents ending at once on two
+  managers are counted one after the other and the second sees the count complete (or one
+  deadlocks and its transaction runs again: `database.transaction`). The parents' rows are
+  read in full (a locking read) only when the slot's count row is created (counting the
+  parents that ended before it) and when the count reaches the parents': O(n) for n parents.
 * A disabled child is not fired (as a timer's fire would not be).
 """

@@ -7,15 +7,19 @@ reads, inserts keyed rows (the slot key) and returns the dispatches of the rows 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, case, select, update
 
 from ays_runtime.scheduler.firing import Fire, claim_in
 from ays_runtime.storage.database import insert_ignoring_duplicates
 from ays_runtime.storage.models import (
+    FanIn,
+    FanInParent,
     JobLog,
     Task,
     TaskEdge,
@@ -145,7 +149,7 @@ def _decide_slot(
             if outcome is not None and meets(e.condition, outcome):
                 fires.append(Fire(child.id, at, TriggerKind.DEPENDENCY.value, child.params))
         if fan_in:
-            ready, skipped = _fan_in(conn, fan_in, at)
+            ready, skipped = _fan_in_arrivals(conn, fan_in, edges, outcomes, by_name, at)
             fires.extend(Fire(c.id, at, TriggerKind.DEPENDENCY.value, c.params) for c in ready)
             skips.update(skipped)
         if fires:
@@ -165,10 +169,117 @@ def _children(conn: Connection, ids: set[int]) -> dict[int, _Child]:
     return {r.id: _Child(r.id, r.name, bool(r.enabled), r.after_mode, r.params) for r in rows}
 
 
+def _fan_in_arrivals(
+    conn: Connection,
+    children: list[_Child],
+    edges: Sequence[Any],
+    outcomes: dict[int, str | None],
+    by_name: dict[str, int],
+    at: datetime,
+) -> tuple[list[_Child], dict[int, str]]:
+    """The `all` children ready to fire for slot `at` and those to skip (id -> message), as
+    the parents in `outcomes` end: a parent that does not meet its condition skips the
+    child; those that do are counted on the child's slot (`ays_fan_in`), and the child is
+    checked in full (`_fan_in`, reading every parent) only when its slot's row is created
+    and when the count reaches its parents': a fan-in of n parents costs O(n), not O(n^2)."""
+    by_id = {c.id: c for c in children}
+    skips: dict[int, str] = {}
+    arrived: dict[int, set[int]] = {}
+    for e in sorted(edges, key=lambda e: e.parent_name):
+        parent = by_name[e.parent_name]
+        outcome = outcomes.get(parent)
+        if e.child_id not in by_id or outcome is None:
+            continue
+        if meets(e.condition, outcome):
+            arrived.setdefault(e.child_id, set()).add(parent)
+        else:
+            skips.setdefault(e.child_id, f"skipped: parent {e.parent_name} {_SAID[outcome]}")
+    counting = {c: ps for c, ps in arrived.items() if c not in skips}
+    if not counting:
+        return [], skips
+    # Every child of the batch at once: a fan-out to many children is a few statements.
+    token = uuid.uuid4().hex
+    new = _count_parents(conn, counting, at, token)
+    insert_ignoring_duplicates(
+        conn,
+        FanIn,
+        [
+            {"child_id": c, "scheduled_at": at, "met": 0, "needed": 0, "claim": token}
+            for c in sorted(counting)
+        ],
+        keep="claim",
+    )
+    rows = conn.execute(
+        select(FanIn.child_id, FanIn.met, FanIn.needed, FanIn.claim)
+        .where(FanIn.child_id.in_(sorted(counting)), FanIn.scheduled_at == at)
+        .with_for_update()  # the latest counts, held: two managers count one after another
+    ).all()
+    to_check: list[_Child] = []
+    counts: dict[int, tuple[int, int]] = {}
+    for row in rows:
+        if row.claim == token:  # created here: the parents ended before are counted in full
+            to_check.append(by_id[row.child_id])
+            continue
+        met = row.met + new.get(row.child_id, 0)
+        counts[row.child_id] = (met, row.needed)
+        if met >= row.needed:
+            to_check.append(by_id[row.child_id])
+    ready: list[_Child] = []
+    if to_check:
+        ready, more_skips, checked = _fan_in(conn, to_check, at)
+        skips = {**skips, **more_skips}
+        counts.update(checked)
+    _set_counts(conn, counts, at)
+    return ready, skips
+
+
+def _count_parents(
+    conn: Connection, arrived: dict[int, set[int]], at: datetime, token: str
+) -> dict[int, int]:
+    """Record the parents as counted on their children's slot; per child, how many were not
+    counted before."""
+    rows = [
+        {"child_id": c, "scheduled_at": at, "parent_id": p, "claim": token}
+        for c in sorted(arrived)
+        for p in sorted(arrived[c])
+    ]
+    insert_ignoring_duplicates(conn, FanInParent, rows, keep="claim")
+    parents = sorted({p for ps in arrived.values() for p in ps})
+    found = conn.execute(
+        select(FanInParent.child_id, FanInParent.parent_id, FanInParent.claim)
+        .where(
+            FanInParent.child_id.in_(sorted(arrived)),
+            FanInParent.scheduled_at == at,
+            FanInParent.parent_id.in_(parents),
+        )
+        .with_for_update()  # the latest rows: another manager's count of a parent wins
+    ).all()
+    new: dict[int, int] = {}
+    for r in found:
+        if r.claim == token and r.parent_id in arrived[r.child_id]:
+            new[r.child_id] = new.get(r.child_id, 0) + 1
+    return new
+
+
+def _set_counts(conn: Connection, counts: dict[int, tuple[int, int]], at: datetime) -> None:
+    """Write each child's (met, needed) for slot `at`, in one statement."""
+    if not counts:
+        return
+    conn.execute(
+        update(FanIn)
+        .where(FanIn.child_id.in_(sorted(counts)), FanIn.scheduled_at == at)
+        .values(
+            met=case({c: m for c, (m, _) in counts.items()}, value=FanIn.child_id),
+            needed=case({c: n for c, (_, n) in counts.items()}, value=FanIn.child_id),
+        )
+    )
+
+
 def _fan_in(
     conn: Connection, children: list[_Child], at: datetime
-) -> tuple[list[_Child], dict[int, str]]:
-    """The `all` children ready to fire for slot `at`, and those to skip (id -> message)."""
+) -> tuple[list[_Child], dict[int, str], dict[int, tuple[int, int]]]:
+    """The `all` children ready to fire for slot `at`, those to skip (id -> message), and
+    per child (its parents ended meeting their condition, its parents counted)."""
     ids = [c.id for c in children]
     edges = conn.execute(
         select(TaskEdge.child_id, TaskEdge.parent_name, TaskEdge.condition, Task.id, Task.enabled)
@@ -179,10 +290,20 @@ def _fan_in(
     outcomes = slot_outcomes(conn, {e.id for e in edges}, at, lock=True)
     ready: list[_Child] = []
     skips: dict[int, str] = {}
+    counts: dict[int, tuple[int, int]] = {}
+    mine_of: dict[int, list[Any]] = {}
+    for e in edges:
+        mine_of.setdefault(e.child_id, []).append(e)
     for child in children:
-        mine = [e for e in edges if e.child_id == child.id]
+        mine = mine_of.get(child.id, [])
         # A disabled parent is left out, unless it ran this slot anyway (by hand).
         counted = [e for e in mine if e.enabled or outcomes.get(e.id) is not None]
+        met = sum(
+            1
+            for e in counted
+            if outcomes.get(e.id) is not None and meets(e.condition, outcomes[e.id] or "")
+        )
+        counts[child.id] = (met, len(counted))
         failed = next(
             (
                 e
@@ -196,7 +317,7 @@ def _fan_in(
             skips[child.id] = f"skipped: parent {failed.parent_name} {said}"
         elif counted and all(outcomes.get(e.id) is not None for e in counted):
             ready.append(child)
-    return ready, skips
+    return ready, skips, counts
 
 
 def _write_skips(

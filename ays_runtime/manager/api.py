@@ -432,6 +432,7 @@ async def apply_tasks(
         unchanged=plan.count(apply.Action.UNCHANGED),
         kept_node_groups=plan.kept_groups,
         kept_tasks=plan.kept_tasks,
+        kept_workflows=plan.kept_workflows,
     )
 
 

@@ -1,18 +1,20 @@
 """Tasks as code: make the manager's node groups and tasks match a document, and write the
 document that describes them (`export`).
 
-A document (`TasksDocument`) lists node groups and tasks, each identified by its name; a
-field left out of a task means its default, so a document is the whole definition of what it
+A document (`TasksDocument`) lists node groups, tasks and workflows, each identified by its
+name; a field left out means its default, so a document is the whole definition of what it
 names, and what `export` writes (only the fields that differ from their defaults) comes back
 through `apply` unchanged.
 
 `apply_document` first checks the whole document with the API's own validation (every
 problem found is reported, `tasks[2].schedule`-style, as one `InvalidDocument`), then plans,
-per group and task: create, update (field by field), unchanged, and with `prune` delete what
-the document does not name (a node group only when no task of the document runs in it).
+per group, task and workflow: create, update (field by field), unchanged, and with `prune`
+delete what the document does not name (a node group only when no task of the document runs
+in it). Workflows come after the tasks they name (a workflow's tasks are compared as a set).
 Unless it is a dry run, the plan is then carried out in one transaction, through the task
-service's own steps (each change of a task recording its version, via `apply`): all of it or,
-on any error, nothing. The caller reconciles once afterwards.
+service's own steps (each change of a task recording its version, via `apply`; each change of
+a workflow its audit entry): all of it or, on any error, nothing. The caller reconciles once
+afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from sqlalchemy import or_, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from ays_runtime.exceptions import ConflictError, InvalidDocument, NotFoundError, ValidationError
@@ -33,14 +35,17 @@ from ays_runtime.manager.schemas import (
     NodeGroupCreate,
     TaskCreate,
     TasksDocument,
+    WorkflowCreate,
     every_error,
     validated,
 )
 from ays_runtime.manager.versions import API_ACTOR, Actor
-from ays_runtime.storage.models import NodeGroup, Task, TaskType
+from ays_runtime.scheduler.schedule import parse_schedule
+from ays_runtime.storage.models import NodeGroup, Task, TaskType, Workflow, WorkflowTask
 from ays_runtime.vocabulary import ChangeVia
+from ays_runtime.workflows import store as workflow_store
 
-Kind = Literal["node_group", "task"]
+Kind = Literal["node_group", "task", "workflow"]
 
 
 class Action(StrEnum):
@@ -73,6 +78,7 @@ class Plan:
     # Named by the manager, not by the document, and kept (no prune).
     kept_groups: list[str]
     kept_tasks: list[str]
+    kept_workflows: list[str] = field(default_factory=list)
     applied: bool = False
 
     @property
@@ -88,6 +94,7 @@ class _Checked:
     groups: list[NodeGroupCreate]
     tasks: list[TaskCreate]
     columns: dict[str, dict[str, Any]]  # task name -> its columns as stored
+    workflows: list[WorkflowCreate] = field(default_factory=list)
 
 
 # --- apply ----------------------------------------------------------------------------------
@@ -106,7 +113,7 @@ def apply_document(
     them in one transaction (committed here). Raises InvalidDocument listing every bad field,
     ConflictError or StorageError (nothing is then changed)."""
     try:
-        checked = _check(session, document)
+        checked = _check(session, document, prune)
         plan = _plan(session, checked, prune)
         if dry_run or not plan.changes:
             session.rollback()
@@ -120,7 +127,7 @@ def apply_document(
     return plan
 
 
-def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
+def _check(session: Session, document: Mapping[str, Any], prune: bool) -> _Checked:
     doc = validated(TasksDocument, document)
     errors: list[ValidationError] = []
     groups: list[NodeGroupCreate] = []
@@ -162,9 +169,78 @@ def _check(session: Session, document: Mapping[str, Any]) -> _Checked:
             errors.append(err)
             continue
         specs.append(spec)
+    flows = _check_workflows(session, doc.workflows or [], {s.name for s in specs}, prune, errors)
     if errors:
         raise InvalidDocument(errors)
-    return _Checked(groups, specs, columns)
+    return _Checked(groups, specs, columns, flows)
+
+
+def _check_workflows(
+    session: Session,
+    entries: list[dict[str, Any]],
+    named_tasks: set[str],
+    prune: bool,
+    errors: list[ValidationError],
+) -> list[WorkflowCreate]:
+    """The document's workflows, each naming tasks that will exist (the document's, or the
+    manager's when not pruned) and that no other workflow will hold."""
+    stored_tasks = set(session.scalars(select(Task.name)))
+    known = named_tasks if prune else named_tasks | stored_tasks
+    # task -> the stored workflow holding it, for the workflows the document leaves as they are
+    holder = dict(
+        session.execute(
+            select(Task.name, Workflow.name)
+            .join(WorkflowTask, WorkflowTask.task_id == Task.id)
+            .join(Workflow, Workflow.id == WorkflowTask.workflow_id)
+        ).all()
+    )
+    named_flows = {e.get("name") for e in entries if isinstance(e, dict)}
+    held: dict[str, str] = {}
+    out: list[WorkflowCreate] = []
+    seen: dict[str, int] = {}
+    for i, data in enumerate(entries):
+        where = f"workflows[{i}]"
+        if _seen_before(data, seen, i, "workflows", errors):
+            continue
+        spec, problems = every_error(WorkflowCreate, data, prefix=where)
+        if spec is None:
+            errors += problems
+            continue
+        try:
+            if spec.schedule:
+                parse_schedule(spec.schedule, spec.timezone)
+        except ValidationError as err:
+            errors.append(ValidationError(f"{where}.{err.field}", err.value, err.expected))
+            continue
+        missing = [t for t in spec.tasks if t not in known]
+        if missing:
+            errors.append(
+                ValidationError(
+                    f"{where}.tasks",
+                    missing,
+                    "tasks of the document"
+                    + ("" if prune else " or of the manager")
+                    + f"; {', '.join(map(repr, missing))} is not",
+                )
+            )
+            continue
+        for task in spec.tasks:
+            other = held.get(task)
+            if other is None and not prune and holder.get(task) not in (None, *named_flows):
+                other = holder[task]
+            if other is not None:
+                errors.append(
+                    ValidationError(
+                        f"{where}.tasks",
+                        task,
+                        f"a task of no other workflow; {task!r} is in workflow {other!r}",
+                    )
+                )
+                break
+            held[task] = spec.name
+        else:
+            out.append(spec)
+    return out
 
 
 def _within(
@@ -229,11 +305,34 @@ def _plan(session: Session, checked: _Checked, prune: bool) -> Plan:
         for name, group in stored_groups.items()
         if name not in used_groups and not group.auto_created
     )
+    stored_flows = {w.name: w for w in session.scalars(select(Workflow).order_by(Workflow.name))}
+    for flow in checked.workflows:
+        wf = stored_flows.get(flow.name)
+        if wf is None:
+            steps.append(Step("workflow", flow.name, Action.CREATE))
+            continue
+        diff = _diff(_flow_definition(session, wf), _flow_spec(flow))
+        steps.append(Step("workflow", flow.name, Action.UPDATE if diff else Action.UNCHANGED, diff))
+    named_flows = {flow.name for flow in checked.workflows}
+    extra_flows = [name for name in stored_flows if name not in named_flows]
+
     if not prune:
-        return Plan(steps, extra_groups, extra_tasks)
+        return Plan(steps, extra_groups, extra_tasks, extra_flows)
+    steps += [Step("workflow", name, Action.DELETE) for name in extra_flows]
     steps += [Step("task", name, Action.DELETE) for name in extra_tasks]
     steps += [Step("node_group", name, Action.DELETE) for name in extra_groups]
-    return Plan(steps, [], [])
+    return Plan(steps, [], [], [])
+
+
+def _flow_definition(session: Session, wf: Workflow) -> dict[str, Any]:
+    return workflow_store.definition(session, wf)  # its tasks sorted by name
+
+
+def _flow_spec(spec: WorkflowCreate) -> dict[str, Any]:
+    """A workflow of the document as stored: its tasks a set (sorted by name)."""
+    out = workflow_store.spec_of(spec)
+    out["tasks"] = sorted(set(out["tasks"]))
+    return out
 
 
 def _diff(current: dict[str, Any], wanted: dict[str, Any]) -> list[FieldChange]:
@@ -256,7 +355,7 @@ def _diff(current: dict[str, Any], wanted: dict[str, Any]) -> list[FieldChange]:
 def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) -> None:
     groups = {g.name: g for g in checked.groups}
     specs = {s.name: s for s in checked.tasks}
-    by_kind: dict[Kind, list[Step]] = {"node_group": [], "task": []}
+    by_kind: dict[Kind, list[Step]] = {"node_group": [], "task": [], "workflow": []}
     for step in plan.steps:
         by_kind[step.kind].append(step)
     # Groups first (tasks run in them), deleted groups last (their tasks go before them).
@@ -267,6 +366,11 @@ def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) ->
             group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
             tasks.describe_node_group(session, group, groups[step.name].description, actor)
     session.flush()
+    # Workflows pruned go before their tasks might.
+    for step in by_kind["workflow"]:
+        if step.action == Action.DELETE:
+            wf = _one(session, Workflow, Workflow.name == step.name, step)
+            workflow_store.remove_workflow(session, wf, actor)
     for step in _parents_first(by_kind["task"], specs):
         if step.action == Action.CREATE:
             tasks.insert_task(session, specs[step.name], actor)
@@ -279,6 +383,36 @@ def _carry_out(session: Session, plan: Plan, checked: _Checked, actor: Actor) ->
         if step.action == Action.DELETE:
             group = _one(session, NodeGroup, NodeGroup.name == step.name, step)
             tasks.remove_node_group(session, group, actor)
+    session.flush()
+    _carry_out_workflows(session, by_kind["workflow"], checked, actor)
+
+
+def _carry_out_workflows(
+    session: Session, steps: list[Step], checked: _Checked, actor: Actor
+) -> None:
+    """Create and update the document's workflows, after the tasks they name."""
+    specs = {s.name: s for s in checked.workflows}
+    changed = [s for s in steps if s.action == Action.UPDATE]
+    # Their tasks are let go of first: a task may move from one workflow of the document to
+    # another.
+    befores = {}
+    for step in changed:
+        wf = _one(session, Workflow, Workflow.name == step.name, step)
+        befores[step.name] = (wf, workflow_store.definition(session, wf))
+        session.execute(delete(WorkflowTask).where(WorkflowTask.workflow_id == wf.id))
+    session.flush()
+    for step in steps:
+        try:
+            if step.action == Action.CREATE:
+                workflow_store.insert_workflow(session, specs[step.name], actor)
+            elif step.action == Action.UPDATE:
+                wf, before = befores[step.name]
+                workflow_store.change_workflow(session, wf, specs[step.name], actor, before)
+        except ValidationError as err:
+            where = f"workflows[{checked.workflows.index(specs[step.name])}]"
+            raise InvalidDocument(
+                [ValidationError(f"{where}.{err.field}", err.value, err.expected)]
+            ) from None
     session.flush()
 
 
@@ -324,9 +458,10 @@ def export_document(
     task_ids: list[int] | None = None,
     node_groups: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The document describing the manager's node groups and tasks (all of them, or the
-    tasks named by id and those of the groups named, with their groups), each task with the
-    fields that differ from their defaults: `apply` takes it back unchanged."""
+    """The document describing the manager's node groups, tasks and workflows (all of them,
+    or the tasks named by id and those of the groups named, with their groups and the
+    workflows all of whose tasks are among them), each with the fields that differ from their
+    defaults: `apply` takes it back unchanged."""
     query = select(Task).order_by(Task.name)
     if task_ids or node_groups:
         picked = []
@@ -353,7 +488,21 @@ def export_document(
             for g in groups
         ],
         "tasks": [_task_document(t) for t in chosen],
+        "workflows": _workflow_documents(session, {t.name for t in chosen}),
     }
+
+
+def _workflow_documents(session: Session, exported: set[str]) -> list[dict[str, Any]]:
+    """The workflows whose tasks are all in `exported` (a file that names its tasks)."""
+    out = []
+    for wf in workflow_store.list_workflows(session):
+        values = workflow_store.definition(session, wf)
+        # A workflow left with no task (all deleted) is no valid entry: it is not written.
+        if values["tasks"] and set(values["tasks"]) <= exported:
+            doc = _non_default(WorkflowCreate, values)
+            doc["tasks"] = values["tasks"]  # always written (never a default)
+            out.append(doc)
+    return out
 
 
 def _task_document(task: Task) -> dict[str, Any]:

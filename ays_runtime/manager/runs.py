@@ -253,6 +253,8 @@ class RunTracker:
         when the run succeeded after all). The retry's row is taken over by compare-and-set,
         so a manager whose timer still waits for it does not send it too."""
 
+        children: list[JobDispatch] = []
+
         def release() -> JobDispatch | None:
             with self.engine.connect() as conn:  # most duplicates are of no lost run: a read
                 lost = conn.execute(
@@ -305,6 +307,9 @@ class RunTracker:
                         report.node,
                         held,
                     )
+                    # Its slot has ended (skipped): its children are decided with it.
+                    slot = [(lost.task_id, lost.scheduled_at)]
+                    children.extend(fire_children(conn, self.manager_id, slot, now))
                     return None
                 taken = conn.execute(
                     update(JobLog)
@@ -314,6 +319,8 @@ class RunTracker:
                 return self._load_dispatch(conn, held) if taken else None
 
         retry = await asyncio.to_thread(release)
+        if children:  # claimed with the slot's end: pending rows of this manager's
+            await self.redispatch(children)
         if retry is not None:
             log.info(
                 "manager %s: run %d ended on node %s (%s): its held retry %d goes now",
@@ -633,6 +640,8 @@ class RunTracker:
         """Dispatch a retry's row now that it is due, unless it was ended meanwhile (killed
         through the API) or its task was disabled (then it is skipped, with the reason)."""
 
+        children: list[JobDispatch] = []
+
         def still_wanted() -> bool:
             with self.engine.begin() as conn:
                 row = conn.execute(
@@ -654,11 +663,16 @@ class RunTracker:
                             ended_at=utcnow(),
                         )
                     )
+                    # Its slot has ended (skipped): its children are decided with it.
+                    slot = [(retry.task_id, retry.scheduled_at)]
+                    children.extend(fire_children(conn, self.manager_id, slot, utcnow()))
                     return False
                 return True
 
         if await asyncio.to_thread(still_wanted):
             await self.redispatch([retry])
+        elif children:
+            await self.redispatch(children)
 
     async def stop(self) -> None:
         """Let go of the retries still waiting: their rows stay pending in the database, and

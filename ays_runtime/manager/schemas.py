@@ -479,8 +479,8 @@ class NodeGroupUpdate(_Request):
 
 
 class TasksDocument(_Request):
-    """Tasks as code: the node groups and tasks a manager should have, each by its name. A
-    task's field left out means its default. `POST /apply` takes it; `GET /export` writes it."""
+    """Tasks as code: the node groups, tasks and workflows a manager should have, each by its
+    name. A field left out means its default. `POST /apply` takes it; `GET /export` writes it."""
 
     # null (a YAML key with nothing under it) means none: the document says so too.
     node_groups: Annotated[list[dict[str, Any]] | None, BeforeValidator(_none_is_empty)] = Field(
@@ -488,6 +488,10 @@ class TasksDocument(_Request):
     )
     tasks: Annotated[list[dict[str, Any]] | None, BeforeValidator(_none_is_empty)] = Field(
         default_factory=list, description="each the fields of POST /tasks"
+    )
+    workflows: Annotated[list[dict[str, Any]] | None, BeforeValidator(_none_is_empty)] = Field(
+        default_factory=list,
+        description="each the fields of POST /workflows; applied after the tasks",
     )
 
 
@@ -662,7 +666,7 @@ class FieldChangeOut(BaseModel):
 
 
 class PlanStepOut(BaseModel):
-    kind: Literal["node_group", "task"]
+    kind: Literal["node_group", "task", "workflow"]
     name: str
     action: Literal["create", "update", "delete", "unchanged"]
     changes: list[FieldChangeOut] = Field(description="an update's changes, field by field")
@@ -683,6 +687,7 @@ class ApplyResult(BaseModel):
         description="named by the manager, not by the document: kept (prune deletes them)"
     )
     kept_tasks: list[str] = Field(description="likewise")
+    kept_workflows: list[str] = Field(default_factory=list, description="likewise")
 
 
 class ReconcileResult(BaseModel):

@@ -154,6 +154,31 @@ class TaskEdge(Base):
     condition: Mapped[str] = mapped_column(String(16))
 
 
+class FanIn(Base):
+    """A fan-in child's slot: how many of its parents' runs of the slot ended meeting their
+    condition (`ays_runtime.dependencies.triggers`); bumped under its row lock, so the parent
+    that completes the count sees it, whichever manager stores it."""
+
+    __tablename__ = "ays_fan_in"
+
+    child_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    met: Mapped[int] = mapped_column(Integer)
+    needed: Mapped[int] = mapped_column(Integer)  # its parents counted when last checked
+    claim: Mapped[str] = mapped_column(String(32))  # the transaction that created the row
+
+
+class FanInParent(Base):
+    """A parent counted in a fan-in child's slot: its key counts the parent once."""
+
+    __tablename__ = "ays_fan_in_parent"
+
+    child_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    parent_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    claim: Mapped[str] = mapped_column(String(32))  # the transaction that counted it
+
+
 class Workflow(Base):
     """A named set of tasks started together (`ays_runtime.workflows`): by its schedule, or
     by hand; its edges are its tasks' `after`."""

@@ -45,6 +45,13 @@ def create_workflow(
     spec = validated(WorkflowCreate, data)
     if session.scalar(select(Workflow.id).where(Workflow.name == spec.name)) is not None:
         raise ConflictError(f"name: workflow {spec.name!r} already exists; choose another")
+    wf = insert_workflow(session, spec, actor)
+    session.commit()
+    return wf
+
+
+def insert_workflow(session: Session, spec: WorkflowCreate, actor: Actor) -> Workflow:
+    """Add the workflow `spec` (not committed), recording it in the audit trail."""
     _check_schedule(spec.schedule, spec.timezone)
     now = utcnow()
     wf = Workflow(**spec.model_dump(mode="json", exclude={"tasks"}), created_at=now, updated_at=now)
@@ -52,7 +59,6 @@ def create_workflow(
     session.flush()
     _set_tasks(session, wf, spec.tasks)
     trail.record(session, actor, AuditAction.WORKFLOW_CREATED, wf.name, after=spec_of(spec))
-    session.commit()
     return wf
 
 
@@ -61,32 +67,54 @@ def update_workflow(
 ) -> Workflow:
     patch = validated(WorkflowUpdate, changes).model_dump(mode="json", exclude_unset=True)
     wf = get_workflow(session, name)
-    before_def = definition(session, wf)
-    current = {**before_def, **patch}
-    spec = validated(WorkflowCreate, current)
+    spec = validated(WorkflowCreate, {**definition(session, wf), **patch})
     if spec.name != wf.name and session.scalar(
         select(Workflow.id).where(Workflow.name == spec.name)
     ):
         raise ConflictError(f"name: workflow {spec.name!r} already exists; choose another")
+    change_workflow(session, wf, spec, actor)
+    session.commit()
+    return wf
+
+
+def change_workflow(
+    session: Session,
+    wf: Workflow,
+    spec: WorkflowCreate,
+    actor: Actor,
+    before: dict[str, Any] | None = None,
+) -> None:
+    """Make `wf` the workflow `spec` (not committed), recording the change in the audit trail
+    (`before`: its definition, when its tasks were already taken from it)."""
+    before = before or definition(session, wf)
     _check_schedule(spec.schedule, spec.timezone)
     for key, value in spec.model_dump(mode="json", exclude={"tasks"}).items():
         setattr(wf, key, value)
     wf.updated_at = utcnow()
     _set_tasks(session, wf, spec.tasks)
     trail.record(
-        session, actor, AuditAction.WORKFLOW_UPDATED, name, before=before_def, after=spec_of(spec)
+        session,
+        actor,
+        AuditAction.WORKFLOW_UPDATED,
+        before["name"],
+        before=before,
+        after=spec_of(spec),
     )
-    session.commit()
-    return wf
 
 
 def delete_workflow(session: Session, name: str, actor: Actor = API_ACTOR) -> None:
     """The workflow goes (its tasks stay, as tasks of no workflow); its runs' rows stay."""
-    wf = get_workflow(session, name)
-    trail.record(session, actor, AuditAction.WORKFLOW_DELETED, name, before=definition(session, wf))
+    remove_workflow(session, get_workflow(session, name), actor)
+    session.commit()
+
+
+def remove_workflow(session: Session, wf: Workflow, actor: Actor) -> None:
+    """Delete `wf` (not committed): its tasks stay, as tasks of no workflow."""
+    trail.record(
+        session, actor, AuditAction.WORKFLOW_DELETED, wf.name, before=definition(session, wf)
+    )
     session.execute(delete(WorkflowTask).where(WorkflowTask.workflow_id == wf.id))
     session.delete(wf)
-    session.commit()
 
 
 def get_workflow(session: Session, name: str) -> Workflow:
