@@ -8,8 +8,8 @@ checked in full only when its row is created and once the count reaches its pare
 (ays_runtime/dependencies/triggers.py). The check at creation counts the parents ended
 before, so a slot half way through at the upgrade is counted right.
 
-Revision ID: 0017_i18b
-Revises: 0016
+Revision ID: 0018
+Revises: 0017
 Create Date: 2026-12-05
 """
 
@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-revision: str = "0017_i18b"
-down_revision: str | None = "0016"
+revision: str = "0018"
+down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
