@@ -260,12 +260,12 @@ def alerts_add(
     ] = None,
     count: Annotated[
         int | None,
-        typer.Option("--count", metavar="N", help="consecutive_failures: runs in a row."),
+        typer.Option("--count", metavar="N", help="For consecutive_failures: the runs in a row."),
     ] = None,
     seconds: Annotated[
         float | None,
         typer.Option(
-            "--seconds", metavar="S", help="running_longer_than, started_late: the limit."
+            "--seconds", metavar="S", help="For running_longer_than and started_late: the limit."
         ),
     ] = None,
     factor: Annotated[
@@ -273,7 +273,7 @@ def alerts_add(
         typer.Option(
             "--factor",
             metavar="X",
-            help="running_longer_than: also X times the task's usual duration (p95).",
+            help="For running_longer_than: also X times the task's usual duration (p95).",
         ),
     ] = None,
     history: Annotated[
@@ -340,16 +340,16 @@ def _secret(variable: str | None, option: str) -> str | None:
 def alerts_add_channel(
     name: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
     kind: Annotated[
-        str, typer.Option("--type", metavar="TYPE", help="webhook or email.")
+        str, typer.Option("--type", metavar="TYPE", help="The channel's kind: webhook or email.")
     ] = "webhook",
     target: Annotated[
         str | None,
-        typer.Option("--webhook-url", metavar="URL", help="webhook: where to POST notices."),
+        typer.Option("--webhook-url", metavar="URL", help="Webhook: where to POST notices."),
     ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
-            "--format", metavar="FORMAT", help="webhook: ays, slack, dingtalk, wecom or feishu."
+            "--format", metavar="FORMAT", help="Webhook: ays, slack, dingtalk, wecom or feishu."
         ),
     ] = None,
     secret_env: Annotated[
@@ -357,29 +357,29 @@ def alerts_add_channel(
         typer.Option(
             "--secret-env",
             metavar="VAR",
-            help="webhook: the environment variable holding its signing secret; email: "
+            help="Webhook: the environment variable holding its signing secret; email: "
             "holding the SMTP password.",
         ),
     ] = None,
     host: Annotated[
-        str | None, typer.Option("--host", metavar="HOST", help="email: the SMTP server.")
+        str | None, typer.Option("--host", metavar="HOST", help="Email: the SMTP server.")
     ] = None,
     port: Annotated[
-        int | None, typer.Option("--port", metavar="PORT", help="email: its port.")
+        int | None, typer.Option("--port", metavar="PORT", help="Email: the SMTP server's port.")
     ] = None,
     starttls: Annotated[
         bool | None,
-        typer.Option("--starttls/--no-starttls", help="email: upgrade with STARTTLS."),
+        typer.Option("--starttls/--no-starttls", help="Email: upgrade with STARTTLS."),
     ] = None,
     username: Annotated[
-        str | None, typer.Option("--username", metavar="USER", help="email: the SMTP user.")
+        str | None, typer.Option("--username", metavar="USER", help="Email: the SMTP user.")
     ] = None,
     sender: Annotated[
-        str | None, typer.Option("--sender", metavar="ADDRESS", help="email: the From address.")
+        str | None, typer.Option("--sender", metavar="ADDRESS", help="Email: the From address.")
     ] = None,
     to: Annotated[
         list[str] | None,
-        typer.Option("--to", metavar="ADDRESS", help="email: a recipient; repeatable."),
+        typer.Option("--to", metavar="ADDRESS", help="Email: a recipient; repeatable."),
     ] = None,
     replace: Annotated[
         bool,
