@@ -359,13 +359,15 @@ def test_a_frozen_manager_and_node_on_the_dev_env_run_a_shell_job_and_store_its_
         )
         run = _run_a_shell_job(api, "g1", "dev")
     assert run["node"] == f"127.0.0.1:{nport}"
-    # prometheus-client is in the bundle: both serve their metrics (the run counted).
-    for port, series in (
-        (mport, "ays_runs_finished_total"),
-        (nport, "ays_node_runs_finished_total"),
+    # prometheus-client is in the bundle: both serve their metrics (the run counted); a
+    # node takes only the cluster secret (the dev manager generated it beside the token).
+    cluster = (root / "var" / "lib" / "ays" / "cluster_secret").read_text().strip()
+    for port, series, secret in (
+        (mport, "ays_runs_finished_total", token),
+        (nport, "ays_node_runs_finished_total", cluster),
     ):
         scraped = httpx.get(
-            f"http://127.0.0.1:{port}/metrics", headers={"X-Ays-Token": token}, timeout=30
+            f"http://127.0.0.1:{port}/metrics", headers={"X-Ays-Token": secret}, timeout=30
         )
         assert scraped.status_code == 200 and series in scraped.text, scraped.text[:500]
     _assert_self_contained(manager, node)
@@ -408,6 +410,7 @@ def test_frozen_programs_reach_consul_and_rocketmq_through_their_real_clients(
                     {
                         "env": env,
                         "access_token": "${AYS_ACCESS_TOKEN}",
+                        "cluster_secret": "${AYS_CLUSTER_SECRET}",
                         "storage": {"url": "sqlite:///{data_dir}/ays.db"},
                         "registry": {
                             "backend": "consul",

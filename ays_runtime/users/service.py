@@ -263,7 +263,19 @@ def bootstrap_dev_admin(session: Session, data_dir: Path) -> Path | None:
         return None
     password = secrets.token_urlsafe(18)
     path = data_dir / ADMIN_PASSWORD_FILE
-    write_secret_file(path, password)
-    create_user(session, BOOTSTRAP, "admin", Role.ADMIN.value, (), password)
-    session.commit()
+    # Written aside first and put in place only once the user is committed: two managers
+    # starting together on one database race here, and the loser's password is no one's.
+    aside = path.with_name(f".{ADMIN_PASSWORD_FILE}.{secrets.token_hex(4)}")
+    write_secret_file(aside, password)
+    try:
+        create_user(session, BOOTSTRAP, "admin", Role.ADMIN.value, (), password)
+        session.commit()
+    except (ConflictError, IntegrityError):
+        session.rollback()
+        aside.unlink(missing_ok=True)
+        return None
+    except BaseException:
+        aside.unlink(missing_ok=True)
+        raise
+    aside.replace(path)
     return path
