@@ -223,3 +223,18 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def assert_each_outage_logged_once(log: str, down: str, back: str) -> None:
+    """An outage is logged when it begins and when it ends, not at each failed attempt: the
+    log's `down` and `back` lines alternate, starting with `down` and ending with `back`. A
+    loaded machine may really see two outages (a send that times out just after the server
+    came back), so the test checks the alternation, not a count of lines."""
+    events = [
+        "down" if down in line else "back"
+        for line in log.splitlines()
+        if down in line or back in line
+    ]
+    assert events and events[0] == "down" and events[-1] == "back", (events, log)
+    repeated = [i for i, (a, b) in enumerate(zip(events, events[1:], strict=False)) if a == b]
+    assert not repeated, f"an outage logged more than once: {events}\n{log}"

@@ -41,7 +41,17 @@ from ays_runtime.registry.consul import (
 )
 from ays_runtime.storage.database import make_engine
 from ays_runtime.storage.models import JobLog
-from tests.daemons import BIN, TOKEN, Daemon, client, free_port, manager, node, wait_for
+from tests.daemons import (
+    BIN,
+    TOKEN,
+    Daemon,
+    assert_each_outage_logged_once,
+    client,
+    free_port,
+    manager,
+    node,
+    wait_for,
+)
 from tests.daemons import write_config as write_builtin_config
 from tests.emulators.consul import ConsulEmulator
 
@@ -596,8 +606,7 @@ def test_a_manager_and_a_node_started_while_consul_is_down_join_when_it_comes_up
     finally:
         worker.kill()
         boss.kill()
-    assert boss.log().count(OUTAGE) == 1, boss.log()
-    assert boss.log().count(BACK) == 1
+    assert_each_outage_logged_once(boss.log(), OUTAGE, BACK)
     assert worker.log().count("cannot join the registry") == 1
 
 
@@ -645,9 +654,7 @@ def test_consul_down_for_30s_loses_no_fire_and_the_node_states_resynchronise_aft
     assert set(gaps) == {timedelta(seconds=1)}, "one fire per second, none lost, none twice"
     # Each watch retries on its own backoff (at most 5 s): the end is said when both are back.
     wait_for(lambda: BACK in ays.manager.log(), 15, "the end of the outage in the log")
-    log = ays.manager.log()
-    assert log.count(OUTAGE) == 1, "the outage is logged once"
-    assert log.count(BACK) == 1
+    assert_each_outage_logged_once(ays.manager.log(), OUTAGE, BACK)
 
 
 # -- installConfig ---------------------------------------------------------------------------
