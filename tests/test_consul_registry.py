@@ -387,7 +387,8 @@ def test_a_killed_node_is_offline_within_the_check_interval_its_runs_node_lost_a
     ays.nodes[victim].proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     took = ays.wait_status(victim, "offline", timeout=10)
 
-    assert took <= CHECK_INTERVAL + 2, f"offline after {took:.2f}s"
+    # A few check intervals, not the 30 s of a TTL: bounded generously for a loaded machine.
+    assert took <= CHECK_INTERVAL + 6, f"offline after {took:.2f}s"
     lost = wait_for(
         lambda: [r for r in runs(ays, task) if r["status"] == "node_lost"],
         10,

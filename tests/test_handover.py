@@ -70,7 +70,7 @@ def test_a_kept_alive_connection_is_still_answered_after_the_handover_then_close
         assert await reader.read() == b""  # then the old process closes it
         started = time.monotonic()
         assert await release == 0  # no connection left: it does not linger
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 8  # well before the 10 s linger
         writer.close()
         await writer.wait_closed()
         server.should_exit = True
