@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -233,6 +234,39 @@ def alerts_open(
     )
 
 
+# A rule or a channel made through the API: `kind` names it in the paths and the messages.
+Kind = Literal["rule", "channel"]
+
+
+def _save(
+    kind: Kind,
+    name: str,
+    body: dict[str, Any],
+    replace: bool,
+    env: str | None,
+    config: Path | None,
+    root: Path | None,
+    url: str | None,
+) -> None:
+    """Add the alert `kind` of that name, or with `replace` replace the one made before (the
+    API's refusal is the command's: its message and exit code, see api_client)."""
+    with task_cli.connect(env, config, root, url) as api:
+        if replace:
+            api.call("PUT", f"/alerts/{kind}s/{name}", json=body)
+            typer.echo(f"replaced alert {kind} {name}")
+        else:
+            api.post(f"/alerts/{kind}s", json=body)
+            typer.echo(f"added alert {kind} {name}")
+
+
+def _remove(
+    kind: Kind, name: str, env: str | None, config: Path | None, root: Path | None, url: str | None
+) -> None:
+    with task_cli.connect(env, config, root, url) as api:
+        api.call("DELETE", f"/alerts/{kind}s/{name}")
+    typer.echo(f"removed alert {kind} {name}")
+
+
 WHEN_HELP = (
     "run_failed, consecutive_failures, started_late, running_longer_than, node_offline, "
     "group_unhealthy or slot_missed."
@@ -302,13 +336,7 @@ def alerts_add(
     }
     optional = {"count": count, "seconds": seconds, "factor": factor, "history": history}
     body |= {k: v for k, v in optional.items() if v is not None}
-    with task_cli.connect(env, config, root, url) as api:
-        if replace:
-            api.call("PUT", f"/alerts/rules/{name}", json=body)
-            typer.echo(f"replaced alert rule {name}")
-        else:
-            api.post("/alerts/rules", json=body)
-            typer.echo(f"added alert rule {name}")
+    _save("rule", name, body, replace, env, config, root, url)
 
 
 @app.command("remove")
@@ -321,9 +349,7 @@ def alerts_remove(
     url: UrlOption = None,
 ) -> None:
     """Remove an alert rule made through the API (the env file's are removed there)."""
-    with task_cli.connect(env, config, root, url) as api:
-        api.call("DELETE", f"/alerts/rules/{name}")
-    typer.echo(f"removed alert rule {name}")
+    _remove("rule", name, env, config, root, url)
 
 
 def _secret(variable: str | None, option: str) -> str | None:
@@ -407,13 +433,7 @@ def alerts_add_channel(
         "secret" if kind != "email" else "password": secret,
     }
     body |= {k: v for k, v in fields.items() if v is not None}
-    with task_cli.connect(env, config, root, url) as api:
-        if replace:
-            api.call("PUT", f"/alerts/channels/{name}", json=body)
-            typer.echo(f"replaced alert channel {name}")
-        else:
-            api.post("/alerts/channels", json=body)
-            typer.echo(f"added alert channel {name}")
+    _save("channel", name, body, replace, env, config, root, url)
 
 
 @app.command("remove-channel")
@@ -426,9 +446,7 @@ def alerts_remove_channel(
     url: UrlOption = None,
 ) -> None:
     """Remove an alert channel made through the API (refused while a rule notifies it)."""
-    with task_cli.connect(env, config, root, url) as api:
-        api.call("DELETE", f"/alerts/channels/{name}")
-    typer.echo(f"removed alert channel {name}")
+    _remove("channel", name, env, config, root, url)
 
 
 @app.command("silence")
