@@ -34,6 +34,9 @@ from ays_installer.options import (
 )
 from ays_installer.tables import local_time, print_table
 
+RuleName = Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")]
+ChannelName = Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")]
+
 app = typer.Typer(
     no_args_is_help=True,
     help="Alert policies (the env file's and the API's): rules, channels, silences, "
@@ -128,7 +131,7 @@ def alerts_deliveries(
 @app.command("test")
 @clean_errors
 def alerts_test(
-    channel: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
+    channel: ChannelName,
     wait: Annotated[
         float,
         typer.Option("--wait", min=0, metavar="SECONDS", help="How long to wait for it."),
@@ -276,7 +279,7 @@ WHEN_HELP = (
 @app.command("add")
 @clean_errors
 def alerts_add(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     when: Annotated[
         str, typer.Option("--when", metavar="WHEN", help=f"What it watches: {WHEN_HELP}")
     ],
@@ -342,7 +345,7 @@ def alerts_add(
 @app.command("remove")
 @clean_errors
 def alerts_remove(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
@@ -364,7 +367,7 @@ def _secret(variable: str | None, option: str) -> str | None:
 @app.command("add-channel")
 @clean_errors
 def alerts_add_channel(
-    name: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
+    name: ChannelName,
     kind: Annotated[
         str, typer.Option("--type", metavar="TYPE", help="The channel's kind: webhook or email.")
     ] = "webhook",
@@ -439,7 +442,7 @@ def alerts_add_channel(
 @app.command("remove-channel")
 @clean_errors
 def alerts_remove_channel(
-    name: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
+    name: ChannelName,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
@@ -452,7 +455,7 @@ def alerts_remove_channel(
 @app.command("silence")
 @clean_errors
 def alerts_silence(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     duration: Annotated[
         str, typer.Option("--for", metavar="DURATION", help="How long: 30m, 2h, 1d.")
     ] = "1h",
@@ -478,7 +481,7 @@ def alerts_silence(
 @app.command("unsilence")
 @clean_errors
 def alerts_unsilence(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
