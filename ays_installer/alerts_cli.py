@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -32,6 +33,9 @@ from ays_installer.options import (
     fail,
 )
 from ays_installer.tables import local_time, print_table
+
+RuleName = Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")]
+ChannelName = Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")]
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -127,7 +131,7 @@ def alerts_deliveries(
 @app.command("test")
 @clean_errors
 def alerts_test(
-    channel: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
+    channel: ChannelName,
     wait: Annotated[
         float,
         typer.Option("--wait", min=0, metavar="SECONDS", help="How long to wait for it."),
@@ -233,6 +237,39 @@ def alerts_open(
     )
 
 
+# A rule or a channel made through the API: `kind` names it in the paths and the messages.
+Kind = Literal["rule", "channel"]
+
+
+def _save(
+    kind: Kind,
+    name: str,
+    body: dict[str, Any],
+    replace: bool,
+    env: str | None,
+    config: Path | None,
+    root: Path | None,
+    url: str | None,
+) -> None:
+    """Add the alert `kind` of that name, or with `replace` replace the one made before (the
+    API's refusal is the command's: its message and exit code, see api_client)."""
+    with task_cli.connect(env, config, root, url) as api:
+        if replace:
+            api.call("PUT", f"/alerts/{kind}s/{name}", json=body)
+            typer.echo(f"replaced alert {kind} {name}")
+        else:
+            api.post(f"/alerts/{kind}s", json=body)
+            typer.echo(f"added alert {kind} {name}")
+
+
+def _remove(
+    kind: Kind, name: str, env: str | None, config: Path | None, root: Path | None, url: str | None
+) -> None:
+    with task_cli.connect(env, config, root, url) as api:
+        api.call("DELETE", f"/alerts/{kind}s/{name}")
+    typer.echo(f"removed alert {kind} {name}")
+
+
 WHEN_HELP = (
     "run_failed, consecutive_failures, started_late, running_longer_than, node_offline, "
     "group_unhealthy or slot_missed."
@@ -242,7 +279,7 @@ WHEN_HELP = (
 @app.command("add")
 @clean_errors
 def alerts_add(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     when: Annotated[
         str, typer.Option("--when", metavar="WHEN", help=f"What it watches: {WHEN_HELP}")
     ],
@@ -302,28 +339,20 @@ def alerts_add(
     }
     optional = {"count": count, "seconds": seconds, "factor": factor, "history": history}
     body |= {k: v for k, v in optional.items() if v is not None}
-    with task_cli.connect(env, config, root, url) as api:
-        if replace:
-            api.call("PUT", f"/alerts/rules/{name}", json=body)
-            typer.echo(f"replaced alert rule {name}")
-        else:
-            api.post("/alerts/rules", json=body)
-            typer.echo(f"added alert rule {name}")
+    _save("rule", name, body, replace, env, config, root, url)
 
 
 @app.command("remove")
 @clean_errors
 def alerts_remove(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
     url: UrlOption = None,
 ) -> None:
     """Remove an alert rule made through the API (the env file's are removed there)."""
-    with task_cli.connect(env, config, root, url) as api:
-        api.call("DELETE", f"/alerts/rules/{name}")
-    typer.echo(f"removed alert rule {name}")
+    _remove("rule", name, env, config, root, url)
 
 
 def _secret(variable: str | None, option: str) -> str | None:
@@ -338,7 +367,7 @@ def _secret(variable: str | None, option: str) -> str | None:
 @app.command("add-channel")
 @clean_errors
 def alerts_add_channel(
-    name: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
+    name: ChannelName,
     kind: Annotated[
         str, typer.Option("--type", metavar="TYPE", help="The channel's kind: webhook or email.")
     ] = "webhook",
@@ -407,34 +436,26 @@ def alerts_add_channel(
         "secret" if kind != "email" else "password": secret,
     }
     body |= {k: v for k, v in fields.items() if v is not None}
-    with task_cli.connect(env, config, root, url) as api:
-        if replace:
-            api.call("PUT", f"/alerts/channels/{name}", json=body)
-            typer.echo(f"replaced alert channel {name}")
-        else:
-            api.post("/alerts/channels", json=body)
-            typer.echo(f"added alert channel {name}")
+    _save("channel", name, body, replace, env, config, root, url)
 
 
 @app.command("remove-channel")
 @clean_errors
 def alerts_remove_channel(
-    name: Annotated[str, typer.Argument(metavar="CHANNEL", help="The channel's name.")],
+    name: ChannelName,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,
     url: UrlOption = None,
 ) -> None:
     """Remove an alert channel made through the API (refused while a rule notifies it)."""
-    with task_cli.connect(env, config, root, url) as api:
-        api.call("DELETE", f"/alerts/channels/{name}")
-    typer.echo(f"removed alert channel {name}")
+    _remove("channel", name, env, config, root, url)
 
 
 @app.command("silence")
 @clean_errors
 def alerts_silence(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     duration: Annotated[
         str, typer.Option("--for", metavar="DURATION", help="How long: 30m, 2h, 1d.")
     ] = "1h",
@@ -460,7 +481,7 @@ def alerts_silence(
 @app.command("unsilence")
 @clean_errors
 def alerts_unsilence(
-    name: Annotated[str, typer.Argument(metavar="RULE", help="The rule's name.")],
+    name: RuleName,
     env: EnvOption = None,
     config: ConfigOption = None,
     root: RootOption = None,

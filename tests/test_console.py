@@ -466,3 +466,15 @@ def test_the_alerts_page_makes_edits_silences_and_deletes_a_policy_with_errors_a
         alerts = [e for e in trail if e["target_type"].startswith("alert_")]
         assert {e["via"] for e in alerts} == {"console"} and len(alerts) == 7
         assert CONSOLE_SECRET not in str(trail)
+
+
+def test_a_channel_edit_sent_back_with_an_error_still_says_its_secret_is_kept(
+    sessions: sessionmaker[Session],
+) -> None:
+    with served_api(sessions, alerts=ENV_ALERTS) as console, signed_in(console) as (client, csrf):
+        channel = {"csrf_token": csrf, "name": "ops", "type": "webhook", "format": "ays"}
+        channel |= {"url": "http://127.0.0.1:9/ops", "secret": CONSOLE_SECRET}
+        assert client.post("/alerts/channels", data=channel).status_code == 303
+        bad = client.post("/alerts/channels/ops", data=channel | {"url": "ftp://x", "secret": ""})
+        assert bad.status_code == 422 and "url" in field_errors(bad.text), bad.text
+        assert "set: leave empty to keep it" in bad.text and CONSOLE_SECRET not in bad.text

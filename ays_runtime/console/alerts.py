@@ -11,6 +11,8 @@ and an empty field on an edit keeps the secret.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ays_runtime.alerts import outbox, policies
 from ays_runtime.alerts.service import AlertService
+from ays_runtime.alerts.settings import AlertSettings
 from ays_runtime.console import csrf
 from ays_runtime.console.render import console_actor, first, in_session, is_htmx, page
 from ays_runtime.exceptions import (
@@ -29,6 +32,7 @@ from ays_runtime.exceptions import (
     NotFoundError,
     ValidationError,
 )
+from ays_runtime.manager.versions import Actor
 from ays_runtime.storage.database import utcnow
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf.check)])
@@ -102,6 +106,105 @@ async def alerts_page(request: Request) -> HTMLResponse:
     return await _alerts_page(request)
 
 
+async def _described(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    return await in_session(request, lambda s: policies.describe(s, service.env_settings, utcnow()))
+
+
+# --- a rule or a channel: one form flow -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a rule's and a channel's forms differ in. The flow is one (`_new`, `_edit`,
+    `_save`, `_delete`): the form, checked and saved through `policies` (an error shown at
+    its field, the form sent back as typed), deleted; each change reloads the alert service.
+    The routes stay one per URL: /alerts/<noun>s, /alerts/<noun>s/{name}[/edit|/delete]."""
+
+    noun: str  # "rule" or "channel": its URLs, its template alerts/<noun>_form.html, notices
+    listed: str  # its list in policies.describe
+    blank: dict[str, Any]  # a new one's form
+    read: Callable[[csrf.Form], dict[str, Any]]  # the posted form -> its values as typed
+    data: Callable[[dict[str, Any]], dict[str, Any]]  # the values -> what policies checks
+    values: Callable[[dict[str, Any]], dict[str, Any]]  # one described -> its form
+    # What else its template shows: (described, the one edited or None) -> context
+    context: Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]]
+    create: Callable[[Session, AlertSettings, dict[str, Any], Actor], object]
+    update: Callable[[Session, AlertSettings, str, dict[str, Any], Actor], object]
+    delete: Callable[[Session, AlertSettings, str, Actor], None]
+    secrets: tuple[str, ...] = ()  # fields never sent back: always shown empty
+
+
+def _one(described: dict[str, Any], kind: Kind, name: str | None) -> dict[str, Any] | None:
+    return next((x for x in described[kind.listed] if x["name"] == name), None)
+
+
+async def _form_page(
+    request: Request,
+    kind: Kind,
+    values: dict[str, Any],
+    editing: str | None,
+    errors: dict[str, str] | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    described = await _described(request)
+    return page(
+        request,
+        f"alerts/{kind.noun}_form.html",
+        status_code=status_code,
+        values=values | dict.fromkeys(kind.secrets, ""),
+        editing=editing,
+        errors=errors or {},
+        **kind.context(described, _one(described, kind, editing)),
+    )
+
+
+async def _new(request: Request, kind: Kind) -> HTMLResponse:
+    return await _form_page(request, kind, dict(kind.blank), None)
+
+
+async def _edit(request: Request, kind: Kind, name: str) -> HTMLResponse:
+    described = await _described(request)
+    found = _one(described, kind, name)
+    if found is None:
+        raise NotFoundError(f"no alert {kind.noun} named {name}")
+    if found["read_only"]:
+        raise ConflictError(f"{kind.noun} {name} is defined in the env file: change it there")
+    return await _form_page(request, kind, kind.values(found), name)
+
+
+async def _save(request: Request, kind: Kind, name: str | None) -> Response:
+    """Create (`name` None) or update the one named `name` from the posted form."""
+    service = _service(request)
+    values = kind.read(await csrf.form(request))
+    data, actor, env = kind.data(values), console_actor(request), service.env_settings
+    if name is not None:
+        values["name"] = name
+        data.pop("name")
+    try:
+        if name is None:
+            await in_session(request, lambda s: kind.create(s, env, data, actor))
+        else:
+            await in_session(request, lambda s: kind.update(s, env, name, data, actor))
+    except ValidationError as err:
+        return await _form_page(request, kind, values, name, _errors(err), 422)
+    except ConflictError as err:
+        return await _form_page(request, kind, values, name, {"name": str(err)}, 409)
+    await service.reload()
+    done = "created" if name is None else "saved"
+    return RedirectResponse(f"/alerts?notice={done} {kind.noun} {values['name']}", status_code=303)
+
+
+async def _delete(request: Request, kind: Kind, name: str) -> Response:
+    service, actor = _service(request), console_actor(request)
+    try:
+        await in_session(request, lambda s: kind.delete(s, service.env_settings, name, actor))
+    except ConflictError as err:
+        return await _alerts_page(request, 409, error=str(err))
+    await service.reload()
+    return RedirectResponse(f"/alerts?notice=deleted {kind.noun} {name}", status_code=303)
+
+
 # --- rules ------------------------------------------------------------------------------------
 
 
@@ -145,32 +248,10 @@ def _rule_values(rule: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _rule_page(
-    request: Request,
-    values: dict[str, Any],
-    editing: str | None,
-    errors: dict[str, str] | None = None,
-    status_code: int = 200,
-) -> HTMLResponse:
-    service = _service(request)
-    described = await in_session(
-        request, lambda s: policies.describe(s, service.env_settings, utcnow())
-    )
-    return page(
-        request,
-        "alerts/rule_form.html",
-        status_code=status_code,
-        values=values,
-        editing=editing,
-        errors=errors or {},
-        whens=WHEN,
-        channel_names=[c["name"] for c in described["channels"]],
-    )
-
-
-@router.get("/alerts/rules/new", response_class=HTMLResponse)
-async def new_rule(request: Request) -> HTMLResponse:
-    blank = {
+RULE = Kind(
+    noun="rule",
+    listed="rules",
+    blank={
         "name": "",
         "when": "run_failed",
         "channels": [],
@@ -181,66 +262,43 @@ async def new_rule(request: Request) -> HTMLResponse:
         "factor": "",
         "history": "",
         "recovery": True,
-    }
-    return await _rule_page(request, blank, None)
+    },
+    read=_rule_form,
+    data=_rule_data,
+    values=_rule_values,
+    context=lambda described, _rule: {
+        "whens": WHEN,
+        "channel_names": [c["name"] for c in described["channels"]],
+    },
+    create=policies.create_rule,
+    update=policies.update_rule,
+    delete=policies.delete_rule,
+)
+
+
+@router.get("/alerts/rules/new", response_class=HTMLResponse)
+async def new_rule(request: Request) -> HTMLResponse:
+    return await _new(request, RULE)
 
 
 @router.get("/alerts/rules/{name}/edit", response_class=HTMLResponse)
 async def edit_rule(request: Request, name: str) -> HTMLResponse:
-    service = _service(request)
-    described = await in_session(
-        request, lambda s: policies.describe(s, service.env_settings, utcnow())
-    )
-    rule = next((r for r in described["rules"] if r["name"] == name), None)
-    if rule is None:
-        raise NotFoundError(f"no alert rule named {name}")
-    if rule["read_only"]:
-        raise ConflictError(f"rule {name} is defined in the env file: change it there")
-    return await _rule_page(request, _rule_values(rule), name)
+    return await _edit(request, RULE, name)
 
 
 @router.post("/alerts/rules", response_model=None)
 async def create_rule(request: Request) -> Response:
-    return await _save_rule(request, None)
+    return await _save(request, RULE, None)
 
 
 @router.post("/alerts/rules/{name}", response_model=None)
 async def update_rule(request: Request, name: str) -> Response:
-    return await _save_rule(request, name)
-
-
-async def _save_rule(request: Request, name: str | None) -> Response:
-    service = _service(request)
-    values = _rule_form(await csrf.form(request))
-    data, actor, env = _rule_data(values), console_actor(request), service.env_settings
-    if name is not None:
-        values["name"] = name
-        data.pop("name")
-    try:
-        if name is None:
-            await in_session(request, lambda s: policies.create_rule(s, env, data, actor))
-        else:
-            await in_session(request, lambda s: policies.update_rule(s, env, name, data, actor))
-    except ValidationError as err:
-        return await _rule_page(request, values, name, _errors(err), 422)
-    except ConflictError as err:
-        return await _rule_page(request, values, name, {"name": str(err)}, 409)
-    await service.reload()
-    done = "created" if name is None else "saved"
-    return RedirectResponse(f"/alerts?notice={done} rule {values['name']}", status_code=303)
+    return await _save(request, RULE, name)
 
 
 @router.post("/alerts/rules/{name}/delete", response_model=None)
 async def delete_rule(request: Request, name: str) -> Response:
-    service, actor = _service(request), console_actor(request)
-    try:
-        await in_session(
-            request, lambda s: policies.delete_rule(s, service.env_settings, name, actor)
-        )
-    except ConflictError as err:
-        return await _alerts_page(request, 409, error=str(err))
-    await service.reload()
-    return RedirectResponse(f"/alerts?notice=deleted rule {name}", status_code=303)
+    return await _delete(request, RULE, name)
 
 
 @router.post("/alerts/rules/{name}/silence", response_model=None)
@@ -302,96 +360,64 @@ def _channel_data(values: dict[str, Any]) -> dict[str, Any]:
     return {"name": values["name"], "type": values["type"], **data}
 
 
-async def _channel_page(
-    request: Request,
-    values: dict[str, Any],
-    editing: str | None,
-    errors: dict[str, str] | None = None,
-    status_code: int = 200,
-    secret_set: bool = False,
-) -> HTMLResponse:
-    shown = values | {"secret": "", "password": ""}  # a secret is never sent back
-    return page(
-        request,
-        "alerts/channel_form.html",
-        status_code=status_code,
-        values=shown,
-        editing=editing,
-        errors=errors or {},
-        formats=FORMATS,
-        secret_set=secret_set,
-    )
-
-
-@router.get("/alerts/channels/new", response_class=HTMLResponse)
-async def new_channel(request: Request) -> HTMLResponse:
-    blank = {k: "" for k in CHANNEL_FIELDS} | {"type": "webhook", "format": "ays"}
-    return await _channel_page(request, blank | {"port": "587", "starttls": True}, None)
-
-
-@router.get("/alerts/channels/{name}/edit", response_class=HTMLResponse)
-async def edit_channel(request: Request, name: str) -> HTMLResponse:
-    service = _service(request)
-    described = await in_session(
-        request, lambda s: policies.describe(s, service.env_settings, utcnow())
-    )
-    channel = next((c for c in described["channels"] if c["name"] == name), None)
-    if channel is None:
-        raise NotFoundError(f"no alert channel named {name}")
-    if channel["read_only"]:
-        raise ConflictError(f"channel {name} is defined in the env file: change it there")
+def _channel_values(channel: dict[str, Any]) -> dict[str, Any]:
     values = {k: "" for k in CHANNEL_FIELDS} | {
         k: str(v) if v is not None else ""
         for k, v in channel.items()
         if k in CHANNEL_FIELDS and k != "to"
     }
-    values |= {"to": ", ".join(channel.get("to", [])), "starttls": channel.get("starttls", True)}
-    secret_set = bool(channel.get("secret_set") or channel.get("password_set"))
-    return await _channel_page(request, values, name, secret_set=secret_set)
+    return values | {
+        "to": ", ".join(channel.get("to", [])),
+        "starttls": channel.get("starttls", True),
+    }
+
+
+def _channel_context(_described: dict[str, Any], channel: dict[str, Any] | None) -> dict[str, Any]:
+    secret_set = channel is not None and bool(
+        channel.get("secret_set") or channel.get("password_set")
+    )
+    return {"formats": FORMATS, "secret_set": secret_set}
+
+
+CHANNEL = Kind(
+    noun="channel",
+    listed="channels",
+    blank={k: "" for k in CHANNEL_FIELDS}
+    | {"type": "webhook", "format": "ays", "port": "587", "starttls": True},
+    read=_channel_form,
+    data=_channel_data,
+    values=_channel_values,
+    context=_channel_context,
+    create=policies.create_channel,
+    update=policies.update_channel,
+    delete=policies.delete_channel,
+    secrets=("secret", "password"),  # a secret is never sent back
+)
+
+
+@router.get("/alerts/channels/new", response_class=HTMLResponse)
+async def new_channel(request: Request) -> HTMLResponse:
+    return await _new(request, CHANNEL)
+
+
+@router.get("/alerts/channels/{name}/edit", response_class=HTMLResponse)
+async def edit_channel(request: Request, name: str) -> HTMLResponse:
+    return await _edit(request, CHANNEL, name)
 
 
 @router.post("/alerts/channels", response_model=None)
 async def create_channel(request: Request) -> Response:
-    return await _save_channel(request, None)
+    return await _save(request, CHANNEL, None)
 
 
 @router.post("/alerts/channels/{name}", response_model=None)
 async def update_channel(request: Request, name: str) -> Response:
-    return await _save_channel(request, name)
-
-
-async def _save_channel(request: Request, name: str | None) -> Response:
-    service = _service(request)
-    values = _channel_form(await csrf.form(request))
-    data, actor, env = _channel_data(values), console_actor(request), service.env_settings
-    if name is not None:
-        values["name"] = name
-        data.pop("name")
-    try:
-        if name is None:
-            await in_session(request, lambda s: policies.create_channel(s, env, data, actor))
-        else:
-            await in_session(request, lambda s: policies.update_channel(s, env, name, data, actor))
-    except ValidationError as err:
-        return await _channel_page(request, values, name, _errors(err), 422)
-    except ConflictError as err:
-        return await _channel_page(request, values, name, {"name": str(err)}, 409)
-    await service.reload()
-    done = "created" if name is None else "saved"
-    return RedirectResponse(f"/alerts?notice={done} channel {values['name']}", status_code=303)
+    return await _save(request, CHANNEL, name)
 
 
 @router.post("/alerts/channels/{name}/delete", response_model=None)
 async def delete_channel(request: Request, name: str) -> Response:
-    service, actor = _service(request), console_actor(request)
-    try:
-        await in_session(
-            request, lambda s: policies.delete_channel(s, service.env_settings, name, actor)
-        )
-    except ConflictError as err:
-        return await _alerts_page(request, 409, error=str(err))
-    await service.reload()
-    return RedirectResponse(f"/alerts?notice=deleted channel {name}", status_code=303)
+    return await _delete(request, CHANNEL, name)
 
 
 @router.post("/alerts/channels/{name}/test", response_model=None)
