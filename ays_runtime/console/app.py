@@ -78,13 +78,13 @@ async def login(request: Request) -> Response:
     user = ""
     if name:
         address = request.client.host if request.client else ""
-        limits = ctx.config.console.sign_in
-        admitted = await run_in_threadpool(lockout.admit, ctx.sessions, limits, name, address)
-        if isinstance(admitted, lockout.Refusal):
-            return _locked_out(request, admitted, target, name)
+        limiter = lockout.Limiter(ctx.sessions, ctx.config.console.sign_in)
+        attempt = await run_in_threadpool(limiter.admit, name, address)
+        if isinstance(attempt, lockout.Refusal):
+            return _locked_out(request, attempt, target, name)
         found = await run_in_threadpool(_verify, ctx, name, password)
         if found is None:
-            await run_in_threadpool(lockout.failed, ctx.sessions, limits, admitted, name, address)
+            await run_in_threadpool(limiter.failed, attempt)
             return page(
                 request,
                 "login.html",
@@ -93,7 +93,7 @@ async def login(request: Request) -> Response:
                 username=name,
                 error="That name and password do not match a user of this environment.",
             )
-        await run_in_threadpool(lockout.succeeded, ctx.sessions, limits, admitted, name, address)
+        await run_in_threadpool(limiter.succeeded, attempt)
         user = found
     elif not token_matches(first(form, "token").strip(), ctx.access_token):
         return page(

@@ -2,7 +2,7 @@
 and per source address ("address") in the database, so that every manager of an env counts
 them together, and lock-outs past the limits of `console.sign_in` (config.SignInSettings).
 
-A sign-in with a password goes through three steps (console/app.py `login`):
+A sign-in with a password goes through three steps of a `Limiter` (console/app.py `login`):
 
     admit      counts the attempt against its name and its address, in one transaction,
                before the password is checked. A name or address locked out is refused
@@ -76,10 +76,12 @@ class Refusal:
 
 
 @dataclass(frozen=True)
-class Admission:
-    """An attempt counted: its failures so far, by kind, and the lock-outs it started (the
-    end of each, by kind): they hold only if its password turns out wrong."""
+class Attempt:
+    """A sign-in attempt counted: of `name` from `address`, its failures so far by kind, and
+    the lock-outs it started (their end, by kind): they hold only if its password is wrong."""
 
+    name: str
+    address: str
     counts: dict[str, int] = field(default_factory=dict)
     locks: dict[str, datetime] = field(default_factory=dict)
 
@@ -124,116 +126,109 @@ def _locked_row(session: Session, kind: str, key: str, now: datetime) -> SignInL
     return row
 
 
-def admit(
-    sessions: sessionmaker[Session], limits: SignInSettings, name: str, address: str
-) -> Admission | Refusal:
-    """Count a sign-in attempt of `name` from `address` before its password is checked, or
-    refuse it if either is locked out (see the module docstring)."""
-    window, lockout = timedelta(seconds=limits.window), timedelta(seconds=limits.lockout)
+class Limiter:
+    """The sign-in limits of an env (`console.sign_in`) over its database."""
 
-    def work(session: Session) -> Admission | Refusal:
-        now = utcnow()
-        rows = [
-            (_locked_row(session, kind, key, now), most)
-            for kind, key, most in _keys(limits, name, address)
-        ]
-        for row, _ in rows:
-            if row.locked_until is not None and row.locked_until > now:
-                return Refusal(row.kind, row.locked_until)
-        admission = Admission()
-        for row, most in rows:
-            anew = row.failures == 0 or row.locked_until is not None
-            if anew or now - row.first_at >= window:
-                row.failures, row.first_at = 1, now
-            else:
-                row.failures += 1
-            row.last_at = now
-            row.locked_until = now + lockout if row.failures >= most else None
-            admission.counts[row.kind] = row.failures
-            if row.locked_until is not None:
-                admission.locks[row.kind] = row.locked_until
-        return admission
+    def __init__(self, sessions: sessionmaker[Session], limits: SignInSettings) -> None:
+        self.sessions, self.limits = sessions, limits
 
-    answer = _in_transaction(sessions, work)
-    if isinstance(answer, Refusal):
-        metrics.SIGN_INS.labels("refused").inc()
-    return answer
+    def admit(self, name: str, address: str) -> Attempt | Refusal:
+        """Count a sign-in attempt of `name` from `address` before its password is checked, or
+        refuse it if either is locked out (see the module docstring)."""
+        limits = self.limits
+        window, lockout = timedelta(seconds=limits.window), timedelta(seconds=limits.lockout)
 
+        def work(session: Session) -> Attempt | Refusal:
+            now = utcnow()
+            rows = [
+                (_locked_row(session, kind, key, now), most)
+                for kind, key, most in _keys(limits, name, address)
+            ]
+            for row, _ in rows:
+                if row.locked_until is not None and row.locked_until > now:
+                    return Refusal(row.kind, row.locked_until)
+            attempt = Attempt(name, address)
+            for row, most in rows:
+                anew = row.failures == 0 or row.locked_until is not None
+                if anew or now - row.first_at >= window:
+                    row.failures, row.first_at = 1, now
+                else:
+                    row.failures += 1
+                row.last_at = now
+                row.locked_until = now + lockout if row.failures >= most else None
+                attempt.counts[row.kind] = row.failures
+                if row.locked_until is not None:
+                    attempt.locks[row.kind] = row.locked_until
+            return attempt
 
-def failed(
-    sessions: sessionmaker[Session],
-    limits: SignInSettings,
-    admission: Admission,
-    name: str,
-    address: str,
-) -> None:
-    """Record a wrong password (or unknown name) in the audit trail, with the lock-outs its
-    attempt started; logged without the password."""
-    who = name if NAME.match(name) else NOT_A_NAME
-    actor = Actor(who, ChangeVia.CONSOLE, address)
-    counts = admission.counts
-    what = {
-        "address": address,
-        "account_failures": counts.get(ACCOUNT),
-        "address_failures": counts.get(ADDRESS),
-    }
+        answer = _in_transaction(self.sessions, work)
+        if isinstance(answer, Refusal):
+            metrics.SIGN_INS.labels("refused").inc()
+        return answer
 
-    def work(session: Session) -> None:
-        trail.record(session, actor, AuditAction.SIGN_IN_FAILED, who, after=what)
-        for kind, until in admission.locks.items():
-            target = who if kind == ACCOUNT else address
-            lock = {"kind": kind, "failures": counts[kind], "until": until.isoformat() + "Z"}
-            trail.record(session, actor, AuditAction.SIGN_IN_LOCKED_OUT, target, after=lock)
+    def failed(self, attempt: Attempt) -> None:
+        """Record a wrong password (or unknown name) in the audit trail, with the lock-outs its
+        attempt started; logged without the password."""
+        name, address = attempt.name, attempt.address
+        who = name if NAME.match(name) else NOT_A_NAME
+        actor = Actor(who, ChangeVia.CONSOLE, address)
+        counts = attempt.counts
+        what = {
+            "address": address,
+            "account_failures": counts.get(ACCOUNT),
+            "address_failures": counts.get(ADDRESS),
+        }
 
-    _in_transaction(sessions, work)
-    metrics.SIGN_INS.labels("failed").inc()
-    log.info(
-        "console: sign-in of %r from %s failed (%s)",
-        who,
-        address or "an unknown address",
-        ", ".join(f"{n} of {kind}" for kind, n in counts.items()) or "not counted",
-    )
-    for kind, until in admission.locks.items():
-        log.warning(
-            "console: %s %r locked out until %s UTC after %d failed sign-ins in %gs; "
-            "`aysManager user unlock NAME` ends a name's lock-out sooner",
-            kind,
-            who if kind == ACCOUNT else address,
-            until.isoformat(timespec="seconds"),
-            counts[kind],
-            limits.window,
+        def work(session: Session) -> None:
+            trail.record(session, actor, AuditAction.SIGN_IN_FAILED, who, after=what)
+            for kind, until in attempt.locks.items():
+                target = who if kind == ACCOUNT else address
+                lock = {"kind": kind, "failures": counts[kind], "until": until.isoformat() + "Z"}
+                trail.record(session, actor, AuditAction.SIGN_IN_LOCKED_OUT, target, after=lock)
+
+        _in_transaction(self.sessions, work)
+        metrics.SIGN_INS.labels("failed").inc()
+        log.info(
+            "console: sign-in of %r from %s failed (%s)",
+            who,
+            address or "an unknown address",
+            ", ".join(f"{n} of {kind}" for kind, n in counts.items()) or "not counted",
         )
+        for kind, until in attempt.locks.items():
+            log.warning(
+                "console: %s %r locked out until %s UTC after %d failed sign-ins in %gs; "
+                "`aysManager user unlock NAME` ends a name's lock-out sooner",
+                kind,
+                who if kind == ACCOUNT else address,
+                until.isoformat(timespec="seconds"),
+                counts[kind],
+                self.limits.window,
+            )
 
+    def succeeded(self, attempt: Attempt) -> None:
+        """Clear the name's failures and lock-out, and take this attempt back from the
+        address's count (lifting the lock-out it started there)."""
+        name, address = attempt.name, attempt.address
 
-def succeeded(
-    sessions: sessionmaker[Session],
-    limits: SignInSettings,
-    admission: Admission,
-    name: str,
-    address: str,
-) -> None:
-    """Clear the name's failures and lock-out, and take this attempt back from the
-    address's count (lifting the lock-out it started there)."""
+        def work(session: Session) -> None:
+            session.execute(
+                delete(SignInLimit).where(SignInLimit.kind == ACCOUNT, SignInLimit.key == name)
+            )
+            if ADDRESS not in attempt.counts:
+                return
+            key = address[:KEY_MAX]
+            row = session.scalar(
+                select(SignInLimit)
+                .where(SignInLimit.kind == ADDRESS, SignInLimit.key == key)
+                .with_for_update()
+            )
+            if row is not None and row.failures > 0:
+                row.failures -= 1
+                if row.failures < self.limits.max_failures_per_address:
+                    row.locked_until = None
 
-    def work(session: Session) -> None:
-        session.execute(
-            delete(SignInLimit).where(SignInLimit.kind == ACCOUNT, SignInLimit.key == name)
-        )
-        if ADDRESS not in admission.counts:
-            return
-        key = address[:KEY_MAX]
-        row = session.scalar(
-            select(SignInLimit)
-            .where(SignInLimit.kind == ADDRESS, SignInLimit.key == key)
-            .with_for_update()
-        )
-        if row is not None and row.failures > 0:
-            row.failures -= 1
-            if row.failures < limits.max_failures_per_address:
-                row.locked_until = None
-
-    _in_transaction(sessions, work)
-    metrics.SIGN_INS.labels("succeeded").inc()
+        _in_transaction(self.sessions, work)
+        metrics.SIGN_INS.labels("succeeded").inc()
 
 
 def unlock(session: Session, actor: Actor, name: str) -> SignInLimit | None:
