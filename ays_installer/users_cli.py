@@ -1,8 +1,9 @@
-"""`aysManager user add | list | set | passwd | remove` and `aysManager token create | list |
-revoke`: users, roles and personal API tokens, through the manager's API (/api/v1/users,
-/api/v1/me/tokens). A password is read from the terminal without echo (or one line of
-standard input with --password-stdin), never from the command line; a new token is printed
-once, and nothing else ever shows it."""
+"""`aysManager user add | list | set | passwd | unlock | remove` and `aysManager token
+create | list | revoke`: users, roles and personal API tokens, through the manager's API
+(/api/v1/users, /api/v1/me/tokens). A password is read from the terminal without echo (or
+one line of standard input with --password-stdin), never from the command line; a new token
+is printed once, and nothing else ever shows it. `user unlock` ends a console sign-in
+lock-out (ays_runtime/users/lockout.py)."""
 
 from __future__ import annotations
 
@@ -141,6 +142,27 @@ def user_passwd(
     with task_cli.connect(env, config, root, url) as api:
         api.call("PATCH", f"/users/{name}", json={"password": password})
     typer.echo(f"set the password of {name}")
+
+
+@user_app.command("unlock")
+@clean_errors
+def user_unlock(
+    name: Annotated[str, typer.Argument(help="The user.")],
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    root: RootOption = None,
+    url: UrlOption = None,
+) -> None:
+    """End a user's console sign-in lock-out and forget their failed sign-ins."""
+    with task_cli.connect(env, config, root, url) as api:
+        done = api.post(f"/users/{name}/unlock")
+    if done["was_locked_until"]:
+        until = local_time(done["was_locked_until"])
+        typer.echo(f"unlocked {name} (locked out until {until})")
+    elif done["failures_cleared"]:
+        typer.echo(f"{name} was not locked out; forgot {done['failures_cleared']} failed sign-ins")
+    else:
+        typer.echo(f"{name} was not locked out")
 
 
 @user_app.command("remove")

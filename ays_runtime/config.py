@@ -344,6 +344,43 @@ class OidcSettings(_Section):
         return v
 
 
+class SignInSettings(_Section):
+    """Limits on guessing console passwords (ays_runtime/users/lockout.py): failed sign-ins
+    are counted per user name and per source address, in the database (so every manager of
+    the env counts them together); past a limit, sign-ins of that name or from that address
+    are refused, without their password being checked, until the lock-out ends."""
+
+    max_failures_per_account: int = Field(
+        5,
+        ge=0,
+        le=10_000,
+        description="failed sign-ins of one user name within `window` after which that "
+        "name is locked out; 0: no limit per name",
+    )
+    max_failures_per_address: int = Field(
+        20,
+        ge=0,
+        le=100_000,
+        description="failed sign-ins from one source address (any names) within `window` "
+        "after which that address is locked out; 0: no limit per address (when every "
+        "browser reaches the manager through one proxy address)",
+    )
+    window: float = Field(
+        900.0,
+        gt=0,
+        le=7 * 86400,
+        description="seconds from a name's (or address's) first counted failure in which "
+        "the failures add up; later, counting starts again",
+    )
+    lockout: float = Field(
+        900.0,
+        gt=0,
+        le=7 * 86400,
+        description="seconds a locked-out name or address is refused; then it may sign in "
+        "again (an admin ends a name's lock-out sooner: `aysManager user unlock NAME`)",
+    )
+
+
 class ConsoleSettings(_Section):
     """The web console the manager serves at / (ays_runtime/console)."""
 
@@ -362,6 +399,9 @@ class ConsoleSettings(_Section):
     )
     oidc: OidcSettings | None = Field(
         None, description="optional sign-in with an OpenID Connect provider; none: off"
+    )
+    sign_in: SignInSettings = Field(
+        SignInSettings(), description="limits on failed password sign-ins (lock-outs)"
     )
 
 

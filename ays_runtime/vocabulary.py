@@ -177,6 +177,10 @@ class AuditAction(enum.StrEnum):
     USER_DELETED = "user.deleted"
     TOKEN_CREATED = "token.created"
     TOKEN_REVOKED = "token.revoked"
+    # Console sign-ins with a password (ays_runtime/users/lockout.py): never the password.
+    SIGN_IN_FAILED = "sign_in.failed"
+    SIGN_IN_LOCKED_OUT = "sign_in.locked_out"  # a user name or a source address
+    SIGN_IN_UNLOCKED = "sign_in.unlocked"  # an admin ended a user name's lock-out
 
     @property
     def target_type(self) -> str:

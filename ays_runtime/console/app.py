@@ -23,7 +23,9 @@ from ays_runtime.console.render import STATIC, first, page
 from ays_runtime.console.session import COOKIE, LOGIN_PATH, SessionGate, cookie_value
 from ays_runtime.exceptions import ConflictError, NotFoundError, StorageError, ValidationError
 from ays_runtime.manager.context import ManagerContext
+from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import User
+from ays_runtime.users import lockout
 from ays_runtime.users import service as users
 
 STATIC_PREFIX = "/static/"
@@ -75,8 +77,14 @@ async def login(request: Request) -> Response:
     name, password = first(form, "username").strip(), first(form, "password")
     user = ""
     if name:
+        address = request.client.host if request.client else ""
+        limiter = lockout.Limiter(ctx.sessions, ctx.config.console.sign_in)
+        attempt = await run_in_threadpool(limiter.admit, name, address)
+        if isinstance(attempt, lockout.Refusal):
+            return _locked_out(request, attempt, target, name)
         found = await run_in_threadpool(_verify, ctx, name, password)
         if found is None:
+            await run_in_threadpool(limiter.failed, attempt)
             return page(
                 request,
                 "login.html",
@@ -85,6 +93,7 @@ async def login(request: Request) -> Response:
                 username=name,
                 error="That name and password do not match a user of this environment.",
             )
+        await run_in_threadpool(limiter.succeeded, attempt)
         user = found
     elif not token_matches(first(form, "token").strip(), ctx.access_token):
         return page(
@@ -100,6 +109,21 @@ async def login(request: Request) -> Response:
     response = RedirectResponse(target, status_code=303)
     response.headers.append("set-cookie", gate.cookie_header(value))
     return response
+
+
+def _locked_out(request: Request, refusal: lockout.Refusal, target: str, name: str) -> Response:
+    """429 with Retry-After: the name or address is locked out (its password unchecked)."""
+    now = utcnow()
+    answer = page(
+        request,
+        "login.html",
+        status_code=429,
+        next=target,
+        username=name,
+        error=refusal.message(now),
+    )
+    answer.headers["Retry-After"] = str(refusal.seconds(now))
+    return answer
 
 
 @auth_router.post("/logout", dependencies=[Depends(csrf.check)])

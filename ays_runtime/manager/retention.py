@@ -1,5 +1,5 @@
-"""Purging job logs (and audit entries) older than the env's retention, in bounded batches,
-off the hot path.
+"""Purging job logs (and audit entries, sign-in counts) older than the env's retention, in
+bounded batches, off the hot path.
 
 Each batch is one short DELETE by primary key (ids selected first, oldest first), followed
 by a pause, so a purge of millions of rows never holds a long lock against the claim writer.
@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import AuditEntry, JobLog, SlotMiss
+from ays_runtime.storage.models import AuditEntry, JobLog, SignInLimit, SlotMiss
 
 log = logging.getLogger("ays.retention")
 
@@ -40,6 +40,8 @@ JOB_LOGS = Aged("job logs", JobLog, JobLog.created_at)
 AUDIT_ENTRIES = Aged("audit entries", AuditEntry, AuditEntry.at)
 # The slot ledger's ranges age with the job log they complete: by their last slot.
 SLOT_MISSES = Aged("slot-ledger ranges", SlotMiss, SlotMiss.end_at)
+# A sign-in count ages by its last failure: past the window and the lock-out, it holds nothing.
+SIGN_IN_LIMITS = Aged("sign-in counts", SignInLimit, SignInLimit.last_at)
 
 
 def purge_batch(engine: Engine, retention: timedelta, batch: int, rows: Aged = JOB_LOGS) -> int:

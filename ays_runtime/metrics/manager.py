@@ -25,6 +25,9 @@ Counted where things happen:
     ays_alert_deliveries_total{channel,outcome}  alert notices sent, retried, given up
     ays_alert_rule_errors_total{rule}            checks of a rule that raised (the rule was
                                                  skipped that time; the others went on)
+    ays_sign_ins_total{outcome}                  console sign-ins with a password: succeeded,
+                                                 failed (wrong name or password), refused
+                                                 (locked out: the password was not checked)
 
 Read at scrape time (`StateCollector`, from what `attach` names):
 
@@ -157,6 +160,13 @@ PURGED_ROWS = Counter(
     "ays_purged_rows",
     "Rows deleted by the retention purge, by table (ays_job_log, ays_audit)",
     ["table"],
+    registry=REGISTRY,
+)
+SIGN_INS = Counter(
+    "ays_sign_ins",
+    "Console sign-ins with a user's password, by outcome: succeeded, failed (wrong name or "
+    "password), refused (the name or address was locked out; its password was not checked)",
+    ["outcome"],
     registry=REGISTRY,
 )
 

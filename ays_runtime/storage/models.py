@@ -312,6 +312,24 @@ class UserToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
+class SignInLimit(Base):
+    """Failed console sign-ins of one user name (`kind` "account") or from one source
+    address ("address") in the current window, and until when they are locked out
+    (`ays_runtime.users.lockout`). Purged once `last_at` is older than the window and the
+    lock-out both."""
+
+    __tablename__ = "ays_sign_in_limit"
+    __table_args__ = (UniqueConstraint("kind", "key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str] = mapped_column(String(64))  # a user name (at most 64) or an IP address
+    failures: Mapped[int] = mapped_column(Integer)
+    first_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the window's start
+    last_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
 class TimerRow(Base):
     """One installed timer: which task version a manager's in-memory timer list holds.
 

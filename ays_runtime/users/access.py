@@ -127,6 +127,7 @@ RULES: dict[tuple[str, str], Rule] = {
             ("GET", "/users/{name}"): Rule(A),
             ("PATCH", "/users/{name}"): Rule(A),
             ("DELETE", "/users/{name}"): Rule(A),
+            ("POST", "/users/{name}/unlock"): Rule(A),
             ("GET", "/users/{name}/tokens"): Rule(A),
             ("POST", "/users/{name}/tokens"): Rule(A),
             ("DELETE", "/users/{name}/tokens/{token_id:int}"): Rule(A),

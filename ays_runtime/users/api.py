@@ -5,6 +5,7 @@
     GET    /api/v1/users/{name}
     PATCH  /api/v1/users/{name}                  any of role, groups, password
     DELETE /api/v1/users/{name}                  204; their tokens go with them
+    POST   /api/v1/users/{name}/unlock           end their sign-in lock-out (users/lockout.py)
     GET    /api/v1/users/{name}/tokens           prefix, name, created, last used
     POST   /api/v1/users/{name}/tokens           201 {name}: the token, shown this once
     DELETE /api/v1/users/{name}/tokens/{id}      204: refused from the next request on
@@ -28,8 +29,9 @@ from ays_runtime.audit.api import Who
 from ays_runtime.auth import Caller
 from ays_runtime.exceptions import NotFoundError
 from ays_runtime.manager.schemas import ErrorOut
+from ays_runtime.storage.database import utcnow
 from ays_runtime.storage.models import User, UserToken
-from ays_runtime.users import service
+from ays_runtime.users import lockout, service
 from ays_runtime.vocabulary import Role
 from ays_runtime.web.fields import Id, StorableText, UtcOut
 
@@ -60,6 +62,14 @@ class UserOut(BaseModel):
     password_set: bool
     created_at: UtcOut
     updated_at: UtcOut
+
+
+class Unlocked(BaseModel):
+    name: str
+    was_locked_until: UtcOut | None = Field(
+        description="when the lock-out this call ended would have ended; null: none was on"
+    )
+    failures_cleared: int = Field(description="the failed sign-ins counted, now forgotten")
 
 
 class UserList(BaseModel):
@@ -188,6 +198,21 @@ async def update_user(name: str, body: UserChange, request: Request, who: Who) -
 async def delete_user(name: str, request: Request, who: Who) -> Response:
     await _in_session(request, lambda s: service.delete_user(s, who, name))
     return Response(status_code=204)
+
+
+@router.post("/users/{name}/unlock", response_model=Unlocked)
+async def unlock_user(name: str, request: Request, who: Who) -> Unlocked:
+    """End the user's console sign-in lock-out and forget their failed sign-ins."""
+
+    def work(s: Session) -> Unlocked:
+        service.get_user(s, name)
+        row = lockout.unlock(s, who, name)
+        if row is None:
+            return Unlocked(name=name, was_locked_until=None, failures_cleared=0)
+        until = row.locked_until if row.locked_until and row.locked_until > utcnow() else None
+        return Unlocked(name=name, was_locked_until=until, failures_cleared=row.failures)
+
+    return await _in_session(request, work)
 
 
 @router.get("/users/{name}/tokens", response_model=TokenList)
