@@ -491,3 +491,125 @@ def test_a_dispatch_failure_recorded_after_a_node_started_the_run_ends_nothing(
     assert asyncio.run(scenario()).claimed
     assert statuses(engine) == {job.job_log_id: ("running", "10.0.0.1:1")}
     assert redispatched == []
+
+
+class _RivalHolding:
+    """A rival transaction (its own engine) holding run `job_log_id`'s row until the
+    tracker's engine has met a lock wait timeout on it (1 s: set on each of its
+    connections), then committing: the tracker's transaction fails once with a transient
+    error, and its second try finds the row free."""
+
+    def __init__(self, mysql_url: str, engine: Engine, job_log_id: int) -> None:
+        self.rival_engine = make_engine(mysql_url)
+        self.timed_out = threading.Event()
+        self.failed: list[BaseException] = []
+        event.listen(engine, "handle_error", self._saw)
+        self.conn = self.rival_engine.connect()
+        self.conn.execute(update(JobLog).where(JobLog.id == job_log_id).values(message="rival"))
+        self.thread = threading.Thread(target=self._commit_after_timeout)
+        self.thread.start()
+
+    def _saw(self, context: Any) -> None:
+        orig = getattr(context.original_exception, "args", ())
+        if orig and orig[0] == 1205:  # lock wait timeout exceeded
+            self.timed_out.set()
+
+    def _commit_after_timeout(self) -> None:
+        try:
+            assert self.timed_out.wait(30), "the tracker never waited for the row"
+            self.conn.commit()
+        except BaseException as err:  # reported by the test
+            self.failed.append(err)
+            self.conn.rollback()
+
+    def close(self) -> None:
+        self.timed_out.set()  # the test failed early: let the rival go
+        self.thread.join(30)
+        self.conn.close()
+        self.rival_engine.dispose()
+
+
+def _impatient_engine(mysql_url: str) -> Engine:
+    engine = make_engine(mysql_url)
+
+    @event.listens_for(engine, "connect")
+    def _short_lock_wait(dbapi_conn: Any, _record: object) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+
+    return engine
+
+
+def test_a_retry_decided_while_a_rival_holds_its_row_is_tried_again_and_still_skipped(
+    mysql_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry of a task disabled meanwhile is skipped when due; a rival transaction holds
+    its row past the lock wait timeout: the decision is tried again, not lost."""
+    engine = _impatient_engine(mysql_url)
+    rival: _RivalHolding | None = None
+    try:
+        (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=3600)
+        redispatched: list[JobDispatch] = []
+
+        async def fail() -> None:
+            runs = tracker(engine, redispatched)
+            await runs.record_result(report(job, RunStatus.FAILED.value, exit_code=1))
+            await runs.stop()  # the retry stays pending, due in an hour
+
+        asyncio.run(fail())
+        held = _retry_row(engine)
+        with engine.begin() as conn:
+            conn.execute(update(Task).where(Task.id == job.task_id).values(enabled=False))
+            soon = utcnow() + timedelta(seconds=1)  # decided by a timer, not sent at start
+            conn.execute(update(JobLog).where(JobLog.id == held.id).values(due_at=soon))
+        rival = _RivalHolding(mysql_url, engine, held.id)
+
+        async def decide() -> None:
+            runs = tracker(engine, redispatched)
+            assert await runs.recover_pending() == 1
+            await _until(lambda: _retry_row(engine).status != RunStatus.PENDING.value, 30)
+            await runs.stop()
+
+        with caplog.at_level("WARNING", logger="ays.retry"):
+            asyncio.run(decide())
+        assert rival.failed == []
+        assert redispatched == []
+        retry = _retry_row(engine)
+        assert retry.status == RunStatus.SKIPPED.value and "disabled" in retry.message
+        assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
+    finally:
+        if rival is not None:
+            rival.close()
+        engine.dispose()
+
+
+def test_a_held_retry_released_while_a_rival_holds_its_row_is_tried_again_and_sent(
+    mysql_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost run's node reports it ended: its held retry goes, even though a rival
+    transaction holds the retry's row past the lock wait timeout at that moment."""
+    engine = _impatient_engine(mysql_url)
+    rival: _RivalHolding | None = None
+    try:
+        (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+        redispatched: list[JobDispatch] = []
+
+        async def scenario() -> None:
+            nonlocal rival
+            runs = tracker(engine, redispatched)
+            await _dispatch_and_lose(runs, job)
+            rival = await asyncio.to_thread(_RivalHolding, mysql_url, engine, _retry_row(engine).id)
+            late = report(job, RunStatus.FAILED.value, exit_code=None, message="node restarted")
+            with caplog.at_level("WARNING", logger="ays.retry"):
+                assert not await runs.record_result(late)
+            await runs.stop()
+
+        asyncio.run(scenario())
+        assert rival is not None and rival.failed == []
+        held = _retry_row(engine)
+        assert [(j.job_log_id, j.attempt) for j in redispatched] == [(held.id, 1)]
+        assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
+    finally:
+        if rival is not None:
+            rival.close()
+        engine.dispose()
