@@ -46,7 +46,7 @@ from ays_runtime.manager.kills import RunKiller
 from ays_runtime.manager.liveness import adopt_from_silent
 from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.output import RunOutput
-from ays_runtime.manager.retention import AUDIT_ENTRIES, JOB_LOGS, SLOT_MISSES, retention_loop
+from ays_runtime.manager.retention import AUDIT_ENTRIES, WITH_JOB_LOGS, retention_loop
 from ays_runtime.manager.runs import RunTracker
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.registry.base import NodeRegistry
@@ -255,8 +255,7 @@ class Manager:
             retention_loop(
                 engine,
                 {
-                    JOB_LOGS: timedelta(days=cfg.job_log.retention_days),
-                    SLOT_MISSES: timedelta(days=cfg.job_log.retention_days),
+                    **dict.fromkeys(WITH_JOB_LOGS, timedelta(days=cfg.job_log.retention_days)),
                     AUDIT_ENTRIES: timedelta(days=cfg.audit.retention_days),
                 },
                 cfg.job_log.purge_batch,
