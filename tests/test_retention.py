@@ -4,6 +4,8 @@ batches; newer ones stay."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import Engine, event, func, insert, select
@@ -41,9 +43,9 @@ def count_logs(engine: Engine) -> int:
         return int(conn.execute(select(func.count()).select_from(JobLog)).scalar_one())
 
 
-def test_old_job_logs_are_purged_in_batches_and_recent_ones_kept(engine: Engine) -> None:
-    add_logs(engine, 250, timedelta(days=40), first_task=1)
-    add_logs(engine, 30, timedelta(days=1), first_task=10_000)
+@contextmanager
+def recorded_deletes(engine: Engine) -> Iterator[list[str]]:
+    """The DELETE statements the engine runs in the block."""
     deletes: list[str] = []
 
     def record(_conn, _cursor, statement: str, *_args: object) -> None:  # noqa: ANN001
@@ -52,9 +54,16 @@ def test_old_job_logs_are_purged_in_batches_and_recent_ones_kept(engine: Engine)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
-        purged = asyncio.run(purge_old(engine, timedelta(days=30), batch=100))
+        yield deletes
     finally:
         event.remove(engine, "before_cursor_execute", record)
+
+
+def test_old_job_logs_are_purged_in_batches_and_recent_ones_kept(engine: Engine) -> None:
+    add_logs(engine, 250, timedelta(days=40), first_task=1)
+    add_logs(engine, 30, timedelta(days=1), first_task=10_000)
+    with recorded_deletes(engine) as deletes:
+        purged = asyncio.run(purge_old(engine, timedelta(days=30), batch=100))
     assert purged == 250
     assert len(deletes) == 3  # 100 + 100 + 50: bounded statements, never one huge delete
     assert count_logs(engine) == 30
@@ -99,18 +108,9 @@ def test_the_fan_in_counters_of_old_slots_are_purged_with_the_job_logs_in_batche
     assert {FAN_INS, FAN_IN_PARENTS} <= set(WITH_JOB_LOGS)  # job_log.retention_days
     add_fan_ins(engine, 120, timedelta(days=40), parents=3)
     add_fan_ins(engine, 10, timedelta(days=1), parents=3)
-    deletes: list[str] = []
-
-    def record(_conn, _cursor, statement: str, *_args: object) -> None:  # noqa: ANN001
-        if statement.lstrip().upper().startswith("DELETE"):
-            deletes.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with recorded_deletes(engine) as deletes:
         counters = asyncio.run(purge_old(engine, timedelta(days=30), 50, FAN_INS))
         parents = asyncio.run(purge_old(engine, timedelta(days=30), 100, FAN_IN_PARENTS))
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
     assert (counters, parents) == (120, 360)
     assert len(deletes) == 3 + 4  # 50 + 50 + 20, then 100 x 3 + 60: bounded statements
     assert count_rows(engine, FanIn) == 10

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -493,43 +494,9 @@ def test_a_dispatch_failure_recorded_after_a_node_started_the_run_ends_nothing(
     assert redispatched == []
 
 
-class _RivalHolding:
-    """A rival transaction (its own engine) holding run `job_log_id`'s row until the
-    tracker's engine has met a lock wait timeout on it (1 s: set on each of its
-    connections), then committing: the tracker's transaction fails once with a transient
-    error, and its second try finds the row free."""
-
-    def __init__(self, mysql_url: str, engine: Engine, job_log_id: int) -> None:
-        self.rival_engine = make_engine(mysql_url)
-        self.timed_out = threading.Event()
-        self.failed: list[BaseException] = []
-        event.listen(engine, "handle_error", self._saw)
-        self.conn = self.rival_engine.connect()
-        self.conn.execute(update(JobLog).where(JobLog.id == job_log_id).values(message="rival"))
-        self.thread = threading.Thread(target=self._commit_after_timeout)
-        self.thread.start()
-
-    def _saw(self, context: Any) -> None:
-        orig = getattr(context.original_exception, "args", ())
-        if orig and orig[0] == 1205:  # lock wait timeout exceeded
-            self.timed_out.set()
-
-    def _commit_after_timeout(self) -> None:
-        try:
-            assert self.timed_out.wait(30), "the tracker never waited for the row"
-            self.conn.commit()
-        except BaseException as err:  # reported by the test
-            self.failed.append(err)
-            self.conn.rollback()
-
-    def close(self) -> None:
-        self.timed_out.set()  # the test failed early: let the rival go
-        self.thread.join(30)
-        self.conn.close()
-        self.rival_engine.dispose()
-
-
-def _impatient_engine(mysql_url: str) -> Engine:
+@pytest.fixture
+def impatient_engine(mysql_url: str) -> Iterator[Engine]:
+    """An engine on MariaDB whose connections wait 1 s for a row lock, not 50."""
     engine = make_engine(mysql_url)
 
     @event.listens_for(engine, "connect")
@@ -537,79 +504,107 @@ def _impatient_engine(mysql_url: str) -> Engine:
         with dbapi_conn.cursor() as cur:
             cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
 
-    return engine
+    yield engine
+    engine.dispose()
+
+
+@contextmanager
+def rival_holding(engine: Engine, job_log_id: int) -> Iterator[list[BaseException]]:
+    """A rival transaction (on an engine of its own) holds run `job_log_id`'s row until
+    `engine` has met a lock wait timeout, then commits: the tracker's transaction fails once
+    with a transient error and finds the row free when tried again. Yields the rival's
+    errors."""
+    timed_out = threading.Event()
+    failed: list[BaseException] = []
+
+    def saw(context: Any) -> None:
+        if getattr(context.original_exception, "args", (None,))[:1] == (1205,):
+            timed_out.set()  # 1205: lock wait timeout exceeded
+
+    def commit_after_timeout() -> None:
+        try:
+            assert timed_out.wait(30), "the tracker never waited for the row"
+            conn.commit()
+        except BaseException as err:  # reported by the test
+            failed.append(err)
+            conn.rollback()
+
+    rival_engine = make_engine(engine.url.render_as_string(hide_password=False))
+    event.listen(engine, "handle_error", saw)
+    try:
+        with rival_engine.connect() as conn:
+            conn.execute(update(JobLog).where(JobLog.id == job_log_id).values(message="rival"))
+            thread = threading.Thread(target=commit_after_timeout)
+            thread.start()
+            try:
+                yield failed
+            finally:
+                timed_out.set()  # the test failed early: let the rival go
+                thread.join(30)
+    finally:
+        event.remove(engine, "handle_error", saw)
+        rival_engine.dispose()
 
 
 def test_a_retry_decided_while_a_rival_holds_its_row_is_tried_again_and_still_skipped(
-    mysql_url: str, caplog: pytest.LogCaptureFixture
+    impatient_engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The retry of a task disabled meanwhile is skipped when due; a rival transaction holds
     its row past the lock wait timeout: the decision is tried again, not lost."""
-    engine = _impatient_engine(mysql_url)
-    rival: _RivalHolding | None = None
-    try:
-        (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=3600)
-        redispatched: list[JobDispatch] = []
+    engine = impatient_engine
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=3600)
+    redispatched: list[JobDispatch] = []
 
-        async def fail() -> None:
-            runs = tracker(engine, redispatched)
-            await runs.record_result(report(job, RunStatus.FAILED.value, exit_code=1))
-            await runs.stop()  # the retry stays pending, due in an hour
+    async def fail() -> None:
+        runs = tracker(engine, redispatched)
+        await runs.record_result(report(job, RunStatus.FAILED.value, exit_code=1))
+        await runs.stop()  # the retry stays pending, due in an hour
 
-        asyncio.run(fail())
-        held = _retry_row(engine)
-        with engine.begin() as conn:
-            conn.execute(update(Task).where(Task.id == job.task_id).values(enabled=False))
-            soon = utcnow() + timedelta(seconds=1)  # decided by a timer, not sent at start
-            conn.execute(update(JobLog).where(JobLog.id == held.id).values(due_at=soon))
-        rival = _RivalHolding(mysql_url, engine, held.id)
+    async def decide() -> None:
+        runs = tracker(engine, redispatched)
+        assert await runs.recover_pending() == 1
+        await _until(lambda: _retry_row(engine).status != RunStatus.PENDING.value, 30)
+        await runs.stop()
 
-        async def decide() -> None:
-            runs = tracker(engine, redispatched)
-            assert await runs.recover_pending() == 1
-            await _until(lambda: _retry_row(engine).status != RunStatus.PENDING.value, 30)
-            await runs.stop()
-
-        with caplog.at_level("WARNING", logger="ays.retry"):
-            asyncio.run(decide())
-        assert rival.failed == []
-        assert redispatched == []
-        retry = _retry_row(engine)
-        assert retry.status == RunStatus.SKIPPED.value and "disabled" in retry.message
-        assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
-    finally:
-        if rival is not None:
-            rival.close()
-        engine.dispose()
+    asyncio.run(fail())
+    held = _retry_row(engine)
+    with engine.begin() as conn:
+        conn.execute(update(Task).where(Task.id == job.task_id).values(enabled=False))
+        soon = utcnow() + timedelta(seconds=1)  # decided by a timer, not sent at start
+        conn.execute(update(JobLog).where(JobLog.id == held.id).values(due_at=soon))
+    with rival_holding(engine, held.id) as rival_failed, caplog.at_level("WARNING", "ays.retry"):
+        asyncio.run(decide())
+    assert rival_failed == []
+    assert redispatched == []
+    retry = _retry_row(engine)
+    assert retry.status == RunStatus.SKIPPED.value and "disabled" in retry.message
+    assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
 
 
 def test_a_held_retry_released_while_a_rival_holds_its_row_is_tried_again_and_sent(
-    mysql_url: str, caplog: pytest.LogCaptureFixture
+    impatient_engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A lost run's node reports it ended: its held retry goes, even though a rival
     transaction holds the retry's row past the lock wait timeout at that moment."""
-    engine = _impatient_engine(mysql_url)
-    rival: _RivalHolding | None = None
-    try:
-        (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
-        redispatched: list[JobDispatch] = []
+    engine = impatient_engine
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+    redispatched: list[JobDispatch] = []
 
-        async def scenario() -> None:
-            nonlocal rival
-            runs = tracker(engine, redispatched)
-            await _dispatch_and_lose(runs, job)
-            rival = await asyncio.to_thread(_RivalHolding, mysql_url, engine, _retry_row(engine).id)
-            late = report(job, RunStatus.FAILED.value, exit_code=None, message="node restarted")
-            with caplog.at_level("WARNING", logger="ays.retry"):
-                assert not await runs.record_result(late)
-            await runs.stop()
+    async def lose() -> None:
+        runs = tracker(engine, [])
+        await _dispatch_and_lose(runs, job)
+        await runs.stop()  # the retry stays held in the database
 
-        asyncio.run(scenario())
-        assert rival is not None and rival.failed == []
-        held = _retry_row(engine)
-        assert [(j.job_log_id, j.attempt) for j in redispatched] == [(held.id, 1)]
-        assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
-    finally:
-        if rival is not None:
-            rival.close()
-        engine.dispose()
+    async def release() -> None:
+        runs = tracker(engine, redispatched)
+        late = report(job, RunStatus.FAILED.value, exit_code=None, message="node restarted")
+        assert not await runs.record_result(late)
+        await runs.stop()
+
+    asyncio.run(lose())
+    held = _retry_row(engine)
+    with rival_holding(engine, held.id) as rival_failed, caplog.at_level("WARNING", "ays.retry"):
+        asyncio.run(release())
+    assert rival_failed == []
+    assert [(j.job_log_id, j.attempt) for j in redispatched] == [(held.id, 1)]
+    assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
