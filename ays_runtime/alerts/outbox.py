@@ -118,8 +118,8 @@ def settle(
         values |= {"next_at": retry_at, "last_error": error[:1024]}
     else:
         values |= {"status": FAILED, "last_error": error[:1024]}
-    # Guarded: a try whose commit was lost has booked a final outcome once (a retry_at may
-    # count one attempt more).
+    # Guarded by the status: tried again after a lost commit, a sent or failed row is not
+    # booked twice (a try put off to `retry_at` may count one attempt more).
     booked = (
         update(AlertDelivery)
         .where(AlertDelivery.id == delivery, AlertDelivery.status == QUEUED)
