@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -32,7 +33,7 @@ from ays_runtime.manager.api import create_app
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.output import RunOutput
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, Node, Task, TriggerKind
+from ays_runtime.storage.models import JobLog, Node, Task, TriggerKind, WorkflowTask
 
 TOKEN = "s3cret-token-for-tests"
 CONFIG = EnvConfig.model_validate(
@@ -385,6 +386,20 @@ def test_the_task_service_validates_without_http(api: Api) -> None:
         with pytest.raises(ValidationError) as caught:
             tasks.update_task(session, task.id, {"retry_count": 101})
         assert (caught.value.field, caught.value.value) == ("retry_count", 101)
+
+
+def test_a_task_deleted_leaves_its_workflow_and_no_membership_row_behind(api: Api) -> None:
+    """The membership goes with the task on both backends (SQLite enforces the foreign
+    key's cascade only with foreign keys on: `make_engine` turns them on)."""
+    new_group(api)
+    gone, kept = new_task(api, name="extract"), new_task(api, name="load")
+    made = api.client.post("/workflows", json={"name": "etl", "tasks": ["extract", "load"]})
+    assert made.status_code == 201, made.text
+    assert api.client.delete(f"/tasks/{gone['id']}").status_code == 204
+    assert api.client.get("/workflows/etl").json()["workflow"]["tasks"] == ["load"]
+    with api.sessions() as session:
+        members = session.execute(select(WorkflowTask.task_id)).scalars().all()
+    assert members == [kept["id"]]
 
 
 # --- the token ------------------------------------------------------------------------------

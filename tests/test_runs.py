@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -491,3 +492,119 @@ def test_a_dispatch_failure_recorded_after_a_node_started_the_run_ends_nothing(
     assert asyncio.run(scenario()).claimed
     assert statuses(engine) == {job.job_log_id: ("running", "10.0.0.1:1")}
     assert redispatched == []
+
+
+@pytest.fixture
+def impatient_engine(mysql_url: str) -> Iterator[Engine]:
+    """An engine on MariaDB whose connections wait 1 s for a row lock, not 50."""
+    engine = make_engine(mysql_url)
+
+    @event.listens_for(engine, "connect")
+    def _short_lock_wait(dbapi_conn: Any, _record: object) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+
+    yield engine
+    engine.dispose()
+
+
+@contextmanager
+def rival_holding(engine: Engine, job_log_id: int) -> Iterator[list[BaseException]]:
+    """A rival transaction (on an engine of its own) holds run `job_log_id`'s row until
+    `engine` has met a lock wait timeout, then commits: the tracker's transaction fails once
+    with a transient error and finds the row free when tried again. Yields the rival's
+    errors."""
+    timed_out = threading.Event()
+    failed: list[BaseException] = []
+
+    def saw(context: Any) -> None:
+        if getattr(context.original_exception, "args", (None,))[:1] == (1205,):
+            timed_out.set()  # 1205: lock wait timeout exceeded
+
+    def commit_after_timeout() -> None:
+        try:
+            assert timed_out.wait(30), "the tracker never waited for the row"
+            conn.commit()
+        except BaseException as err:  # reported by the test
+            failed.append(err)
+            conn.rollback()
+
+    rival_engine = make_engine(engine.url.render_as_string(hide_password=False))
+    event.listen(engine, "handle_error", saw)
+    try:
+        with rival_engine.connect() as conn:
+            conn.execute(update(JobLog).where(JobLog.id == job_log_id).values(message="rival"))
+            thread = threading.Thread(target=commit_after_timeout)
+            thread.start()
+            try:
+                yield failed
+            finally:
+                timed_out.set()  # the test failed early: let the rival go
+                thread.join(30)
+    finally:
+        event.remove(engine, "handle_error", saw)
+        rival_engine.dispose()
+
+
+def test_a_retry_decided_while_a_rival_holds_its_row_is_tried_again_and_still_skipped(
+    impatient_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry of a task disabled meanwhile is skipped when due; a rival transaction holds
+    its row past the lock wait timeout: the decision is tried again, not lost."""
+    engine = impatient_engine
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=3600)
+    redispatched: list[JobDispatch] = []
+
+    async def fail() -> None:
+        runs = tracker(engine, redispatched)
+        await runs.record_result(report(job, RunStatus.FAILED.value, exit_code=1))
+        await runs.stop()  # the retry stays pending, due in an hour
+
+    async def decide() -> None:
+        runs = tracker(engine, redispatched)
+        assert await runs.recover_pending() == 1
+        await _until(lambda: _retry_row(engine).status != RunStatus.PENDING.value, 30)
+        await runs.stop()
+
+    asyncio.run(fail())
+    held = _retry_row(engine)
+    with engine.begin() as conn:
+        conn.execute(update(Task).where(Task.id == job.task_id).values(enabled=False))
+        soon = utcnow() + timedelta(seconds=1)  # decided by a timer, not sent at start
+        conn.execute(update(JobLog).where(JobLog.id == held.id).values(due_at=soon))
+    with rival_holding(engine, held.id) as rival_failed, caplog.at_level("WARNING", "ays.retry"):
+        asyncio.run(decide())
+    assert rival_failed == []
+    assert redispatched == []
+    retry = _retry_row(engine)
+    assert retry.status == RunStatus.SKIPPED.value and "disabled" in retry.message
+    assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text
+
+
+def test_a_held_retry_released_while_a_rival_holds_its_row_is_tried_again_and_sent(
+    impatient_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost run's node reports it ended: its held retry goes, even though a rival
+    transaction holds the retry's row past the lock wait timeout at that moment."""
+    engine = impatient_engine
+    (job,) = claimed_runs(engine, 1, retry_count=1, retry_interval_s=0)
+    redispatched: list[JobDispatch] = []
+
+    async def lose() -> None:
+        runs = tracker(engine, [])
+        await _dispatch_and_lose(runs, job)
+        await runs.stop()  # the retry stays held in the database
+
+    async def release() -> None:
+        runs = tracker(engine, redispatched)
+        late = report(job, RunStatus.FAILED.value, exit_code=None, message="node restarted")
+        assert not await runs.record_result(late)
+        await runs.stop()
+
+    asyncio.run(lose())
+    held = _retry_row(engine)
+    with rival_holding(engine, held.id) as rival_failed, caplog.at_level("WARNING", "ays.retry"):
+        asyncio.run(release())
+    assert rival_failed == []
+    assert [(j.job_log_id, j.attempt) for j in redispatched] == [(held.id, 1)]
+    assert "Lock wait timeout" in caplog.text and "trying again" in caplog.text

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select, update
 
 from ays_runtime.alerts.base import Notice
-from ays_runtime.storage.database import insert_ignoring_duplicates
+from ays_runtime.storage.database import insert_ignoring_duplicates, transaction
 from ays_runtime.storage.models import AlertDelivery
 
 QUEUED, SENT, FAILED = "queued", "sent", "failed"
@@ -70,8 +70,8 @@ def delivery_id(conn: Connection, dedup_key: str, channel: str) -> int | None:
 def take_due(engine: Engine, now: datetime, limit: int) -> list[tuple[str, int, Notice]]:
     """Up to `limit` queued rows that are due, leased to the caller: (channel, attempts so
     far, the notice)."""
-    taken: list[tuple[str, int, Notice]] = []
-    with engine.begin() as conn:
+
+    def lease(conn: Connection) -> list[tuple[str, int, Notice]]:
         rows = conn.execute(
             select(
                 AlertDelivery.id,
@@ -87,6 +87,7 @@ def take_due(engine: Engine, now: datetime, limit: int) -> list[tuple[str, int, 
             .order_by(AlertDelivery.next_at)
             .limit(limit)
         ).all()
+        taken: list[tuple[str, int, Notice]] = []
         for row in rows:
             leased = conn.execute(
                 update(AlertDelivery)
@@ -100,7 +101,9 @@ def take_due(engine: Engine, now: datetime, limit: int) -> list[tuple[str, int, 
             if leased:
                 notice = Notice(row.id, row.rule, row.kind, row.summary, row.payload)
                 taken.append((row.channel, row.attempts, notice))
-    return taken
+        return taken
+
+    return transaction(engine, lease, "manager: alerts: leasing the notices due")
 
 
 def settle(
@@ -115,8 +118,14 @@ def settle(
         values |= {"next_at": retry_at, "last_error": error[:1024]}
     else:
         values |= {"status": FAILED, "last_error": error[:1024]}
-    with engine.begin() as conn:
-        conn.execute(update(AlertDelivery).where(AlertDelivery.id == delivery).values(**values))
+    # Guarded by the status: tried again after a lost commit, a sent or failed row is not
+    # booked twice (a try put off to `retry_at` may count one attempt more).
+    booked = (
+        update(AlertDelivery)
+        .where(AlertDelivery.id == delivery, AlertDelivery.status == QUEUED)
+        .values(**values)
+    )
+    transaction(engine, lambda conn: conn.execute(booked), f"manager: alerts: booking {delivery}")
 
 
 def next_due(engine: Engine) -> datetime | None:

@@ -31,7 +31,7 @@ from ays_runtime.alerts.watch import Watcher
 from ays_runtime.alerts.webhook import Webhook
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.metrics import manager as metrics
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 
 log = logging.getLogger("ays.alerts")
 
@@ -135,12 +135,12 @@ class AlertService:
             [channel],
         )
 
-        def write() -> int | None:
-            with self.engine.begin() as conn:
-                outbox.queue(conn, [notice], now)
-                return outbox.delivery_id(conn, notice.dedup_key, channel)
+        def write(conn: Connection) -> int | None:
+            outbox.queue(conn, [notice], now)  # keyed: a second try queues it once
+            return outbox.delivery_id(conn, notice.dedup_key, channel)
 
-        delivery = await asyncio.to_thread(write)
+        what = f"{self.who}: queueing a test notice"
+        delivery = await asyncio.to_thread(transaction, self.engine, write, what)
         assert delivery is not None
         self._deliver_wake.set()
         return delivery
@@ -210,18 +210,22 @@ class AlertService:
             if queued:
                 self._deliver_wake.set()
 
+    # Judging reads, then queueing writes in a transaction of its own: the watcher keeps
+    # what it raised in memory, so a look run again would not raise it a second time.
+
     def _watch(self, watcher: Watcher) -> int:
         now = utcnow()
-        with self.engine.begin() as conn:
-            return self._queue_raised(conn, watcher.look(conn, now, self.rule_failed), now)
+        with self.engine.connect() as conn:
+            raised = watcher.look(conn, now, self.rule_failed)
+        return self._queue_raised(raised, now)
 
     def _judge(self, job_ids: list[int]) -> int:
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             raised = rules.judge(conn, self.settings, job_ids, now, self.rule_failed)
-            return self._queue_raised(conn, raised, now)
+        return self._queue_raised(raised, now)
 
-    def _queue_raised(self, conn: Connection, raised: list[rules.Raised], now: datetime) -> int:
+    def _queue_raised(self, raised: list[rules.Raised], now: datetime) -> int:
         notices = [
             outbox.Queued(
                 r.dedup_key,
@@ -233,7 +237,9 @@ class AlertService:
             )
             for r in raised
         ]
-        outbox.queue(conn, notices, now)
+        if notices:  # keyed: a second try queues each once
+            what = f"{self.who}: queueing {len(notices)} notice(s)"
+            transaction(self.engine, lambda conn: outbox.queue(conn, notices, now), what)
         for r in raised:
             log.info("%s: %s %s: %s", self.who, r.kind, r.rule.name, r.summary)
         return len(notices)

@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, insert, or_, select, update
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import JobLog, Manager, RunStatus
 
 log = logging.getLogger("ays.liveness")
@@ -32,21 +32,19 @@ log = logging.getLogger("ays.liveness")
 def record_alive(engine: Engine, manager_id: str, version: str, started_at: datetime) -> None:
     """Refresh this manager's row (create it on the first call)."""
     now = utcnow()
-    with engine.begin() as conn:
-        changed = conn.execute(
-            update(Manager)
-            .where(Manager.manager_id == manager_id)
-            .values(last_seen=now, version=version, started_at=started_at, stopped_at=None)
-        ).rowcount
-    if changed:
+    refresh = (
+        update(Manager)
+        .where(Manager.manager_id == manager_id)
+        .values(last_seen=now, version=version, started_at=started_at, stopped_at=None)
+    )
+    what = f"manager {manager_id}: recording it is alive"
+    if transaction(engine, lambda conn: conn.execute(refresh).rowcount, what):
         return
+    create = insert(Manager).values(
+        manager_id=manager_id, version=version, started_at=started_at, last_seen=now
+    )
     try:
-        with engine.begin() as conn:
-            conn.execute(
-                insert(Manager).values(
-                    manager_id=manager_id, version=version, started_at=started_at, last_seen=now
-                )
-            )
+        transaction(engine, lambda conn: conn.execute(create), what)
     except IntegrityError:  # two processes of one manager (a reload): the other made it
         pass
 
@@ -61,7 +59,9 @@ def adopt_from_silent(
     """Take over the pending runs of managers silent for longer than `silent_for` or stopped
     cleanly; only those of tasks in `buckets` (task_id % bucket_count) when given. The claim
     token the adopted rows now carry (select them by it), or None when there were none."""
-    with engine.begin() as conn:
+    token = uuid.uuid4().hex  # one for every try: rows a try whose commit was lost took count
+
+    def adopt(conn: Connection) -> tuple[list[str], int]:
         silent = list(
             conn.execute(
                 select(Manager.manager_id).where(
@@ -74,14 +74,21 @@ def adopt_from_silent(
             ).scalars()
         )
         if not silent:
-            return None
-        token = uuid.uuid4().hex
+            return [], 0
         stmt = update(JobLog).where(
             JobLog.status == RunStatus.PENDING.value, JobLog.manager_id.in_(silent)
         )
         if buckets is not None:
             stmt = stmt.where((JobLog.task_id % bucket_count).in_(sorted(buckets)))
-        adopted = conn.execute(stmt.values(manager_id=manager_id, claim=token)).rowcount
+        conn.execute(stmt.values(manager_id=manager_id, claim=token))
+        mine = select(func.count()).where(
+            JobLog.claim == token, JobLog.status == RunStatus.PENDING.value
+        )
+        return silent, conn.execute(mine).scalar_one()
+
+    silent, adopted = transaction(
+        engine, adopt, f"manager {manager_id}: adopting the runs of silent managers"
+    )
     if not adopted:
         return None
     log.warning(

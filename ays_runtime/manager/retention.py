@@ -1,8 +1,11 @@
-"""Purging job logs (and audit entries, sign-in counts) older than the env's retention, in
-bounded batches, off the hot path.
+"""Purging job logs (and what ages with them: the slot ledger, the fan-in counters of
+dependencies), audit entries and sign-in counts older than their retention, in bounded
+batches, off the hot path.
 
-Each batch is one short DELETE by primary key (ids selected first, oldest first), followed
+Each batch is one short DELETE by primary key (keys selected first, oldest first), followed
 by a pause, so a purge of millions of rows never holds a long lock against the claim writer.
+Each batch is a transaction of the retry policy (`transaction`): a deadlock with a writer is
+tried again.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Connection, Engine, delete, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.metrics import manager as metrics
-from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import AuditEntry, JobLog, SignInLimit, SlotMiss
+from ays_runtime.storage.database import transaction, utcnow
+from ays_runtime.storage.models import (
+    AuditEntry,
+    FanIn,
+    FanInParent,
+    JobLog,
+    SignInLimit,
+    SlotMiss,
+)
 
 log = logging.getLogger("ays.retention")
 
@@ -29,7 +39,8 @@ PAUSE_BETWEEN_BATCHES = 0.05
 
 @dataclass(frozen=True)
 class Aged:
-    """Rows that age out: a table (its `id` column) and the column that dates a row."""
+    """Rows that age out: a table (deleted by its primary key) and the column that dates a
+    row (indexed: a batch reads the oldest rows by it)."""
 
     what: str  # as the log says it
     model: Any
@@ -42,22 +53,32 @@ AUDIT_ENTRIES = Aged("audit entries", AuditEntry, AuditEntry.at)
 SLOT_MISSES = Aged("slot-ledger ranges", SlotMiss, SlotMiss.end_at)
 # A sign-in count ages by its last failure: past the window and the lock-out, it holds nothing.
 SIGN_IN_LIMITS = Aged("sign-in counts", SignInLimit, SignInLimit.last_at)
+# A fan-in's counters age with the job logs of their slot: by the slot. A slot still going
+# that late (a parent ending after the retention) is counted again from its job logs.
+FAN_INS = Aged("fan-in counters", FanIn, FanIn.scheduled_at)
+FAN_IN_PARENTS = Aged("fan-in parents counted", FanInParent, FanInParent.scheduled_at)
+# The rows purged with `job_log.retention_days`.
+WITH_JOB_LOGS = (JOB_LOGS, SLOT_MISSES, FAN_INS, FAN_IN_PARENTS)
 
 
 def purge_batch(engine: Engine, retention: timedelta, batch: int, rows: Aged = JOB_LOGS) -> int:
     """Delete up to `batch` rows dated before now - retention; returns how many."""
     cutoff = utcnow() - retention
-    key = rows.model.id
-    with engine.begin() as conn:
-        ids = list(
-            conn.execute(
-                select(key).where(rows.stamp < cutoff).order_by(key).limit(batch)
-            ).scalars()
-        )
-        if ids:
-            conn.execute(delete(rows.model).where(key.in_(ids)))
-    metrics.PURGED_ROWS.labels(rows.model.__tablename__).inc(len(ids))
-    return len(ids)
+    columns = list(rows.model.__table__.primary_key.columns)
+    key = columns[0] if len(columns) == 1 else tuple_(*columns)
+
+    def purge(conn: Connection) -> int:
+        keys = conn.execute(
+            select(*columns).where(rows.stamp < cutoff).order_by(rows.stamp, *columns).limit(batch)
+        ).all()
+        if keys:
+            found = [k[0] for k in keys] if len(columns) == 1 else [tuple(k) for k in keys]
+            conn.execute(delete(rows.model).where(key.in_(found)))
+        return len(keys)
+
+    deleted = transaction(engine, purge, f"manager: purging {rows.what}")
+    metrics.PURGED_ROWS.labels(rows.model.__tablename__).inc(deleted)
+    return deleted
 
 
 async def purge_old(engine: Engine, retention: timedelta, batch: int, rows: Aged = JOB_LOGS) -> int:

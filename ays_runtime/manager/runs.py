@@ -253,9 +253,7 @@ class RunTracker:
         when the run succeeded after all). The retry's row is taken over by compare-and-set,
         so a manager whose timer still waits for it does not send it too."""
 
-        children: list[JobDispatch] = []
-
-        def release() -> JobDispatch | None:
+        def release() -> tuple[JobDispatch | None, list[JobDispatch]]:
             with self.engine.connect() as conn:  # most duplicates are of no lost run: a read
                 lost = conn.execute(
                     select(
@@ -274,51 +272,14 @@ class RunTracker:
                 or lost.status != RunStatus.NODE_LOST.value
                 or lost.allow_concurrent_retry
             ):
-                return None
-            with self.engine.begin() as conn:
-                held = conn.execute(
-                    select(JobLog.id).where(
-                        JobLog.task_id == lost.task_id,
-                        JobLog.scheduled_at == lost.scheduled_at,
-                        JobLog.shard_index == lost.shard_index,
-                        JobLog.attempt == lost.attempt + 1,
-                        JobLog.status == RunStatus.PENDING.value,
-                    )
-                ).scalar()
-                if held is None:
-                    return None
-                now = utcnow()
-                if report.status == RunStatus.SUCCEEDED.value:
-                    conn.execute(
-                        update(JobLog)
-                        .where(JobLog.id == held, JobLog.status == RunStatus.PENDING.value)
-                        .values(
-                            status=RunStatus.SKIPPED.value,
-                            message=f"not retried: run {report.job_log_id} succeeded on node "
-                            f"{report.node} after all",
-                            ended_at=now,
-                        )
-                    )
-                    log.info(
-                        "manager %s: run %d: node %s reports it succeeded after all: its "
-                        "retry %d is skipped",
-                        self.manager_id,
-                        report.job_log_id,
-                        report.node,
-                        held,
-                    )
-                    # Its slot has ended (skipped): its children are decided with it.
-                    slot = [(lost.task_id, lost.scheduled_at)]
-                    children.extend(fire_children(conn, self.manager_id, slot, now))
-                    return None
-                taken = conn.execute(
-                    update(JobLog)
-                    .where(JobLog.id == held, JobLog.status == RunStatus.PENDING.value)
-                    .values(manager_id=self.manager_id, due_at=now)
-                ).rowcount
-                return self._load_dispatch(conn, held) if taken else None
+                return None, []
+            return transaction(
+                self.engine,
+                lambda conn: self._release_held_in(conn, report, lost),
+                f"manager {self.manager_id}: run {report.job_log_id}: releasing its held retry",
+            )
 
-        retry = await asyncio.to_thread(release)
+        retry, children = await asyncio.to_thread(release)
         if children:  # claimed with the slot's end: pending rows of this manager's
             await self.redispatch(children)
         if retry is not None:
@@ -331,6 +292,53 @@ class RunTracker:
                 retry.job_log_id,
             )
             await self.redispatch([retry])
+
+    def _release_held_in(
+        self, conn: Connection, report: JobResultReport, lost: Any
+    ) -> tuple[JobDispatch | None, list[JobDispatch]]:
+        """In one transaction (run again from the start on a transient error): the held
+        retry of the `lost` run skipped, with the children its slot's end fires, when the
+        node says the run succeeded; else the retry taken over by compare-and-set, to send."""
+        held = conn.execute(
+            select(JobLog.id).where(
+                JobLog.task_id == lost.task_id,
+                JobLog.scheduled_at == lost.scheduled_at,
+                JobLog.shard_index == lost.shard_index,
+                JobLog.attempt == lost.attempt + 1,
+                JobLog.status == RunStatus.PENDING.value,
+            )
+        ).scalar()
+        if held is None:
+            return None, []
+        now = utcnow()
+        if report.status == RunStatus.SUCCEEDED.value:
+            conn.execute(
+                update(JobLog)
+                .where(JobLog.id == held, JobLog.status == RunStatus.PENDING.value)
+                .values(
+                    status=RunStatus.SKIPPED.value,
+                    message=f"not retried: run {report.job_log_id} succeeded on node "
+                    f"{report.node} after all",
+                    ended_at=now,
+                )
+            )
+            log.info(
+                "manager %s: run %d: node %s reports it succeeded after all: its retry %d "
+                "is skipped",
+                self.manager_id,
+                report.job_log_id,
+                report.node,
+                held,
+            )
+            # Its slot has ended (skipped): its children are decided with it.
+            slot = [(lost.task_id, lost.scheduled_at)]
+            return None, fire_children(conn, self.manager_id, slot, now)
+        taken = conn.execute(
+            update(JobLog)
+            .where(JobLog.id == held, JobLog.status == RunStatus.PENDING.value)
+            .values(manager_id=self.manager_id, due_at=now)
+        ).rowcount
+        return (self._load_dispatch(conn, held) if taken else None), []
 
     async def node_lost(self, address: str) -> None:
         """Fail every unfinished run held by `address` as node lost, and retry per policy."""
@@ -640,36 +648,35 @@ class RunTracker:
         """Dispatch a retry's row now that it is due, unless it was ended meanwhile (killed
         through the API) or its task was disabled (then it is skipped, with the reason)."""
 
-        children: list[JobDispatch] = []
-
-        def still_wanted() -> bool:
-            with self.engine.begin() as conn:
-                row = conn.execute(
-                    select(JobLog.status, JobLog.manager_id, Task.enabled)
-                    .join(Task, Task.id == JobLog.task_id, isouter=True)
-                    .where(JobLog.id == retry.job_log_id)
-                ).first()
-                if row is None or row.status != RunStatus.PENDING.value:
-                    return False
-                if row.manager_id != self.manager_id:  # adopted by a peer while we were away
-                    return False
-                if not row.enabled:
-                    conn.execute(
-                        update(JobLog)
-                        .where(JobLog.id == retry.job_log_id, JobLog.status.in_(UNFINISHED))
-                        .values(
-                            status=RunStatus.SKIPPED.value,
-                            message="not retried: the task was disabled or deleted",
-                            ended_at=utcnow(),
-                        )
+        def still_wanted(conn: Connection) -> tuple[bool, list[JobDispatch]]:
+            """Whether to send it; the children fired when its slot ended skipped instead."""
+            row = conn.execute(
+                select(JobLog.status, JobLog.manager_id, Task.enabled)
+                .join(Task, Task.id == JobLog.task_id, isouter=True)
+                .where(JobLog.id == retry.job_log_id)
+            ).first()
+            if row is None or row.status != RunStatus.PENDING.value:
+                return False, []
+            if row.manager_id != self.manager_id:  # adopted by a peer while we were away
+                return False, []
+            if not row.enabled:
+                conn.execute(
+                    update(JobLog)
+                    .where(JobLog.id == retry.job_log_id, JobLog.status.in_(UNFINISHED))
+                    .values(
+                        status=RunStatus.SKIPPED.value,
+                        message="not retried: the task was disabled or deleted",
+                        ended_at=utcnow(),
                     )
-                    # Its slot has ended (skipped): its children are decided with it.
-                    slot = [(retry.task_id, retry.scheduled_at)]
-                    children.extend(fire_children(conn, self.manager_id, slot, utcnow()))
-                    return False
-                return True
+                )
+                # Its slot has ended (skipped): its children are decided with it.
+                slot = [(retry.task_id, retry.scheduled_at)]
+                return False, fire_children(conn, self.manager_id, slot, utcnow())
+            return True, []
 
-        if await asyncio.to_thread(still_wanted):
+        what = f"manager {self.manager_id}: run {retry.job_log_id}: deciding its retry"
+        wanted, children = await asyncio.to_thread(transaction, self.engine, still_wanted, what)
+        if wanted:
             await self.redispatch([retry])
         elif children:
             await self.redispatch(children)

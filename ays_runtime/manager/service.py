@@ -48,9 +48,8 @@ from ays_runtime.manager.node_api import node_router
 from ays_runtime.manager.output import RunOutput
 from ays_runtime.manager.retention import (
     AUDIT_ENTRIES,
-    JOB_LOGS,
     SIGN_IN_LIMITS,
-    SLOT_MISSES,
+    WITH_JOB_LOGS,
     retention_loop,
 )
 from ays_runtime.manager.runs import RunTracker
@@ -261,8 +260,7 @@ class Manager:
             retention_loop(
                 engine,
                 {
-                    JOB_LOGS: timedelta(days=cfg.job_log.retention_days),
-                    SLOT_MISSES: timedelta(days=cfg.job_log.retention_days),
+                    **dict.fromkeys(WITH_JOB_LOGS, timedelta(days=cfg.job_log.retention_days)),
                     AUDIT_ENTRIES: timedelta(days=cfg.audit.retention_days),
                     SIGN_IN_LIMITS: timedelta(
                         seconds=max(cfg.console.sign_in.window, cfg.console.sign_in.lockout)

@@ -158,7 +158,8 @@ ALERT_DELIVERIES = Counter(
 )
 PURGED_ROWS = Counter(
     "ays_purged_rows",
-    "Rows deleted by the retention purge, by table (ays_job_log, ays_audit)",
+    "Rows deleted by the retention purge, by table (ays_job_log, ays_audit, ays_slot_miss, "
+    "ays_fan_in, ays_fan_in_parent)",
     ["table"],
     registry=REGISTRY,
 )
@@ -363,7 +364,7 @@ _STAGES = {
     stage: LATENESS.labels(stage) for stage in ("claimed", "dispatched", "stored", "started")
 }
 _TRIGGERS = {trigger.value: FIRES_CLAIMED.labels(trigger.value) for trigger in TriggerKind}
-for _table in ("ays_job_log", "ays_audit", "ays_slot_miss"):
+for _table in ("ays_job_log", "ays_audit", "ays_slot_miss", "ays_fan_in", "ays_fan_in_parent"):
     PURGED_ROWS.labels(_table)
 for _reason in SlotMissReason:
     SLOTS_MISSED.labels(_reason.value)

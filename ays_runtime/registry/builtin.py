@@ -26,13 +26,13 @@ import logging
 import time
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.config import BuiltinRegistrySettings
 from ays_runtime.protocol import Heartbeat
 from ays_runtime.registry.base import NodeRef, NodeRegistry, ensure_node_groups
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import Manager, Node, NodeSource, NodeStatus
 
 log = logging.getLogger("ays.registry")
@@ -114,7 +114,8 @@ class BuiltinRegistry(NodeRegistry):
             "last_seen": now,
             "updated_at": now,
         }
-        with self.engine.begin() as conn:
+
+        def record(conn: Connection) -> tuple[list[str], str | None]:
             created = ensure_node_groups(conn, {beat.node_group: f"{beat.ip}:{beat.port}"})
             row = conn.execute(
                 select(Node.id, Node.status).where(Node.ip == beat.ip, Node.port == beat.port)
@@ -129,10 +130,12 @@ class BuiltinRegistry(NodeRegistry):
                         **values,
                     )
                 )
-                before = None
-            else:
-                conn.execute(update(Node).where(Node.id == row.id).values(**values))
-                before = row.status
+                return created, None
+            conn.execute(update(Node).where(Node.id == row.id).values(**values))
+            return created, row.status
+
+        what = f"manager {self.manager_id}: heartbeat of node {beat.ip}:{beat.port}"
+        created, before = transaction(self.engine, record, what)
         for group in created:
             log.info(
                 "manager %s: node group %s created: node %s:%d joined it",
@@ -188,13 +191,14 @@ class BuiltinRegistry(NodeRegistry):
         """Mark online (or leaving) nodes silent for longer than the offline timeout as
         offline."""
         cutoff = utcnow() - self.offline_after
-        lost: list[str] = []
-        with self.engine.begin() as conn:
+
+        def sweep(conn: Connection) -> list[str]:
             silent = conn.execute(
                 select(Node.id, Node.ip, Node.port).where(
                     Node.status.in_(_BEATING), Node.last_seen < cutoff
                 )
             ).all()
+            lost: list[str] = []
             for node in silent:
                 changed = conn.execute(
                     update(Node)
@@ -207,7 +211,9 @@ class BuiltinRegistry(NodeRegistry):
                 ).rowcount
                 if changed:
                     lost.append(f"{node.ip}:{node.port}")
-        return lost
+            return lost
+
+        return transaction(self.engine, sweep, f"manager {self.manager_id}: sweeping nodes")
 
     def _refresh_managers(self) -> None:
         with self.engine.connect() as conn:

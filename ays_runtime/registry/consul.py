@@ -55,14 +55,14 @@ import consul.exceptions
 import pydantic
 import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ays_runtime.config import ConsulRegistrySettings, check_ip
 from ays_runtime.exceptions import RegistryError, TransientRegistryError
 from ays_runtime.registry.base import NodeRef, NodeRegistry, ensure_node_groups
 from ays_runtime.retry import Backoff
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import Node, NodeSource, NodeStatus
 
 log = logging.getLogger("ays.registry")
@@ -766,9 +766,11 @@ class ConsulRegistry(NodeRegistry):
             NodeStatus.UNKNOWN.value,
         )
         now = utcnow()
-        came: list[str] = []
-        lost: list[str] = []
-        with self.engine.begin() as conn:
+        joined = {e.node_group: e.address for e in listed.values()}
+
+        def sync(conn: Connection) -> tuple[list[str], list[str], list[str]]:
+            came: list[str] = []
+            lost: list[str] = []
             rows = {
                 f"{r.ip}:{r.port}": r
                 for r in conn.execute(
@@ -783,7 +785,6 @@ class ConsulRegistry(NodeRegistry):
                     )
                 ).all()
             }
-            joined = {e.node_group: e.address for e in listed.values()}
             created = ensure_node_groups(conn, joined)
             still_online: list[int] = []
             for address, entry in listed.items():
@@ -841,6 +842,10 @@ class ConsulRegistry(NodeRegistry):
                     .where(Node.id.in_(still_online), Node.status == online)
                     .values(last_seen=now)
                 )
+            return came, lost, created
+
+        what = f"{self.who}: registry: bringing the node rows in line with consul"
+        came, lost, created = transaction(self.engine, sync, what)
         for group in created:
             log.info(
                 "%s: registry: node group %s created: node %s joined it",

@@ -43,7 +43,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, select, update
 
 from ays_runtime.manager.liveness import record_alive
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import Manager
 
 log = logging.getLogger("ays.ownership")
@@ -92,10 +92,8 @@ def live_managers(engine: Engine, silent_after: timedelta, now: datetime) -> lis
 
 def mark_stopped(engine: Engine, manager_id: str) -> None:
     """A clean stop: the peers take this manager's share at their next beat."""
-    with engine.begin() as conn:
-        conn.execute(
-            update(Manager).where(Manager.manager_id == manager_id).values(stopped_at=utcnow())
-        )
+    stopped = update(Manager).where(Manager.manager_id == manager_id).values(stopped_at=utcnow())
+    transaction(engine, lambda conn: conn.execute(stopped), f"manager {manager_id}: stopping")
 
 
 @dataclass

@@ -62,6 +62,7 @@ from ays_runtime.scheduler.ledger import DEFAULT_HORIZON, OwedRange, owed_range
 from ays_runtime.scheduler.ownership import BUCKETS
 from ays_runtime.scheduler.schedule import Schedule, parse_schedule
 from ays_runtime.scheduler.timers import Timer, TimerList
+from ays_runtime.storage.database import transaction
 from ays_runtime.storage.models import JobLog, MisfirePolicy, Task, TimerRow, TriggerKind
 from ays_runtime.vocabulary import SlotMissReason
 
@@ -414,10 +415,12 @@ class Reconciler:
         return result
 
     def apply(self, plan: Plan) -> None:
-        """Write the plan's row changes in one transaction."""
+        """Write the plan's row changes in one transaction, written again from the start
+        when a transient error (a deadlock with a peer's timer rows) rolled it back."""
         if not plan.writes:
             return
-        with self.engine.begin() as conn:
+
+        def write(conn: Connection) -> None:
             mine = TimerRow.manager_id == self.manager_id
             for start in range(0, len(plan.delete_rows), 5000):
                 chunk = plan.delete_rows[start : start + 5000]
@@ -439,6 +442,8 @@ class Reconciler:
                         for v in plan.update_rows
                     ],
                 )
+
+        transaction(self.engine, write, f"manager {self.manager_id}: writing its timers")
 
     @staticmethod
     def apply_to_memory(plan: Plan, timers: TimerList) -> None:

@@ -160,6 +160,7 @@ class FanIn(Base):
     that completes the count sees it, whichever manager stores it."""
 
     __tablename__ = "ays_fan_in"
+    __table_args__ = (Index("ix_ays_fan_in_scheduled_at", "scheduled_at"),)  # the purge
 
     child_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
@@ -172,6 +173,7 @@ class FanInParent(Base):
     """A parent counted in a fan-in child's slot: its key counts the parent once."""
 
     __tablename__ = "ays_fan_in_parent"
+    __table_args__ = (Index("ix_ays_fan_in_parent_scheduled_at", "scheduled_at"),)  # the purge
 
     child_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     scheduled_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
