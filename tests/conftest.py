@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,15 @@ BACKENDS = [
 
 
 # --- hooks ------------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal gives it. A suite started in the background (`.ci/run &` in a
+    script, nohup) inherits SIGINT ignored and passes that on to every process it starts, so
+    the tests that press Ctrl-C (the quick start, `logs --follow`) would see it do nothing:
+    Python and bash keep a signal that was ignored when they started ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 1800  # two freezes on a loaded 2-core machine take up to about 6 minutes
+WALK_TIMEOUT = 600  # a walk-through that shows no run by then has failed: it is ended
 SECRETS = {
     "AYS_ACCESS_TOKEN": "tarball-test-token",
     "AYS_CLUSTER_SECRET": "tarball-test-token-cluster",
@@ -567,6 +569,8 @@ def test_installs_dev_walk_through_runs_as_written_to_a_successful_job(
         text=True,
     )
     said: list[str] = []
+    watchdog = threading.Timer(WALK_TIMEOUT, proc.kill)  # `--follow` alone never ends
+    watchdog.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # until the follow shows a run: then Ctrl-C it, as INSTALL says
@@ -580,6 +584,7 @@ def test_installs_dev_walk_through_runs_as_written_to_a_successful_job(
                 follower.send_signal(signal.SIGINT)
         code = proc.wait(60)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
