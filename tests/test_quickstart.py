@@ -88,16 +88,16 @@ class Dev:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
         try:
-            code = self.proc.wait(90)
-        finally:
+            return self.proc.wait(90)
+        finally:  # a Ctrl-C that did not end it fails the test, and leaves nothing open
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-        for reader in self._readers:
-            reader.join(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return code
+                self.proc.wait(10)
+            for reader in self._readers:
+                reader.join(10)
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 def processes_of(clone: Path) -> list[str]:
