@@ -291,9 +291,9 @@ def test_a_task_gained_in_a_handover_fires_every_slot_since_its_last_fire(engine
     task = _every_second_task_fired(engine, datetime(2026, 5, 1, 12, 0, 1))
     rec = Reconciler(engine, "127.0.0.1:2", misfire_grace=5)
     plan = rec.plan({}, now, None, timedelta(seconds=13))
-    # 12:00:02 .. 12:00:05 are later than the grace: fired now; 12:00:06 on is the timer's.
-    assert [m.scheduled_at.second for m in plan.catch_up] == [2, 3, 4, 5]
-    assert [t.fire_at.second for t in plan.put_timers] == [6]
+    # 12:00:02 .. 12:00:10 are due: fired by the plan now; 12:00:11 on is the timer's.
+    assert [m.scheduled_at.second for m in plan.catch_up] == list(range(2, 11))
+    assert [t.fire_at.second for t in plan.put_timers] == [11]
     assert not plan.missed
     # A manager that never saw a peer keeps the single-manager rules: skip, and the ledger.
     alone = rec.plan({}, now)

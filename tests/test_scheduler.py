@@ -322,11 +322,32 @@ def test_misfire_policy_fire_once_now_fires_the_latest_missed_slot_once(engine: 
 def test_a_restart_within_the_grace_fires_the_due_slot_late_instead_of_skipping(
     engine: Engine,
 ) -> None:
-    task, now = _with_last_fire(engine, "skip", timedelta(seconds=13))  # last 11:59:50
-    timers = TimerList()
-    assert reconcile(engine, timers, now) == ["add"]
-    timer = timers.get(task)
-    assert timer is not None and timer.fire_at == datetime(2026, 5, 1, 12, 0, 0)
+    """Found by the suite beside two copies of itself: a slot the reconcile finds owed by a
+    hair (late by the grace exactly) is fired even when the fire loop only runs once the
+    grace has passed; it was left to a timer that the loop then judged late and skipped."""
+    task, now = _with_last_fire(engine, "skip", timedelta(seconds=8))  # last 11:59:55
+    plan_at = datetime(2026, 5, 1, 12, 0, 5)  # 12:00:00 late by the 5 s grace exactly
+    clock = [plan_at]
+    got: list[JobDispatch] = []
+
+    async def on_claimed(jobs: list[JobDispatch]) -> None:
+        got.extend(jobs)
+
+    async def main() -> None:
+        scheduler = Scheduler(engine, MANAGER, on_claimed, misfire_grace=5, clock=lambda: clock[0])
+        runner = asyncio.create_task(scheduler.writer.run())
+        await scheduler.reconcile_now()
+        clock[0] = plan_at + timedelta(milliseconds=10)  # the fire loop's turn comes after
+        scheduler.fire_due(clock[0])
+        timer = scheduler.timers.get(task)
+        assert timer is not None and timer.fire_at == datetime(2026, 5, 1, 12, 0, 10)
+        scheduler.writer.close()
+        await asyncio.wait_for(runner, 10)
+
+    asyncio.run(main())
+    assert [(j.task_id, j.scheduled_at, j.trigger) for j in got] == [
+        (task, datetime(2026, 5, 1, 12, 0, 0), TriggerKind.CRON.value)
+    ]
 
 
 def test_a_timer_late_beyond_the_grace_follows_its_misfire_policy(engine: Engine) -> None:

@@ -325,6 +325,14 @@ class Reconciler:
                         Action("misfire", task.id, f"slots since {expected.isoformat()} skipped")
                     )
                 self._note_missed(plan, task, schedule, expected, fired_once or fire_at, now)
+        # A slot this plan found owed and already due is fired by the plan, not left to a timer:
+        # the fire loop judges a timer against the grace when it pops it, moments after the
+        # plan's `now`, and would skip a slot owed by a hair (a handover at the grace's edge).
+        caught = 0
+        while fire_at <= now and caught < MAX_CATCH_UP:
+            plan.catch_up.append(Misfire(task.id, fire_at))
+            fire_at = schedule.next_after(fire_at)
+            caught += 1
         values = {
             "manager_id": self.manager_id,
             "task_id": task.id,
