@@ -36,6 +36,7 @@ from ays_runtime.alerts.service import AlertService
 from ays_runtime.audit.api import Who
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager.schemas import ErrorOut
+from ays_runtime.storage import database
 from ays_runtime.storage.database import utcnow
 from ays_runtime.web.fields import UtcIn
 
@@ -92,12 +93,14 @@ def alerts_router(service: AlertService) -> APIRouter:
 
     env = service.env_settings
 
-    async def in_session(work: Callable[[Session], T]) -> T:
-        def run() -> T:
-            with Session(service.engine, expire_on_commit=False) as session:
-                return work(session)
+    def sessions() -> Session:
+        return Session(service.engine, expire_on_commit=False)
 
-        return await run_in_threadpool(run)
+    async def in_session(work: Callable[[Session], T]) -> T:
+        # Tried again on a transient database error; `work` commits what it writes.
+        return await run_in_threadpool(
+            database.in_session, sessions, work, "manager: the alerts API", commit=False
+        )
 
     async def changed(work: Callable[[Session], T]) -> T:
         result = await in_session(work)

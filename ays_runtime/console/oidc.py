@@ -37,6 +37,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ays_runtime.config import OidcSettings
@@ -45,6 +46,7 @@ from ays_runtime.console.session import SessionGate, cookie_value
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.versions import Actor
+from ays_runtime.storage.database import in_session
 from ays_runtime.storage.models import User
 from ays_runtime.users import service as users
 from ays_runtime.vocabulary import ChangeVia
@@ -178,7 +180,8 @@ def grant_of(oidc: OidcSettings, claims: dict[str, Any]) -> tuple[str, list[str]
 def _sign_in_user(ctx: ManagerContext, name: str, role: str, groups: list[str], source: str) -> str:
     """Create or update the OIDC user; the name, or raise Refused."""
     actor = Actor("oidc", ChangeVia.CONSOLE, source)
-    with ctx.sessions() as session:
+
+    def sign_in(session: Session) -> None:
         user = session.scalar(select(User).where(User.name == name))
         if user is None:
             users.create_user(session, actor, name, role, groups, source="oidc")
@@ -190,7 +193,8 @@ def _sign_in_user(ctx: ManagerContext, name: str, role: str, groups: list[str], 
             )
         elif user.role != role or list(user.groups or []) != groups:
             users.update_user(session, actor, name, role=role, groups=groups)
-        session.commit()
+
+    in_session(ctx.sessions, sign_in, "manager: OIDC sign-in", commit=True)
     return name
 
 

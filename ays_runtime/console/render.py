@@ -31,6 +31,7 @@ from ays_runtime.console.session import COOKIE
 from ays_runtime.exceptions import ValidationError
 from ays_runtime.manager.context import ManagerContext
 from ays_runtime.manager.versions import Actor
+from ays_runtime.storage import database
 from ays_runtime.vocabulary import AuditAction, ChangeVia, Role
 from ays_runtime.web.fields import UtcIn
 
@@ -154,14 +155,12 @@ def context_of(request: Request) -> ManagerContext:
 
 
 async def in_session(request: Request, work: Callable[[Session], T]) -> T:
-    """Run `work(session)` in the thread pool, in a database session of its own."""
-    ctx = context_of(request)
-
-    def run() -> T:
-        with ctx.sessions() as session:
-            return work(session)
-
-    return await run_in_threadpool(run)
+    """Run `work(session)` in the thread pool, in a database session of its own; tried again
+    on a transient database error (`work` commits what it writes)."""
+    sessions = context_of(request).sessions
+    return await run_in_threadpool(
+        database.in_session, sessions, work, "manager: the console", commit=False
+    )
 
 
 async def tasks_changed(request: Request) -> None:

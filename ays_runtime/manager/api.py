@@ -131,7 +131,7 @@ from ays_runtime.manager.schemas import (
 from ays_runtime.manager.versions import Actor
 from ays_runtime.metrics import base as metrics
 from ays_runtime.metrics import manager as manager_metrics
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import in_session, utcnow
 from ays_runtime.storage.models import NodeStatus, RunStatus, TaskVersion
 from ays_runtime.users import access
 from ays_runtime.users import api as users_api
@@ -180,13 +180,9 @@ Ctx = Annotated[ManagerContext, Depends(_context)]
 
 
 async def _in_session(ctx: ManagerContext, work: Callable[[Session], T]) -> T:
-    """Run `work(session)` in the thread pool, in a session of its own."""
-
-    def run() -> T:
-        with ctx.sessions() as session:
-            return work(session)
-
-    return await run_in_threadpool(run)
+    """Run `work(session)` in the thread pool, in a session of its own; tried again on a
+    transient database error (`work` commits what it writes)."""
+    return await run_in_threadpool(in_session, ctx.sessions, work, "manager: the API", commit=False)
 
 
 async def _audit(
@@ -756,8 +752,10 @@ def create_app(ctx: ManagerContext) -> FastAPI:
     token = ctx.access_token
 
     def user_of(presented: str) -> Caller | None:
-        with ctx.sessions() as session:
-            return users.authenticate_token(session, presented)
+        def check(session: Session) -> Caller | None:
+            return users.authenticate_token(session, presented)  # it commits the last use
+
+        return in_session(ctx.sessions, check, "manager: a personal token", commit=False)
 
     async def personal(presented: str) -> Caller | None:
         return await run_in_threadpool(user_of, presented)

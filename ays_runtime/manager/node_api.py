@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from functools import partial
 from typing import Any
 
 import pydantic
@@ -18,6 +19,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import ConfigDict, Field, field_validator
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ays_runtime.audit import trail
@@ -38,7 +40,7 @@ from ays_runtime.protocol import (
 )
 from ays_runtime.registry.base import NodeRegistry, ensure_node_groups
 from ays_runtime.registry.builtin import BuiltinRegistry
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import in_session, utcnow
 from ays_runtime.storage.models import JobLog, Node, NodeGroup, NodeSource, NodeStatus, RunStatus
 from ays_runtime.vocabulary import AuditAction
 from ays_runtime.web.fields import Id, StorableText
@@ -191,53 +193,58 @@ def node_router(
     async def add_node(body: NodeAdd, who: Who) -> dict[str, object]:
         def add(listed: bool, check_only: bool = False) -> dict[str, object]:
             """`listed`: the node list has the node now, so the registry's watch may have
-            made the row already: then that row is the answer."""
+            made the row already: then that row is the answer. Tried again on a transient
+            database error."""
+            work = partial(add_in, listed=listed, check_only=check_only)
+            what = f"manager: add node {body.ip}:{body.port}"
+            return in_session(engine_sessions, work, what, commit=True)
+
+        def add_in(s: Session, *, listed: bool, check_only: bool) -> dict[str, object]:
             now = utcnow()
-            with engine_sessions() as s, s.begin():
-                node = s.scalar(select(Node).where(Node.ip == body.ip, Node.port == body.port))
-                if node is not None and not listed:
-                    raise HTTPException(409, f"node {body.ip}:{body.port} is already registered")
-                if check_only:
-                    return {}
-                # A node added by hand joins its group as a node that registers itself does.
-                address = f"{body.ip}:{body.port}"
-                created = ensure_node_groups(s.connection(), {body.node_group: address})
-                if created:
-                    log.info(
-                        "manager %s: node group %s created: node %s was added to it",
-                        manager_id,
-                        body.node_group,
-                        address,
-                    )
-                if node is None:
-                    trail.record(
-                        s,
-                        who,
-                        AuditAction.NODE_ADDED,
-                        address,
-                        after={"ip": body.ip, "port": body.port, "node_group": body.node_group},
-                    )
-                    node = Node(
-                        ip=body.ip,
-                        port=body.port,
-                        node_group=body.node_group,
-                        status=NodeStatus.UNKNOWN.value,
-                        source=NodeSource.MANUAL.value,
-                        version="",
-                        running_jobs=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    s.add(node)
-                s.flush()
-                return {
-                    "id": node.id,
-                    "ip": node.ip,
-                    "port": node.port,
-                    "node_group": node.node_group,
-                    "status": node.status,
-                    "source": node.source,
-                }
+            node = s.scalar(select(Node).where(Node.ip == body.ip, Node.port == body.port))
+            if node is not None and not listed:
+                raise HTTPException(409, f"node {body.ip}:{body.port} is already registered")
+            if check_only:
+                return {}
+            # A node added by hand joins its group as a node that registers itself does.
+            address = f"{body.ip}:{body.port}"
+            created = ensure_node_groups(s.connection(), {body.node_group: address})
+            if created:
+                log.info(
+                    "manager %s: node group %s created: node %s was added to it",
+                    manager_id,
+                    body.node_group,
+                    address,
+                )
+            if node is None:
+                trail.record(
+                    s,
+                    who,
+                    AuditAction.NODE_ADDED,
+                    address,
+                    after={"ip": body.ip, "port": body.port, "node_group": body.node_group},
+                )
+                node = Node(
+                    ip=body.ip,
+                    port=body.port,
+                    node_group=body.node_group,
+                    status=NodeStatus.UNKNOWN.value,
+                    source=NodeSource.MANUAL.value,
+                    version="",
+                    running_jobs=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(node)
+            s.flush()
+            return {
+                "id": node.id,
+                "ip": node.ip,
+                "port": node.port,
+                "node_group": node.node_group,
+                "status": node.status,
+                "source": node.source,
+            }
 
         def group_exists() -> bool:
             with engine_sessions() as s:
@@ -266,13 +273,16 @@ def node_router(
     @router.delete("/nodes/{node_id:int}", status_code=204, tags=["nodes"], responses=_errors(404))
     async def remove_node(node_id: Id, who: Who) -> Response:
         def remove() -> int:
-            with engine_sessions() as s, s.begin():
-                node = s.get(Node, node_id)
-                if node is None:
-                    return 0
-                was = {"ip": node.ip, "port": node.port, "node_group": node.node_group}
-                trail.record(s, who, AuditAction.NODE_REMOVED, f"{node.ip}:{node.port}", before=was)
-                return s.execute(delete(Node).where(Node.id == node_id)).rowcount
+            what = f"manager: remove node {node_id}"
+            return in_session(engine_sessions, remove_in, what, commit=True)
+
+        def remove_in(s: Session) -> int:
+            node = s.get(Node, node_id)
+            if node is None:
+                return 0
+            was = {"ip": node.ip, "port": node.port, "node_group": node.node_group}
+            trail.record(s, who, AuditAction.NODE_REMOVED, f"{node.ip}:{node.port}", before=was)
+            return s.connection().execute(delete(Node).where(Node.id == node_id)).rowcount
 
         def find() -> tuple[str, int] | None:
             with engine_sessions() as s:

@@ -82,7 +82,10 @@ TRANSACTION_ATTEMPTS = 5
 def is_transient(err: BaseException) -> bool:
     """Whether a database error says "try the transaction again" rather than "it is wrong":
     a MySQL deadlock, lock wait timeout or lost connection, a SQLite lock held past the busy
-    timeout, or a connection SQLAlchemy found broken."""
+    timeout, or a connection SQLAlchemy found broken; also our StorageError raised from one
+    (the services translate at their boundary, the retry still sees what it was)."""
+    if isinstance(err, StorageError) and err.__cause__ is not None:
+        return is_transient(err.__cause__)
     if not isinstance(err, DBAPIError):
         return False
     if err.connection_invalidated:
@@ -104,6 +107,27 @@ def transaction(engine: Engine, work: Callable[[Connection], T], what: str) -> T
     def once() -> T:
         with engine.begin() as conn:
             return work(conn)
+
+    return retry_call(once, is_transient, what, attempts=TRANSACTION_ATTEMPTS)
+
+
+def in_session(
+    sessions: Callable[[], Session], work: Callable[[Session], T], what: str, *, commit: bool
+) -> T:
+    """`work(session)` in a session of its own (committed after it when `commit`; else `work`
+    commits what it writes), run again from the start in a new session when it fails with a
+    transient error (`is_transient`), up to TRANSACTION_ATTEMPTS times: the API's and the
+    console's writes. A deadlock or lock wait timeout rolled the work back, so the second try
+    starts clean. A COMMIT lost with its connection may have happened: the second try then
+    meets its own change (an update changes nothing, a create answers that the name exists).
+    Blocking: for worker threads."""
+
+    def once() -> T:
+        with sessions() as session:
+            out = work(session)
+            if commit:
+                session.commit()
+            return out
 
     return retry_call(once, is_transient, what, attempts=TRANSACTION_ATTEMPTS)
 

@@ -29,7 +29,7 @@ from ays_runtime.audit.api import Who
 from ays_runtime.auth import Caller
 from ays_runtime.exceptions import NotFoundError
 from ays_runtime.manager.schemas import ErrorOut
-from ays_runtime.storage.database import utcnow
+from ays_runtime.storage.database import in_session, utcnow
 from ays_runtime.storage.models import User, UserToken
 from ays_runtime.users import lockout, service
 from ays_runtime.vocabulary import Role
@@ -124,15 +124,11 @@ Me_ = Annotated[Caller, Depends(_caller)]
 
 
 async def _in_session(request: Request, work: Callable[[Session], T]) -> T:
+    """`work(session)` in the thread pool, committed; tried again on a transient error."""
     sessions = request.app.state.ays.sessions
-
-    def run() -> T:
-        with sessions() as session:
-            out = work(session)
-            session.commit()
-            return out
-
-    return await run_in_threadpool(run)
+    return await run_in_threadpool(
+        in_session, sessions, work, "manager: the users API", commit=True
+    )
 
 
 def user_out(user: User) -> UserOut:

@@ -40,13 +40,7 @@ from ays_runtime.audit import trail
 from ays_runtime.config import SignInSettings
 from ays_runtime.manager.versions import Actor
 from ays_runtime.metrics import manager as metrics
-from ays_runtime.retry import retry_call
-from ays_runtime.storage.database import (
-    TRANSACTION_ATTEMPTS,
-    insert_ignoring_duplicates,
-    is_transient,
-    utcnow,
-)
+from ays_runtime.storage.database import in_session, insert_ignoring_duplicates, utcnow
 from ays_runtime.storage.models import SignInLimit
 from ays_runtime.users.service import NAME
 from ays_runtime.vocabulary import AuditAction, ChangeVia
@@ -105,14 +99,7 @@ def _keys(limits: SignInSettings, name: str, address: str) -> list[tuple[str, st
 
 def _in_transaction(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:
     """`work(session)`, committed; run again on a deadlock or lock timeout."""
-
-    def once() -> T:
-        with sessions() as session:
-            out = work(session)
-            session.commit()
-            return out
-
-    return retry_call(once, is_transient, "sign-in limits", attempts=TRANSACTION_ATTEMPTS)
+    return in_session(sessions, work, "sign-in limits", commit=True)
 
 
 def _locked_row(session: Session, kind: str, key: str, now: datetime) -> SignInLimit:

@@ -14,11 +14,12 @@ ConflictError a 409). They read the request and call `store` / `service`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from ays_runtime.audit import trail
 from ays_runtime.audit.api import Who
@@ -34,12 +35,15 @@ from ays_runtime.manager.schemas import (
     WorkflowUpdate,
     WorkflowView,
 )
+from ays_runtime.storage.database import in_session
 from ays_runtime.storage.models import Workflow, WorkflowRun
 from ays_runtime.vocabulary import AuditAction
 from ays_runtime.web.fields import Id
 from ays_runtime.workflows import store
 
 RUNS_SHOWN = 20
+
+T = TypeVar("T")
 
 
 def _sessions(request: Request) -> Iterator[Session]:
@@ -125,10 +129,16 @@ def list_workflows(session: DbSession) -> list[WorkflowOut]:
     return [workflow_out(session, wf) for wf in store.list_workflows(session)]
 
 
+def _write(ctx: ManagerContext, work: Callable[[Session], T]) -> T:
+    """`work(session)` (it commits what it writes), tried again on a transient database error.
+    Blocking: the routes that write are plain functions, run in the thread pool."""
+    return in_session(ctx.sessions, work, "manager: the workflows API", commit=False)
+
+
 @router.post("/workflows", response_model=WorkflowOut, status_code=201)
-def create_workflow(body: WorkflowCreate, session: DbSession, who: Who) -> WorkflowOut:
-    wf = store.create_workflow(session, body.model_dump(mode="json", exclude_unset=True), who)
-    return workflow_out(session, wf)
+def create_workflow(body: WorkflowCreate, ctx: Ctx, who: Who) -> WorkflowOut:
+    data = body.model_dump(mode="json", exclude_unset=True)
+    return _write(ctx, lambda s: workflow_out(s, store.create_workflow(s, data, who)))
 
 
 @router.get("/workflows/{name}", response_model=WorkflowView)
@@ -137,24 +147,26 @@ def get_workflow(name: str, session: DbSession) -> WorkflowView:
 
 
 @router.patch("/workflows/{name}", response_model=WorkflowOut)
-def update_workflow(name: str, body: WorkflowUpdate, session: DbSession, who: Who) -> WorkflowOut:
+def update_workflow(name: str, body: WorkflowUpdate, ctx: Ctx, who: Who) -> WorkflowOut:
     changes = body.model_dump(mode="json", exclude_unset=True)
-    wf = store.update_workflow(session, name, changes, who)
-    return workflow_out(session, wf)
+    return _write(ctx, lambda s: workflow_out(s, store.update_workflow(s, name, changes, who)))
 
 
 @router.delete("/workflows/{name}", status_code=204)
-def delete_workflow(name: str, session: DbSession, who: Who) -> None:
-    store.delete_workflow(session, name, who)
+def delete_workflow(name: str, ctx: Ctx, who: Who) -> None:
+    _write(ctx, lambda s: store.delete_workflow(s, name, who))
 
 
 @router.post("/workflows/{name}/start", response_model=WorkflowRunOut, status_code=202)
 async def start_workflow(name: str, body: WorkflowStart, ctx: Ctx, who: Who) -> WorkflowRunOut:
     run_id = await _service(ctx).start(name, body.params)
-    with ctx.sessions() as session:
-        done = {"run": run_id, "params": body.params}
+    done = {"run": run_id, "params": body.params}
+
+    def record(session: Session) -> WorkflowRunOut:
         trail.record_done(session, who, AuditAction.WORKFLOW_STARTED, name, done)
         return run_out(session, store.get_run(session, run_id), name, nodes=True)
+
+    return await run_in_threadpool(_write, ctx, record)
 
 
 @router.get("/workflow-runs/{run_id}", response_model=WorkflowRunOut)
@@ -167,12 +179,15 @@ def get_run(run_id: Id, session: DbSession) -> WorkflowRunOut:
 @router.post("/workflow-runs/{run_id}/rerun", response_model=WorkflowRunOut, status_code=202)
 async def rerun(run_id: Id, ctx: Ctx, who: Who) -> WorkflowRunOut:
     await _service(ctx).rerun(run_id)
-    with ctx.sessions() as session:
+
+    def record(session: Session) -> WorkflowRunOut:
         run = store.get_run(session, run_id)
         wf = session.get(Workflow, run.workflow_id)
         what = {"run": run_id, "message": run.message}
         trail.record_done(session, who, AuditAction.WORKFLOW_RERUN, wf.name if wf else "", what)
         return run_out(session, run, wf.name if wf else "", nodes=True)
+
+    return await run_in_threadpool(_write, ctx, record)
 
 
 def _service(ctx: ManagerContext) -> Any:
