@@ -177,8 +177,12 @@ def reset_tables(engine: Engine) -> None:
             for table in (JobLog, TimerRow, Task):
                 conn.execute(delete(table))
         else:
+            # TRUNCATE refuses a table other tables' foreign keys name (ays_task: the
+            # dependency edges), even when they are empty, as they are here.
+            conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
             for table in (JobLog, TimerRow, Task):
                 conn.exec_driver_sql(f"TRUNCATE TABLE {table.__tablename__}")
+            conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
     if engine.dialect.name == "sqlite":
         with engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
