@@ -176,7 +176,7 @@ class ManagerSettings(_Section):
         "sent when the slot comes. Keeps the commit off the path from slot to dispatch and "
         "lets a burst of many slots in one second be written before it. A change to a task "
         "within this time before a slot applies from the next slot; disabling or deleting "
-        "it up to 0.25 s before the slot still stops the claimed run. 0 claims each slot "
+        "it up to 0.5 s before the slot still stops the claimed run. 0 claims each slot "
         "when it is due",
     )
     adopt_after: float = Field(

@@ -50,7 +50,7 @@ MAX_BATCH_DELAY = 0.002
 MAX_IN_FLIGHT = 2
 # How long before its slot a run claimed ahead is checked against its task (disabled or
 # deleted since?): the check reads the database, off the path from slot to dispatch.
-CHECK_AHEAD = 0.25
+CHECK_AHEAD = 0.5
 # Slot-ledger ranges written with one claim batch: a manager starting after a long stop finds
 # one per task, and counting their slots must not hold the claims back for long.
 MAX_OWED_BATCH = 500
