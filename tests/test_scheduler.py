@@ -614,3 +614,88 @@ def test_a_batch_larger_than_mysqls_default_group_concat_is_claimed_whole(
     won = claim_slots(engine, MANAGER, [Fire(t, slot) for t in tasks], utcnow())
     assert sorted(d.task_id for d in won) == tasks
     assert len({d.job_log_id for d in won}) == 300
+
+
+# -- claiming ahead (manager.claim_ahead) ---------------------------------------------------
+
+
+def test_runs_claimed_ahead_are_sent_at_their_slot_each_once_and_all_of_them_at_a_stop(
+    engine: Engine,
+) -> None:
+    task = add_task(engine, "ahead", "* * * * * *")
+    handed: list[tuple[JobDispatch, datetime]] = []
+
+    async def on_claimed(jobs: list[JobDispatch]) -> None:
+        now = utcnow()
+        handed.extend((job, now) for job in jobs)
+
+    async def main() -> None:
+        scheduler = Scheduler(engine, MANAGER, on_claimed, claim_ahead=2.0)
+        runner = asyncio.create_task(scheduler.run())
+        deadline = utcnow() + timedelta(seconds=60)
+        while len(handed) < 3 and utcnow() < deadline:
+            await asyncio.sleep(0.05)
+        scheduler.stop()  # with slots claimed ahead and not due yet
+        await asyncio.wait_for(runner, 30)
+
+    asyncio.run(main())
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(JobLog.id, JobLog.scheduled_at, JobLog.created_at, JobLog.due_at)
+            .where(JobLog.task_id == task)
+            .order_by(JobLog.scheduled_at)
+        ).all()
+    # Never sent before its slot; each slot once, none skipped; a clean stop sent every
+    # row it had claimed, the held ones included.
+    assert all(at >= job.scheduled_at for job, at in handed)
+    slots = [r.scheduled_at for r in rows]
+    assert len(set(slots)) == len(slots) >= 3
+    assert {b - a for a, b in zip(slots, slots[1:], strict=False)} == {timedelta(seconds=1)}
+    assert sorted(job.job_log_id for job, _ in handed) == sorted(r.id for r in rows)
+    # Claimed ahead: committed before the slot, the row due at it (a restart or a peer's
+    # adoption sends it then, not at once).
+    ahead = [r for r in rows if r.created_at < r.scheduled_at]
+    assert ahead, "no slot was claimed ahead of its time"
+    assert all(r.due_at == r.scheduled_at for r in ahead)
+
+
+def test_a_run_claimed_ahead_is_not_sent_when_its_task_is_disabled_before_the_slot(
+    engine: Engine,
+) -> None:
+    # The slot: a second at least 7 s ahead; claimed 5 s before it, then the task is
+    # disabled behind this scheduler's back (another manager's API), its timer still here.
+    slot = (utcnow() + timedelta(seconds=8)).replace(microsecond=0)
+    task = add_task(engine, "disabled-ahead", f"{slot.second} * * * * *")
+    kept = add_task(engine, "kept-ahead", f"{slot.second} * * * * *")
+    handed: list[JobDispatch] = []
+
+    async def on_claimed(jobs: list[JobDispatch]) -> None:
+        handed.extend(jobs)
+
+    def claimed() -> int:
+        with engine.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(JobLog).where(JobLog.scheduled_at == slot)
+            ).scalar_one()
+
+    async def main() -> None:
+        scheduler = Scheduler(engine, MANAGER, on_claimed, reconcile_interval=60, claim_ahead=5)
+        runner = asyncio.create_task(scheduler.run())
+        deadline = utcnow() + timedelta(seconds=60)
+        while await asyncio.to_thread(claimed) < 2 and utcnow() < deadline:
+            await asyncio.sleep(0.05)
+        assert utcnow() < slot - timedelta(seconds=1), "the machine is too slow for this test"
+        assert not handed  # held until the slot
+        await asyncio.to_thread(change_task, engine, task, enabled=False)
+        while not handed and utcnow() < deadline:
+            await asyncio.sleep(0.05)
+        scheduler.stop()
+        await asyncio.wait_for(runner, 30)
+
+    asyncio.run(main())
+    assert [(job.task_id, job.scheduled_at) for job in handed] == [(kept, slot)]
+    with engine.connect() as conn:
+        rows = (
+            conn.execute(select(JobLog.task_id).where(JobLog.scheduled_at == slot)).scalars().all()
+        )
+    assert rows == [kept]  # the disabled task's row is gone, as if never claimed

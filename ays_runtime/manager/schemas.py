@@ -573,7 +573,9 @@ class JobLogOut(_Response):
     started_at: UtcOut | None
     ended_at: UtcOut | None
     due_at: UtcOut | None = Field(
-        None, description="a pending retry: dispatched once this has passed (its backoff)"
+        None,
+        description="when a pending run may be dispatched: a retry once its backoff has "
+        "passed, a run claimed ahead (manager.claim_ahead) at its slot",
     )
     exit_code: int | None
     output: str

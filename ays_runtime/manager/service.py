@@ -173,6 +173,7 @@ class Manager:
             misfire_grace=cfg.manager.misfire_grace,
             ledger_horizon=cfg.manager.ledger_horizon,
             ownership=ownership,
+            claim_ahead=cfg.manager.claim_ahead,
         )
         self.scheduler = scheduler
         self.ownership = ownership

@@ -13,6 +13,10 @@ RETURNING`, which MariaDB >= 10.5 and SQLite >= 3.35 have, would still be a row 
 MySQL, the production database, has none.) The tasks' dispatch fields are cached by version
 (`TaskCache`), and the claim writer keeps two batches in flight on MySQL, so the event loop
 never waits for one and the server writes one batch while Python builds the next.
+
+A fire claimed ahead of its slot (the scheduler's `claim_ahead`; its row's `due_at` is the
+slot) is held by the writer once committed and handed over when the slot comes: the claim's
+cost is then paid before the slot, not between the slot and the dispatch.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ays_runtime.dependencies.results import with_parent_results
@@ -44,6 +48,9 @@ MAX_BATCH = 2000
 MAX_BATCH_DELAY = 0.002
 # Claim batches in flight at once on MySQL (FireWriter.max_in_flight).
 MAX_IN_FLIGHT = 2
+# How long before its slot a run claimed ahead is checked against its task (disabled or
+# deleted since?): the check reads the database, off the path from slot to dispatch.
+CHECK_AHEAD = 0.5
 # Slot-ledger ranges written with one claim batch: a manager starting after a long stop finds
 # one per task, and counting their slots must not hold the claims back for long.
 MAX_OWED_BATCH = 500
@@ -187,16 +194,10 @@ class TaskCache:
 
     def current(self, conn: Connection, task_ids: set[int]) -> dict[int, CurrentTask]:
         found: dict[int, tuple[int, bool]] = {}
-        ids = sorted(task_ids)
-        for start in range(0, len(ids), ID_CHUNK):
-            listed = ",".join(str(int(i)) for i in ids[start : start + ID_CHUNK])
-            fields = _concat(conn, "id", "version", "enabled")
-            text = conn.exec_driver_sql(
-                f"SELECT {fields} FROM {Task.__tablename__} WHERE id IN ({listed})"
-            ).scalar()
-            for item in _items(text):
-                id_text, version_text, enabled_text = item.split("|")
-                found[int(id_text)] = (int(version_text), enabled_text == "1")
+        for id_text, version_text, enabled_text in task_fields(
+            conn, task_ids, "id", "version", "enabled"
+        ):
+            found[int(id_text)] = (int(version_text), enabled_text == "1")
         for task_id in task_ids - found.keys():
             self._rows.pop(task_id, None)  # deleted
         stale = {
@@ -238,6 +239,20 @@ def _concat(conn: Connection, *columns: str) -> str:
         conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}")
         info["ays_group_concat"] = True
     return "GROUP_CONCAT(CONCAT_WS('|', " + ", ".join(columns) + "))"
+
+
+def task_fields(conn: Connection, task_ids: Iterable[int], *columns: str) -> Iterator[list[str]]:
+    """`columns` of the tasks `task_ids` that exist, as text, one list per task: read as
+    one `group_concat` string per ID_CHUNK tasks (the values must hold neither "|" nor ",")."""
+    ids = sorted(task_ids)
+    fields = _concat(conn, *columns)
+    for start in range(0, len(ids), ID_CHUNK):
+        listed = ",".join(str(int(i)) for i in ids[start : start + ID_CHUNK])
+        text = conn.exec_driver_sql(
+            f"SELECT {fields} FROM {Task.__tablename__} WHERE id IN ({listed})"
+        ).scalar()
+        for item in _items(text):
+            yield item.split("|")
 
 
 def _items(text: str | None) -> list[str]:
@@ -358,6 +373,40 @@ class ClaimRows:
         return out
 
 
+def drop_unwanted(engine: Engine, manager_id: str, jobs: Sequence[JobDispatch]) -> set[int]:
+    """The ids of `jobs` (claimed ahead, not sent yet) whose task is disabled or deleted now:
+    not to be sent, as if never claimed (a disabled task runs only by hand). Their rows are
+    deleted while still this manager's and pending."""
+
+    def work(conn: Connection) -> set[int]:
+        task_ids = {job.task_id for job in jobs}
+        enabled = {
+            int(id_text)
+            for id_text, enabled_text in task_fields(conn, task_ids, "id", "enabled")
+            if enabled_text == "1"
+        }
+        unwanted = [job.job_log_id for job in jobs if job.task_id not in enabled]
+        if not unwanted:
+            return set()
+        mine = (
+            JobLog.id.in_(unwanted),
+            JobLog.manager_id == manager_id,
+            JobLog.status == RunStatus.PENDING.value,
+        )
+        conn.execute(delete(JobLog).where(*mine))
+        log.info(
+            "manager %s: %d run(s) claimed ahead not sent: their task was disabled or deleted "
+            "before the slot",
+            manager_id,
+            len(unwanted),
+        )
+        return set(unwanted)
+
+    return transaction(
+        engine, work, f"manager {manager_id}: checking {len(jobs)} run(s) claimed ahead"
+    )
+
+
 def make_dispatch(
     task: dict[str, Any],
     job_log_id: int,
@@ -405,10 +454,16 @@ class FireWriter:
         on_claimed: Callable[[list[JobDispatch]], Awaitable[None]],
         max_batch: int = MAX_BATCH,
         max_in_flight: int | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.engine = engine
         self.manager_id = manager_id
         self.on_claimed = on_claimed
+        self.clock = clock
+        # Runs claimed ahead, by slot, until the slot comes.
+        self._held: dict[datetime, list[JobDispatch]] = {}
+        self._releases: dict[datetime, asyncio.TimerHandle] = {}
+        self._handing: set[asyncio.Task[None]] = set()
         self.max_batch = max_batch
         # Batches claimed at once, each in its own thread and transaction: while the server
         # writes one, Python builds the next. SQLite has one writer: a second batch would
@@ -460,12 +515,22 @@ class FireWriter:
     def backlog(self) -> int:
         return len(self._queue)
 
+    @property
+    def held(self) -> int:
+        """Runs claimed ahead of their slot, waiting for it."""
+        return sum(len(jobs) for jobs in self._held.values())
+
     async def run(self) -> None:
         in_flight: set[asyncio.Task[None]] = set()
         try:
             while True:
                 if not self._queue and not self._owed:
                     if self._closing and not in_flight:
+                        if self._held or self._handing:
+                            # A clean stop sends what it claimed ahead when its slot comes:
+                            # no row is left for a peer's adoption.
+                            await self._release_held()
+                            continue
                         return
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -491,7 +556,8 @@ class FireWriter:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._wakeup.set()  # `run` may be waiting for the last batch to finish
         if not task.cancelled() and task.exception() is not None:
-            log.error("manager %s: claim batch failed", self.manager_id, exc_info=task.exception())
+            what = "claim batch" if task.get_name() == "claim-batch" else "hand-over of held runs"
+            log.error("manager %s: %s failed", self.manager_id, what, exc_info=task.exception())
 
     def _write(
         self, batch: list[Fire], owed: list[OwedRange]
@@ -526,17 +592,73 @@ class FireWriter:
             log.warning("manager %s: database is back, claiming again", self.manager_id)
             self._failing = False
         self.claimed_total += len(dispatches)
-        claimed_at = utcnow()
         won = {(d.task_id, d.scheduled_at): d.job_log_id for d in dispatches}
         for fire in batch:
             future = self._waiters.pop((fire.task_id, fire.scheduled_at), None)
             if future is not None and not future.done():
                 future.set_result(won.get((fire.task_id, fire.scheduled_at)))
+        early = {(f.task_id, f.scheduled_at) for f in batch if f.due_at is not None}
+        now = self.clock()
+        go = []
+        for job in dispatches:
+            if (job.task_id, job.scheduled_at) in early and job.scheduled_at > now:
+                self._hold(job, now)
+            else:
+                go.append(job)
+        metrics.slots_not_fired(recorded)
+        await self._hand_over(go)
+
+    async def _hand_over(self, dispatches: list[JobDispatch]) -> None:
+        claimed_at = utcnow()
         if dispatches:
             await self.on_claimed(dispatches)
         # After the hand-over: the metrics are bookkeeping, not on the path of a fire.
-        metrics.slots_not_fired(recorded)
         metrics.fires_claimed(dispatches, claimed_at)
+
+    def _hold(self, job: JobDispatch, now: datetime) -> None:
+        slot = job.scheduled_at
+        self._held.setdefault(slot, []).append(job)
+        if slot not in self._releases:
+            delay = max(0.0, (slot - now).total_seconds() - CHECK_AHEAD)
+            self._releases[slot] = asyncio.get_running_loop().call_later(delay, self._release, slot)
+
+    def _release(self, slot: datetime) -> None:
+        """Shortly before the slot: drop the runs of tasks disabled or deleted since their
+        claim, then send the rest when the slot comes (a task of their own, tracked)."""
+        self._releases.pop(slot, None)
+        jobs = self._held.pop(slot, [])
+
+        async def send() -> None:
+            try:
+                dropped = await asyncio.to_thread(drop_unwanted, self.engine, self.manager_id, jobs)
+            except SQLAlchemyError as err:
+                # The rows are committed and this manager's: sending them is the safe side.
+                log.error(
+                    "manager %s: cannot check %d run(s) claimed ahead, sending them: %s",
+                    self.manager_id,
+                    len(jobs),
+                    getattr(err, "orig", None) or err,
+                )
+                dropped = set()
+            delay = (slot - self.clock()).total_seconds()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._hand_over([job for job in jobs if job.job_log_id not in dropped])
+
+        task = asyncio.get_running_loop().create_task(send(), name="release-held")
+        self._handing.add(task)
+        task.add_done_callback(self._handing.discard)
+        task.add_done_callback(self._finished)
+
+    async def _release_held(self) -> None:
+        """Send every held run when its slot comes (a clean stop)."""
+        while self._held or self._handing:
+            if self._handing:
+                await asyncio.wait(set(self._handing))
+                continue
+            slot = min(self._held)
+            self._releases.pop(slot).cancel()
+            self._release(slot)
 
     def close(self) -> None:
         """Make `run` return once everything submitted is claimed (the caller bounds the wait)."""
