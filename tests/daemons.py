@@ -162,6 +162,24 @@ def client(port: int, token: str = TOKEN) -> httpx.Client:
     )
 
 
+def create_shell_task(port: int, name: str = "tick", schedule: str = "* * * * * *") -> int:
+    """A task running `true` on `schedule`, in group g1, made first: the task's id."""
+    with client(port) as api:
+        assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
+        response = api.post(
+            "/tasks",
+            json={
+                "name": name,
+                "node_group": "g1",
+                "schedule": schedule,
+                "task_type": "shell",
+                "payload": {"command": "true"},
+            },
+        )
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+
 @dataclass
 class Cluster:
     """A manager on SQLite in `tmp` and, when asked, one node of group g1."""

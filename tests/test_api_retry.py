@@ -20,7 +20,15 @@ import pytest
 from sqlalchemy import text
 
 from ays_runtime.storage.database import make_engine
-from tests.daemons import Daemon, client, free_port, manager, wait_for, write_config
+from tests.daemons import (
+    Daemon,
+    client,
+    create_shell_task,
+    free_port,
+    manager,
+    wait_for,
+    write_config,
+)
 
 IMPATIENT = "SET SESSION innodb_lock_wait_timeout = 1"
 
@@ -79,29 +87,12 @@ def change_while_held(
     return answers[0]
 
 
-def add_yearly_task(api: httpx.Client, name: str) -> int:
-    """A task (of a new group g1) that fires once a year: no run gets in the way."""
-    assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
-    made = api.post(
-        "/tasks",
-        json={
-            "name": name,
-            "node_group": "g1",
-            "schedule": "0 0 1 1 *",
-            "task_type": "shell",
-            "payload": {"command": "true"},
-        },
-    )
-    assert made.status_code == 201, made.text
-    return int(made.json()["id"])
-
-
 def test_a_task_change_held_up_by_a_row_lock_is_tried_again_and_stored(
     impatient_manager: tuple[Daemon, int], mysql_url: str
 ) -> None:
     daemon, port = impatient_manager
-    with client(port) as api:
-        task_id = add_yearly_task(api, "yearly")
+    # Fires once a year: no run gets in the way.
+    task_id = create_shell_task(port, "yearly", "0 0 1 1 *")
     answer = change_while_held(
         daemon, port, mysql_url, "ays_task", task_id, f"/tasks/{task_id}", {"schedule": "0 1 1 1 *"}
     )
@@ -117,8 +108,8 @@ def test_a_workflow_change_held_up_by_a_row_lock_is_tried_again_and_stored(
     impatient_manager: tuple[Daemon, int], mysql_url: str
 ) -> None:
     daemon, port = impatient_manager
+    create_shell_task(port, "step", "0 0 1 1 *")
     with client(port) as api:
-        add_yearly_task(api, "step")
         flow = api.post("/workflows", json={"name": "etl", "tasks": ["step"]})
         assert flow.status_code == 201, flow.text
     answer = change_while_held(

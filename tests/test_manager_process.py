@@ -13,7 +13,15 @@ import yaml
 from sqlalchemy import create_engine, select
 
 from ays_runtime.storage.models import JobLog, TriggerKind
-from tests.daemons import BIN, client, free_port, manager, wait_for, write_config
+from tests.daemons import (
+    BIN,
+    client,
+    create_shell_task,
+    free_port,
+    manager,
+    wait_for,
+    write_config,
+)
 
 
 def job_slots(url: str, task_id: int) -> list[tuple[object, str]]:
@@ -34,23 +42,6 @@ def job_slots(url: str, task_id: int) -> list[tuple[object, str]]:
         engine.dispose()
 
 
-def create_every_second_task(port: int, name: str = "tick") -> int:
-    with client(port) as api:
-        assert api.post("/node-groups", json={"name": "g1"}).status_code == 201
-        response = api.post(
-            "/tasks",
-            json={
-                "name": name,
-                "node_group": "g1",
-                "schedule": "* * * * * *",
-                "task_type": "shell",
-                "payload": {"command": "true"},
-            },
-        )
-        assert response.status_code == 201, response.text
-        return int(response.json()["id"])
-
-
 def test_the_debug_manager_fires_a_new_task_at_once_and_stops_cleanly_on_sigint(
     tmp_path: Path, sqlite_url: str
 ) -> None:
@@ -58,7 +49,7 @@ def test_the_debug_manager_fires_a_new_task_at_once_and_stops_cleanly_on_sigint(
     config = write_config(tmp_path / "manager.yaml", sqlite_url, port, tmp_path)
     daemon = manager(config, tmp_path / "manager.log", port).start()
     try:
-        task = create_every_second_task(port)
+        task = create_shell_task(port)
         with client(port) as api:
             triggered = api.post(f"/tasks/{task}/trigger", json={"params": "now"})
             assert triggered.status_code == 202, triggered.text
@@ -81,7 +72,7 @@ def test_two_managers_on_one_database_fire_each_slot_exactly_once(
         config = write_config(tmp_path / f"m{i}.yaml", mysql_url, port, tmp_path / f"m{i}")
         daemons.append(manager(config, tmp_path / f"m{i}.log", port).start())
     try:
-        task = create_every_second_task(ports[0])
+        task = create_shell_task(ports[0])
         # The second manager learns of the task at its next reconcile tick (1 s).
         wait_for(lambda: len(job_slots(mysql_url, task)) >= 6, 20, "six fires")
         time.sleep(1.0)
@@ -165,7 +156,7 @@ def test_reconcile_dry_run_prints_one_line_per_action_and_changes_nothing(
     config = write_config(tmp_path / "m.yaml", sqlite_url, port, tmp_path)
     daemon = manager(config, tmp_path / "m.log", port).start()
     try:
-        task = create_every_second_task(port)
+        task = create_shell_task(port)
         with client(port) as api:
             api.post(
                 "/tasks",

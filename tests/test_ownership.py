@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select, update
 
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
 from ays_runtime.scheduler.firing import Fire, claim_slots
@@ -28,7 +28,7 @@ from ays_runtime.scheduler.ownership import BUCKETS, buckets_of, mark_stopped, o
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
 from ays_runtime.scheduler.timers import TimerList
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import JobLog, Manager, TimerRow, TriggerKind
+from ays_runtime.storage.models import JobLog, Manager, RunStatus, TimerRow, TriggerKind
 from tests.daemons import TOKEN, Daemon, client, free_port, manager, wait_for, write_config
 
 TASKS = 12
@@ -102,6 +102,20 @@ class Managers:
                     )
                 )
             ]
+
+    def claimed_ahead_by(self, manager_id: str) -> int:
+        """Runs `manager_id` claimed ahead of their slots and has not sent."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count())
+                .select_from(JobLog)
+                .where(
+                    JobLog.manager_id == manager_id,
+                    JobLog.status == RunStatus.PENDING.value,
+                    JobLog.attempt == 0,
+                    JobLog.due_at.is_not(None),
+                )
+            ).scalar_one()
 
     def counters(self) -> tuple[float, float]:
         """(fires submitted, scheduled fires claimed), summed over the running managers."""
@@ -237,7 +251,15 @@ def test_a_killed_manager_s_tasks_move_to_the_others_and_back_when_it_returns(
     theirs = [t for t in tasks if ays.held()[t] == [victim]]
     killed_at = time.monotonic()
     ays.stop(index, signal.SIGKILL)
+    print(f"runs the killed manager held, claimed ahead: {ays.claimed_ahead_by(victim)}")
     wait_for(lambda: ays.settled(tasks), 45, "the killed manager's tasks taken over")
+    # Those slots count as fired: their runs are adopted with the tasks, not a minute later
+    # (manager.adopt_after, 60 s, for the rest of its pending runs).
+    wait_for(
+        lambda: ays.claimed_ahead_by(victim) == 0,
+        40,
+        "the killed manager's runs claimed ahead adopted",
+    )
     print(
         f"killed manager's {len(theirs)} task(s) held by the others after "
         f"{time.monotonic() - killed_at:.1f} s (bound: silent_after + beat_interval + reconcile)"
@@ -343,3 +365,38 @@ def test_a_stopped_manager_s_pending_runs_are_adopted_at_once_by_the_owner_of_ea
     with engine.connect() as conn:
         row = conn.execute(select(Manager.stopped_at).where(Manager.manager_id == peer)).one()
     assert row.stopped_at is None
+
+
+def test_a_silent_manager_s_runs_claimed_ahead_are_adopted_when_its_tasks_move(
+    engine: Any,
+) -> None:
+    from tests.test_scheduler import add_task
+
+    peer, me = "127.0.0.1:1", "127.0.0.1:2"
+    ahead, at_slot, retry = add_task(engine, "a"), add_task(engine, "b"), add_task(engine, "c")
+    record_alive(engine, peer, "test", utcnow())
+    now = whole_second(utcnow())
+    slot = now + timedelta(seconds=1)
+    claim_slots(
+        engine,
+        peer,
+        [
+            Fire(ahead, slot, due_at=slot),  # claimed ahead, held by the peer
+            Fire(at_slot, now),  # claimed at its slot, not sent yet
+            Fire(retry, now, attempt=1, due_at=slot),  # a retry waiting its backoff
+        ],
+        now,
+    )
+    short, long = timedelta(seconds=5), timedelta(minutes=1)
+    assert adopt_from_silent(engine, me, short, claimed_ahead=True) is None  # alive
+    with engine.begin() as conn:  # silent for 10 s: its tasks have moved
+        conn.execute(
+            update(Manager)
+            .where(Manager.manager_id == peer)
+            .values(last_seen=utcnow() - timedelta(seconds=10))
+        )
+    assert adopt_from_silent(engine, me, long) is None  # not for a minute
+    assert adopt_from_silent(engine, me, short, claimed_ahead=True) is not None
+    with engine.connect() as conn:
+        owners = dict(conn.execute(select(JobLog.task_id, JobLog.manager_id)).all())
+    assert owners == {ahead: me, at_slot: peer, retry: peer}

@@ -6,8 +6,13 @@ two adopters never take the same row) and sends each when it is due: no run stay
 for ever because the manager that claimed it is gone.
 
 A manager that stopped cleanly (`stopped_at`, scheduler/ownership.py) is adopted from at
-once. With several live managers, each adopts only the runs of the tasks it owns (its
-buckets), so the runs follow the tasks.
+once. The runs a silent manager claimed ahead of their slots (`manager.claim_ahead`: attempt
+0 with a `due_at`) are adopted sooner, once it is silent for `manager.silent_after`, when its
+tasks move: they count as fired, so the new owner does not fire those slots again, and
+waiting `adopt_after` would run them a minute late. Were the silent manager only stalled, it
+may send them too when it wakes: the nodes' start claim lets one run start. With several
+live managers, each adopts only the runs of the tasks it owns (its buckets), so the runs
+follow the tasks.
 
 Only managers with a row are ever adopted from; a manager of an older version, which writes
 none, is left alone.
@@ -55,10 +60,12 @@ def adopt_from_silent(
     silent_for: timedelta,
     buckets: Collection[int] | None = None,
     bucket_count: int = 1,
+    claimed_ahead: bool = False,
 ) -> str | None:
     """Take over the pending runs of managers silent for longer than `silent_for` or stopped
-    cleanly; only those of tasks in `buckets` (task_id % bucket_count) when given. The claim
-    token the adopted rows now carry (select them by it), or None when there were none."""
+    cleanly; only those of tasks in `buckets` (task_id % bucket_count) when given, only the
+    runs claimed ahead of their slots with `claimed_ahead`. The claim token the adopted rows
+    now carry (select them by it), or None when there were none."""
     token = uuid.uuid4().hex  # one for every try: rows a try whose commit was lost took count
 
     def adopt(conn: Connection) -> tuple[list[str], int]:
@@ -80,6 +87,8 @@ def adopt_from_silent(
         )
         if buckets is not None:
             stmt = stmt.where((JobLog.task_id % bucket_count).in_(sorted(buckets)))
+        if claimed_ahead:  # not retries (attempt > 0), not runs claimed at their slot
+            stmt = stmt.where(JobLog.attempt == 0, JobLog.due_at.is_not(None))
         conn.execute(stmt.values(manager_id=manager_id, claim=token))
         mine = select(func.count()).where(
             JobLog.claim == token, JobLog.status == RunStatus.PENDING.value

@@ -355,12 +355,19 @@ class Manager:
 
     async def _reap(self, tracker: RunTracker) -> None:
         # The liveness beat itself is the scheduler's (scheduler/ownership.py).
-        silent_for = timedelta(seconds=self.config.manager.adopt_after)
+        settings = self.config.manager
+        # Every pending run after adopt_after; those claimed ahead once the tasks move.
+        bounds = (
+            (timedelta(seconds=settings.adopt_after), False),
+            (timedelta(seconds=settings.silent_after), True),
+        )
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
                 await tracker.reap_orphans()
             try:
-                if self._recovered.is_set():  # own leftovers first, then a peer's
+                for silent_for, claimed_ahead in bounds:
+                    if not self._recovered.is_set():  # own leftovers first, then a peer's
+                        break
                     token = await asyncio.to_thread(
                         adopt_from_silent,
                         self.engine,
@@ -368,6 +375,7 @@ class Manager:
                         silent_for,
                         self.ownership.owned,
                         BUCKETS,
+                        claimed_ahead,
                     )
                     if token is not None:
                         await tracker.recover_pending(claim=token)

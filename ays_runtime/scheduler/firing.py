@@ -515,11 +515,6 @@ class FireWriter:
     def backlog(self) -> int:
         return len(self._queue)
 
-    @property
-    def held(self) -> int:
-        """Runs claimed ahead of their slot, waiting for it."""
-        return sum(len(jobs) for jobs in self._held.values())
-
     async def run(self) -> None:
         in_flight: set[asyncio.Task[None]] = set()
         try:
