@@ -173,9 +173,10 @@ class ManagerSettings(_Section):
         ge=0,
         le=5,
         description="seconds before its slot a run is claimed (its row committed); it is "
-        "sent when the slot comes. Keeps the commit off the path from slot to dispatch and "
-        "lets a burst of many slots in one second be written before it. A change to a task "
-        "within this time before a slot applies from the next slot; disabling or deleting "
+        "sent when the slot comes. Keeps the commit off the path from slot to dispatch, and a "
+        "burst of slots due in one second starts being written this much before it. A "
+        "change to a task within this time before a slot applies from the next slot; "
+        "disabling or deleting "
         "it up to 0.5 s before the slot still stops the claimed run. 0 claims each slot "
         "when it is due",
     )

@@ -9,10 +9,10 @@ manager's timers follow its share.
 The fire loop sleeps until the earliest timer is due (or until a reconcile changes the
 list); it never polls. With `claim_ahead`, it fires each timer that much before its slot: the
 slot's row is claimed and committed early (`due_at` = the slot) and the claim writer hands
-the run over to dispatch when the slot comes (FireWriter, "held"). A burst of 10,000 or
-100,000 slots due in one second is then committed before its second instead of after it, and
-the commit is off the path from slot to dispatch. The run is the task as it was at the claim;
-a task disabled, deleted or moved meanwhile is checked when the slot comes (`_vet_held`).
+the run over to dispatch when the slot comes (FireWriter, "held"). The commit is then off the
+path from slot to dispatch, and a burst due in one second starts being written that much
+before it. The run is the task as it was at the claim, unless the task is disabled or
+deleted before the slot (`drop_unwanted`, checked half a second before it).
 """
 
 from __future__ import annotations
