@@ -710,8 +710,7 @@ async def child_apscheduler(n: int, seconds: float) -> dict[str, Any]:
     gc.collect()
     after = rss()
     ready = datetime.now(UTC)
-    # The steady state: from when the start-up's own backlog (the slots due before the first
-    # could be claimed ahead, all claimed at once) is surely behind.
+    # The same window as the Ays steps' (run_step), so that the two are measured alike.
     window_start = ready.replace(microsecond=0) + timedelta(seconds=4)
     window_end = window_start + timedelta(seconds=seconds)
     me = psutil.Process()
