@@ -79,7 +79,7 @@ class Scheduler:
         self.ahead = timedelta(seconds=claim_ahead)
         # Seconds with more slots than `claim_ahead` claims are crowded (claimed earlier).
         self.claim_rate = claim_rate
-        crowd = max(1, int(claim_ahead * claim_rate)) if claim_ahead > 0 else None
+        crowd = int(claim_ahead * claim_rate) + 1 if claim_ahead > 0 else None
         self.timers = TimerList(crowd)
         self.horizon = timedelta(seconds=ledger_horizon)
         self.reconciler = Reconciler(engine, manager_id, misfire_grace, self.horizon)
