@@ -19,7 +19,7 @@ from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.scheduler.reconcile import Reconciler, memory_snapshot
 from ays_runtime.scheduler.schedule import parse_schedule
 from ays_runtime.scheduler.scheduler import Scheduler
-from ays_runtime.scheduler.timers import TimerList
+from ays_runtime.scheduler.timers import Timer, TimerList
 from ays_runtime.storage.database import transaction, utcnow
 from ays_runtime.storage.models import JobLog, NodeGroup, SlotMiss, Task, TimerRow, TriggerKind
 from ays_runtime.transport.base import JobDispatch
@@ -657,6 +657,64 @@ def test_runs_claimed_ahead_are_sent_at_their_slot_each_once_and_all_of_them_at_
     ahead = [r for r in rows if r.created_at < r.scheduled_at]
     assert ahead, "no slot was claimed ahead of its time"
     assert all(r.due_at == r.scheduled_at for r in ahead)
+
+
+def test_timers_are_counted_per_second_and_a_crowded_second_is_named() -> None:
+    timers = TimerList(crowd=3)
+    schedule = parse_schedule("* * * * * *")
+    slot = datetime(2026, 1, 1, 0, 0, 10)
+    for task_id in (1, 2, 3):
+        timers.put(Timer(task_id, 1, schedule, "UTC", "skip", slot))
+    timers.put(Timer(4, 1, schedule, "UTC", "skip", slot + timedelta(microseconds=500)))
+    assert timers.count_at(slot) == 4 and timers.crowded == {slot}
+    # Replaced (moved to another second), removed, fired: each leaves the count.
+    timers.put(Timer(4, 2, schedule, "UTC", "skip", slot + timedelta(seconds=1)))
+    assert timers.count_at(slot) == 3 and timers.count_at(slot + timedelta(seconds=1)) == 1
+    timers.remove(3)
+    assert timers.count_at(slot) == 2 and timers.crowded == set()
+    assert [t.task_id for t in timers.pop_due(slot)] in ([1, 2], [2, 1])
+    assert timers.count_at(slot) == 0 and len(timers) == 1
+
+
+def test_a_crowded_second_is_claimed_earlier_than_claim_ahead_and_sent_at_its_slot(
+    engine: Engine,
+) -> None:
+    """30 slots in one second, planned at 5 claims a second: the second needs 6 s, so it
+    starts BURST_AHEAD (5 s) before its slot instead of claim_ahead's 1 s."""
+    slot = (utcnow() + timedelta(seconds=12)).replace(microsecond=0)
+    tasks = [add_task(engine, f"crowd{i}", f"{slot.second} * * * * *") for i in range(30)]
+    handed: list[tuple[JobDispatch, datetime]] = []
+
+    async def on_claimed(jobs: list[JobDispatch]) -> None:
+        now = utcnow()
+        handed.extend((job, now) for job in jobs)
+
+    async def main() -> None:
+        scheduler = Scheduler(
+            engine, MANAGER, on_claimed, reconcile_interval=60, claim_ahead=1, claim_rate=5
+        )
+        runner = asyncio.create_task(scheduler.run())
+        await asyncio.wait_for(scheduler.ready.wait(), 30)
+        assert utcnow() < slot - timedelta(seconds=6), "the machine is too slow for this test"
+        deadline = slot + timedelta(seconds=60)
+        while len(handed) < len(tasks) and utcnow() < deadline:
+            await asyncio.sleep(0.05)
+        scheduler.stop()
+        await asyncio.wait_for(runner, 30)
+
+    asyncio.run(main())
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(JobLog.task_id, JobLog.created_at, JobLog.due_at).where(
+                JobLog.scheduled_at == slot
+            )
+        ).all()
+    assert sorted(r.task_id for r in rows) == tasks  # each slot claimed once
+    # Claimed well before claim_ahead's 1 s, held, and sent at the slot, each once.
+    assert all(r.created_at <= slot - timedelta(seconds=2) for r in rows), rows
+    assert all(r.due_at == slot for r in rows)
+    assert sorted(job.task_id for job, _ in handed if job.scheduled_at == slot) == tasks
+    assert all(at >= job.scheduled_at for job, at in handed)
 
 
 def test_a_run_claimed_ahead_is_not_sent_when_its_task_is_disabled_before_the_slot(

@@ -496,6 +496,11 @@ class FireWriter:
         self._warming.add(task)
         task.add_done_callback(self._warming.discard)
 
+    @property
+    def warming(self) -> bool:
+        """Whether tasks of newly installed timers are still being read ahead."""
+        return bool(self._warming)
+
     def submit(self, fire: Fire) -> None:
         self._queue.append(fire)
         self._wakeup.set()
