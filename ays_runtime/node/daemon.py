@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -750,10 +751,25 @@ def _reaped_result(address: str, reaped: Reaped) -> SpooledResult:
     return SpooledResult(entry.report_to, report)
 
 
+def _watch_children_with_pidfds() -> None:
+    """Have asyncio learn that a job's process exited from a pidfd on the event loop, as
+    Python 3.12 and later do by default, instead of Python 3.11's thread per child process
+    (ThreadedChildWatcher: a thread started, and handing the GIL back and forth, for every
+    shell job). Left as it is where pidfds are missing (Linux before 5.3, other systems)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def run_node(config: EnvConfig) -> int:
     """Run a node in the foreground until SIGINT or SIGTERM (a second one kills the held runs
     at once); return the exit code."""
     daemon = NodeDaemon(config)
+    _watch_children_with_pidfds()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
