@@ -742,3 +742,38 @@ def test_a_run_no_manager_confirms_is_not_run_and_reported_failed_after_the_clai
     assert result["status"] == "failed"
     assert result["message"].startswith("not started: no manager confirmed the start within 2s")
     assert not marker.exists()
+
+
+def test_a_shell_run_is_journaled_once_its_start_is_claimed_while_it_waits_for_a_slot(
+    manager: FakeManager, start_node: Callable[..., NodeProcess]
+) -> None:
+    node = start_node(max_concurrent_jobs=1)
+    accepted(node.run(job(manager, 62, "echo busy; sleep 30")))
+    wait_until(lambda: node.output(62), 10, "run 62 to start")
+    accepted(node.run(job(manager, 63, "echo later", task_id=2)))
+    entry = node.data_dir / "running" / "63.json"
+    wait_until(entry.exists, 10, "run 63 to be journaled while it waits")
+    assert json.loads(entry.read_text())["pid"] == 0  # ahead of its spawn
+    assert 63 not in manager.results
+    assert node.post("/api/v1/jobs/62/kill").json() == {"killed": True}
+    assert manager.result(63)["output"] == "later\n"
+    wait_until(lambda: not entry.exists(), 10, "the journal entry of run 63 to go")
+
+
+def test_a_run_waiting_for_a_slot_when_its_node_is_killed_is_reported_failed_at_the_next_start(
+    manager: FakeManager, start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = start_node(max_concurrent_jobs=1)
+    marker = tmp_path / "ran"
+    accepted(node.run(job(manager, 64, "echo busy; sleep 30")))
+    wait_until(lambda: node.output(64), 10, "run 64 to start")
+    accepted(node.run(job(manager, 65, f"echo ran >> {marker}", task_id=2)))
+    wait_until((node.data_dir / "running" / "65.json").exists, 10, "run 65 to be journaled")
+    node.signal(signal.SIGKILL)
+    node.wait_exit(timeout=10)
+    start_node()
+    failed = manager.result(65)
+    assert failed["status"] == "failed"
+    assert "had not started yet" in failed["message"]
+    assert manager.result(64)["status"] == "failed"
+    assert not marker.exists()

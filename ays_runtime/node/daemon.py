@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -81,7 +82,8 @@ from ays_runtime.protocol import (
 )
 from ays_runtime.service.handover import ConnectionCloser, release_listener
 from ays_runtime.storage.database import utcnow
-from ays_runtime.storage.models import RunStatus
+from ays_runtime.storage.group_commit import GroupCommit
+from ays_runtime.storage.models import RunStatus, TaskType
 from ays_runtime.transport.base import JobSource, ResultSink
 from ays_runtime.web.keepalive import SERVER_KEEP_ALIVE_S, client_limits
 
@@ -140,6 +142,9 @@ class NodeDaemon:
         self._spool = ResultSpool(Path(config.node.data_dir) / RESULTS_DIR, self.who)
         self._journal = RunJournal(Path(config.node.data_dir) / RUNNING_DIR, self.who)
         self._journaled: set[int] = set()
+        # Runs spawning or ending together are journaled in one worker-thread call each way.
+        self._journal_writes = GroupCommit(self._journal.record_many)
+        self._journal_removes = GroupCommit(self._journal.remove_many)
         self._report_to: dict[int, str] = {}  # held runs: where their results go
         self._executor = Executor.from_config(config, speaker=self.who, on_spawn=self._spawned)
         self._gate = BlockGate()
@@ -372,7 +377,10 @@ class NodeDaemon:
             if outcome.claim is Claim.UNANSWERED:
                 log.warning("%s: run %d %s", self.who, request.job_log_id, outcome.detail)
                 return _not_run(request, RunStatus.FAILED, outcome.detail)
-            return await self._executor.run(_spec(request))
+            spec = _spec(request)
+            if spec.task_type == TaskType.SHELL.value:
+                await self._journal_ahead(spec)
+            return await self._executor.run(spec)
         finally:
             self._gate.leave(hold)
 
@@ -411,11 +419,29 @@ class NodeDaemon:
         self._report_to.pop(job_log_id, None)
         if job_log_id in self._journaled:  # the spool speaks for the run now
             self._journaled.discard(job_log_id)
-            await asyncio.to_thread(self._journal.remove, job_log_id)
+            await self._journal_removes.submit(job_log_id)
+
+    async def _journal_ahead(self, spec: JobSpec) -> None:
+        """Journal a shell run as soon as its start is claimed, before it waits for a slot:
+        the write, one directory fsync for the runs claimed together, is then off the time
+        the run holds its slot. A node that dies before the spawn leaves an entry whose run
+        is reported failed at the next start, as one that dies after it does."""
+        try:
+            await self._spawned(spec, None)
+        except OSError as err:  # the run goes on; the executor journals it ahead once more
+            log.error(
+                "%s: run %d: cannot journal it ahead of its start: %s",
+                self.who,
+                spec.job_id,
+                err.strerror or err,
+            )
 
     async def _spawned(self, spec: JobSpec, pid: int | None) -> None:
-        """Journal a shell job ahead of its spawn (pid None), then its process group as soon
-        as its shell is spawned."""
+        """Journal a shell job ahead of its spawn (pid None; once: a run journaled when its
+        start was claimed is not written again), then its process group as soon as its shell
+        is spawned."""
+        if pid is None and spec.job_id in self._journaled:
+            return
         report_to, started_at = self._report_to.get(spec.job_id, ""), utcnow().isoformat()
         if pid is None:
             entry: JournalEntry | None = JournalEntry.ahead(
@@ -424,7 +450,7 @@ class NodeDaemon:
         else:
             entry = JournalEntry.of(spec.job_id, spec.task_id, pid, report_to, started_at)
         if entry is not None:
-            await asyncio.to_thread(self._journal.record, entry)
+            await self._journal_writes.submit(entry)
             self._journaled.add(spec.job_id)
 
     async def _reap_journal(self, spooled: list[SpooledResult]) -> list[SpooledResult]:
@@ -710,7 +736,10 @@ def _reaped_result(address: str, reaped: Reaped) -> SpooledResult:
             f"last process; ended with {reaped.how})"
         )
     else:
-        message = "node restarted: the job ended with the node's last process; its result was lost"
+        message = (
+            "node restarted: the job ended with the node's last process (or had not started "
+            "yet); its result was lost"
+        )
     report = JobResultReport(
         job_log_id=entry.job_log_id,
         node=address,
@@ -722,10 +751,25 @@ def _reaped_result(address: str, reaped: Reaped) -> SpooledResult:
     return SpooledResult(entry.report_to, report)
 
 
+def _watch_children_with_pidfds() -> None:
+    """Have asyncio learn that a job's process exited from a pidfd on the event loop, as
+    Python 3.12 and later do by default, instead of Python 3.11's thread per child process
+    (ThreadedChildWatcher: a thread started, and handing the GIL back and forth, for every
+    shell job). Left as it is where pidfds are missing (Linux before 5.3, other systems)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def run_node(config: EnvConfig) -> int:
     """Run a node in the foreground until SIGINT or SIGTERM (a second one kills the held runs
     at once); return the exit code."""
     daemon = NodeDaemon(config)
+    _watch_children_with_pidfds()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -7,7 +7,8 @@ timeout, nothing reports it, and the manager may retry the slot elsewhere.
         {"job_log_id", "task_id", "pid", "pgid", "start_time", "report_to", "started_at",
          "owner_pid", "owner_start_time"}
 
-An entry is written (temp file, fsync, rename, fsync the directory) twice: ahead of the
+An entry is written (temp file, fsync, rename, fsync the directory; the entries of runs
+spawning together with one directory fsync, in one worker-thread call) twice: ahead of the
 spawn, without a pid (`pid` 0, `start_time` the wall clock just before: a node killed right
 after the spawn, before its second write, still leaves the run's entry behind), and as soon
 as the job's shell is spawned, with its pid. It is removed once the run's result is in the
@@ -43,6 +44,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,11 +177,23 @@ class RunJournal:
 
     def record(self, entry: JournalEntry) -> None:
         """Write the entry durably (temp file, fsync, rename, fsync the directory)."""
-        write_json(self.path(entry.job_log_id), asdict(entry))
+        self.record_many([entry])
+
+    def record_many(self, entries: Sequence[JournalEntry]) -> list[None]:
+        """`record` for several entries: each file fsynced and renamed, the directory fsynced
+        once after the last rename (the node's group commit of runs spawning together)."""
+        for entry in entries:
+            write_json(self.path(entry.job_log_id), asdict(entry))
         sync_directory(self.directory)
+        return [None] * len(entries)
 
     def remove(self, job_log_id: int) -> None:
         self.path(job_log_id).unlink(missing_ok=True)
+
+    def remove_many(self, job_log_ids: Sequence[int]) -> list[None]:
+        for job_log_id in job_log_ids:
+            self.remove(job_log_id)
+        return [None] * len(job_log_ids)
 
     def reap(self, entries: list[JournalEntry], kill_grace: float) -> list[Reaped]:
         """End what survived of each entry's run (see the module docstring); wait at most
