@@ -80,20 +80,22 @@ def user_list(
     root: RootOption = None,
     url: UrlOption = None,
 ) -> None:
-    """List the users with their roles and groups."""
+    """List the users with their roles and groups, and who is locked out of the console
+    (too many wrong passwords: `user unlock` ends it)."""
     with task_cli.connect(env, config, root, url) as api:
         users = api.get("/users")["items"]
     if as_json:
         task_cli.print_json(users)
         return
     print_table(
-        ["USER", "ROLE", "GROUPS", "PASSWORD", "CHANGED"],
+        ["USER", "ROLE", "GROUPS", "PASSWORD", "LOCKED OUT UNTIL", "CHANGED"],
         [
             [
                 u["name"],
                 u["role"],
                 ", ".join(u["groups"]) or None,
                 "set" if u["password_set"] else "none",
+                local_time(u["locked_until"]) if u.get("locked_until") else None,
                 local_time(u["updated_at"]),
             ]
             for u in users

@@ -176,12 +176,25 @@ def test_an_admin_ends_a_lock_out_with_user_unlock(ays: Managers) -> None:
     ays.fail("dora", 5)
     assert refused(ays.sign_in("dora", PASSWORD), "for this account")
 
+    # Who is locked out shows in the user list (API and CLI) until the lock-out ends.
+    with client(ays.ports[0]) as api:
+        listed = {u["name"]: u for u in api.get("/users").json()["items"]}
+        assert listed["dora"]["locked_until"] is not None
+        assert api.get("/users/dora").json()["locked_until"] == listed["dora"]["locked_until"]
+    table = cli("user", "list", "--config", str(ays.configs[0]))
+    assert table.returncode == 0, table.stderr
+    assert "LOCKED OUT UNTIL" in table.stdout
+    dora = next(line for line in table.stdout.splitlines() if line.startswith("dora "))
+    assert len(re.findall(r"\d\d:\d\d", dora)) == 2, dora  # locked out until, changed
+
     done = cli("user", "unlock", "dora", "--config", str(ays.configs[0]))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("unlocked dora (locked out until ")
     assert ays.sign_in("dora", PASSWORD).status_code == 303
     again = cli("user", "unlock", "dora", "--config", str(ays.configs[0]))
     assert again.stdout.strip() == "dora was not locked out"
+    with client(ays.ports[0]) as api:
+        assert api.get("/users/dora").json()["locked_until"] is None
     nobody = cli("user", "unlock", "nobody", "--config", str(ays.configs[0]))
     assert nobody.returncode == 3 and "nobody" in nobody.stderr
 

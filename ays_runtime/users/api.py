@@ -18,6 +18,7 @@ Who may call what is decided by `ays_runtime.users.access` before these run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -60,6 +61,11 @@ class UserOut(BaseModel):
     role: Role
     groups: list[str]
     password_set: bool
+    locked_until: UtcOut | None = Field(
+        None,
+        description="when the user's console sign-in lock-out ends (too many wrong "
+        "passwords; `POST /users/{name}/unlock` ends it now); null: none is on",
+    )
     created_at: UtcOut
     updated_at: UtcOut
 
@@ -131,12 +137,13 @@ async def _in_session(request: Request, work: Callable[[Session], T]) -> T:
     )
 
 
-def user_out(user: User) -> UserOut:
+def user_out(user: User, locked_until: datetime | None = None) -> UserOut:
     return UserOut(
         name=user.name,
         role=Role(user.role),
         groups=list(user.groups or []),
         password_set=bool(user.password_hash),
+        locked_until=locked_until,
         created_at=user.created_at,
         updated_at=user.updated_at,
     )
@@ -161,8 +168,12 @@ def _created(new: service.NewToken) -> TokenCreated:
 
 @router.get("/users", response_model=UserList)
 async def list_users(request: Request) -> UserList:
-    users = await _in_session(request, service.list_users)
-    return UserList(items=[user_out(u) for u in users])
+    def work(s: Session) -> UserList:
+        users = service.list_users(s)
+        locked = lockout.locked_out(s, [u.name for u in users])
+        return UserList(items=[user_out(u, locked.get(u.name)) for u in users])
+
+    return await _in_session(request, work)
 
 
 @router.post("/users", response_model=UserOut, status_code=201)
@@ -176,7 +187,11 @@ async def create_user(body: UserIn, request: Request, who: Who) -> UserOut:
 
 @router.get("/users/{name}", response_model=UserOut)
 async def get_user(name: str, request: Request) -> UserOut:
-    return await _in_session(request, lambda s: user_out(service.get_user(s, name)))
+    def work(s: Session) -> UserOut:
+        user = service.get_user(s, name)
+        return user_out(user, lockout.locked_out(s, [user.name]).get(user.name))
+
+    return await _in_session(request, work)
 
 
 @router.patch("/users/{name}", response_model=UserOut)
@@ -185,7 +200,7 @@ async def update_user(name: str, body: UserChange, request: Request, who: Who) -
         user = service.update_user(
             s, who, name, role=body.role, groups=body.groups, password=body.password
         )
-        return user_out(user)
+        return user_out(user, lockout.locked_out(s, [user.name]).get(user.name))
 
     return await _in_session(request, work)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -216,6 +216,20 @@ class Limiter:
 
         _in_transaction(self.sessions, work)
         metrics.SIGN_INS.labels("succeeded").inc()
+
+
+def locked_out(session: Session, names: Collection[str]) -> dict[str, datetime]:
+    """When each of `names` that is locked out now gets its sign-in back (user list)."""
+    if not names:
+        return {}
+    rows = session.execute(
+        select(SignInLimit.key, SignInLimit.locked_until).where(
+            SignInLimit.kind == ACCOUNT,
+            SignInLimit.key.in_(list(names)),
+            SignInLimit.locked_until > utcnow(),
+        )
+    ).all()
+    return {key: until for key, until in rows if until is not None}
 
 
 def unlock(session: Session, actor: Actor, name: str) -> SignInLimit | None:
