@@ -133,8 +133,9 @@ def test_a_fired_job_travels_by_rocketmq_runs_on_a_node_and_its_result_is_stored
     assert request["job_log_id"] == job_log_id and request["task_id"] == task
     [result] = emu.messages(RESULT_TOPIC)
     assert json.loads(result["body"])["status"] == "succeeded"
-    assert emu.in_flight(GROUP_TOPIC, "ays_g1") == 0, "the job's message was acked"
-    assert emu.in_flight(RESULT_TOPIC, "ays_manager") == 0, "the result was acked"
+    # Each message is acked after its work is stored: wait for the acks, not a moment.
+    wait_for(lambda: emu.in_flight(GROUP_TOPIC, "ays_g1") == 0, 30, "the job's message acked")
+    wait_for(lambda: emu.in_flight(RESULT_TOPIC, "ays_manager") == 0, 30, "the result acked")
     client_logs = list((cluster.tmp / "log").rglob("rocketmq_client.log"))
     assert {p.parent.name for p in client_logs} == {"manager", "node"}
     assert not list(cluster.tmp.rglob(".rocketmq-client-home*")), "no scratch HOME left"
