@@ -42,6 +42,7 @@ run may be retried per its task's policy: its processes are gone now).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -97,7 +98,7 @@ class JournalEntry:
             report_to,
             started_at,
             owner,
-            _start_time(owner) or 0.0,
+            _owner_start_time(owner),
         )
 
     @classmethod
@@ -117,7 +118,7 @@ class JournalEntry:
             report_to,
             started_at,
             owner,
-            _start_time(owner) or 0.0,
+            _owner_start_time(owner),
         )
 
     def owner_lives(self) -> bool:
@@ -255,6 +256,12 @@ def _live_and_names_run(proc: psutil.Process, entry: JournalEntry) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE and _names_run(proc, entry)
     except (OSError, psutil.Error):
         return False  # gone meanwhile, or not ours to read
+
+
+@functools.lru_cache(maxsize=1)
+def _owner_start_time(pid: int) -> float:
+    """The start time of node process `pid`, this one: read once, not per run."""
+    return _start_time(pid) or 0.0
 
 
 def _start_time(pid: int) -> float | None:
