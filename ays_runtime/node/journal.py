@@ -7,14 +7,17 @@ timeout, nothing reports it, and the manager may retry the slot elsewhere.
         {"job_log_id", "task_id", "pid", "pgid", "start_time", "report_to", "started_at",
          "owner_pid", "owner_start_time"}
 
-An entry is written (temp file, fsync, rename, fsync the directory; the entries of runs
-spawning together with one directory fsync, in one worker-thread call) twice: ahead of the
-spawn, without a pid (`pid` 0, `start_time` the wall clock just before: a node killed right
-after the spawn, before its second write, still leaves the run's entry behind), and as soon
-as the job's shell is spawned, with its pid. It is removed once the run's result is in the
-result spool: from then on the spool speaks for the run. `start_time` is the kernel's start
-time of the shell (psutil's `create_time`): a pid is recycled, a (pid, start time) pair is
-not.
+An entry is written (temp file, fsync, rename, fsync the directory: `durable`; the entries
+of runs starting together in one file, `<first id>-<last id>.<pid>-<n>.json`, a JSON list,
+with one fsync) twice: ahead of the spawn, without a pid (`pid` 0, `start_time` the wall
+clock just before: a node killed right after the spawn, before its second write, still
+leaves the run's entry behind), and as soon as the job's shell is spawned, with its pid (the
+entry with a pid wins over the one written ahead). It is removed once the run's result is in
+the result spool: from then on the spool speaks for the run. A file is deleted once each of
+its entries is removed; after a crash, an entry removed while others of its file were kept
+is read back and its run reported failed: the manager, which has the run's final status
+already, keeps that. `start_time` is the kernel's start time of the shell (psutil's
+`create_time`): a pid is recycled, a (pid, start time) pair is not.
 
 At start, before it serves, the node reads the journal and ends what survived of each run
 whose owner (the node process that started it) is dead (`reap`): SIGTERM (and SIGCONT) to
@@ -39,7 +42,7 @@ run may be retried per its task's policy: its processes are gone now).
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import signal
@@ -50,7 +53,7 @@ from pathlib import Path
 
 import psutil
 
-from ays_runtime.node.spool import open_directory, sync_directory, write_json, writer_alive
+from ays_runtime.node.durable import GroupFiles
 
 log = logging.getLogger("ays.node.journal")
 
@@ -95,7 +98,7 @@ class JournalEntry:
             report_to,
             started_at,
             owner,
-            _start_time(owner) or 0.0,
+            _owner_start_time(owner),
         )
 
     @classmethod
@@ -115,7 +118,7 @@ class JournalEntry:
             report_to,
             started_at,
             owner,
-            _start_time(owner) or 0.0,
+            _owner_start_time(owner),
         )
 
     def owner_lives(self) -> bool:
@@ -141,58 +144,46 @@ class RunJournal:
     def __init__(self, directory: Path, who: str = "node") -> None:
         self.directory = directory
         self.who = who
+        self._files = GroupFiles(directory, f"{who}: the run journal")
 
     def path(self, job_log_id: int) -> Path:
-        return self.directory / f"{job_log_id}.json"
+        """Where an entry written alone lives."""
+        return self._files.path(job_log_id)
 
     def load(self) -> list[JournalEntry]:
         """Create the directory if needed and read every entry whose owner is dead (a crash's
-        temp files are deleted; an unreadable entry is renamed to `<name>.bad` with a log
-        line)."""
-        paths = sorted(open_directory(self.directory, f"{self.who}: the run journal"))
-        entries = []
-        for path in paths:
-            if path.name.endswith(".tmp"):
-                if not writer_alive(path):
-                    path.unlink(missing_ok=True)
-                continue
-            if path.suffix != ".json":
-                continue
+        temp files are deleted; an unreadable file is renamed to `<name>.bad` with a log
+        line). A run journaled twice gives its entry with a pid."""
+        found: dict[int, JournalEntry] = {}
+        for group in self._files.load():
             try:
-                entry = JournalEntry(**json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError) as err:
-                bad = path.with_name(path.name + ".bad")
-                os.replace(path, bad)
-                log.error(
-                    "%s: run journal entry %s cannot be read (%s); moved it to %s",
-                    self.who,
-                    path,
-                    err,
-                    bad,
-                )
+                entries = [JournalEntry(**record) for record in group.records]
+            except TypeError as err:
+                self._files.quarantine(group.path, err)
                 continue
-            if not entry.owner_lives():
-                entries.append(entry)
-        return entries
+            if entries[0].owner_lives():  # one process writes a file: its entries' owner
+                continue
+            self._files.adopt(group, [entry.job_log_id for entry in entries])
+            for entry in entries:
+                if entry.pid or entry.job_log_id not in found:
+                    found[entry.job_log_id] = entry
+        return [found[job_log_id] for job_log_id in sorted(found)]
 
     def record(self, entry: JournalEntry) -> None:
         """Write the entry durably (temp file, fsync, rename, fsync the directory)."""
         self.record_many([entry])
 
     def record_many(self, entries: Sequence[JournalEntry]) -> list[None]:
-        """`record` for several entries: each file fsynced and renamed, the directory fsynced
-        once after the last rename (the node's group commit of runs spawning together)."""
-        for entry in entries:
-            write_json(self.path(entry.job_log_id), asdict(entry))
-        sync_directory(self.directory)
+        """`record` for several entries, in one file with one fsync (the node's group commit
+        of runs starting together)."""
+        self._files.write([(entry.job_log_id, asdict(entry)) for entry in entries])
         return [None] * len(entries)
 
     def remove(self, job_log_id: int) -> None:
-        self.path(job_log_id).unlink(missing_ok=True)
+        self.remove_many([job_log_id])
 
     def remove_many(self, job_log_ids: Sequence[int]) -> list[None]:
-        for job_log_id in job_log_ids:
-            self.remove(job_log_id)
+        self._files.drop(job_log_ids)
         return [None] * len(job_log_ids)
 
     def reap(self, entries: list[JournalEntry], kill_grace: float) -> list[Reaped]:
@@ -265,6 +256,12 @@ def _live_and_names_run(proc: psutil.Process, entry: JournalEntry) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE and _names_run(proc, entry)
     except (OSError, psutil.Error):
         return False  # gone meanwhile, or not ours to read
+
+
+@functools.lru_cache(maxsize=1)
+def _owner_start_time(pid: int) -> float:
+    """The start time of node process `pid`, this one: read once, not per run."""
+    return _start_time(pid) or 0.0
 
 
 def _start_time(pid: int) -> float | None:

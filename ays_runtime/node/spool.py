@@ -7,10 +7,14 @@ neither does a node that is stopped or crashes meanwhile: the next process sends
     <node.data_dir>/results/<job_log_id>.json    {"report_to": URL, "report": JobResultReport}
 
 Each file is written to a temp file in the same directory, fsynced, renamed into place, and
-the directory fsynced: a crash leaves the whole file or none.
+the directory fsynced: a crash leaves the whole file or none (`durable`).
 
-Results finishing together share the work: their files are written with one directory fsync
-(group commit), and they travel to their manager in one request of up to RESULTS_PER_REQUEST.
+Results finishing together share the work: they are written in one file, with one fsync
+(group commit; `<first id>-<last id>.<pid>-<n>.json`, a JSON list of the records above),
+and they travel to their manager in one request of up to RESULTS_PER_REQUEST. A file is
+deleted once the manager has taken each of its results; after a crash, a result it had
+taken while others of its file waited is sent again, and the manager answers it as a
+duplicate.
 
 Delivery (`ResultReporter`) goes through the transport's `ResultSink`; a result not taken
 now is kept and retried with backoff (1 s doubling to 30 s, jittered) until it is taken. The
@@ -30,9 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -43,8 +45,8 @@ import httpx
 import pydantic
 
 from ays_runtime.auth import auth_headers
-from ays_runtime.exceptions import ConfigError
 from ays_runtime.metrics import node as node_metrics
+from ays_runtime.node.durable import GroupFiles
 from ays_runtime.node.managers import ManagerPool
 from ays_runtime.protocol import API, JobResultReport, ResultBatchAnswer
 from ays_runtime.storage.group_commit import Batcher, GroupCommit
@@ -92,9 +94,11 @@ class ResultSpool:
     def __init__(self, directory: Path, who: str = "node") -> None:
         self.directory = directory
         self.who = who
+        self._files = GroupFiles(directory, f"{who}: the result spool")
 
     def path(self, job_log_id: int) -> Path:
-        return self.directory / f"{job_log_id}.json"
+        """Where a result written alone lives."""
+        return self._files.path(job_log_id)
 
     def load(self) -> list[SpooledResult]:
         """Create the directory if needed and read every spooled result, oldest run first.
@@ -105,57 +109,47 @@ class ResultSpool:
         is harmless). A file that cannot be read is renamed to `<name>.bad` with a log line,
         and left for an operator.
         """
-        paths = open_directory(self.directory, f"{self.who}: the result spool")
-        found: list[SpooledResult] = []
-        for path in paths:
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                if not writer_alive(path):
-                    path.unlink(missing_ok=True)
-                continue
-            if path.suffix != ".json":
-                continue
+        found: dict[int, SpooledResult] = {}
+        for group in self._files.load():
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                entry = SpooledResult(
-                    report_to=str(data["report_to"]),
-                    report=JobResultReport.model_validate(data["report"]),
-                )
-                if path.stem != str(entry.job_log_id):
-                    raise ValueError(f"holds the result of run {entry.job_log_id}")
-            except (OSError, ValueError, KeyError, TypeError, pydantic.ValidationError) as err:
-                bad = path.with_name(path.name + ".bad")
-                os.replace(path, bad)
-                log.error(
-                    "%s: spooled result %s cannot be read (%s); moved it to %s",
-                    self.who,
-                    path,
-                    _first_line(err),
-                    bad,
-                )
+                entries = [
+                    SpooledResult(
+                        report_to=str(data["report_to"]),
+                        report=JobResultReport.model_validate(data["report"]),
+                    )
+                    for data in group.records
+                ]
+                if len(entries) == 1 and group.path.stem != str(entries[0].job_log_id):
+                    raise ValueError(f"holds the result of run {entries[0].job_log_id}")
+            except (ValueError, KeyError, TypeError, pydantic.ValidationError) as err:
+                self._files.quarantine(group.path, _first_line(err))
                 continue
-            found.append(entry)
-        found.sort(key=lambda entry: entry.job_log_id)
-        return found
+            self._files.adopt(group, [entry.job_log_id for entry in entries])
+            found.update((entry.job_log_id, entry) for entry in entries)
+        return [found[job_log_id] for job_log_id in sorted(found)]
 
     def put(self, entry: SpooledResult) -> None:
         """Write the result durably (temp file, fsync, rename, fsync the directory)."""
         self.put_many([entry])
 
     def put_many(self, entries: Sequence[SpooledResult]) -> list[None]:
-        """`put` for several results: each file fsynced and renamed, the directory fsynced once
-        after the last rename."""
-        for entry in entries:
-            data = {"report_to": entry.report_to, "report": entry.report.model_dump(mode="json")}
-            write_json(self.path(entry.job_log_id), data)
-        sync_directory(self.directory)
+        """`put` for several results, in one file with one fsync."""
+        self._files.write(
+            [
+                (
+                    entry.job_log_id,
+                    {"report_to": entry.report_to, "report": entry.report.model_dump(mode="json")},
+                )
+                for entry in entries
+            ]
+        )
         return [None] * len(entries)
 
     def remove(self, job_log_id: int) -> None:
-        self.path(job_log_id).unlink(missing_ok=True)
+        self.remove_many([job_log_id])
 
     def remove_many(self, job_log_ids: Sequence[int]) -> None:
-        for job_log_id in job_log_ids:
-            self.remove(job_log_id)
+        self._files.drop(job_log_ids)
 
 
 class ResultReporter:
@@ -446,60 +440,6 @@ def _outcome(code: int, text: str) -> tuple[Delivery, str]:
 
 def _network_error(err: httpx.HTTPError) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else repr(err)
-
-
-def open_directory(directory: Path, what: str) -> list[Path]:
-    """Create `directory` (0750) if needed and list it; ConfigError naming `what` if the
-    node's user cannot."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-        return list(directory.iterdir())
-    except OSError as err:
-        raise ConfigError(
-            f"{what} {directory} cannot be used: {err.strerror or err}; node.data_dir must be "
-            "a directory the node's user can write (installConfig node creates it)"
-        ) from None
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write `data` as JSON to `path` whole or not at all: a temp file `.<name>.<pid>.tmp`
-    (see `writer_alive`), fsynced, renamed into place. The caller fsyncs the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def writer_alive(temp: Path) -> bool:
-    """Whether the process named in a temp file's name (`.<id>.json.<pid>.tmp`) lives."""
-    try:
-        pid = int(temp.name.rsplit(".", 2)[-2])
-    except (ValueError, IndexError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _first_line(value: object) -> str:
