@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -454,9 +455,9 @@ def test_a_deadlock_on_mariadb_is_retried_and_every_result_is_stored(
     mysql_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A real deadlock: a rival transaction holds run B; the tracker's transaction (results
-    of A then B) holds A when it asks for B, and the rival then asks for A. InnoDB rolls back
-    the smaller transaction, the tracker's (the rival has changed many rows), and the
-    tracker writes again once the rival has committed."""
+    of A and B, one locking read of both) holds A when it waits for B, and the rival then
+    asks for A. InnoDB rolls back the smaller transaction, the tracker's (the rival has
+    changed many rows), and the tracker writes again once the rival has committed."""
     engine, rival_engine = make_engine(mysql_url), make_engine(mysql_url)
     try:
         runs = claimed_runs(engine, 32)
@@ -466,12 +467,32 @@ def test_a_deadlock_on_mariadb_is_retried_and_every_result_is_stored(
 
         @event.listens_for(engine, "before_cursor_execute")
         def watch(_c: object, _cur: object, statement: str, params: Any, *_: object) -> None:
-            if statement.startswith("UPDATE") and second.job_log_id in dict(params).values():
+            if (
+                "FOR UPDATE" in statement
+                and isinstance(params, dict)
+                and second.job_log_id in params.values()
+            ):
                 asking_for_b.set()
+
+        def tracker_holds_a() -> None:
+            """Until a probe cannot lock A (the read locks A, then waits for B, in one
+            statement: asked for A too early, the rival would take A before the tracker)."""
+            with rival_engine.connect() as probe:
+                for _ in range(3000):
+                    free = probe.exec_driver_sql(
+                        "SELECT id FROM ays_job_log WHERE id = %s FOR UPDATE SKIP LOCKED",
+                        (first.job_log_id,),
+                    ).first()
+                    probe.rollback()
+                    if free is None:
+                        return
+                    time.sleep(0.01)
+            raise AssertionError("the tracker never locked run A")
 
         def rival(conn: Connection) -> None:
             try:
                 assert asking_for_b.wait(30), "the tracker never asked for run B"
+                tracker_holds_a()
                 conn.execute(
                     update(JobLog).where(JobLog.id == first.job_log_id).values(message="r")
                 )
