@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy import Connection, Engine, event, select, update
 
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
-from ays_runtime.manager.runs import LOST_RUN_GRACE, LOST_RUN_HOLD, RunTracker
+from ays_runtime.manager.runs import LOST_RUN_GRACE, LOST_RUN_HOLD, RunTracker, _Final
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import make_engine, utcnow
@@ -87,6 +88,75 @@ def test_a_burst_of_results_is_stored_in_one_commit_each_answered_on_its_own(
     with engine.connect() as conn:
         output = conn.scalar(select(JobLog.output).where(JobLog.id == jobs[0].job_log_id))
     assert output == "ok\n"  # the first report won
+
+
+def test_a_batch_of_finals_gets_for_each_the_answer_its_own_guarded_update_would_give(
+    engine: Engine,
+) -> None:
+    """One batch mixing every case of the guard: a run already final, a run another node
+    holds, one reported twice (the first report counts), dispatch failures of a run not
+    started and of one started, a lost node's run, a run no node has started yet, an unknown
+    id. Each answer (stored, retry, delay, children) is the one the run's own guarded UPDATE
+    gave when the finals were written one by one."""
+    n1, n2 = "10.0.0.1:1", "10.0.0.2:1"
+    r0, r1, r2, r3, r4, r5, r6, r7 = claimed_runs(engine, 8, retry_count=1, retry_interval_s=5)
+    now = utcnow()
+    with engine.begin() as conn:
+        for job, status, node in [
+            (r0, "running", n1),
+            (r1, "killed", n1),
+            (r2, "running", n2),
+            (r3, "running", n1),
+            (r5, "running", n1),
+            (r6, "running", n1),
+            (r7, "dispatched", n2),
+        ]:
+            conn.execute(
+                update(JobLog)
+                .where(JobLog.id == job.job_log_id)
+                .values(status=status, node=node, started_at=now)
+            )
+    finals = [
+        _Final(r3.job_log_id, "succeeded", "", n1, 0, now, now, "first"),
+        _Final(r0.job_log_id, "succeeded", "", n1, 0, now, now, "ok"),
+        _Final(r1.job_log_id, "succeeded", "", n1, 0, now, now, "late"),
+        _Final(r2.job_log_id, "failed", "", n1, 1, now, now, "not its"),
+        _Final(r3.job_log_id, "failed", "", n1, 1, now, now, "second"),
+        _Final(r4.job_log_id, "failed", "dispatch failed", unstarted=True),
+        _Final(r5.job_log_id, "failed", "dispatch failed", unstarted=True),
+        _Final(r6.job_log_id, "node_lost", f"node {n1} lost", node=n1),
+        _Final(r7.job_log_id, "succeeded", "", n1, 0, now, now, "ok", result='{"a": 1}'),
+        _Final(999_999, "succeeded", "", n1, 0, now, now, "unknown"),
+    ]
+    stored: list[int] = []
+    runs = tracker(engine, [])
+    runs.on_stored = stored.extend
+    answers = runs._write_finals(finals)
+
+    stored_answers = [True, True, False, False, False, True, False, True, True, False]
+    assert [a[0] for a in answers] == stored_answers
+    assert [a[1] is not None for a in answers] == [False] * 5 + [True, False, True, False, False]
+    assert [a[2] for a in answers] == [0.0] * 5 + [5.0, 0.0, LOST_RUN_HOLD, 0.0, 0.0]
+    assert [a[3] for a in answers] == [[]] * len(finals)
+    retries = [(a[1].task_id, a[1].scheduled_at, a[1].attempt) for a in answers if a[1]]
+    assert retries == [(r4.task_id, r4.scheduled_at, 1), (r6.task_id, r6.scheduled_at, 1)]
+    assert stored == [r3.job_log_id, r0.job_log_id, r4.job_log_id, r6.job_log_id, r7.job_log_id]
+    with engine.connect() as conn:
+        rows = {
+            r.id: (r.status, r.node, r.output, r.result)
+            for r in conn.execute(
+                select(JobLog.id, JobLog.status, JobLog.node, JobLog.output, JobLog.result)
+            )
+        }
+    assert rows[r0.job_log_id] == ("succeeded", n1, "ok", None)
+    assert rows[r1.job_log_id][0] == "killed"
+    assert rows[r2.job_log_id] == ("running", n2, "", None)
+    assert rows[r3.job_log_id] == ("succeeded", n1, "first", None)
+    assert rows[r4.job_log_id][0] == "failed"
+    assert rows[r5.job_log_id] == ("running", n1, "", None)
+    assert rows[r6.job_log_id][:2] == ("node_lost", n1)
+    assert rows[r7.job_log_id] == ("succeeded", n1, "ok", '{"a": 1}')
+    assert len(rows) == 10  # the eight runs and the two retries
 
 
 def test_a_burst_of_dispatches_is_one_commit_and_each_row_names_its_node(
@@ -385,9 +455,9 @@ def test_a_deadlock_on_mariadb_is_retried_and_every_result_is_stored(
     mysql_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A real deadlock: a rival transaction holds run B; the tracker's transaction (results
-    of A then B) holds A when it asks for B, and the rival then asks for A. InnoDB rolls back
-    the smaller transaction, the tracker's (the rival has changed many rows), and the
-    tracker writes again once the rival has committed."""
+    of A and B, one locking read of both) holds A when it waits for B, and the rival then
+    asks for A. InnoDB rolls back the smaller transaction, the tracker's (the rival has
+    changed many rows), and the tracker writes again once the rival has committed."""
     engine, rival_engine = make_engine(mysql_url), make_engine(mysql_url)
     try:
         runs = claimed_runs(engine, 32)
@@ -397,12 +467,32 @@ def test_a_deadlock_on_mariadb_is_retried_and_every_result_is_stored(
 
         @event.listens_for(engine, "before_cursor_execute")
         def watch(_c: object, _cur: object, statement: str, params: Any, *_: object) -> None:
-            if statement.startswith("UPDATE") and second.job_log_id in dict(params).values():
+            if (
+                "FOR UPDATE" in statement
+                and isinstance(params, dict)
+                and second.job_log_id in params.values()
+            ):
                 asking_for_b.set()
+
+        def tracker_holds_a() -> None:
+            """Until a probe cannot lock A (the read locks A, then waits for B, in one
+            statement: asked for A too early, the rival would take A before the tracker)."""
+            with rival_engine.connect() as probe:
+                for _ in range(3000):
+                    free = probe.exec_driver_sql(
+                        "SELECT id FROM ays_job_log WHERE id = %s FOR UPDATE SKIP LOCKED",
+                        (first.job_log_id,),
+                    ).first()
+                    probe.rollback()
+                    if free is None:
+                        return
+                    time.sleep(0.01)
+            raise AssertionError("the tracker never locked run A")
 
         def rival(conn: Connection) -> None:
             try:
                 assert asking_for_b.wait(30), "the tracker never asked for run B"
+                tracker_holds_a()
                 conn.execute(
                     update(JobLog).where(JobLog.id == first.job_log_id).values(message="r")
                 )

@@ -1,13 +1,15 @@
 """The life of a run after its slot is claimed: dispatched, finished, retried, reaped.
 
-Every status change is one guarded UPDATE (`... WHERE status IN (unfinished)`), so a late
-result, a duplicate report and a node-lost sweep can race without a run ever going back from
-a final status. Changes arriving together share a transaction (group commit): a burst of
-dispatches or results costs one commit, not one each. Failed runs are retried per the task's
-policy, each attempt a row of its own (attempt + 1, same slot, same shard). The retry's row is
-written with the failure, in the same transaction, as a pending row due when its backoff has
-passed (`due_at`): a manager that stops, crashes or reloads while a retry waits loses none, as
-its next process dispatches the row when it is due (`recover_pending`).
+Every status change is guarded (only a run still unfinished changes): a guarded UPDATE, or
+for a batch of final statuses a locking read of the batch's unfinished runs, each guard
+decided on them, then the UPDATEs. So a late result, a duplicate report and a node-lost sweep
+can race without a run ever going back from a final status. Changes arriving together share
+a transaction (group commit): a burst of dispatches or results costs one commit, not one
+each. Failed runs are retried per the task's policy, each attempt a row of its own (attempt
++ 1, same slot, same shard). The retry's row is written with the failure, in the same
+transaction, as a pending row due when its backoff has passed (`due_at`): a manager that
+stops, crashes or reloads while a retry waits loses none, as its next process dispatches the
+row when it is due (`recover_pending`).
 
 A run whose node was lost (`node_lost`) may still be running there: the node's process died,
 or the network between went down, and its job did not. Its retry is not sent elsewhere while
@@ -29,14 +31,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 
 from ays_runtime.dependencies.results import with_parent_results
 from ays_runtime.dependencies.triggers import fire_children
 from ays_runtime.metrics import manager as metrics
 from ays_runtime.protocol import JobResultReport, StartClaimAnswer
 from ays_runtime.scheduler.firing import Fire, claim_in, claim_slots, load_tasks, make_dispatch
-from ays_runtime.storage.database import transaction, utcnow
+from ays_runtime.storage.database import take_write_lock, transaction, utcnow
 from ays_runtime.storage.group_commit import GroupCommit
 from ays_runtime.storage.models import (
     JobLog,
@@ -499,42 +501,37 @@ class RunTracker:
     def _write_finals_in(self, conn: Connection, finals: Sequence[_Final]) -> list[_Answer]:
         """The finals' statuses, their retries, and (in the same transaction) the fires of
         the children of the slots that ended for good (`ays_runtime.dependencies`); each
-        child's dispatch is handed back with the answer of the run that ended its slot."""
+        child's dispatch is handed back with the answer of the run that ended its slot.
+
+        The statuses cost the same few statements whatever the batch's size: one locking
+        read of its runs still unfinished, each final's guard decided on them in order (of
+        two finals of one run, the first ends it), one UPDATE of many rows per set of columns
+        written. The retries (rare) cost a read and a claim each."""
+        take_write_lock(conn)
+        runs = _unfinished_runs(conn, {f.job_id for f in finals})
+        now = utcnow()
+        writes: dict[int, dict[str, Any]] = {}  # run id -> the columns its UPDATE sets
+        changed: list[bool] = []
+        for final in finals:
+            run = runs.get(final.job_id)
+            if run is None or not _may_end(run, final):
+                changed.append(False)
+                continue
+            writes[final.job_id] = writes.get(final.job_id, {}) | _final_values(final, now)
+            runs[final.job_id] = replace(run, status=final.status, node=final.node or run.node)
+            changed.append(True)
+        _update_runs(conn, writes)
         answers: list[_Answer] = []
         ended: dict[tuple[int, datetime], int] = {}  # parent slot -> index of its answer
-        for final in finals:
-            values: dict[str, Any] = {
-                "status": final.status,
-                "message": final.message[:1024],
-                "ended_at": final.ended_at or utcnow(),
-                "exit_code": final.exit_code,
-                "output": final.output,
-            }
-            if final.result:
-                values["result"] = final.result
-            if final.node:
-                values["node"] = final.node
-            if final.started_at is not None:
-                values["started_at"] = final.started_at
-            guard = [JobLog.id == final.job_id, JobLog.status.in_(UNFINISHED)]
-            if final.unstarted:
-                guard.append(JobLog.status != RunStatus.RUNNING.value)
-            if final.node:  # a node ends only a run it holds, or one no node has started
-                guard.append(
-                    or_(JobLog.status != RunStatus.RUNNING.value, JobLog.node == final.node)
-                )
-            changed = conn.execute(update(JobLog).where(*guard).values(**values)).rowcount
+        for final, stored in zip(finals, changed, strict=True):
             retry: JobDispatch | None = None
             delay = 0.0
-            if changed and final.status in RETRYABLE:
+            if stored and final.status in RETRYABLE:
                 retry, delay = self._claim_retry(conn, final)
-            answers.append((bool(changed), retry, delay, []))
-            if changed and retry is None:
-                slot = conn.execute(
-                    select(JobLog.task_id, JobLog.scheduled_at).where(JobLog.id == final.job_id)
-                ).first()
-                if slot is not None:
-                    ended.setdefault((slot.task_id, slot.scheduled_at), len(answers) - 1)
+            answers.append((stored, retry, delay, []))
+            if stored and retry is None:
+                slot = (runs[final.job_id].task_id, runs[final.job_id].scheduled_at)
+                ended.setdefault(slot, len(answers) - 1)
         if ended:
             children = fire_children(conn, self.manager_id, ended, utcnow())
             if children:
@@ -696,6 +693,65 @@ class RunTracker:
         self._retries.clear()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a final's guard and its slot need of an unfinished run."""
+
+    status: str
+    node: str
+    task_id: int
+    scheduled_at: datetime
+
+
+def _unfinished_runs(conn: Connection, ids: set[int]) -> dict[int, _Run]:
+    """The runs of `ids` still unfinished, locked (MySQL) until the transaction ends: what the
+    guards decide on stays true until the UPDATEs (SQLite: see `take_write_lock`)."""
+    query = (
+        select(JobLog.id, JobLog.status, JobLog.node, JobLog.task_id, JobLog.scheduled_at)
+        .where(JobLog.id.in_(sorted(ids)), JobLog.status.in_(UNFINISHED))
+        .with_for_update()
+    )
+    return {
+        r.id: _Run(r.status, r.node or "", r.task_id, r.scheduled_at) for r in conn.execute(query)
+    }
+
+
+def _may_end(run: _Run, final: _Final) -> bool:
+    """The guard of a final on a run as read, or as an earlier final of the batch left it:
+    only an unfinished run ends; a dispatch failure (`unstarted`) ends no running run, and a
+    node ends only a run it holds, or one no node has started."""
+    if run.status != RunStatus.RUNNING.value:
+        return run.status in UNFINISHED
+    return not final.unstarted and (not final.node or run.node == final.node)
+
+
+def _final_values(final: _Final, now: datetime) -> dict[str, Any]:
+    """The columns a final writes (only those it knows: a report's node and start time)."""
+    values: dict[str, Any] = {
+        "status": final.status,
+        "message": final.message[:1024],
+        "ended_at": final.ended_at or now,
+        "exit_code": final.exit_code,
+        "output": final.output,
+    }
+    if final.result:
+        values["result"] = final.result
+    if final.node:
+        values["node"] = final.node
+    if final.started_at is not None:
+        values["started_at"] = final.started_at
+    return values
+
+
+def _update_runs(conn: Connection, writes: dict[int, dict[str, Any]]) -> None:
+    """Each run's columns: one executemany UPDATE per set of columns (most batches: one)."""
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for job_id, values in writes.items():
+        by_columns.setdefault(tuple(sorted(values)), []).append({"run_id": job_id, **values})
+    for rows in by_columns.values():  # SET: the columns named by the rows' keys
+        conn.execute(update(JobLog).where(JobLog.id == bindparam("run_id")), rows)
 
 
 def _with_shard(job: JobDispatch, index: int, total: int) -> JobDispatch:

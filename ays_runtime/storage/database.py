@@ -111,6 +111,16 @@ def transaction(engine: Engine, work: Callable[[Connection], T], what: str) -> T
     return retry_call(once, is_transient, what, attempts=TRANSACTION_ATTEMPTS)
 
 
+def take_write_lock(conn: Connection) -> None:
+    """Make the rest of a transaction that reads rows, then writes what it decided from them,
+    see no other writer between its read and its writes. Called first in the transaction.
+    SQLite: take the database's write lock now (BEGIN IMMEDIATE; pysqlite would begin only at
+    the first write, leaving the read outside the transaction). MySQL: nothing; the read
+    locks its rows itself (SELECT ... FOR UPDATE)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def in_session(
     sessions: Callable[[], Session], work: Callable[[Session], T], what: str, *, commit: bool
 ) -> T:
