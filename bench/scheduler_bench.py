@@ -88,9 +88,11 @@ LATENESS_BAR_MS = 100.0
 BURST_BAR_S = 2.0  # 100,000 slots due in one second, all committed (MariaDB)
 # Seconds before its slot a fire is claimed (--claim-ahead; the manager's default).
 CLAIM_AHEAD: float = ManagerSettings.model_fields["claim_ahead"].default
-# The claim rate a crowded second is planned for (--no-burst-ahead: so high that no second
-# is ever crowded, every slot claimed CLAIM_AHEAD before it).
+# The claim rate a crowded second is planned for (--no-burst-ahead: NO_BURST_RATE).
 BURST_RATE: float = CLAIM_RATE
+# A claim rate no second's slots reach: no second is ever crowded, and every slot is claimed
+# CLAIM_AHEAD before it.
+NO_BURST_RATE = 1e12
 SUSTAINED_SHARE = 0.99
 MB = 1024 * 1024
 
@@ -117,7 +119,7 @@ def lateness_stats(values_ms: list[float]) -> dict[str, float]:
 
 
 def burst_ahead_note() -> str:
-    if BURST_RATE >= 1e12:
+    if BURST_RATE >= NO_BURST_RATE:
         return " (a crowded second too: --no-burst-ahead)"
     return f", a crowded second up to {BURST_AHEAD.total_seconds():g} s"
 
@@ -1062,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     CLAIM_AHEAD = args.claim_ahead
     if args.no_burst_ahead:
-        BURST_RATE = 1e12
+        BURST_RATE = NO_BURST_RATE
     if args.child:
         mode, *rest = args.child
         if mode == "rss":

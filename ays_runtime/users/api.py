@@ -149,6 +149,11 @@ def user_out(user: User, locked_until: datetime | None = None) -> UserOut:
     )
 
 
+def _user_with_lockout(s: Session, user: User) -> UserOut:
+    """One user as the API shows it, with their console lock-out if there is one now."""
+    return user_out(user, lockout.locked_out(s, [user.name]).get(user.name))
+
+
 def token_out(row: UserToken) -> TokenOut:
     return TokenOut(
         id=row.id,
@@ -189,7 +194,7 @@ async def create_user(body: UserIn, request: Request, who: Who) -> UserOut:
 async def get_user(name: str, request: Request) -> UserOut:
     def work(s: Session) -> UserOut:
         user = service.get_user(s, name)
-        return user_out(user, lockout.locked_out(s, [user.name]).get(user.name))
+        return _user_with_lockout(s, user)
 
     return await _in_session(request, work)
 
@@ -200,7 +205,7 @@ async def update_user(name: str, body: UserChange, request: Request, who: Who) -
         user = service.update_user(
             s, who, name, role=body.role, groups=body.groups, password=body.password
         )
-        return user_out(user, lockout.locked_out(s, [user.name]).get(user.name))
+        return _user_with_lockout(s, user)
 
     return await _in_session(request, work)
 
