@@ -164,3 +164,30 @@ def test_an_entry_written_ahead_of_the_spawn_ends_the_runs_processes_and_no_othe
     assert reaped.survivors >= 3  # the shell, its child shell and their sleeps
     wait_for(lambda: not marked(ours), 30, "the run's processes ended")
     assert marked(theirs)
+
+
+def test_a_journal_of_many_runs_ends_the_processes_of_each_and_of_no_other(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    # A node killed in a burst leaves a group file of runs written ahead: most ended long
+    # since, a few still run. One look at the host's processes serves them all.
+    journal = RunJournal(tmp_path / "running")
+    journal.load()
+    ahead = JournalEntry.ahead(0, 3, "http://127.0.0.1:1", "2026-12-04T20:00:00")
+    gone = replace(ahead, owner_pid=GONE_PID, owner_start_time=1.0)
+    journal.record_many([replace(gone, job_log_id=i) for i in range(100, 300)])
+    first, last, other = f"{tmp_path}/first", f"{tmp_path}/last", f"{tmp_path}/other"
+    start(spawned, f"sleep 300; : {first}", job_id=100)
+    start(spawned, f"sh -c 'sleep 300; :' {last} & sleep 301; : {last}", job_id=299)
+    start(spawned, f"sleep 300; : {other}", job_id=300)  # a run the journal does not name
+    wait_for(lambda: marked(first) and len(marked(last)) >= 2 and marked(other), 30, "runs")
+
+    reaped = {r.entry.job_log_id: r for r in journal.reap(journal.load(), kill_grace=1)}
+
+    assert len(reaped) == 200
+    assert reaped[100].survivors >= 2 and reaped[299].survivors >= 3
+    assert sum(r.survivors for r in reaped.values()) == (
+        reaped[100].survivors + reaped[299].survivors
+    )
+    wait_for(lambda: not marked(first) and not marked(last), 30, "the runs' processes ended")
+    assert marked(other)

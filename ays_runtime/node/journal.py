@@ -189,7 +189,10 @@ class RunJournal:
     def reap(self, entries: list[JournalEntry], kill_grace: float) -> list[Reaped]:
         """End what survived of each entry's run (see the module docstring); wait at most
         `kill_grace` after SIGTERM, then SIGKILL the rest."""
-        found = {entry.job_log_id: survivors(entry) for entry in entries}
+        if not entries:
+            return []
+        host = _snapshot()  # one look at the host's processes, whatever the entries' count
+        found = {entry.job_log_id: survivors(entry, host) for entry in entries}
         alive = [proc for procs in found.values() for proc in procs]
         how = ""
         if alive:
@@ -220,10 +223,48 @@ class RunJournal:
         return reaped
 
 
-def survivors(entry: JournalEntry) -> list[psutil.Process]:
-    """The live processes of the run `entry` journaled; never a process of someone else's."""
+@dataclass
+class _Process:
+    """A live process of the host, as `reap` saw it once: its group and start time, and its
+    environment when first asked (read from /proc, so only for the few that may be a run's)."""
+
+    proc: psutil.Process
+    pgid: int
+    started: float
+    _env: dict[str, str] | None = None
+
+    def names_run(self, entry: JournalEntry) -> bool:
+        """Whether it started after the run's shell and its environment names the run."""
+        if self.started < entry.start_time - START_TIME_SLACK:
+            return False
+        if self._env is None:
+            try:
+                self._env = self.proc.environ()
+            except (OSError, psutil.Error):
+                self._env = {}  # gone meanwhile, or not ours to read
+        return self._env.get("AYS_JOB_ID") == str(entry.job_log_id) and self._env.get(
+            "AYS_TASK_ID"
+        ) == str(entry.task_id)
+
+
+def _snapshot() -> list[_Process]:
+    """The host's live (not zombie) processes, with their groups and start times."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(_Process(proc, os.getpgid(proc.pid), proc.create_time()))
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def survivors(entry: JournalEntry, host: list[_Process]) -> list[psutil.Process]:
+    """The live processes of the run `entry` journaled, among `host`'s; never a process of
+    someone else's."""
     if entry.pid == 0:  # written ahead of the spawn: the run's own processes, wherever they are
-        return [p for p in psutil.process_iter() if _live_and_names_run(p, entry)]
+        return [p.proc for p in host if p.names_run(entry)]
     try:
         leader = psutil.Process(entry.pid)
         leader_lives = abs(leader.create_time() - entry.start_time) <= START_TIME_SLACK
@@ -239,23 +280,7 @@ def survivors(entry: JournalEntry) -> list[psutil.Process]:
         leader_lives = False
     except psutil.Error:
         return []
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) != entry.pgid or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if leader_lives or _names_run(proc, entry):
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue  # gone meanwhile, or not ours to read
-    return found
-
-
-def _live_and_names_run(proc: psutil.Process, entry: JournalEntry) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE and _names_run(proc, entry)
-    except (OSError, psutil.Error):
-        return False  # gone meanwhile, or not ours to read
+    return [p.proc for p in host if p.pgid == entry.pgid and (leader_lives or p.names_run(entry))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -269,16 +294,6 @@ def _start_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
-
-
-def _names_run(proc: psutil.Process, entry: JournalEntry) -> bool:
-    """Whether `proc` started after the run's shell and its environment names the run."""
-    if proc.create_time() < entry.start_time - START_TIME_SLACK:
-        return False
-    env = proc.environ()
-    return env.get("AYS_JOB_ID") == str(entry.job_log_id) and env.get("AYS_TASK_ID") == str(
-        entry.task_id
-    )
 
 
 def _send(procs: list[psutil.Process], sig: signal.Signals) -> None:
