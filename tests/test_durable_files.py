@@ -6,35 +6,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
-from ays_runtime.node.journal import JournalEntry, RunJournal
+from ays_runtime.node.journal import RunJournal
 from ays_runtime.node.spool import ResultSpool, SpooledResult
 from ays_runtime.protocol import JobResultReport
-
-GONE_PID = 4_194_304 + 1  # above Linux's largest pid_max: never a process
+from tests.test_run_journal import GONE_PID, written_ahead
 
 
 def result(job_log_id: int) -> SpooledResult:
     report = JobResultReport(job_log_id=job_log_id, node="127.0.0.1:1", status="succeeded")
     return SpooledResult("http://127.0.0.1:9", report)
-
-
-def ahead(job_log_id: int, **fields: object) -> JournalEntry:
-    values = {
-        "job_log_id": job_log_id,
-        "task_id": 3,
-        "pid": 0,
-        "pgid": 0,
-        "start_time": 1.0,
-        "report_to": "http://127.0.0.1:1",
-        "started_at": "2026-12-06T12:00:00",
-        "owner_pid": GONE_PID,  # the node process that crashed
-        "owner_start_time": 1.0,
-    } | fields
-    return JournalEntry(**values)  # type: ignore[arg-type]
 
 
 def files(directory: Path) -> list[str]:
@@ -92,8 +77,8 @@ def test_runs_journaled_together_share_a_file_and_the_entry_with_a_pid_wins(
 ) -> None:
     journal = RunJournal(tmp_path / "running")
     journal.load()
-    journal.record_many([ahead(20), ahead(21), ahead(22)])
-    journal.record(ahead(21, pid=GONE_PID, pgid=GONE_PID, start_time=2.0))
+    journal.record_many([written_ahead(20), written_ahead(21), written_ahead(22)])
+    journal.record(replace(written_ahead(21), pid=GONE_PID, pgid=GONE_PID, start_time=2.0))
     assert len(files(journal.directory)) == 2  # the group, and 21.json with the pid
 
     entries = RunJournal(journal.directory).load()
@@ -111,7 +96,10 @@ def test_a_group_of_a_node_process_that_still_runs_is_left_to_it(tmp_path: Path)
     old_node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         start = psutil.Process(old_node.pid).create_time()
-        entries = [ahead(i, owner_pid=old_node.pid, owner_start_time=start) for i in (30, 31)]
+        entries = [
+            replace(written_ahead(i), owner_pid=old_node.pid, owner_start_time=start)
+            for i in (30, 31)
+        ]
         old_journal = RunJournal(tmp_path / "running")
         old_journal.load()
         old_journal.record_many(entries)

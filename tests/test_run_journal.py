@@ -64,6 +64,12 @@ def entry_of(pid: int, start_time: float | None = None, **fields: object) -> Jou
     return JournalEntry(**values)  # type: ignore[arg-type]
 
 
+def written_ahead(job_log_id: int) -> JournalEntry:
+    """The entry a node, dead since, wrote ahead of spawning run `job_log_id` (task 3)."""
+    ahead = JournalEntry.ahead(job_log_id, 3, "http://127.0.0.1:1", "2026-12-04T20:00:00")
+    return replace(ahead, owner_pid=GONE_PID, owner_start_time=1.0)
+
+
 def marked(marker: str) -> list[psutil.Process]:
     """Live processes whose command line holds `marker`."""
     found = []
@@ -152,8 +158,7 @@ def test_an_entry_written_ahead_of_the_spawn_ends_the_runs_processes_and_no_othe
     # written ahead names the run, and the run's processes are found by their environment.
     journal = RunJournal(tmp_path / "running")
     journal.load()
-    ahead = JournalEntry.ahead(7, 3, "http://127.0.0.1:1", "2026-12-04T20:00:00")
-    journal.record(replace(ahead, owner_pid=GONE_PID, owner_start_time=1.0))
+    journal.record(written_ahead(7))
     ours, theirs = f"{tmp_path}/ours", f"{tmp_path}/theirs"
     start(spawned, f"sh -c 'sleep 300; :' {ours} & sleep 301; : {ours}")
     start(spawned, f"sleep 300; : {theirs}", job_id=8)  # another run, started after the entry
@@ -173,9 +178,7 @@ def test_a_journal_of_many_runs_ends_the_processes_of_each_and_of_no_other(
     # since, a few still run. One look at the host's processes serves them all.
     journal = RunJournal(tmp_path / "running")
     journal.load()
-    ahead = JournalEntry.ahead(0, 3, "http://127.0.0.1:1", "2026-12-04T20:00:00")
-    gone = replace(ahead, owner_pid=GONE_PID, owner_start_time=1.0)
-    journal.record_many([replace(gone, job_log_id=i) for i in range(100, 300)])
+    journal.record_many([written_ahead(i) for i in range(100, 300)])
     first, last, other = f"{tmp_path}/first", f"{tmp_path}/last", f"{tmp_path}/other"
     start(spawned, f"sleep 300; : {first}", job_id=100)
     start(spawned, f"sh -c 'sleep 300; :' {last} & sleep 301; : {last}", job_id=299)
