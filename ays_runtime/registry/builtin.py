@@ -16,6 +16,12 @@ At start a manager trusts only nodes whose last beat is recent (`_trusted_since`
 node takes runs again once it beats, to this manager or another. Meanwhile, for at most one
 heartbeat interval (and 2 s), a group that has such nodes and no trusted one is `settling`:
 its runs wait for a beat instead of failing for want of a node.
+
+A beat changes the in-memory view at once, and a refresh replaces it: a refresh whose read of
+the table began before a beat's commit would undo that beat (a node just online missing from
+routing until the next refresh, its runs failed for want of a node; a leaving node routed
+again). So each beat's change is kept, stamped, until a refresh whose read began after it, and
+a refresh lays the changes made since its read began over what it read.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from datetime import datetime, timedelta
 
@@ -62,7 +69,10 @@ class BuiltinRegistry(NodeRegistry):
         self.offline_after = timedelta(
             seconds=settings.heartbeat_interval * settings.offline_after_missed
         )
-        self._healthy: dict[str, list[NodeRef]] = {}
+        self._healthy: dict[str, list[NodeRef]] = {}  # replaced whole, never changed in place
+        # Each node's last change by a beat: (time.monotonic(), the node, or None if dropped).
+        self._changed: dict[str, tuple[float, NodeRef | None]] = {}
+        self._lock = threading.Lock()  # beats come in the API's threads, refreshes in another
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
@@ -174,16 +184,16 @@ class BuiltinRegistry(NodeRegistry):
 
     def _add_healthy(self, ref: NodeRef) -> None:
         # Make a node usable at once instead of at the next refresh.
-        nodes = [n for n in self._healthy.get(ref.node_group, []) if n.address != ref.address]
-        nodes.append(ref)
-        nodes.sort(key=lambda n: (n.ip, n.port))
-        self._healthy[ref.node_group] = nodes
+        self._change(ref.address, ref)
 
     def _drop_healthy(self, ref: NodeRef) -> None:
         # Stop routing to a leaving node at once instead of at the next refresh.
-        for group, nodes in list(self._healthy.items()):
-            if any(n.address == ref.address for n in nodes):
-                self._healthy[group] = [n for n in nodes if n.address != ref.address]
+        self._change(ref.address, None)
+
+    def _change(self, address: str, ref: NodeRef | None) -> None:
+        with self._lock:
+            self._changed[address] = (time.monotonic(), ref)
+            self._healthy = _placed(self._healthy, address, ref)
 
     # -- sweeping and refreshing ----------------------------------------------------------
 
@@ -228,6 +238,7 @@ class BuiltinRegistry(NodeRegistry):
             self.live_managers = sorted({self.manager_id, *alive})
 
     def _refresh(self) -> None:
+        began = time.monotonic()
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(Node.ip, Node.port, Node.node_group, Node.running_jobs, Node.last_seen)
@@ -244,8 +255,14 @@ class BuiltinRegistry(NodeRegistry):
             healthy.setdefault(r.node_group, []).append(
                 NodeRef(r.ip, r.port, r.node_group, r.running_jobs)
             )
-        self._healthy = healthy
-        self._suspects = suspects
+        with self._lock:
+            # A change stamped before the read began was committed before it, so the read
+            # holds it; a later one may be missing from the read, and stands over it.
+            self._changed = {a: c for a, c in self._changed.items() if c[0] >= began}
+            for address, (_, ref) in self._changed.items():
+                healthy = _placed(healthy, address, ref)
+            self._healthy = healthy
+            self._suspects = suspects
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -284,3 +301,20 @@ class BuiltinRegistry(NodeRegistry):
                     self._failing = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), REFRESH_INTERVAL)
+
+
+def _placed(
+    healthy: dict[str, list[NodeRef]], address: str, ref: NodeRef | None
+) -> dict[str, list[NodeRef]]:
+    """A copy of `healthy` with the node at `address` in `ref`'s group only, or in none when
+    `ref` is None."""
+    placed = {
+        group: kept
+        for group, nodes in healthy.items()
+        if (kept := [n for n in nodes if n.address != address])
+    }
+    if ref is not None:
+        placed[ref.node_group] = sorted(
+            [*placed.get(ref.node_group, []), ref], key=lambda n: (n.ip, n.port)
+        )
+    return placed
