@@ -15,7 +15,15 @@ What runs (everything on 127.0.0.1, every process started here and stopped at th
 * Celery (--celery, on by default): beat plus one worker (prefork, --concurrency processes,
   without gossip/mingle/heartbeat) on the local Redis, broker and result backend db 15
   (flushed before and after each step). Beat holds N entries running the same no-op (a task
-  doing `subprocess.run(["true"])`) every 1 s. Fresh worker and beat per step.
+  doing `subprocess.run(["true"])`) every second. Fresh worker and beat per step.
+  --celery-schedule says how the entries fall due:
+    aligned   (default) at each whole second, all N at once: the load Ays gets from N tasks on
+              `* * * * * *`, a burst of N runs on the second. A bench-only beat schedule
+              (celery.schedules has none finer than a minute that is aligned).
+    interval  beat's `schedule: 1.0`: each entry 1 s after its own last send. Beat sends a
+              second's entries one after another and each keeps its own send time as its next
+              one's start, so the N runs spread over the beat's send time and drift apart
+              (measured at N=100: a second's runs span ~130 ms): a smoother load than Ays gets.
 
 Per fire, from the stored rows (Ays: ays_job_log read directly with SQLAlchemy; Celery: the
 result backend's records):
@@ -32,10 +40,11 @@ result backend's records):
               transaction. Without a trigger (no privilege), ended_at (node-reported end) is
               used and the table says so.
               Celery: the result's date_done (set when the backend stores it) - intended.
-    intended  Ays: the slot (scheduled_at). Celery: beat's own intended send time,
-              entry.last_run_at + run_every, stamped into the message by a Scheduler subclass
-              (beat's interval schedule is relative: an entry's next run is counted from when
-              it last actually ran, so a late beat sends fewer than N a second).
+    intended  Ays: the slot (scheduled_at). Celery: beat's own intended send time, stamped
+              into the message by a Scheduler subclass: aligned, the whole second after the
+              entry's last send; interval, entry.last_run_at + run_every (relative: an entry's
+              next run is counted from when it last actually ran, so a late beat sends fewer
+              than N a second).
 
     done/s    runs whose result was stored (status succeeded) inside the window / window
     keeps up  Ays: every slot of the window fired once and succeeded (after up to --drain
@@ -903,6 +912,7 @@ def run_ays_phase(
 
 CELERY_APP = r'''
 """Celery side of bench/e2e_bench.py (written by it into a temp dir)."""
+import math
 import os
 import subprocess
 import time
@@ -912,9 +922,36 @@ from types import SimpleNamespace
 import redis
 from celery import Celery, signals
 from celery.beat import Scheduler
+from celery.schedules import schedstate, schedule
 
 URL = os.environ["AYS_BENCH_REDIS_URL"]
 N = int(os.environ.get("AYS_BENCH_TASKS", "0"))
+ALIGNED = os.environ.get("AYS_BENCH_SCHEDULE", "aligned") == "aligned"
+
+
+class every_whole_second(schedule):
+    """Due at each whole second, as `* * * * * *` in cron: every entry falls due in the same
+    instant. (A slot missed by a beat later than a whole second is skipped.)"""
+
+    def __init__(self):
+        super().__init__(run_every=1.0)
+
+    def is_due(self, last_run_at):
+        now = time.time()
+        due = math.floor(now) > math.floor(last_run_at.timestamp())
+        # Wake just past the next whole second (beat's heap counts in whole seconds).
+        return schedstate(due, math.floor(now) + 1.0005 - now)
+
+
+def intended(entry):
+    """The time the entry was meant to be sent this time, as a Unix time."""
+    last = entry.last_run_at
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=timezone.utc)
+    if ALIGNED:
+        return math.floor(last.timestamp()) + 1.0
+    return last.timestamp() + entry.schedule.run_every.total_seconds()
+
 
 app = Celery("ays_bench_celery", broker=URL, backend=URL)
 app.conf.update(
@@ -926,17 +963,21 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     result_expires=3600,
     beat_schedule={
-        f"noop-{i:04d}": {"task": "bench.noop", "schedule": 1.0} for i in range(N)
+        f"noop-{i:04d}": {
+            "task": "bench.noop",
+            "schedule": every_whole_second() if ALIGNED else 1.0,
+        }
+        for i in range(N)
     },
 )
 _redis = redis.Redis.from_url(URL)
 
 
 @app.task(name="bench.noop")
-def noop(intended=None):
+def noop(intended=None, entry=None):
     start = time.time()
     subprocess.run(["true"], check=True)
-    return {"intended": intended, "start": start, "end": time.time()}
+    return {"intended": intended, "entry": entry, "start": start, "end": time.time()}
 
 
 @signals.worker_ready.connect
@@ -946,35 +987,33 @@ def _ready(**_kwargs):
 
 class BenchScheduler(Scheduler):
     """Beat's in-memory scheduler, stamping each message with the time beat meant to send it
-    (entry.last_run_at + run_every) and noting (intended, sent) in Redis."""
+    (intended()) and noting (intended, sent) in Redis."""
 
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
-        due = entry.last_run_at + entry.schedule.run_every
-        if due.tzinfo is None:
-            due = due.replace(tzinfo=timezone.utc)
-        intended = due.timestamp()
+        meant = intended(entry)
         stamped = SimpleNamespace(
             name=entry.name,
             task=entry.task,
             args=entry.args,
-            kwargs={**entry.kwargs, "intended": intended},
+            kwargs={**entry.kwargs, "intended": meant, "entry": entry.name},
             options=entry.options,
         )
         if advance:
             self.reserve(entry)
         result = super().apply_async(stamped, producer, advance=False, **kwargs)
-        _redis.rpush("ays_bench:sent", f"{intended},{time.time()}")
+        _redis.rpush("ays_bench:sent", f"{meant},{time.time()},{entry.name}")
         return result
 '''
 
 
 class CeleryRig:
-    def __init__(self, tmp: Path, redis_url: str, concurrency: int) -> None:
+    def __init__(self, tmp: Path, redis_url: str, concurrency: int, schedule: str) -> None:
         import redis  # the bench extra: celery[redis]
 
         self.tmp = tmp
         self.redis_url = redis_url
         self.concurrency = concurrency
+        self.schedule = schedule
         self.redis = redis.Redis.from_url(redis_url)
         (tmp / "ays_bench_celery.py").write_text(CELERY_APP, encoding="utf-8")
         self.celery = str(BIN / "celery")
@@ -984,6 +1023,7 @@ class CeleryRig:
         env["PYTHONPATH"] = str(self.tmp) + os.pathsep + env.get("PYTHONPATH", "")
         env["AYS_BENCH_REDIS_URL"] = self.redis_url
         env["AYS_BENCH_TASKS"] = str(n)
+        env["AYS_BENCH_SCHEDULE"] = self.schedule
         return env
 
     def step(self, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -1072,9 +1112,10 @@ class CeleryRig:
         sent, results = self.read(t0 - 60)  # what was stored while they stopped counts too
         sent_in = [s for s in sent if t0 <= s[0] < t1]
         done_in = [r for r in results if t0 <= r["scheduled"] < t1]
-        sent_at = dict(sent)
+        # Keyed by entry too: on the aligned schedule every entry has the same intended time.
+        sent_at = {(intended, entry): at for intended, at, entry in sent}
         for r in results:
-            r["claimed"] = sent_at.get(r["scheduled"])
+            r["claimed"] = sent_at.get((r["scheduled"], r["entry"]))
         step = summarise_step(
             system="celery",
             kind="shell",
@@ -1094,15 +1135,16 @@ class CeleryRig:
             sent=len(sent_in),
         )
         step["unfinished"] = len(sent_in) - len(done_in)
+        step["schedule"] = self.schedule
         self.redis.flushdb()
         return step
 
-    def read(self, since: float) -> tuple[list[tuple[float, float]], list[dict[str, Any]]]:
-        """Beat's (intended, sent) pairs, and each stored result as a row."""
+    def read(self, since: float) -> tuple[list[tuple[float, float, str]], list[dict[str, Any]]]:
+        """Beat's sends (intended, sent, entry name), and each stored result as a row."""
         sent = []
         for item in self.redis.lrange("ays_bench:sent", 0, -1):
-            intended, at = item.decode().split(",")
-            sent.append((float(intended), float(at)))
+            intended, at, entry = item.decode().split(",")
+            sent.append((float(intended), float(at), entry))
         keys = list(self.redis.scan_iter("celery-task-meta-*", count=1000))
         results = []
         for start in range(0, len(keys), 1000):
@@ -1117,6 +1159,7 @@ class CeleryRig:
                 results.append(
                     {
                         "scheduled": intended,
+                        "entry": value.get("entry"),
                         "started": value.get("start"),
                         "ended": value.get("end"),
                         "stored": epoch_of(meta.get("date_done")),
@@ -1130,11 +1173,11 @@ class CeleryRig:
 def run_celery(args: argparse.Namespace) -> list[dict[str, Any]]:
     progress(
         f"Celery: beat + 1 worker (prefork, concurrency {args.concurrency}), "
-        f"{redacted(args.redis_url)}"
+        f"{args.celery_schedule} schedule, {redacted(args.redis_url)}"
     )
     steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ays-e2e-celery-") as tmp:
-        rig = CeleryRig(Path(tmp), args.redis_url, args.concurrency)
+        rig = CeleryRig(Path(tmp), args.redis_url, args.concurrency, args.celery_schedule)
         try:
             for n in args.steps:
                 step = rig.step(n, args)
@@ -1201,15 +1244,22 @@ def best_complete(steps: list[dict[str, Any]]) -> int | None:
     return max(done) if done else None
 
 
-def print_side_by_side(ays: list[dict[str, Any]], celery: list[dict[str, Any]]) -> None:
+def celery_schedule(celery: list[dict[str, Any]]) -> str:
+    """How the Celery steps' entries fell due (a --json of before the option: interval)."""
+    return str(celery[0].get("schedule", "interval")) if celery else "interval"
+
+
+def print_side_by_side(phase: dict[str, Any], celery: list[dict[str, Any]]) -> None:
     by_n = {s["n"]: s for s in celery}
-    pairs = [(a, by_n[a["n"]]) for a in ays if a["n"] in by_n]
+    pairs = [(a, by_n[a["n"]]) for a in phase["steps"] if a["n"] in by_n]
     if not pairs:
         return
+    job = "the same no-op (`true`)" if phase["kind"] == "shell" else "an HTTP GET (Celery: `true`)"
     print(
-        "\nSide by side, same N, same no-op (`true`), one executor each: Ays (manager + 1 node) "
-        "vs Celery (beat + 1 worker); ratio = Ays / Celery (done/s: higher is better for Ays; "
-        "latency: lower is better for Ays)"
+        f"\nSide by side, same N, {job}: Ays (manager + {phase['nodes']} node(s), "
+        f"{phase['kind']}) vs Celery (beat + 1 worker, {celery_schedule(celery)} schedule); "
+        "ratio = Ays / Celery (done/s: higher is better for Ays; latency: lower is better for "
+        "Ays)"
     )
     head = (
         f"{'N':>5} | {'done/s Ays':>10} {'Celery':>7} {'ratio':>6} | "
@@ -1308,6 +1358,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--celery-all-steps",
         action="store_true",
         help="go on stepping Celery after a step it cannot keep up with",
+    )
+    p.add_argument(
+        "--celery-schedule",
+        choices=("aligned", "interval"),
+        default="aligned",
+        help="Celery's entries fall due all at each whole second, as Ays's tasks on "
+        "* * * * * * do (aligned, default), or each 1 s after its own last send (interval: "
+        "beat's `schedule: 1.0`, spread over the second)",
     )
     p.add_argument(
         "--redis-url",
@@ -1441,14 +1499,18 @@ def print_report(report: dict[str, Any]) -> None:
             ("beat", "worker", "machine"),
         )
         print_failures(report["celery"])
+        schedule = celery_schedule(report["celery"])
         print(
-            "  (fired = messages beat sent for the window: its interval schedule counts each "
-            "entry's next send from its actual send, so late sends lower the rate below N)"
+            f"  ({schedule} schedule; fired = messages beat sent for the window: "
+            + (
+                "a slot beat reaches after its second has passed is skipped)"
+                if schedule == "aligned"
+                else "its interval schedule counts each entry's next send from its actual "
+                "send, so late sends lower the rate below N and the intended times drift)"
+            )
         )
-        ays_shell_1 = next(
-            (p["steps"] for p in report["ays"] if p["kind"] == "shell" and p["nodes"] == 1), []
-        )
-        print_side_by_side(ays_shell_1, report["celery"])
+        for phase in report["ays"]:
+            print_side_by_side(phase, report["celery"])
     print(
         "\nHighest N kept up with (see `keeps up` in bench/e2e_bench.py's docstring), and the "
         "highest N at which every fire of the window ran and succeeded (within the drain):"
