@@ -938,19 +938,23 @@ class every_whole_second(schedule):
 
     def is_due(self, last_run_at):
         now = time.time()
-        due = math.floor(now) > math.floor(last_run_at.timestamp())
+        due = math.floor(now) > math.floor(epoch(last_run_at))
         # Wake just past the next whole second (beat's heap counts in whole seconds).
         return schedstate(due, math.floor(now) + 1.0005 - now)
 
 
+def epoch(moment):
+    """A beat datetime (naive ones are UTC: enable_utc) as a Unix time."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
 def intended(entry):
     """The time the entry was meant to be sent this time, as a Unix time."""
-    last = entry.last_run_at
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=timezone.utc)
     if ALIGNED:
-        return math.floor(last.timestamp()) + 1.0
-    return last.timestamp() + entry.schedule.run_every.total_seconds()
+        return math.floor(epoch(entry.last_run_at)) + 1.0
+    return epoch(entry.last_run_at) + entry.schedule.run_every.total_seconds()
 
 
 app = Celery("ays_bench_celery", broker=URL, backend=URL)
