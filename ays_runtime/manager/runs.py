@@ -154,9 +154,9 @@ class RunTracker:
 
     def _write_claims(self, claims: Sequence[tuple[int, str]]) -> list[StartClaimAnswer]:
         """A batch of claims in three statements, whatever its size: the rows as they were
-        (locked on MySQL), one guarded UPDATE per claiming node, the rows as they are. A
-        claim won when its row was startable and is now running with its node; of two
-        claims of one run in the batch, the first counts."""
+        (locked, see `take_write_lock`), one guarded UPDATE per claiming node, the rows as
+        they are. A claim won when its row was startable and is now running with its node; of
+        two claims of one run in the batch, the first counts."""
         now = utcnow()
         startable = (RunStatus.PENDING.value, RunStatus.DISPATCHED.value)
         first: dict[int, str] = {}
@@ -173,6 +173,7 @@ class RunTracker:
             return {r.id: (r.status, r.node or "") for r in conn.execute(query)}
 
         def write(conn: Connection) -> list[StartClaimAnswer]:
+            take_write_lock(conn)
             before = rows(conn, lock=True)
             for node, ids in by_node.items():
                 conn.execute(
