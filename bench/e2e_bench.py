@@ -22,8 +22,9 @@ What runs (everything on 127.0.0.1, every process started here and stopped at th
               (celery.schedules has none finer than a minute that is aligned).
     interval  beat's `schedule: 1.0`: each entry 1 s after its own last send. Beat sends a
               second's entries one after another and each keeps its own send time as its next
-              one's start, so the N runs spread over the beat's send time and drift apart
-              (measured at N=100: a second's runs span ~130 ms): a smoother load than Ays gets.
+              one's start, so the N runs spread over the second and drift apart (measured at
+              N=100: after 15 s a second's runs spanned 270-310 ms): a smoother load than Ays
+              gets, and beat's own lateness moves the intended time instead of counting.
 
 Per fire, from the stored rows (Ays: ays_job_log read directly with SQLAlchemy; Celery: the
 result backend's records):
