@@ -13,8 +13,12 @@ For every HTTP request, before the app (and so before FastAPI reads or parses a 
 3. Every refusal, the guard's own and the app's (400, 401, 403, 405, 413, 415, 422, ...), goes
    to the `RefusalLog`: one line per source per minute, with a count.
 
-A refusal whose body was not read says `Connection: close`, so the server drops the rest of
-it instead of reading it (a 100 MB body without a token costs a header's worth of memory).
+A refusal whose body was not read says `Connection: close`, and is sent at once. The rest of
+the body is then read and dropped, a chunk at a time, for up to `LINGER_S`, before the
+connection closes (a 100 MB body without a token costs a chunk's worth of memory, never the
+body's). That is nginx's "lingering close": a server that closes a socket with unread bytes
+in its receive buffer resets it (TCP RST), and a client still sending its body may then
+lose the refusal it was sent (it saw the status line and lost the error).
 
 `protect(app, ...)` puts the guard in front of an app and makes its OpenAPI document say all
 this (`document`): the security of every guarded operation, the 401/413/400 answers, and
@@ -23,6 +27,7 @@ integer bounds written as integers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,6 +48,8 @@ Authenticate = Callable[[Mapping[str, str]], Awaitable[Caller | None]]
 # Statuses that mean "this request was refused", as opposed to an answer (404: no such task).
 REFUSALS = frozenset({400, 401, 403, 405, 411, 413, 415, 422, 431})
 TOKEN_HEADER = "X-Ays-Token"
+# How long a refusal keeps reading (and dropping) a body it did not read before it closes.
+LINGER_S = 5.0
 SECURITY_SCHEMES = {
     "bearer": {
         "type": "http",
@@ -167,12 +174,9 @@ class Guard:
                     (b"cache-control", b"no-store"),
                 ]
                 raw += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
-                if _content_length(headers) or "transfer-encoding" in headers:
-                    raw.append((b"connection", b"close"))
-                await send(
-                    {"type": "http.response.start", "status": refusal.status, "headers": raw}
+                await _answer(
+                    send, receive, refusal.status, raw, refusal.body, unread=_has_body(headers)
                 )
-                await send({"type": "http.response.body", "body": refusal.body})
                 return
             scope.setdefault("state", {})["caller"] = caller
         elif path not in self.public:
@@ -185,20 +189,22 @@ class Guard:
                     "cluster_secret)"
                 )
                 self.refusals.refused(source, 401, what, "bad or missing access token")
-                await self._refuse(send, headers, 401, why, {"WWW-Authenticate": "Bearer"})
+                await self._refuse(
+                    send, receive, 401, why, _has_body(headers), {"WWW-Authenticate": "Bearer"}
+                )
                 return
             scope.setdefault("state", {})["caller"] = caller
         limit = self.limits.of(path)
         length = _content_length(headers)
         if length is not None and length > limit.bytes:
             self.refusals.refused(source, 413, what, f"a body of {length} bytes")
-            await self._refuse(send, headers, 413, _too_large(length, limit))
+            await self._refuse(send, receive, 413, _too_large(length, limit), unread=True)
             return
         if length is None and "chunked" in headers.get("transfer-encoding", "").lower():
-            body = await _read_up_to(receive, limit.bytes)
+            body, ended = await _read_up_to(receive, limit.bytes)
             if body is None:
                 self.refusals.refused(source, 413, what, "a chunked body over the limit")
-                await self._refuse(send, headers, 413, _too_large(None, limit))
+                await self._refuse(send, receive, 413, _too_large(None, limit), not ended)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, self._watching(send, source, what))
@@ -222,9 +228,10 @@ class Guard:
     async def _refuse(
         self,
         send: Send,
-        headers: Headers,
+        receive: Receive,
         status: int,
         message: str,
+        unread: bool,
         extra: dict[str, str] | None = None,
     ) -> None:
         body = json.dumps({self.error_key: message}).encode()
@@ -233,10 +240,28 @@ class Guard:
             (b"content-length", str(len(body)).encode()),
         ]
         raw += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
-        if _content_length(headers) or "transfer-encoding" in headers:
-            raw.append((b"connection", b"close"))  # the unread body is dropped, not read
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, receive, status, raw, body, unread=unread)
+
+
+async def _answer(
+    send: Send,
+    receive: Receive,
+    status: int,
+    raw: list[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    unread: bool,
+) -> None:
+    """Send a refusal the guard answers itself, before the app reads the request's body
+    (see the module docstring): if some of the body is `unread`, the answer closes the
+    connection and goes out whole before the rest of the body is read and dropped."""
+    if unread:
+        raw = [*raw, (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": unread})
+    if unread:
+        await _drain(receive, LINGER_S)
+        await send({"type": "http.response.body", "body": b""})
 
 
 def protect(
@@ -270,6 +295,10 @@ def _content_length(headers: Headers) -> int | None:
     return int(value)
 
 
+def _has_body(headers: Headers) -> bool:
+    return bool(_content_length(headers)) or "transfer-encoding" in headers
+
+
 def _too_large(length: int | None, limit: BodyLimit) -> str:
     size = f"the request body ({length} bytes)" if length is not None else "the request body"
     return (
@@ -278,22 +307,36 @@ def _too_large(length: int | None, limit: BodyLimit) -> str:
     )
 
 
-async def _read_up_to(receive: Receive, limit: int) -> bytes | None:
-    """The whole body if it is at most `limit` bytes, else None (reading stops there)."""
+async def _read_up_to(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
+    """The whole body if it is at most `limit` bytes, else None (reading stops there), and
+    whether the body has ended (False: the rest of it is still to be read)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            return b"".join(chunks), True
         chunk = message.get("body", b"")
         size += len(chunk)
+        ended = not message.get("more_body", False)
         if size > limit:
-            return None
+            return None, ended
         chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+        if ended:
+            return b"".join(chunks), True
+
+
+async def _drain(receive: Receive, seconds: float) -> None:
+    """Read and drop the rest of a request's body, until it ends, the client goes, or
+    `seconds` pass (a client that stops sending on a refusal closes the connection)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
