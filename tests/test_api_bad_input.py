@@ -6,6 +6,7 @@ or stored in full when it is too large. A manager and a node run as real process
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -322,6 +323,25 @@ def test_a_client_still_sending_its_body_gets_the_whole_refusal(sqlite_stack: St
         )
         assert response.status_code == 401, response.text
         assert "access token" in response.json()["error"]
+
+
+def test_a_client_that_stops_sending_its_refused_body_is_let_go(sqlite_stack: Stack) -> None:
+    """The answer comes at once, whole, before the body; the server reads the rest for a
+    bounded while only (guard.LINGER_S), then closes the connection: a client that promised
+    100 MB and sent none of it does not hold a connection open."""
+    with socket.create_connection(("127.0.0.1", sqlite_stack.manager_port), timeout=60) as conn:
+        conn.sendall(
+            b"POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            part = conn.recv(65536)
+            assert part, f"the connection closed before the answer was whole: {answer!r}"
+            answer += part
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        assert b"connection: close" in answer.lower(), answer
+        assert conn.recv(65536) == b"", "the server closes the connection once it stops reading"
 
 
 def test_a_body_that_is_not_json_or_is_nested_too_deep_is_a_4xx(sqlite_stack: Stack) -> None:
