@@ -5,6 +5,7 @@ own answer. Database tests run on SQLite and on MariaDB (the `engine` fixture)."
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,13 @@ import pytest
 from sqlalchemy import Connection, Engine, event, select, update
 
 from ays_runtime.manager.liveness import adopt_from_silent, record_alive
-from ays_runtime.manager.runs import LOST_RUN_GRACE, LOST_RUN_HOLD, RunTracker, _Final
+from ays_runtime.manager.runs import (
+    LOST_RUN_GRACE,
+    LOST_RUN_HOLD,
+    RunTracker,
+    _Final,
+    _update_runs,
+)
 from ays_runtime.protocol import JobResultReport
 from ays_runtime.scheduler.firing import Fire, claim_slots
 from ays_runtime.storage.database import make_engine, utcnow
@@ -157,6 +164,43 @@ def test_a_batch_of_finals_gets_for_each_the_answer_its_own_guarded_update_would
     assert rows[r6.job_log_id][:2] == ("node_lost", n1)
     assert rows[r7.job_log_id] == ("succeeded", n1, "ok", '{"a": 1}')
     assert len(rows) == 10  # the eight runs and the two retries
+
+
+def test_the_update_of_many_runs_gives_each_run_its_own_values_however_it_is_cut(
+    engine: Engine,
+) -> None:
+    """The finals' one UPDATE of many rows per set of columns (on MySQL a statement joining a
+    derived table of the rows, cut at 500 rows and at 512 Ki characters of text): each run
+    gets exactly its own values, datetimes to the microsecond, NULLs, text that is not ASCII,
+    in batches that are cut both ways; a run not in the batch is left as it was."""
+    jobs = claimed_runs(engine, 1204)
+    untouched = jobs.pop()
+    base = utcnow()
+    writes: dict[int, dict[str, Any]] = {}
+    for i, job in enumerate(jobs):
+        values: dict[str, Any] = {
+            "status": RunStatus.SUCCEEDED.value if i % 2 else RunStatus.FAILED.value,
+            "message": f"run {i}: fini, 完了",
+            "ended_at": base + timedelta(microseconds=1001 * i),
+            "exit_code": None if i % 7 == 0 else i,
+            "output": f"line {i}\n" * (i % 5),
+        }
+        if i % 3 == 0:  # a second set of columns
+            values |= {"node": f"10.0.0.{i % 250}:18181", "started_at": base - timedelta(i)}
+        if i % 4 == 1:  # more sets: data for children, with quotes, a backslash, an emoji
+            values["result"] = json.dumps({"i": i, "say": 'a "b" \\ c 😀'}, ensure_ascii=False)
+        if 100 <= i < 130:  # 30 x 20,000 characters: more text than one statement takes
+            values["output"] = "é" * 20_000
+        writes[job.job_log_id] = values
+    with engine.connect() as conn:
+        before = conn.execute(select(JobLog).where(JobLog.id == untouched.job_log_id)).one()
+    with engine.begin() as conn:
+        _update_runs(conn, writes)
+    with engine.connect() as conn:
+        rows = {row.id: row for row in conn.execute(select(JobLog))}
+    for job_id, values in writes.items():
+        assert {c: getattr(rows[job_id], c) for c in values} == values, job_id
+    assert rows[untouched.job_log_id] == before
 
 
 def test_a_burst_of_dispatches_is_one_commit_and_each_row_names_its_node(

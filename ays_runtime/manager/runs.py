@@ -747,12 +747,66 @@ def _final_values(final: _Final, now: datetime) -> dict[str, Any]:
 
 
 def _update_runs(conn: Connection, writes: dict[int, dict[str, Any]]) -> None:
-    """Each run's columns: one executemany UPDATE per set of columns (most batches: one)."""
+    """Each run's columns: one UPDATE of many rows per set of columns (most batches: one).
+
+    SQLite: an executemany, run in-process. MySQL: PyMySQL's executemany sends an UPDATE
+    one row at a time (it joins only INSERT ... VALUES), a round trip each (200 rows: 35 ms
+    on MariaDB here), so the rows go as one statement that joins a derived table of them,
+    up to `_JOINED_CHARS` of text or `_JOINED_ROWS` rows per statement."""
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for job_id, values in writes.items():
         by_columns.setdefault(tuple(sorted(values)), []).append({"run_id": job_id, **values})
-    for rows in by_columns.values():  # SET: the columns named by the rows' keys
-        conn.execute(update(JobLog).where(JobLog.id == bindparam("run_id")), rows)
+    for columns, rows in by_columns.items():  # SET: the columns named by the rows' keys
+        if conn.dialect.name not in ("mysql", "mariadb") or len(rows) == 1:
+            conn.execute(update(JobLog).where(JobLog.id == bindparam("run_id")), rows)
+            continue
+        for part in _parts(rows):
+            _joined_update(conn, columns, part)
+
+
+_JOINED_ROWS = 500
+# Characters of text per statement: at most 2 MiB in UTF-8, under every max_allowed_packet
+# default (MySQL 5.7: 4 MiB; MariaDB: 16 MiB). A single larger row goes alone, as before.
+_JOINED_CHARS = 512 << 10
+
+
+def _parts(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`rows` in order, cut where a part would pass `_JOINED_ROWS` rows or `_JOINED_CHARS`
+    of text."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for row in rows:
+        row_size = sum(len(v) for v in row.values() if isinstance(v, str))
+        if parts[-1] and (len(parts[-1]) >= _JOINED_ROWS or size + row_size > _JOINED_CHARS):
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += row_size
+    return parts
+
+
+def _joined_update(conn: Connection, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """UPDATE ays_job_log AS j JOIN (SELECT %s AS run_id, %s AS column ... UNION ALL SELECT
+    %s, %s ...) AS v ON j.id = v.run_id SET j.column = v.column, ...: written as text, each
+    value put through its column's bind processor (SQLAlchemy's own construction of 200 rows'
+    literals took longer than the round trips it saves)."""
+    dialect = conn.dialect
+    quote = dialect.identifier_preparer.quote
+    table = JobLog.__table__
+    names = ("id", *columns)
+    processors = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    first = ", ".join(f"%s AS {quote(n)}" for n in ("run_id", *columns))
+    rest = ", ".join("%s" for _ in names)
+    derived = " UNION ALL ".join([f"SELECT {first}"] + [f"SELECT {rest}"] * (len(rows) - 1))
+    sets = ", ".join(f"j.{quote(c)} = v.{quote(c)}" for c in columns)
+    sql = f"UPDATE {quote(JobLog.__tablename__)} AS j JOIN ({derived}) AS v"
+    sql += f" ON j.id = v.run_id SET {sets}"
+    params: list[Any] = []
+    for row in rows:
+        for name, process in zip(("run_id", *columns), processors, strict=True):
+            value = row[name]
+            params.append(process(value) if process is not None else value)
+    conn.exec_driver_sql(sql, tuple(params))
 
 
 def _with_shard(job: JobDispatch, index: int, total: int) -> JobDispatch:
