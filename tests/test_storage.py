@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy import Engine, create_engine, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -177,29 +177,88 @@ def test_every_primary_key_is_the_models(engine: Engine) -> None:
     }
 
 
-def test_every_mysql_table_is_innodb_utf8mb4_with_microsecond_datetimes(mysql_url: str) -> None:
-    engine = make_engine(mysql_url)
+def _information_schema(url: str, *queries: str) -> list[list[Any]]:
+    """Each query's rows (tuples), read from `url`'s database."""
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            tables = conn.execute(
-                text(
-                    "SELECT table_name, engine, table_collation FROM information_schema.tables"
-                    " WHERE table_schema = DATABASE() AND table_name LIKE 'ays\\_%'"
-                )
-            ).all()
-            datetimes = conn.execute(
-                text(
-                    "SELECT table_name, column_name, datetime_precision"
-                    " FROM information_schema.columns"
-                    " WHERE table_schema = DATABASE() AND data_type = 'datetime'"
-                )
-            ).all()
+            return [[tuple(row) for row in conn.execute(text(query))] for query in queries]
     finally:
         engine.dispose()
 
-    assert sorted(name for name, _, _ in tables) == sorted(Base.metadata.tables)
-    assert {(engine_, collation) for _, engine_, collation in tables} == {("InnoDB", "utf8mb4_bin")}
+
+def _not_utf8mb4_bin(url: str) -> list[tuple[str, str, str]]:
+    """(table, column or '', collation) of every part of Ays's schema not in utf8mb4_bin."""
+    tables, columns = _information_schema(
+        url,
+        "SELECT table_name, '', table_collation FROM information_schema.tables"
+        " WHERE table_schema = DATABASE() AND table_name LIKE 'ays\\_%'"
+        " AND table_collation <> 'utf8mb4_bin'",
+        "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+        " WHERE table_schema = DATABASE() AND table_name LIKE 'ays\\_%'"
+        " AND collation_name <> 'utf8mb4_bin'",
+    )
+    return [*tables, *columns]
+
+
+def test_every_mysql_table_is_innodb_utf8mb4_with_microsecond_datetimes(mysql_url: str) -> None:
+    tables, datetimes = _information_schema(
+        mysql_url,
+        "SELECT table_name, engine FROM information_schema.tables"
+        " WHERE table_schema = DATABASE() AND table_name LIKE 'ays\\_%'",
+        "SELECT table_name, column_name, datetime_precision FROM information_schema.columns"
+        " WHERE table_schema = DATABASE() AND data_type = 'datetime'",
+    )
+
+    assert sorted(name for name, _ in tables) == sorted(Base.metadata.tables)
+    assert {engine for _, engine in tables} == {"InnoDB"}
+    assert _not_utf8mb4_bin(mysql_url) == []
     assert datetimes and {precision for _, _, precision in datetimes} == {6}
+
+
+@pytest.mark.parametrize("unmigrated_database_url", ["mysql"], indirect=True)
+def test_a_mariadb_url_gets_utf8mb4_tables_and_those_it_got_in_latin1_before_are_mended(
+    unmigrated_database_url: str,
+) -> None:
+    """Through a `mariadb+pymysql` URL, SQLAlchemy's "mariadb" dialect skipped the
+    migrations' utf8mb4: the tables took the database's latin1 (the test databases' default
+    on purpose), which refused a task named in CJK or emoji and folded "Backup" into
+    "backup". Such a database is mended by revision 0021; a new one is right from the start."""
+    url = make_url(unmigrated_database_url)
+    mariadb = url.set(drivername="mariadb+pymysql").render_as_string(hide_password=False)
+    # The schema as Ays made it through that URL before: the "mariadb" dialect, up to 0020.
+    before = create_engine(url.set(drivername="mariadb+pymysql", query={"charset": "utf8mb4"}))
+    try:
+        with before.begin() as conn:
+            command.upgrade(alembic_config(conn), "0020")
+    finally:
+        before.dispose()
+    assert ("ays_task", "name", "latin1_swedish_ci") in _not_utf8mb4_bin(mariadb)
+
+    upgrade(mariadb)
+
+    assert _not_utf8mb4_bin(mariadb) == []
+    engine = make_engine(mariadb)
+    try:
+        with engine.connect() as conn:  # the foreign keys made again are the models' too
+            context = MigrationContext.configure(conn, opts={"compare_type": _compare_type})
+            assert compare_metadata(context, Base.metadata) == []
+        sessions = sessionmaker(engine, expire_on_commit=False)
+        names = ["备份任务 🐳", "Backup", "backup"]
+        with sessions.begin() as session:
+            session.add(group("节点组 🚀"))
+            session.add_all(task(name, node_group="节点组 🚀") for name in names)
+        with sessions() as session:
+            assert sorted(session.scalars(select(Task.name)).all()) == sorted(names)
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "base")
+    finally:
+        engine.dispose()
+
+    upgrade(mariadb)  # a new database through the same URL
+
+    assert _not_utf8mb4_bin(mariadb) == []
+    assert current_revision(mariadb) == head_revision()
 
 
 def test_a_database_migrated_by_a_newer_ays_is_refused_with_the_reason(
