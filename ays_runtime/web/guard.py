@@ -190,7 +190,12 @@ class Guard:
                 )
                 self.refusals.refused(source, 401, what, "bad or missing access token")
                 await self._refuse(
-                    send, receive, 401, why, _has_body(headers), {"WWW-Authenticate": "Bearer"}
+                    send,
+                    receive,
+                    401,
+                    why,
+                    unread=_has_body(headers),
+                    extra={"WWW-Authenticate": "Bearer"},
                 )
                 return
             scope.setdefault("state", {})["caller"] = caller
@@ -204,7 +209,7 @@ class Guard:
             body, ended = await _read_up_to(receive, limit.bytes)
             if body is None:
                 self.refusals.refused(source, 413, what, "a chunked body over the limit")
-                await self._refuse(send, receive, 413, _too_large(None, limit), not ended)
+                await self._refuse(send, receive, 413, _too_large(None, limit), unread=not ended)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, self._watching(send, source, what))
@@ -231,6 +236,7 @@ class Guard:
         receive: Receive,
         status: int,
         message: str,
+        *,
         unread: bool,
         extra: dict[str, str] | None = None,
     ) -> None:
