@@ -793,19 +793,21 @@ def _joined_update(conn: Connection, columns: tuple[str, ...], rows: list[dict[s
     dialect = conn.dialect
     quote = dialect.identifier_preparer.quote
     table = JobLog.__table__
-    names = ("id", *columns)
-    processors = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
-    first = ", ".join(f"%s AS {quote(n)}" for n in ("run_id", *columns))
-    rest = ", ".join("%s" for _ in names)
+    keys = ("run_id", *columns)  # each row's values, in this order; run_id is the column id
+    processors = [
+        table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in ("id", *columns)
+    ]
+    first = ", ".join(f"%s AS {quote(key)}" for key in keys)
+    rest = ", ".join("%s" for _ in keys)
     derived = " UNION ALL ".join([f"SELECT {first}"] + [f"SELECT {rest}"] * (len(rows) - 1))
     sets = ", ".join(f"j.{quote(c)} = v.{quote(c)}" for c in columns)
     sql = f"UPDATE {quote(JobLog.__tablename__)} AS j JOIN ({derived}) AS v"
     sql += f" ON j.id = v.run_id SET {sets}"
-    params: list[Any] = []
-    for row in rows:
-        for name, process in zip(("run_id", *columns), processors, strict=True):
-            value = row[name]
-            params.append(process(value) if process is not None else value)
+    params = [
+        value if process is None else process(value)
+        for row in rows
+        for value, process in zip((row[key] for key in keys), processors, strict=True)
+    ]
     conn.exec_driver_sql(sql, tuple(params))
 
 
